@@ -1,0 +1,42 @@
+"""cnnsplit-jax: decompose trained CNN classifiers into reusable per-class modules, in JAX.
+
+Layout (one file per idea):
+
+* ``models``     — Flax NNX SimCNN / ResCNN / InceCNN with named mask points
+* ``masks``      — model-generic mask-point helpers (sizes, all-ones masks, kernel counts)
+* ``conv``       — convolutions that pick the fastest correct formulation per layer shape
+* ``data``       — named datasets (digits, Fashion-MNIST, MNIST, CIFAR, SVHN), splits, batches
+* ``train``      — base-model training / evaluation (reference recipe)
+* ``checkpoint`` — Orbax checkpoints of models and resumable state
+* ``interop``    — load the reference PyTorch state dicts (optional ``torch`` extra)
+* ``cli``        — the ``cnnsplit`` command
+"""
+
+from .conv import conv2d, select_conv_impl
+from .data import DatasetError, load_dataset
+from .checkpoint import CheckpointError, load_model, save_model
+from .masks import kept_kernels, mask_points, ones_masks, total_kernels, count_params
+from .models import ARCHITECTURES, InceCNN, MaskedCNN, ResCNN, SimCNN, build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "CheckpointError",
+    "DatasetError",
+    "InceCNN",
+    "MaskedCNN",
+    "ResCNN",
+    "SimCNN",
+    "build_model",
+    "conv2d",
+    "count_params",
+    "kept_kernels",
+    "load_dataset",
+    "load_model",
+    "mask_points",
+    "ones_masks",
+    "save_model",
+    "select_conv_impl",
+    "total_kernels",
+]

@@ -1,0 +1,192 @@
+"""Orbax checkpoints of trained models and of resumable training / search state.
+
+Layout of a run directory written by ``save_model``::
+
+    RUN_DIR/model.json     metadata: arch, width, num_classes, in_channels, fc_hidden,
+                           dataset, normalisation (mean, std), accuracies, ...
+    RUN_DIR/model/         Orbax checkpoint of the model state (params + BN statistics)
+
+``save_tree`` / ``load_tree`` store any pytree (training or search state) by flattening it
+to numbered leaves, and restore it into the structure of a template, so optax / NamedTuple
+states round-trip exactly. Writes go to a temporary directory that replaces the old one
+only when complete, so an interrupted save never destroys the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .models import MaskedCNN, build_model
+
+__all__ = [
+    "CheckpointError",
+    "save_tree",
+    "load_tree",
+    "save_model",
+    "load_model",
+    "read_json",
+    "write_json",
+]
+
+MODEL_JSON = "model.json"
+MODEL_DIR = "model"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match what is being restored."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, jax.Array)):
+        return np.asarray(o).tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt JSON in {path}: {e}") from None
+
+
+def _to_saveable(leaf):
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    return jnp.asarray(leaf)
+
+
+def save_tree(path: str | os.PathLike, tree: Any) -> None:
+    """Save a pytree of arrays (PRNG keys allowed) to an Orbax directory at ``path``."""
+    path = Path(path).absolute()
+    leaves = jax.tree.leaves(tree)
+    flat = {f"{i:05d}": _to_saveable(x) for i, x in enumerate(leaves)}
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _ocp().v1.save(tmp, flat)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_tree(path: str | os.PathLike, template: Any) -> Any:
+    """Restore a pytree saved by ``save_tree`` into the structure and dtypes of ``template``.
+
+    Raises:
+      CheckpointError: missing directory, unreadable data, or leaf count / shape / dtype
+        that does not match the template.
+    """
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}")
+    leaves, treedef = jax.tree.flatten(template)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flat = _ocp().v1.load(path)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise CheckpointError(f"corrupt checkpoint at {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(flat, dict) or len(flat) != len(leaves):
+        n = len(flat) if isinstance(flat, dict) else "?"
+        raise CheckpointError(
+            f"checkpoint at {path} has {n} arrays but the expected structure has {len(leaves)}"
+        )
+    out = []
+    for i, ref in enumerate(leaves):
+        got = flat[f"{i:05d}"]
+        is_key = isinstance(ref, jax.Array) and jnp.issubdtype(ref.dtype, jax.dtypes.prng_key)
+        want_shape = jax.random.key_data(ref).shape if is_key else np.shape(ref)
+        if tuple(got.shape) != tuple(want_shape):
+            raise CheckpointError(
+                f"checkpoint at {path}: array {i} has shape {tuple(got.shape)}, expected "
+                f"{tuple(want_shape)} (different model or configuration?)"
+            )
+        if is_key:
+            out.append(jax.random.wrap_key_data(got, impl=jax.random.key_impl(ref)))
+        else:
+            out.append(jnp.asarray(got, dtype=jnp.asarray(ref).dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def model_config(model: MaskedCNN) -> dict:
+    """Constructor arguments that rebuild ``model``'s structure."""
+    cfg = {
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "in_channels": model.in_channels,
+        "width": model.width,
+    }
+    if hasattr(model, "fc_hidden"):
+        cfg["fc_hidden"] = model.fc_hidden
+    return cfg
+
+
+def save_model(run_dir: str | os.PathLike, model: MaskedCNN, meta: dict | None = None) -> None:
+    """Write ``model`` (params + BN stats) and ``meta`` to ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_tree(run_dir / MODEL_DIR, nnx.state(model))
+    write_json(run_dir / MODEL_JSON, {**model_config(model), **(meta or {})})
+
+
+def load_model(run_dir: str | os.PathLike) -> tuple[MaskedCNN, dict]:
+    """Rebuild the model saved in ``run_dir``; returns ``(model, metadata)``.
+
+    Raises:
+      CheckpointError: no checkpoint there, or it is corrupt / inconsistent with its metadata.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL_JSON).is_file() or not (run_dir / MODEL_DIR).is_dir():
+        raise CheckpointError(
+            f"no model checkpoint in {run_dir} (expected {MODEL_JSON} and {MODEL_DIR}/ as "
+            f"written by `cnnsplit train`)"
+        )
+    meta = read_json(run_dir / MODEL_JSON)
+    try:
+        kwargs = {k: meta[k] for k in ("num_classes", "in_channels", "width")}
+        if meta["arch"] == "simcnn" and meta.get("fc_hidden"):
+            kwargs["fc_hidden"] = meta["fc_hidden"]
+        model = build_model(meta["arch"], **kwargs)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"bad metadata in {run_dir / MODEL_JSON}: {e}") from None
+    state = load_tree(run_dir / MODEL_DIR, nnx.state(model))
+    nnx.update(model, state)
+    return model, meta
