@@ -194,12 +194,17 @@ def _load_digits(data_dir=None) -> Dataset:
 
 
 def _stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    f = x.astype(np.float64) / 255.0
-    axes = tuple(range(f.ndim - 1))
-    return tuple(np.round(f.mean(axes), 4).tolist()), tuple(np.round(f.std(axes), 4).tolist())
-
-
-_MNIST_STATS = {"fashion_mnist": ((0.286,), (0.353,)), "mnist": ((0.1307,), (0.3081,))}
+    """Per-channel mean and std on the [0, 1] scale of uint8 images [N, H, W, C] (chunked)."""
+    c = x.shape[-1]
+    s1, s2, n = np.zeros(c), np.zeros(c), 0
+    for i in range(0, len(x), 8192):
+        f = x[i : i + 8192].reshape(-1, c).astype(np.float64) / 255.0
+        s1 += f.sum(0)
+        s2 += np.square(f).sum(0)
+        n += f.shape[0]
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
+    return tuple(np.round(mean, 4).tolist()), tuple(np.round(std, 4).tolist())
 
 
 def _load_idx_dataset(name: str, data_dir=None) -> Dataset:
@@ -223,11 +228,12 @@ def _load_idx_dataset(name: str, data_dir=None) -> Dataset:
                     f"{name}: {files['x' + split]} has {arrs['x' + split].shape[0]} images but "
                     f"{files['y' + split]} has {arrs['y' + split].shape[0]} labels"
                 )
-        mean, std = _MNIST_STATS[name]
         names = FASHION_NAMES if name == "fashion_mnist" else DIGIT_NAMES
+        xtr = _pad_to_32(arrs["xtr"][..., None])
+        mean, std = _stats(xtr)  # of the padded 32x32 images
         info = DatasetInfo(name, names, 1, mean, std, str(files["xtr"].parent))
         return Dataset(
-            _pad_to_32(arrs["xtr"][..., None]),
+            xtr,
             arrs["ytr"].astype(np.int32),
             _pad_to_32(arrs["xte"][..., None]),
             arrs["yte"].astype(np.int32),
@@ -317,11 +323,13 @@ def _load_tfds(name: str, data_dir=None) -> Dataset:
         raise DatasetError(f"tensorflow-datasets is not installed ({e})") from None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        sources = tfds.data_source(name, data_dir=data_dir, download=False)
         out = {}
         for split in ("train", "test"):
-            src = sources[split]
-            items = src.__getitems__(list(range(len(src))))
+            src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+            try:  # batched read (array_record); mocked sources only support indexing
+                items = src.__getitems__(list(range(len(src))))
+            except TypeError:
+                items = [src[i] for i in range(len(src))]
             x = np.stack([np.asarray(it["image"]) for it in items])
             y = np.asarray([int(it["label"]) for it in items], dtype=np.int32)
             out[split] = (x, y)
@@ -333,9 +341,7 @@ def _load_tfds(name: str, data_dir=None) -> Dataset:
         xtr, xte = xtr[..., None], xte[..., None]
     xtr, xte = _pad_to_32(xtr.astype(np.uint8)), _pad_to_32(xte.astype(np.uint8))
     ch = xtr.shape[-1]
-    if name in _MNIST_STATS:
-        mean, std = _MNIST_STATS[name]
-    elif ch == 3:
+    if ch == 3:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         mean, std = _stats(xtr)
