@@ -208,5 +208,5 @@ def torch_model(model_or_arch, **kwargs):
 
     ref = Ref()
     if isinstance(model_or_arch, MaskedCNN):
-        ref.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_torch_state_dict(src).items()}, strict=False)
+        ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch_state_dict(src).items()}, strict=False)
     return ref.eval()
