@@ -162,8 +162,10 @@ class MaskedCNN(nnx.Module):
         in_channels: int = 3,
         width: float = 1.0,
         *,
+        channels: Mapping[str, int] | None = None,
         rngs: nnx.Rngs,
     ):
+        """``channels`` overrides the output channels of named conv layers (pruned modules)."""
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if in_channels < 1:
@@ -173,10 +175,19 @@ class MaskedCNN(nnx.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.width = float(width)
+        channels = dict(channels or {})
         self.topology = tuple(
-            dataclasses.replace(s, out_channels=scaled(s.out_channels, width))
+            dataclasses.replace(
+                s, out_channels=int(channels.pop(s.name, scaled(s.out_channels, width)))
+            )
             for s in self._base_topology()
         )
+        if channels:
+            raise ValueError(f"channels for unknown layers {sorted(channels)} of {self.arch}")
+        for p in self.mask_points():  # layers sharing a mask must keep equal channels
+            sizes = {s.out_channels for s in self.topology if s.mask == p.name}
+            if len(sizes) != 1:
+                raise ValueError(f"layers {p.layers} share mask {p.name!r} but have channels {sizes}")
         out = {s.name: s.out_channels for s in self.topology}
         for s in self.topology:
             cin = sum(out[i] for i in s.inputs) if s.inputs else in_channels
@@ -280,10 +291,10 @@ class SimCNN(MaskedCNN):
     _pool_after = (1, 3, 6, 9, 12)
     fc_input_layers = ("conv_12",)
 
-    def __init__(self, num_classes=10, in_channels=3, width=1.0, *, fc_hidden=None, rngs):
+    def __init__(self, num_classes=10, in_channels=3, width=1.0, *, fc_hidden=None, channels=None, rngs):
         """``fc_hidden``: width of fc_13/fc_14; default ``scaled(4096, width)`` (4096 at width 1)."""
         self.fc_hidden = int(fc_hidden) if fc_hidden else scaled(4096, width)
-        super().__init__(num_classes, in_channels, width, rngs=rngs)
+        super().__init__(num_classes, in_channels, width, channels=channels, rngs=rngs)
 
     @classmethod
     def _base_topology(cls):
