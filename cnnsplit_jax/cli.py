@@ -1,4 +1,4 @@
-"""Command-line interface: ``cnnsplit train | info``.
+"""Command-line interface: ``cnnsplit train | info | split | evaluate | demo``.
 
 Library modules never print; this module reports progress (tqdm bars, disabled when stderr
 is not a terminal) and writes JSON results.
@@ -12,6 +12,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 __all__ = ["main"]
 
@@ -123,6 +125,12 @@ def _cmd_train(args) -> int:
             "test_accuracy": test_acc,
             "val_accuracy": res.best_val_accuracy,
             "seed": args.seed,
+            "split": {
+                "seed": args.seed,
+                "val_fraction": cfg.val_fraction,
+                "dirichlet_alpha": cfg.dirichlet_alpha,
+                "dirichlet_min_size": cfg.dirichlet_min_size,
+            },
         },
     )
     ckpt.write_json(out / "train.json", result)
@@ -155,6 +163,201 @@ def _cmd_info(args) -> int:
     print(f"{'mask points':>16}: " + ", ".join(f"{p.name}[{p.size}]" + ("x" + str(len(p.layers)) if len(p.layers) > 1 else "") for p in mask_points(model)))
     if args.json:
         print(json.dumps({**meta, **counts}, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------ split / evaluate
+def _splits_for(meta: dict, ds):
+    """The base model's train/val split and the test set's module-eval/test split."""
+    from .data import test_splits
+    from .train import split_indices
+
+    sp = meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2})
+    tr, va = split_indices(ds.y_train, sp["seed"], sp.get("val_fraction", 0.2),
+                           sp.get("dirichlet_alpha"), sp.get("dirichlet_min_size", 100))
+    ev, te = test_splits(len(ds.y_test))
+    return tr, va, ev, te
+
+
+def _report_table(res: dict, class_names) -> str:
+    lines = ["| class | precision | recall | F1 | kernel retention |", "|---|---|---|---|---|"]
+    for c, name in enumerate(class_names):
+        lines.append(
+            f"| {name} | {res['module_precision'][c]:.3f} | {res['module_recall'][c]:.3f} | "
+            f"{res['module_f1'][c]:.3f} | {res['kernel_retention'][c]:.3f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"base accuracy {res['base_accuracy']:.4f} | composed accuracy {res['composed_accuracy']:.4f} "
+        f"| mean kernel retention {res['mean_kernel_retention']:.3f} | mean Jaccard {res['mean_jaccard']:.3f}"
+        + (f" | mean module FLOPs {np.mean(res['module_flops_ratio']):.3f} of the base" if "module_flops_ratio" in res else "")
+    )
+    return "\n".join(lines)
+
+
+def _write_plots(out: Path, res: dict, history, class_names, selected):
+    from . import plots
+
+    plots.retention_heatmap(res["layer_retention"], out / "retention_heatmap.png", class_names)
+    plots.f1_bars(res["module_f1"], out / "module_f1.png", class_names)
+    if history:
+        plots.accuracy_vs_kernels(history, out / "accuracy_vs_kernels.png",
+                                  history_base(history, res), selected)
+
+
+def history_base(history, res):
+    return res.get("base_val_accuracy", res["base_accuracy"])
+
+
+def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subset=None, quiet=False):
+    """Search, select, save, evaluate and plot; returns the split.json dict."""
+    import jax
+
+    from . import checkpoint as ckpt
+    from . import gradsplitter as gs
+    from .data import load_dataset
+    from .evaluate import evaluate_module_set
+    from .gradsplitter import Heads
+    from .module_set import ModuleSet, save_module_set
+
+    model, meta = ckpt.load_model(model_dir)
+    ds = load_dataset(meta["dataset"], meta.get("data_dir"))
+    if ds.info.num_classes != model.num_classes:
+        raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has {ds.info.num_classes}")
+    if (out / "search.json").exists() and not resume:
+        raise ckpt.CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+    tr, va, ev, te = _splits_for(meta, ds)
+    if train_subset:
+        tr = tr[:train_subset]
+    norm = meta.get("normalization", {"mean": list(ds.info.mean), "std": list(ds.info.std)})
+    phases = gs.phase_schedule(cfg)
+    steps = -(-len(tr) // cfg.batch_size)
+    if not quiet:
+        print(f"GradSplitter on {model.arch} ({meta['dataset']}): {len(phases)} epochs x {steps} steps, "
+              f"{model.num_classes} modules in one vmapped step", file=sys.stderr)
+    bar = {"b": None}
+
+    def on_step(epoch, s, n, m):
+        if bar["b"] is None:
+            bar["b"] = _bar(n, f"epoch {epoch + 1}/{len(phases)} ({'mod' if phases[epoch] else 'head'})")
+        bar["b"].update(1)
+        bar["b"].set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['acc']:.3f}")
+
+    def on_epoch(epoch, rec):
+        if bar["b"] is not None:
+            bar["b"].close()
+            bar["b"] = None
+        if not quiet:
+            print(f"epoch {epoch + 1:3d}/{len(phases)} {rec['phase']:>10}  loss {rec['loss']:.4f}  "
+                  f"val acc {rec['val_accuracy']:.4f}  kept kernels {rec['mean_kernels']:.0f} "
+                  f"({rec['mean_retention']:.3f})  [{rec['seconds']:.1f}s]", file=sys.stderr)
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = gs.run(model, (ds.x_train[tr], ds.y_train[tr]), (ds.x_train[va], ds.y_train[va]),
+                 norm["mean"], norm["std"], cfg, key=jax.random.key(cfg.seed), out_dir=out,
+                 resume=resume, on_step=on_step, on_epoch=on_epoch)
+    sel = gs.select_epoch(res.history, res.base_val_accuracy, cfg.select_tolerance)
+    masks = {k: v[sel].astype(np.float32) for k, v in res.masks_history.items()}
+    heads = Heads(*(h[sel] for h in res.heads_history))
+    ms = ModuleSet(model, masks, heads, {
+        "method": "grad", "dataset": meta["dataset"], "normalization": norm,
+        "class_names": list(ds.info.class_names), "selected_epoch": sel,
+        "base_run": str(model_dir), "config": {k: v for k, v in cfg.__dict__.items()},
+    })
+    save_module_set(out, ms)
+    ev_res = evaluate_module_set(ms, (ds.x_test[ev], ds.y_test[ev]), (ds.x_test[te], ds.y_test[te]), ds.info)
+    result = {
+        "method": "grad",
+        "model": model.arch,
+        "dataset": meta["dataset"],
+        **ev_res,
+        "selected_epoch": sel,
+        "base_val_accuracy": res.base_val_accuracy,
+        "selected_val_accuracy": res.history[sel]["val_accuracy"],
+        "search_seconds": res.search_seconds,
+        "epochs": len(res.history),
+        "history": res.history,
+        "train_images": int(len(tr)),
+        "val_images": int(len(va)),
+        "config": ms.meta["config"],
+    }
+    ckpt.write_json(out / "split.json", result)
+    _write_plots(out, result, res.history, list(ds.info.class_names), sel)
+    return result
+
+
+def _cmd_split(args) -> int:
+    from .gradsplitter import GradSplitterConfig
+
+    if args.method != "grad":
+        print(f"error: --method {args.method} is not implemented yet (available: grad)", file=sys.stderr)
+        return 2
+    cfg = GradSplitterConfig(
+        alpha=args.alpha, head_epochs=args.head_epochs, modularity_epochs=args.modularity_epochs,
+        lr_head=args.lr_head, lr_modularity=args.lr_modularity, batch_size=args.batch_size,
+        init=args.init, seed=args.seed, select_tolerance=args.select_tolerance,
+    )
+    res = _run_grad_split(Path(args.model_dir), Path(args.out), cfg, resume=args.resume,
+                          train_subset=args.train_subset)
+    print(_report_table(res, _class_names(Path(args.out))))
+    print(f"wrote {Path(args.out) / 'split.json'} and plots", file=sys.stderr)
+    return 0
+
+
+def _class_names(mod_dir: Path):
+    from .checkpoint import read_json
+
+    return read_json(mod_dir / "modules.json")["class_names"]
+
+
+def _cmd_evaluate(args) -> int:
+    from . import checkpoint as ckpt
+    from .data import load_dataset
+    from .evaluate import evaluate_module_set
+    from .module_set import load_module_set
+
+    mod = Path(args.mod_dir)
+    ms = load_module_set(mod)
+    ds = load_dataset(args.dataset or ms.meta["dataset"], args.data_dir)
+    if ds.info.num_classes != ms.num_modules:
+        raise ValueError(f"class count mismatch: {ms.num_modules} modules, dataset {ds.info.name!r} has {ds.info.num_classes} classes")
+    from .data import test_splits
+
+    ev, te = test_splits(len(ds.y_test))
+    res = evaluate_module_set(ms, (ds.x_test[ev], ds.y_test[ev]), (ds.x_test[te], ds.y_test[te]), ds.info)
+    res = {"method": ms.meta.get("method"), "dataset": ds.info.name, **res}
+    ckpt.write_json(mod / "evaluate.json", res)
+    _write_plots(mod, res, None, ms.meta.get("class_names"), None)
+    print(_report_table(res, ms.meta.get("class_names", [str(i) for i in range(ms.num_modules)])))
+    print(f"wrote {mod / 'evaluate.json'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """Train a narrow SimCNN on digits, split it with GradSplitter, evaluate, compose."""
+    import time as _t
+
+    from .gradsplitter import GradSplitterConfig
+
+    out = Path(args.out)
+    run = out / "base"
+    t0 = _t.perf_counter()
+    if not (run / "train.json").exists():
+        rc = main(["train", "--model", "simcnn", "--dataset", "digits", "--width", "0.125",
+                   "--epochs", "12", "--batch-size", "64", "--lr", "0.05", "--lr-milestones", "0.75",
+                   "--seed", str(args.seed), "--out", str(run)])
+        if rc:
+            return rc
+    cfg = GradSplitterConfig(head_epochs=2, modularity_epochs=args.modularity_epochs,
+                             lr_modularity=0.02, seed=args.seed)
+    mod = out / "modules"
+    resume = (mod / "search.json").exists()
+    res = _run_grad_split(run, mod, cfg, resume=resume)
+    print("\n## cnnsplit demo: GradSplitter on a narrow SimCNN, digits\n")
+    print(_report_table(res, _class_names(mod)))
+    print(f"\nselected epoch {res['selected_epoch']} of {res['epochs']}; search {res['search_seconds']:.1f}s; "
+          f"total {(_t.perf_counter() - t0):.1f}s")
+    print(f"results: {mod / 'split.json'}; plots: {mod}/*.png")
     return 0
 
 
@@ -195,6 +398,37 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("run_dir")
     i.add_argument("--json", action="store_true", help="also print the metadata as JSON")
     i.set_defaults(func=_cmd_info)
+
+    sp = sub.add_parser("split", help="decompose a trained model into per-class modules")
+    sp.add_argument("--method", default="grad", choices=["grad", "ga", "concern"])
+    sp.add_argument("--model-dir", required=True, help="run directory of `cnnsplit train`")
+    sp.add_argument("--out", required=True, help="module-set directory")
+    sp.add_argument("--alpha", type=float, default=0.1)
+    sp.add_argument("--head-epochs", type=int, default=5)
+    sp.add_argument("--modularity-epochs", type=int, default=140)
+    sp.add_argument("--lr-head", type=float, default=0.01)
+    sp.add_argument("--lr-modularity", type=float, default=0.001)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--init", default="ones", choices=["ones", "random", "zeros"])
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--select-tolerance", type=float, default=0.01,
+                    help="accuracy loss allowed when choosing the epoch with the fewest kernels")
+    sp.add_argument("--train-subset", type=int, default=None,
+                    help="use only the first N images of the training split (CPU budgets)")
+    sp.add_argument("--resume", action="store_true")
+    sp.set_defaults(func=_cmd_split)
+
+    ev = sub.add_parser("evaluate", help="re-evaluate a saved module set")
+    ev.add_argument("mod_dir")
+    ev.add_argument("--dataset", default=None, help="default: the module set's dataset")
+    ev.add_argument("--data-dir", default=None)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    d = sub.add_parser("demo", help="offline end-to-end demo on digits (train, split, evaluate)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--modularity-epochs", type=int, default=28)
+    d.set_defaults(func=_cmd_demo)
     return p
 
 

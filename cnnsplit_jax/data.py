@@ -40,6 +40,7 @@ __all__ = [
     "read_idx",
     "normalize",
     "train_val_split",
+    "test_splits",
     "dirichlet_subsample",
     "batches",
 ]
@@ -381,6 +382,13 @@ def train_val_split(n: int, seed: int, val_fraction: float = 0.2) -> tuple[np.nd
     perm = np.random.RandomState(seed).permutation(n)
     n_train = int(round(n * (1.0 - val_fraction)))
     return perm[:n_train], perm[n_train:]
+
+
+def test_splits(n: int, eval_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's test-set split, in file order: first ``eval_fraction`` -> module
+    evaluation set (choosing modules, F1), the rest -> final test set."""
+    k = int(round(n * eval_fraction))
+    return np.arange(k), np.arange(k, n)
 
 
 def dirichlet_subsample(

@@ -30,6 +30,7 @@ from .models import MaskedCNN
 __all__ = [
     "TrainConfig",
     "summary",
+    "split_indices",
     "make_optimizer",
     "augment",
     "check_compatible",
@@ -137,12 +138,27 @@ class FitResult:
     train_seconds: float
 
 
-def _split_indices(ds: Dataset, cfg: TrainConfig):
-    idx = np.arange(len(ds.y_train))
-    if cfg.dirichlet_alpha is not None:
-        idx = dirichlet_subsample(ds.y_train, cfg.seed, cfg.dirichlet_alpha, cfg.dirichlet_min_size)
-    tr, va = train_val_split(len(idx), cfg.seed, cfg.val_fraction)
+def split_indices(
+    labels: np.ndarray,
+    seed: int,
+    val_fraction: float = 0.2,
+    dirichlet_alpha: float | None = None,
+    dirichlet_min_size: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train / validation indices into the training set, as ``fit`` uses them.
+
+    The splitters reuse the base model's split: their training data is its 80% and their
+    validation data its 20% (the reference does the same).
+    """
+    idx = np.arange(len(labels))
+    if dirichlet_alpha is not None:
+        idx = dirichlet_subsample(labels, seed, dirichlet_alpha, dirichlet_min_size)
+    tr, va = train_val_split(len(idx), seed, val_fraction)
     return idx[tr], idx[va]
+
+
+def _split_indices(ds: Dataset, cfg: TrainConfig):
+    return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, cfg.dirichlet_alpha, cfg.dirichlet_min_size)
 
 
 def fit(

@@ -1,0 +1,70 @@
+"""PNG plots for the CLI (matplotlib, Agg backend; imported only by the CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def retention_heatmap(layer_retention: dict, path: Path, class_names=None) -> None:
+    """Per-layer x per-module kernel retention."""
+    plt = _plt()
+    layers = list(layer_retention)
+    mat = np.array([layer_retention[k] for k in layers])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * mat.shape[1], 1.0 + 0.35 * len(layers)))
+    im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_yticks(range(len(layers)), layers)
+    names = class_names or [str(i) for i in range(mat.shape[1])]
+    ax.set_xticks(range(mat.shape[1]), names, rotation=60, ha="right")
+    ax.set_xlabel("module (class)")
+    ax.set_title("kernel retention per layer")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def f1_bars(f1, path: Path, class_names=None) -> None:
+    plt = _plt()
+    names = class_names or [str(i) for i in range(len(f1))]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(f1), 3.2))
+    ax.bar(range(len(f1)), f1, color="tab:blue")
+    ax.set_xticks(range(len(f1)), names, rotation=60, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1 (threshold 0.5)")
+    ax.set_title("module F1 on the module-evaluation split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_vs_kernels(history: list[dict], path: Path, base_accuracy: float, selected: int | None = None) -> None:
+    plt = _plt()
+    ep = [h["epoch"] for h in history]
+    acc = [h["val_accuracy"] for h in history]
+    ret = [h["mean_retention"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(ep, acc, "-o", ms=3, color="tab:blue", label="composed val accuracy")
+    ax.axhline(base_accuracy, color="tab:blue", ls=":", label="base model")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(ep, ret, "-s", ms=3, color="tab:red", label="mean kernel retention")
+    ax2.set_ylabel("kernel retention", color="tab:red")
+    ax2.set_ylim(0, 1.05)
+    if selected is not None:
+        ax.axvline(selected, color="gray", ls="--", lw=1)
+    ax.set_title("accuracy and kept kernels over the search")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
