@@ -142,7 +142,8 @@ def load_tree(path: str | os.PathLike, template: Any) -> Any:
         if is_key:
             out.append(jax.random.wrap_key_data(got, impl=jax.random.key_impl(ref)))
         else:
-            out.append(jnp.asarray(got, dtype=jnp.asarray(ref).dtype))
+            dtype = ref.dtype if hasattr(ref, "dtype") else jnp.asarray(ref).dtype
+            out.append(jnp.asarray(got, dtype=dtype))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -184,7 +185,8 @@ def load_model(run_dir: str | os.PathLike) -> tuple[MaskedCNN, dict]:
         kwargs = {k: meta[k] for k in ("num_classes", "in_channels", "width")}
         if meta["arch"] == "simcnn" and meta.get("fc_hidden"):
             kwargs["fc_hidden"] = meta["fc_hidden"]
-        model = build_model(meta["arch"], **kwargs)
+        # abstract model (no random init): every variable is then restored from disk
+        model = nnx.eval_shape(lambda: build_model(meta["arch"], **kwargs))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"bad metadata in {run_dir / MODEL_JSON}: {e}") from None
     state = load_tree(run_dir / MODEL_DIR, nnx.state(model))

@@ -53,6 +53,7 @@ class ConvSpec:
       inputs: names of the conv layers whose (masked) outputs are concatenated, in order, to
         form this layer's input; ``()`` means the image.
       mask: name of the mask point gating this layer's output channels.
+      spatial: the layer's input height (= width) for 32x32 images (used for FLOP counts).
     """
 
     name: str
@@ -60,6 +61,7 @@ class ConvSpec:
     out_channels: int
     inputs: tuple[str, ...]
     mask: str
+    spatial: int = 32  # input height = width of this layer for 32x32 images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,8 +300,9 @@ class SimCNN(MaskedCNN):
 
     @classmethod
     def _base_topology(cls):
+        sizes = (32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2)
         return tuple(
-            ConvSpec(f"conv_{i}", 3, c, (f"conv_{i - 1}",) if i else (), f"conv_{i}")
+            ConvSpec(f"conv_{i}", 3, c, (f"conv_{i - 1}",) if i else (), f"conv_{i}", sizes[i])
             for i, c in enumerate(cls._channels)
         )
 
@@ -340,10 +343,11 @@ class ResCNN(MaskedCNN):
 
     @classmethod
     def _base_topology(cls):
+        sizes = (32, 32, 16, 16, 16, 8, 4, 4, 4, 2, 1, 1)
         specs = []
         for i, c in enumerate(cls._channels):
             mask = f"conv_{cls._tied.get(i, i)}"
-            specs.append(ConvSpec(f"conv_{i}", 3, c, (f"conv_{i - 1}",) if i else (), mask))
+            specs.append(ConvSpec(f"conv_{i}", 3, c, (f"conv_{i - 1}",) if i else (), mask, sizes[i]))
         return tuple(specs)
 
     def _build_head(self, rngs):
@@ -384,17 +388,17 @@ class InceCNN(MaskedCNN):
     @classmethod
     def _base_topology(cls):
         specs = [
-            ConvSpec("conv_0", 3, 64, (), "conv_0"),
-            ConvSpec("conv_1", 3, 128, ("conv_0",), "conv_1"),
-            ConvSpec("conv_2", 3, 256, ("conv_1",), "conv_2"),
+            ConvSpec("conv_0", 3, 64, (), "conv_0", 32),
+            ConvSpec("conv_1", 3, 128, ("conv_0",), "conv_1", 32),
+            ConvSpec("conv_2", 3, 256, ("conv_1",), "conv_2", 32),
         ]
         block_in = ("conv_2",)
         widths = ((256, 256, 64), (512, 512, 64), (512, 512, 64))
         i = 3
-        for bw in widths:
+        for bw, hw in zip(widths, (16, 8, 4)):
             names = []
             for k, c in zip((1, 3, 5), bw):
-                specs.append(ConvSpec(f"conv_{i}", k, c, block_in, f"conv_{i}"))
+                specs.append(ConvSpec(f"conv_{i}", k, c, block_in, f"conv_{i}", hw))
                 names.append(f"conv_{i}")
                 i += 1
             block_in = tuple(names)

@@ -13,3 +13,16 @@ def digits():
     from cnnsplit_jax.data import load_dataset
 
     return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A narrow SimCNN trained on digits by the CLI (the demo's recipe), as a run directory."""
+    from cnnsplit_jax.cli import main
+
+    out = tmp_path_factory.mktemp("digits_run") / "run"
+    rc = main(["train", "--model", "simcnn", "--dataset", "digits", "--width", "0.125",
+               "--epochs", "12", "--batch-size", "64", "--lr", "0.05", "--lr-milestones", "0.75",
+               "--seed", "0", "--out", str(out)])
+    assert rc == 0
+    return out
