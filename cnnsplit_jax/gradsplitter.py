@@ -31,6 +31,7 @@ API (optax/evosax style)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
@@ -55,6 +56,7 @@ __all__ = [
     "head_scores",
     "phase_schedule",
     "phase_lr",
+    "resolve_chunk",
     "init",
     "reset_optimizer",
     "loss_fn",
@@ -93,6 +95,10 @@ class GradSplitterConfig:
     eval_batch_size: int = 256
     select_tolerance: float = 0.01  # accuracy loss allowed when selecting the epoch
     dedupe_features: bool = True  # compute modules with identical masks once (head phases)
+    # modules per vmapped group inside the one jitted step: 0 = auto (all N in one vmap on
+    # GPU/TPU; groups of 2 on the CPU, where one vmap over 10 modules makes a 640-image batch
+    # whose activations fall out of cache: measured 1.7x slower, see the README)
+    module_chunk: int = 0
 
     def __post_init__(self):
         if self.init not in ("ones", "random", "zeros"):
@@ -204,15 +210,32 @@ def reset_optimizer(state: GradSplitterState, lr: float) -> GradSplitterState:
     return state._replace(opt_state=opt)
 
 
-def _masked_logits(model, masks_bin, x):
-    """[N, B, K]: the frozen model's logits under each module's binary masks (one vmap)."""
-    return jax.vmap(lambda m: model(x, m))(masks_bin)
+def resolve_chunk(cfg: GradSplitterConfig, num_modules: int) -> int:
+    """Modules per vmapped group (``cfg.module_chunk``; 0 = backend default)."""
+    if cfg.module_chunk > 0:
+        return min(cfg.module_chunk, num_modules)
+    return min(2, num_modules) if jax.default_backend() == "cpu" else num_modules
 
 
-def loss_fn(params, model, x, y, ratio):
+def _masked_logits(model, masks_bin, x, chunk=None):
+    """[N, B, K]: the frozen model's logits under each module's binary masks.
+
+    One ``jax.vmap`` over the modules; with ``chunk`` < N the modules are split into groups of
+    ``chunk``, each group one vmap, all inside the same traced computation (no host loop).
+    """
+    n = next(iter(masks_bin.values())).shape[0]
+    f = jax.vmap(lambda m: model(x, m))
+    if chunk is None or chunk >= n:
+        return f(masks_bin)
+    return jnp.concatenate(
+        [f({k: v[i : i + chunk] for k, v in masks_bin.items()}) for i in range(0, n, chunk)]
+    )
+
+
+def loss_fn(params, model, x, y, ratio, chunk=None):
     """(loss, (ce, kernel_term, scores [B, N])) for ``params = {"masks", "heads"}``."""
     b = {k: binarize(v) for k, v in params["masks"].items()}
-    logits = _masked_logits(model, b, x)  # [N, B, K]
+    logits = _masked_logits(model, b, x, chunk)  # [N, B, K]
     scores = head_scores(params["heads"], jnp.swapaxes(logits, 0, 1))
     ce = optax.softmax_cross_entropy_with_integer_labels(scores, y).mean()
     kern = flatten_masks(model, b, tied=True).mean()
@@ -228,11 +251,11 @@ def _apply(state, grads):
     )
 
 
-@jax.jit
-def _mod_step(model, alpha, state, x, y):
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _mod_step(model, alpha, state, x, y, chunk=None):
     params = {"masks": state.masks, "heads": state.heads}
     (loss, (ce, kern, scores)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, model, x, y, alpha
+        params, model, x, y, alpha, chunk
     )
     acc = (scores.argmax(-1) == y).mean()
     return _apply(state, g), {"loss": loss, "ce": ce, "kernels": kern, "acc": acc}
@@ -240,7 +263,8 @@ def _mod_step(model, alpha, state, x, y):
 
 def modularity_step(model, cfg, state, x, y):
     """One masks+heads Adam step on normalised images x [B, H, W, C], labels y [B]."""
-    return _mod_step(model, jnp.float32(cfg.alpha), state, x, y)
+    chunk = resolve_chunk(cfg, state.heads.w1.shape[0])
+    return _mod_step(model, jnp.float32(cfg.alpha), state, x, y, chunk=chunk)
 
 
 def _head_loss(heads, feats, y):
@@ -283,14 +307,20 @@ def head_step_plain(model, cfg, state, x, y):
     return _head_step_plain(model, state, x, y)
 
 
-@jax.jit
-def _features(model, masks_bin, x):
-    return jnp.swapaxes(_masked_logits(model, masks_bin, x), 0, 1)
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _features(model, masks_bin, x, chunk=None):
+    return jnp.swapaxes(_masked_logits(model, masks_bin, x, chunk), 0, 1)
 
 
-def module_features(model: MaskedCNN, masks: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+def _default_chunk(n: int) -> int:
+    return resolve_chunk(GradSplitterConfig(), n)
+
+
+def module_features(model: MaskedCNN, masks: Mapping[str, jax.Array], x: jax.Array, chunk: int | None = None) -> jax.Array:
     """Per-module logits [B, N, K] under the binarised ``masks`` (forward only)."""
-    return _features(model, {k: binarize(v) for k, v in masks.items()}, x)
+    n = next(iter(masks.values())).shape[0]
+    return _features(model, {k: binarize(v) for k, v in masks.items()}, x,
+                     chunk=chunk or _default_chunk(n))
 
 
 def features_for_dataset(
@@ -323,7 +353,7 @@ def features_for_dataset(
     out = []
     for i in range(0, len(x_u8), batch_size):
         xb = normalize(jnp.asarray(x_u8[i : i + batch_size]), mean, std)
-        out.append(np.asarray(_features(model, uniq, xb)))
+        out.append(np.asarray(_features(model, uniq, xb, chunk=_default_chunk(padded))))
     feats = np.concatenate(out) if out else np.zeros((0, padded, model.num_classes), np.float32)
     return feats[:, inverse]
 

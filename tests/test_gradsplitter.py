@@ -226,3 +226,14 @@ def test_cli_split_and_evaluate_on_digits(digits_run, tmp_path, capsys):
     np.testing.assert_allclose(ev["module_f1"], res["module_f1"])
     # an existing search is not overwritten silently
     assert main(["split", "--model-dir", str(digits_run), "--out", str(out)]) == 2
+
+
+def test_module_groups_equal_one_vmap():
+    model, cfg, state, x, y = _setup()  # 4 modules
+    full, mf = gs._mod_step(model, jnp.float32(0.1), state, x, y, chunk=None)
+    grouped, mg = gs._mod_step(model, jnp.float32(0.1), state, x, y, chunk=3)  # groups 3 + 1
+    np.testing.assert_allclose(float(mf["loss"]), float(mg["loss"]), rtol=1e-6)
+    for k in full.masks:
+        np.testing.assert_allclose(full.masks[k], grouped.masks[k], rtol=1e-6, atol=1e-7)
+    assert gs.resolve_chunk(gs.GradSplitterConfig(module_chunk=5), 4) == 4
+    assert gs.resolve_chunk(gs.GradSplitterConfig(), 10) == (2 if jax.default_backend() == "cpu" else 10)
