@@ -9,6 +9,9 @@ Layout (one file per idea):
 * ``train``      — base-model training / evaluation (reference recipe)
 * ``checkpoint`` — Orbax checkpoints of models and resumable state
 * ``interop``    — load the reference PyTorch state dicts (optional ``torch`` extra)
+* ``gradsplitter`` — GradSplitter search (masks + heads, schedule, init/step/run)
+* ``extract``    — standalone, physically smaller modules; FLOP counts
+* ``module_set`` — saved module sets; ``evaluate`` — module metrics; ``plots`` — PNGs
 * ``cli``        — the ``cnnsplit`` command
 """
 

@@ -35,6 +35,7 @@ __all__ = [
     "save_model",
     "load_model",
     "read_json",
+    "read_progress",
     "write_json",
 ]
 
@@ -78,6 +79,16 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt JSON in {path}: {e}") from None
+
+
+def read_progress(directory: str | os.PathLike, name: str, config: dict) -> dict:
+    """Read the progress JSON ``directory/name`` of a resumable run; refuse another config."""
+    prog = read_json(Path(directory) / name)
+    if prog.get("config") != config:
+        raise CheckpointError(
+            f"cannot resume {directory}: it ran with config {prog.get('config')}, now {config}"
+        )
+    return prog
 
 
 def _to_saveable(leaf):

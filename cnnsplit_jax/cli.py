@@ -24,6 +24,24 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty(), unit="step")
 
 
+class _EpochBar:
+    """One progress bar per epoch: ``step`` opens it lazily and shows live metrics."""
+
+    def __init__(self):
+        self.bar = None
+
+    def step(self, total: int, desc: str, metrics: dict) -> None:
+        if self.bar is None:
+            self.bar = _bar(total, desc)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _cmd_train(args) -> int:
     import jax
 
@@ -72,19 +90,14 @@ def _cmd_train(args) -> int:
         f"({len(ds.y_train)} train / {len(ds.y_test)} test images) for {cfg.epochs} epochs",
         file=sys.stderr,
     )
-    bar = {"b": None}
+    bar = _EpochBar()
+    n_steps = -(-int(len(ds.y_train) * (1 - cfg.val_fraction)) // cfg.batch_size)
 
     def on_step(epoch, s, m):
-        if bar["b"] is None:
-            n = -(-int(len(ds.y_train) * (1 - cfg.val_fraction)) // cfg.batch_size)
-            bar["b"] = _bar(n, f"epoch {epoch + 1}/{cfg.epochs}")
-        bar["b"].update(1)
-        bar["b"].set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}")
+        bar.step(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", m)
 
     def on_epoch(epoch, rec):
-        if bar["b"] is not None:
-            bar["b"].close()
-            bar["b"] = None
+        bar.close()
         print(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  "
             f"train acc {rec['train_accuracy']:.4f}  val acc {rec['val_accuracy']:.4f}  "
@@ -234,19 +247,14 @@ def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subs
     steps = -(-len(tr) // cfg.batch_size)
     if not quiet:
         print(f"GradSplitter on {model.arch} ({meta['dataset']}): {len(phases)} epochs x {steps} steps, "
-              f"{model.num_classes} modules in one vmapped step", file=sys.stderr)
-    bar = {"b": None}
+              f"{model.num_classes} modules per jitted step", file=sys.stderr)
+    bar = _EpochBar()
 
     def on_step(epoch, s, n, m):
-        if bar["b"] is None:
-            bar["b"] = _bar(n, f"epoch {epoch + 1}/{len(phases)} ({'mod' if phases[epoch] else 'head'})")
-        bar["b"].update(1)
-        bar["b"].set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['acc']:.3f}")
+        bar.step(n, f"epoch {epoch + 1}/{len(phases)} ({'mod' if phases[epoch] else 'head'})", m)
 
     def on_epoch(epoch, rec):
-        if bar["b"] is not None:
-            bar["b"].close()
-            bar["b"] = None
+        bar.close()
         if not quiet:
             print(f"epoch {epoch + 1:3d}/{len(phases)} {rec['phase']:>10}  loss {rec['loss']:.4f}  "
                   f"val acc {rec['val_accuracy']:.4f}  kept kernels {rec['mean_kernels']:.0f} "

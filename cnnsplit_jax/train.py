@@ -200,12 +200,7 @@ def fit(
     if resume:
         if run_dir is None:
             raise ValueError("resume=True needs run_dir")
-        progress = ckpt.read_json(run_dir / "train_state.json")
-        if progress.get("config") != _cfg_json(cfg):
-            raise ckpt.CheckpointError(
-                f"cannot resume {run_dir}: it was trained with config {progress.get('config')}, "
-                f"now {_cfg_json(cfg)}"
-            )
+        progress = ckpt.read_progress(run_dir, "train_state.json", _cfg_json(cfg))
         restored = ckpt.load_tree(run_dir / "train_state", {"state": state, "best": best})
         state, best = restored["state"], restored["best"]
         start_epoch = progress["epoch"] + 1
