@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -215,11 +214,7 @@ def _write_plots(out: Path, res: dict, history, class_names, selected):
     plots.f1_bars(res["module_f1"], out / "module_f1.png", class_names)
     if history:
         plots.accuracy_vs_kernels(history, out / "accuracy_vs_kernels.png",
-                                  history_base(history, res), selected)
-
-
-def history_base(history, res):
-    return res.get("base_val_accuracy", res["base_accuracy"])
+                                  res.get("base_val_accuracy", res["base_accuracy"]), selected)
 
 
 def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subset=None, quiet=False):

@@ -333,10 +333,12 @@ def features_for_dataset(
     std,
     batch_size: int = 256,
     dedupe: bool = True,
+    chunk: int | None = None,
 ) -> np.ndarray:
     """Module features [n, N, K] for uint8 images, computing modules with equal masks once.
 
-    Unique binary mask sets are padded to a power of two (bounded recompiles).
+    Unique binary mask sets are padded to a power of two (bounded recompiles). ``chunk``:
+    modules per vmapped group (default: the backend default of ``resolve_chunk``).
     """
     bin_np = {k: np.asarray(v > 0) for k, v in masks.items()}
     n_mod = next(iter(bin_np.values())).shape[0]
@@ -355,7 +357,7 @@ def features_for_dataset(
     out = []
     for i in range(0, len(x_u8), batch_size):
         xb = normalize(jnp.asarray(x_u8[i : i + batch_size]), mean, std)
-        out.append(np.asarray(_features(model, uniq, xb, chunk=_default_chunk(padded))))
+        out.append(np.asarray(_features(model, uniq, xb, chunk=chunk or _default_chunk(padded))))
     feats = np.concatenate(out) if out else np.zeros((0, padded, model.num_classes), np.float32)
     return feats[:, inverse]
 
@@ -443,7 +445,6 @@ def run(
     ktot = total_kernels(model)
     out_dir = Path(out_dir) if out_dir else None
 
-    t_start = time.perf_counter()
     ones = {p.name: jnp.ones((1, p.size)) for p in mask_points(model)}
     base_feats = features_for_dataset(model, ones, x_va, mean, std, cfg.eval_batch_size)
     base_val_acc = float((base_feats[:, 0].argmax(-1) == y_va).mean())
@@ -482,7 +483,8 @@ def run(
         metrics = []
         if phase == HEAD and feats_tr is None:
             feats_tr = jnp.asarray(
-                features_for_dataset(model, state.masks, x_tr, mean, std, cfg.eval_batch_size, cfg.dedupe_features)
+                features_for_dataset(model, state.masks, x_tr, mean, std, cfg.eval_batch_size,
+                                     cfg.dedupe_features, resolve_chunk(cfg, model.num_classes))
             )
         for s, idx in enumerate(order):
             idx = jnp.asarray(idx)
@@ -505,7 +507,8 @@ def run(
             feats_tr = None
             feats_va = None
         if feats_va is None:
-            feats_va = features_for_dataset(model, state.masks, x_va, mean, std, cfg.eval_batch_size, cfg.dedupe_features)
+            feats_va = features_for_dataset(model, state.masks, x_va, mean, std, cfg.eval_batch_size,
+                                            cfg.dedupe_features, resolve_chunk(cfg, model.num_classes))
         scores = composed_scores(state.heads, feats_va)
         val_acc = float((scores.argmax(-1) == y_va).mean())
         bin_masks = {k: np.asarray(v > 0) for k, v in state.masks.items()}
