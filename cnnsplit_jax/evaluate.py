@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .extract import effective_masks, extract_all, forward_flops
-from .gradsplitter import composed_scores, features_for_dataset
+from .gradsplitter import features_for_dataset
+from .heads import scores_from_logits
 from .masks import flatten_masks, mask_points, total_kernels
 from .module_set import ModuleSet
 from .train import predict
@@ -34,10 +35,10 @@ def binary_metrics(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, f
 
 
 def module_scores_for(ms: ModuleSet, x_u8: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Sigmoid scores [n, N] of every module on uint8 images."""
-    norm = ms.meta["normalization"]
-    feats = features_for_dataset(ms.base, effective_masks(ms.masks), x_u8, norm["mean"], norm["std"], batch_size)
-    return composed_scores(ms.heads, feats)
+    """Scores [n, N] of every module on uint8 images (head sigmoids, or class logits)."""
+    mean, std = ms.normalization
+    feats = features_for_dataset(ms.base, effective_masks(ms.masks), x_u8, mean, std, batch_size)
+    return np.asarray(scores_from_logits(ms.heads, np.arange(ms.num_modules), feats))
 
 
 def retention(ms: ModuleSet) -> dict:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .heads import Heads, scores_from_logits
 from .masks import mask_points
 from .models import MaskedCNN, build_model
 
@@ -29,6 +30,7 @@ __all__ = [
     "extract_module",
     "extract_all",
     "module_scores",
+    "extracted_score",
     "forward_flops",
 ]
 
@@ -37,8 +39,8 @@ class ExtractedModule(NamedTuple):
     """A standalone module: pruned model + its head (K -> 10 -> 1 sigmoid).
 
     model: the pruned ``MaskedCNN`` (same class, fewer channels); head: (w1 [K, 10], b1 [10],
-    w2 [10], b2 []); class_index: the class it recognises; kept: kept channel indices per
-    mask point of the base model.
+    w2 [10], b2 []) or ``None`` (scored by logit ``class_index``); class_index: the class it
+    recognises in its base model; kept: kept channel indices per mask point of the base model.
     """
 
     model: MaskedCNN
@@ -67,21 +69,55 @@ def effective_masks(masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _input_index(model: MaskedCNN, inputs: tuple[str, ...], kept: dict) -> np.ndarray:
+def _slots(kept: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Source index and validity of ``size`` slots filled by ``kept`` (padding: index 0, invalid)."""
+    size = kept.size if size is None else size
+    if size < kept.size:
+        raise ValueError(f"cannot pad {kept.size} kept channels into {size} slots")
+    idx = np.zeros(size, np.int64)
+    idx[: kept.size] = kept
+    return idx, np.arange(size) < kept.size
+
+
+def _input_slots(model: MaskedCNN, inputs: tuple[str, ...], kept: dict, sizes: dict):
+    """Source rows and validity of a layer's (padded) input channels; inputs concatenate."""
     if not inputs:
-        return np.arange(model.in_channels)
+        return np.arange(model.in_channels), np.ones(model.in_channels, bool)
     spec = {s.name: s for s in model.topology}
-    parts, off = [], 0
+    idx, ok, off = [], [], 0
     for name in inputs:
-        parts.append(kept[spec[name].mask] + off)
+        i, v = _slots(kept[spec[name].mask], sizes.get(spec[name].mask))
+        idx.append(i + off)
+        ok.append(v)
         off += spec[name].out_channels
-    return np.concatenate(parts)
+    return np.concatenate(idx), np.concatenate(ok)
 
 
-def extract_module(model: MaskedCNN, masks_i: Mapping[str, np.ndarray], head_i, class_index: int) -> ExtractedModule:
-    """Build module ``class_index`` of ``model`` from its masks ``{point: [C]}`` and head."""
+def _fc_rows(model: MaskedCNN, kept: dict, sizes: dict):
+    """Rows of the first FC layer: (position-major) flattened positions x kept channels."""
+    i, v = _input_slots(model, model.fc_input_layers, kept, sizes)
+    per_pos = sum(model._spec(n).out_channels for n in model.fc_input_layers)
+    pos = np.arange(model.fc_positions)[:, None] * per_pos
+    return (pos + i[None, :]).reshape(-1), np.tile(v, model.fc_positions)
+
+
+def extract_module(
+    model: MaskedCNN,
+    masks_i: Mapping[str, np.ndarray],
+    head_i,
+    class_index: int,
+    pad_to: Mapping[str, int] | None = None,
+) -> ExtractedModule:
+    """Build module ``class_index`` of ``model`` from its masks ``{point: [C]}`` and head.
+
+    ``pad_to``: optional ``{point: channels}`` >= the kept counts; the extra channels get zero
+    weights (and zero BN scale), so the module computes exactly the same scores at a common
+    shape (used to stack modules of different sizes for one vmapped call). ``head_i`` may be
+    ``None`` (modules scored by their class logit).
+    """
     kept = kept_indices(model, masks_i)
-    channels = {s.name: int(kept[s.mask].size) for s in model.topology}
+    sizes = dict(pad_to or {})
+    channels = {s.name: int(sizes.get(s.mask, kept[s.mask].size)) for s in model.topology}
     kwargs = {"fc_hidden": model.fc_hidden} if hasattr(model, "fc_hidden") else {}
     # abstract construction (no random init, no per-shape compiles), then every variable is
     # filled from the base model's sliced weights
@@ -90,44 +126,51 @@ def extract_module(model: MaskedCNN, masks_i: Mapping[str, np.ndarray], head_i, 
         width=model.width, channels=channels, **kwargs))
     for s in model.topology:
         src, dst = getattr(model, s.name), getattr(small, s.name)
-        o = kept[s.mask]
-        i = _input_index(model, s.inputs, kept)
-        dst.kernel.set_value(jnp.asarray(src.kernel[...][:, :, i][..., o]))
-        for f in ("bias", "scale", "offset", "mean", "var"):
-            getattr(dst, f).set_value(jnp.asarray(getattr(src, f)[...][o]))
-    fc_names = [n for n in ("fc_13", "fc_14", "fc_15", "fc_12") if hasattr(model, n)]
-    rows = _input_index(model, model.fc_input_layers, kept)
-    for j, n in enumerate(fc_names):
+        o, ov = _slots(kept[s.mask], sizes.get(s.mask))
+        i, iv = _input_slots(model, s.inputs, kept, sizes)
+        w = np.asarray(src.kernel[...])[:, :, i][..., o] * (iv[:, None] & ov[None, :])
+        dst.kernel.set_value(jnp.asarray(w, jnp.float32))
+        for f in ("bias", "scale", "offset", "mean"):
+            dst_v = np.asarray(getattr(src, f)[...])[o] * ov
+            getattr(dst, f).set_value(jnp.asarray(dst_v, jnp.float32))
+        dst.var.set_value(jnp.asarray(np.where(ov, np.asarray(src.var[...])[o], 1.0), jnp.float32))
+    rows, rv = _fc_rows(model, kept, sizes)
+    for j, n in enumerate(model.fc_layers):
         src, dst = getattr(model, n), getattr(small, n)
-        dst.kernel.set_value(jnp.asarray(src.kernel[...][rows] if j == 0 else src.kernel[...]))
+        k = np.asarray(src.kernel[...])
+        dst.kernel.set_value(jnp.asarray(k[rows] * rv[:, None] if j == 0 else k))
         dst.bias.set_value(jnp.asarray(src.bias[...]))
     leftover = [x for x in jax.tree.leaves(nnx.state(small)) if isinstance(x, jax.ShapeDtypeStruct)]
     if leftover:  # pragma: no cover - guards new architectures with unknown layers
         raise RuntimeError(f"extract_module left {len(leftover)} variables of {model.arch} unset")
-    head = tuple(jnp.asarray(h) for h in head_i)
+    head = None if head_i is None else tuple(jnp.asarray(h) for h in head_i)
     return ExtractedModule(small, head, int(class_index), kept)
 
 
 def extract_all(model: MaskedCNN, masks: Mapping[str, np.ndarray], heads) -> list[ExtractedModule]:
-    """All N modules from stacked masks ``{point: [N, C]}`` and stacked heads."""
+    """All N modules from stacked masks ``{point: [N, C]}`` and stacked heads (or ``None``)."""
     n = next(iter(masks.values())).shape[0]
     return [
         extract_module(model, {k: np.asarray(v[c]) for k, v in masks.items()},
-                       tuple(np.asarray(h[c]) for h in heads), c)
+                       None if heads is None else tuple(np.asarray(h[c]) for h in heads), c)
         for c in range(n)
     ]
 
 
-@jax.jit
-def _scores(model, head, x):
-    w1, b1, w2, b2 = head
-    z = jax.nn.relu(model(x))
-    return jax.nn.sigmoid(jax.nn.relu(z @ w1 + b1) @ w2 + b2)
+def extracted_score(model: MaskedCNN, head, class_index, x: jax.Array) -> jax.Array:
+    """Score [B] of one pruned module (``heads.scores_from_logits`` for a single module)."""
+    feats = model(x)[:, None, :]
+    heads = None if head is None else Heads(*(jnp.asarray(h)[None] for h in head))
+    return scores_from_logits(heads, jnp.asarray([class_index]), feats)[:, 0]
+
+
+_scores = jax.jit(extracted_score)
 
 
 def module_scores(module: ExtractedModule, x: jax.Array) -> jax.Array:
-    """Sigmoid scores [B] of an extracted module for normalised images x [B, 32, 32, C]."""
-    return _scores(module.model, module.head, x)
+    """Scores [B] of an extracted module for normalised images x [B, 32, 32, C] (head
+    sigmoid, or the class logit for modules without a head)."""
+    return _scores(module.model, module.head, module.class_index, x)
 
 
 def forward_flops(model: MaskedCNN, batch: int = 1) -> float:
@@ -141,8 +184,7 @@ def forward_flops(model: MaskedCNN, batch: int = 1) -> float:
     for s in model.topology:
         cin = sum(out[i] for i in s.inputs) if s.inputs else model.in_channels
         total += 2 * s.spatial * s.spatial * s.ksize * s.ksize * cin * s.out_channels
-    for n in ("fc_12", "fc_13", "fc_14", "fc_15"):
-        if hasattr(model, n):
-            fin, fout = getattr(model, n).kernel.shape
-            total += 2 * fin * fout
+    for n in model.fc_layers:
+        fin, fout = getattr(model, n).kernel.shape
+        total += 2 * fin * fout
     return float(total * batch)

@@ -45,6 +45,7 @@ import optax
 
 from . import checkpoint as ckpt
 from .data import batches, normalize
+from .heads import Heads, head_scores, init_heads
 from .masks import flatten_masks, mask_points, total_kernels
 from .models import MaskedCNN
 
@@ -140,33 +141,6 @@ def _binarize_bwd(_, g):
 
 
 binarize.defvjp(_binarize_fwd, _binarize_bwd)
-
-
-class Heads(NamedTuple):
-    """Per-module heads, stacked over N modules: K -> 10 -> 1."""
-
-    w1: jax.Array  # [N, K, 10]
-    b1: jax.Array  # [N, 10]
-    w2: jax.Array  # [N, 10]
-    b2: jax.Array  # [N]
-
-
-def init_heads(key: jax.Array, num_modules: int, num_classes: int, hidden: int = 10) -> Heads:
-    """PyTorch-default init (U(+-1/sqrt(fan_in))) for every module's head."""
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    u = lambda k, shape, fan: jax.random.uniform(k, shape, jnp.float32, -1, 1) / np.sqrt(fan)  # noqa: E731
-    return Heads(
-        u(k1, (num_modules, num_classes, hidden), num_classes),
-        u(k2, (num_modules, hidden), num_classes),
-        u(k3, (num_modules, hidden), hidden),
-        u(k4, (num_modules,), hidden),
-    )
-
-
-def head_scores(heads: Heads, feats: jax.Array) -> jax.Array:
-    """Module scores [B, N] from per-module logits ``feats`` [B, N, K] (ReLU applied here)."""
-    h = jax.nn.relu(jnp.einsum("bnk,nkh->bnh", jax.nn.relu(feats), heads.w1) + heads.b1)
-    return jax.nn.sigmoid(jnp.einsum("bnh,nh->bn", h, heads.w2) + heads.b2)
 
 
 class GradSplitterState(NamedTuple):

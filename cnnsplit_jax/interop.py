@@ -26,6 +26,13 @@ __all__ = ["load_torch_state_dict", "to_torch_state_dict", "torch_model"]
 _FC_NAMES = {"simcnn": ("fc_13", "fc_14", "fc_15"), "rescnn": ("fc_12",), "incecnn": ("fc_12",)}
 
 
+def _check_arch(arch: str) -> None:
+    if arch not in _FC_NAMES:
+        raise ValueError(
+            f"no PyTorch layout for model {arch!r}; interop covers {sorted(_FC_NAMES)}"
+        )
+
+
 def _as_numpy(sd) -> dict[str, np.ndarray]:
     out = {}
     for k, v in sd.items():
@@ -60,6 +67,7 @@ def load_torch_state_dict(arch: str, path_or_state_dict) -> MaskedCNN:
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    _check_arch(arch)
     sd = {k: v for k, v in _read(path_or_state_dict).items() if not k.endswith("num_batches_tracked")}
     fcs = _FC_NAMES[arch]
     try:
@@ -115,6 +123,7 @@ def _assign(sd, key, var, fn, arch):
 
 def to_torch_state_dict(model: MaskedCNN) -> dict[str, np.ndarray]:
     """The reference-layout state dict (NumPy arrays) of ``model``; inverse of the loader."""
+    _check_arch(model.arch)
     out = {}
     for spec in model.topology:
         layer = getattr(model, spec.name)
@@ -142,6 +151,7 @@ def torch_model(model_or_arch, **kwargs):
 
     src = model_or_arch if isinstance(model_or_arch, MaskedCNN) else build_model(model_or_arch, **kwargs)
     arch = src.arch
+    _check_arch(arch)
     out_ch = {s.name: s.out_channels for s in src.topology}
 
     class Ref(nn.Module):

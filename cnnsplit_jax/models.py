@@ -32,6 +32,8 @@ __all__ = [
     "SimCNN",
     "ResCNN",
     "InceCNN",
+    "SimCNNWeak",
+    "ResCNNWeak",
     "ARCHITECTURES",
     "build_model",
     "scaled",
@@ -194,7 +196,7 @@ class MaskedCNN(nnx.Module):
         for s in self.topology:
             cin = sum(out[i] for i in s.inputs) if s.inputs else in_channels
             setattr(self, s.name, ConvBN(cin, s.out_channels, s.ksize, init=self.conv_init, rngs=rngs))
-        self.fc_in = sum(out[n] for n in self.fc_input_layers)
+        self.fc_in = sum(out[n] for n in self.fc_input_layers) * self.fc_positions
         self._build_head(rngs)
 
     # --- description -------------------------------------------------------------------
@@ -203,6 +205,10 @@ class MaskedCNN(nnx.Module):
         raise NotImplementedError
 
     fc_input_layers: tuple[str, ...] = ()
+    #: FC layers in order (the first reads the conv features); copied by extraction
+    fc_layers: tuple[str, ...] = ()
+    #: spatial positions flattened into the first FC layer's input (NHWC order: position-major)
+    fc_positions: int = 1
 
     def mask_points(self) -> tuple[MaskPoint, ...]:
         """Mask points in topology order, with their sizes and the layers they gate."""
@@ -292,6 +298,7 @@ class SimCNN(MaskedCNN):
     _channels = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
     _pool_after = (1, 3, 6, 9, 12)
     fc_input_layers = ("conv_12",)
+    fc_layers = ("fc_13", "fc_14", "fc_15")
 
     def __init__(self, num_classes=10, in_channels=3, width=1.0, *, fc_hidden=None, channels=None, rngs):
         """``fc_hidden``: width of fc_13/fc_14; default ``scaled(4096, width)`` (4096 at width 1)."""
@@ -340,6 +347,7 @@ class ResCNN(MaskedCNN):
     _channels = (64, 128, 128, 128, 256, 512, 512, 512, 512, 512, 512, 512)
     _tied = {3: 1, 7: 5, 11: 9}
     fc_input_layers = ("conv_11",)
+    fc_layers = ("fc_12",)
 
     @classmethod
     def _base_topology(cls):
@@ -384,6 +392,7 @@ class InceCNN(MaskedCNN):
 
     arch = "incecnn"
     fc_input_layers = ("conv_9", "conv_10", "conv_11")
+    fc_layers = ("fc_12",)
 
     @classmethod
     def _base_topology(cls):
@@ -423,10 +432,76 @@ class InceCNN(MaskedCNN):
         return self.fc_12(h)
 
 
+class SimCNNWeak(MaskedCNN):
+    """CNNSplitter's weak model for patching: 4 conv (3x3, 64) each followed by a 2x2 pool,
+    flatten (2x2x64 = 256) -> FC N. No dropout. (BN as in our other models.)"""
+
+    arch = "simcnn_weak"
+    conv_init = "vgg"
+    fc_input_layers = ("conv_3",)
+    fc_layers = ("fc_4",)
+    fc_positions = 4
+
+    @classmethod
+    def _base_topology(cls):
+        return tuple(
+            ConvSpec(f"conv_{i}", 3, 64, (f"conv_{i - 1}",) if i else (), f"conv_{i}", hw)
+            for i, hw in enumerate((32, 16, 8, 4))
+        )
+
+    def _build_head(self, rngs):
+        self.fc_4 = Dense(self.fc_in, self.num_classes, rngs=rngs)
+
+    def _body(self, x, masks, train):
+        for i in range(4):
+            x = max_pool_2x2(self._layer(f"conv_{i}", x, masks, train))
+        return x.reshape(x.shape[0], -1)
+
+    def _head(self, h, train, key):
+        return self.fc_4(h)
+
+
+class ResCNNWeak(MaskedCNN):
+    """CNNSplitter's weak ResCNN for patching: conv_0 (pool), conv_1, conv_2 + shortcut from
+    conv_0, conv_3 (pool); 64 channels; flatten (8x8x64 = 4096) -> dropout 0.4 -> FC N.
+    conv_2 shares conv_0's mask (its output is the shortcut)."""
+
+    arch = "rescnn_weak"
+    fc_input_layers = ("conv_3",)
+    fc_layers = ("fc_4",)
+    fc_positions = 64
+
+    @classmethod
+    def _base_topology(cls):
+        return (
+            ConvSpec("conv_0", 3, 64, (), "conv_0", 32),
+            ConvSpec("conv_1", 3, 64, ("conv_0",), "conv_1", 16),
+            ConvSpec("conv_2", 3, 64, ("conv_1",), "conv_0", 16),
+            ConvSpec("conv_3", 3, 64, ("conv_2",), "conv_3", 16),
+        )
+
+    def _build_head(self, rngs):
+        self.fc_4 = Dense(self.fc_in, self.num_classes, rngs=rngs)
+
+    def _body(self, x, masks, train):
+        L = lambda n, h: self._layer(n, h, masks, train)  # noqa: E731
+        r = max_pool_2x2(L("conv_0", x))
+        x = L("conv_2", L("conv_1", r)) + r
+        x = max_pool_2x2(L("conv_3", x))
+        return x.reshape(x.shape[0], -1)
+
+    def _head(self, h, train, key):
+        if train:
+            h = _dropout(h, 0.4, key)
+        return self.fc_4(h)
+
+
 ARCHITECTURES: dict[str, type[MaskedCNN]] = {
     "simcnn": SimCNN,
     "rescnn": ResCNN,
     "incecnn": InceCNN,
+    "simcnn_weak": SimCNNWeak,
+    "rescnn_weak": ResCNNWeak,
 }
 
 

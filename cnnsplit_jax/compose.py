@@ -1,0 +1,415 @@
+"""Compose modules from one or many module sets into one classifier: a pytree + ``apply``.
+
+A ``Composition`` holds K modules (one per output column) and is a JAX pytree, so
+``apply(comp, x) -> scores [B, K]`` can be jitted, vmapped or embedded in other code::
+
+    comp = compose([Pick(ms_a, 0), Pick(ms_b, 3), Pick(ms_c, 1)])   # K = 3 columns
+    scores = jax.jit(apply)(comp, x_uint8)                          # [B, 3]
+    pred = scores.argmax(-1)                                        # composed label
+
+Column k is the module ``picks[k].source_class`` of ``picks[k].module_set``; ``comp.labels``
+maps each composed class to its source explicitly (``ClassRef``). As in the papers, scores of
+different modules are compared directly (no calibration): head sigmoids for GradSplitter
+module sets, class logits for module sets without heads.
+
+**Inputs.** ``input="raw"`` (default): images with pixel values in [0, 255] (uint8 or float)
+``[B, 32, 32, C]``; every module normalises them with its own base model's statistics, so
+modules of models trained on different datasets compose correctly. ``input="normalized"``:
+already-normalised images; all sources must then share one normalisation (else ValueError).
+
+**Execution** (all inside the one traced ``apply``, no host loop):
+
+* ``form="masked"``: modules run as the base model under their binary masks. Modules that
+  share a base model are one ``vmap`` over stacked masks and heads (split into vmapped groups
+  of ``chunk`` on the CPU, as GradSplitter). Modules of several base models with the same
+  structure (architecture, width, classes) form one group whose base parameters are stacked:
+  ``execution="vmap"`` runs one vmap over per-module gathered parameters (one batched/grouped
+  convolution per layer: the accelerator default); ``execution="unrolled"`` runs one vmap per
+  base model (the CPU default: XLA:CPU's grouped convolutions are 3-8x slower than separate
+  ones, ``benchmarks/bench_compose.py``).
+* ``form="extracted"``: physically pruned modules (``extract.extract_module``), different
+  sizes. ``execution="vmap"``: every module of a structure group is zero-padded to the
+  group's largest kept count per mask point (exact: padded channels are zero) and the stacked
+  parameters run as one vmap; ``execution="unrolled"``: each module's own pruned graph,
+  unrolled in the one jitted program (the CPU default, fastest there).
+
+Groups of different architectures or widths are separate calls inside the same ``apply``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .extract import effective_masks, extract_module, kept_indices
+from .heads import Heads, scores_from_logits
+from .masks import mask_points
+from .module_set import ModuleSet
+
+__all__ = [
+    "Pick",
+    "ClassRef",
+    "Composition",
+    "MaskedGroup",
+    "ExtractedGroup",
+    "compose",
+    "apply",
+    "predict_scores",
+    "default_execution",
+]
+
+FORMS = ("masked", "extracted")
+EXECUTIONS = ("auto", "vmap", "unrolled")
+INPUTS = ("raw", "normalized")
+
+
+class Pick(NamedTuple):
+    """One module of a composition: module ``source_class`` of ``module_set``.
+
+    ``source``: a label for reports (e.g. the module-set directory); ``name``: the composed
+    class's name (default: the source's class name).
+    """
+
+    module_set: ModuleSet
+    source_class: int
+    source: str = ""
+    name: str | None = None
+
+
+class ClassRef(NamedTuple):
+    """Where composed class k comes from: ``source`` (label), ``dataset``, ``source_class``
+    (the class index in that source model) and ``name``."""
+
+    source: str
+    dataset: str
+    source_class: int
+    name: str
+
+
+def default_execution() -> str:
+    """``unrolled`` on the CPU backend, ``vmap`` on GPU/TPU (see the module docstring)."""
+    return "unrolled" if jax.default_backend() == "cpu" else "vmap"
+
+
+def _default_chunk(n: int) -> int:
+    return min(2, n) if jax.default_backend() == "cpu" else n
+
+
+def _pytree(data, meta):
+    def deco(cls):
+        return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+
+    return deco
+
+
+@_pytree(["params", "masks", "heads", "classes", "mean", "std"],
+         ["graphdef", "base_index", "execution", "chunk"])
+@dataclasses.dataclass(frozen=True)
+class MaskedGroup:
+    """Modules run as masked forwards of base models with one structure.
+
+    params: ``nnx.State`` of the M base models stacked on a leading axis [M, ...];
+    masks: ``{point: float 0/1 [n, C]}`` (keep-one rule applied); heads: ``Heads`` [n, ...] or
+    ``None``; classes: int32 [n] module class in its base model; mean/std: float32 [M, C];
+    base_index: static tuple (n) of each module's base model.
+    """
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    masks: dict
+    heads: Heads | None
+    classes: jax.Array
+    mean: jax.Array
+    std: jax.Array
+    base_index: tuple
+    execution: str
+    chunk: int
+
+
+@_pytree(["params", "heads", "classes", "mean", "std"], ["graphdefs", "execution"])
+@dataclasses.dataclass(frozen=True)
+class ExtractedGroup:
+    """Physically pruned modules of one structure group.
+
+    ``execution="unrolled"``: graphdefs/params hold one entry per module (own shapes);
+    ``"vmap"``: one graphdef and params stacked [n, ...] (padded to common shapes).
+    heads: ``Heads`` [n, ...] or ``None``; classes int32 [n]; mean/std float32 [n, C].
+    """
+
+    graphdefs: tuple
+    params: tuple
+    heads: Heads | None
+    classes: jax.Array
+    mean: jax.Array
+    std: jax.Array
+    execution: str
+
+
+@_pytree(["groups"], ["order", "labels", "input", "in_channels", "form"])
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """K composed modules. ``apply(comp, x)`` returns scores [B, K] in ``labels`` order.
+
+    groups: ``MaskedGroup`` / ``ExtractedGroup`` pytrees; order: static permutation from the
+    groups' concatenated columns to composed columns; labels: ``ClassRef`` per column.
+    """
+
+    groups: tuple
+    order: tuple
+    labels: tuple
+    input: str
+    in_channels: int
+    form: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.labels]
+
+
+# ------------------------------------------------------------------------------ building
+def _structure_key(model) -> tuple:
+    return (model.arch, model.width, model.num_classes, model.in_channels,
+            getattr(model, "fc_hidden", None))
+
+
+def _check_picks(picks: Sequence[Pick], input: str) -> None:
+    if not picks:
+        raise ValueError("compose needs at least one module")
+    chans = {p.module_set.base.in_channels for p in picks}
+    if len(chans) != 1:
+        raise ValueError(f"modules expect different input channels {sorted(chans)}; "
+                         "all modules of a composition must read the same images")
+    for k, p in enumerate(picks):
+        if not isinstance(p.module_set, ModuleSet):
+            raise TypeError(f"pick {k}: expected a ModuleSet, got {type(p.module_set).__name__}")
+        n = p.module_set.num_modules
+        if not 0 <= int(p.source_class) < n:
+            raise ValueError(f"pick {k} ({p.source or 'module set'}): unknown class index "
+                             f"{p.source_class}; the module set has classes 0..{n - 1}")
+        p.module_set.normalization  # noqa: B018 - raises when missing
+    if input == "normalized":
+        norms = {p.module_set.normalization for p in picks}
+        if len(norms) > 1:
+            raise ValueError(
+                "modules come from models with different normalisation "
+                f"{sorted(norms)}; use input='raw' (each module normalises raw pixels itself) "
+                "or modules trained with the same statistics")
+
+
+def _labels(picks: Sequence[Pick]) -> tuple:
+    out = []
+    for p in picks:
+        meta = p.module_set.meta
+        names = meta.get("class_names") or [str(i) for i in range(p.module_set.num_modules)]
+        c = int(p.source_class)
+        out.append(ClassRef(p.source, str(meta.get("dataset", "")), c, p.name or str(names[c])))
+    return tuple(out)
+
+
+def _norm_arrays(sets: Sequence[ModuleSet]) -> tuple[jax.Array, jax.Array]:
+    mean = jnp.asarray([ms.normalization[0] for ms in sets], jnp.float32)
+    std = jnp.asarray([ms.normalization[1] for ms in sets], jnp.float32)
+    return mean, std
+
+
+def _stack_heads(heads_list) -> Heads | None:
+    if heads_list[0] is None:
+        return None
+    return Heads(*(jnp.stack([jnp.asarray(h[j]) for h in heads_list]) for j in range(4)))
+
+
+def _masked_group(picks, execution, chunk) -> MaskedGroup:
+    sets, base_of = [], []  # one module set per distinct base model
+    for p in picks:
+        ids = [id(ms.base) for ms in sets]
+        if id(p.module_set.base) not in ids:
+            sets.append(p.module_set)
+            ids.append(id(p.module_set.base))
+        base_of.append(ids.index(id(p.module_set.base)))
+    bases = [ms.base for ms in sets]
+    graphdef = nnx.graphdef(bases[0])
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in bases])
+    points = [pt.name for pt in mask_points(bases[0])]
+    eff = [effective_masks({k: np.asarray(p.module_set.masks[k][p.source_class])[None] for k in points})
+           for p in picks]
+    masks = {k: jnp.asarray(np.concatenate([e[k] for e in eff])) for k in points}
+    heads = _stack_heads([None if p.module_set.heads is None else
+                          tuple(np.asarray(h)[p.source_class] for h in p.module_set.heads) for p in picks])
+    mean, std = _norm_arrays(sets)
+    return MaskedGroup(graphdef, params, masks, heads,
+                       jnp.asarray([p.source_class for p in picks], jnp.int32), mean, std,
+                       tuple(base_of), execution, int(chunk or _default_chunk(len(picks))))
+
+
+def _module_masks(p: Pick) -> dict:
+    return {k: np.asarray(v[p.source_class]) for k, v in p.module_set.masks.items()}
+
+
+def _module_head(p: Pick):
+    if p.module_set.heads is None:
+        return None
+    return tuple(np.asarray(h)[p.source_class] for h in p.module_set.heads)
+
+
+def _extracted_group(picks, execution) -> ExtractedGroup:
+    pad = None
+    if execution == "vmap":
+        kept = [kept_indices(p.module_set.base, _module_masks(p)) for p in picks]
+        pad = {k: max(kp[k].size for kp in kept) for k in kept[0]}
+    mods = [extract_module(p.module_set.base, _module_masks(p), _module_head(p), p.source_class, pad)
+            for p in picks]
+    splits = [nnx.split(m.model) for m in mods]
+    if execution == "vmap":
+        graphdefs = (splits[0][0],)
+        params = (jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in splits]),)
+    else:
+        graphdefs = tuple(g for g, _ in splits)
+        params = tuple(s for _, s in splits)
+    mean, std = _norm_arrays([p.module_set for p in picks])
+    return ExtractedGroup(graphdefs, params, _stack_heads([m.head for m in mods]),
+                          jnp.asarray([p.source_class for p in picks], jnp.int32), mean, std, execution)
+
+
+def compose(
+    picks: Sequence[Pick],
+    *,
+    form: str = "masked",
+    execution: str = "auto",
+    input: str = "raw",
+    chunk: int | None = None,
+) -> Composition:
+    """Compose ``picks`` (column k = ``picks[k]``) into a ``Composition``.
+
+    Args:
+      form: ``"masked"`` (base model + masks) or ``"extracted"`` (pruned modules).
+      execution: ``"vmap"``, ``"unrolled"`` or ``"auto"`` (``default_execution()``).
+      input: ``"raw"`` pixels in [0, 255] or ``"normalized"`` images (one shared normalisation).
+      chunk: masked modules of one base model per vmapped group (default: 2 on CPU, all else).
+
+    Raises:
+      ValueError: empty picks, unknown class index, different input channels, or different
+        normalisations with ``input="normalized"``.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if input not in INPUTS:
+        raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+    _check_picks(picks, input)
+    execution = default_execution() if execution == "auto" else execution
+    groups_idx: dict[tuple, list[int]] = {}
+    for k, p in enumerate(picks):
+        groups_idx.setdefault(_structure_key(p.module_set.base), []).append(k)
+    groups, cols = [], []
+    for idx in groups_idx.values():
+        gp = [picks[k] for k in idx]
+        groups.append(_masked_group(gp, execution, chunk) if form == "masked" else _extracted_group(gp, execution))
+        cols.extend(idx)
+    order = tuple(int(i) for i in np.argsort(cols))
+    return Composition(tuple(groups), order, _labels(picks), input,
+                       picks[0].module_set.base.in_channels, form)
+
+
+# ------------------------------------------------------------------------------ running
+def _prep(x, mean, std, input):
+    x = x.astype(jnp.float32)
+    return (x / 255.0 - mean) / std if input == "raw" else x
+
+
+def _masked_logits(g: MaskedGroup, x, input) -> jax.Array:
+    """[B, n, K] logits of a masked group."""
+    n = len(g.base_index)
+    n_bases = g.mean.shape[0]
+
+    def run_base(b, masks_b):
+        params = jax.tree.map(lambda a: a[b], g.params)
+        model = nnx.merge(g.graphdef, params)
+        xb = _prep(x, g.mean[b], g.std[b], input)
+        m = masks_b[next(iter(masks_b))].shape[0]
+        f = jax.vmap(lambda mk: model(xb, mk))
+        if g.chunk >= m:
+            return f(masks_b)
+        return jnp.concatenate([f({k: v[i : i + g.chunk] for k, v in masks_b.items()})
+                                for i in range(0, m, g.chunk)])
+
+    if n_bases == 1 or g.execution == "unrolled":
+        outs, cols = [], []
+        for b in range(n_bases):
+            idx = [i for i in range(n) if g.base_index[i] == b]
+            outs.append(run_base(b, {k: v[np.asarray(idx)] for k, v in g.masks.items()}))
+            cols.extend(idx)
+        logits = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+        logits = logits[np.argsort(cols)] if cols != list(range(n)) else logits
+    else:  # one vmap over modules with their base model's parameters gathered per module
+        bi = np.asarray(g.base_index)
+        params = jax.tree.map(lambda a: a[bi], g.params)
+
+        def one(p, mk, mean, std):
+            return nnx.merge(g.graphdef, p)(_prep(x, mean, std, input), mk)
+
+        logits = jax.vmap(one)(params, g.masks, g.mean[bi], g.std[bi])
+    return jnp.swapaxes(logits, 0, 1)
+
+
+def _extracted_logits(g: ExtractedGroup, x, input) -> jax.Array:
+    """[B, n, K] logits of an extracted group."""
+    if g.execution == "vmap":
+        def one(p, mean, std):
+            return nnx.merge(g.graphdefs[0], p)(_prep(x, mean, std, input))
+
+        return jnp.swapaxes(jax.vmap(one)(g.params[0], g.mean, g.std), 0, 1)
+    outs = [nnx.merge(gd, p)(_prep(x, g.mean[i], g.std[i], input))
+            for i, (gd, p) in enumerate(zip(g.graphdefs, g.params))]
+    return jnp.stack(outs, axis=1)
+
+
+def _check_images(comp: Composition, x) -> None:
+    want = (32, 32, comp.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"the composition expects images [B, 32, 32, {comp.in_channels}] (NHWC), "
+                         f"got shape {tuple(x.shape)}")
+
+
+def apply(comp: Composition, x: jax.Array) -> jax.Array:
+    """Scores [B, K] of the K composed modules for images x [B, 32, 32, C].
+
+    Pure and jit/vmap-safe; predictions are ``argmax(-1)`` (indices into ``comp.labels``).
+    """
+    _check_images(comp, x)
+    cols = []
+    for g in comp.groups:
+        if isinstance(g, MaskedGroup):
+            feats = _masked_logits(g, x, comp.input)
+        else:
+            feats = _extracted_logits(g, x, comp.input)
+        cols.append(scores_from_logits(g.heads, g.classes, feats))
+    s = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+    return s[:, np.asarray(comp.order)] if comp.order != tuple(range(len(comp.order))) else s
+
+
+_apply_jit = jax.jit(apply)
+
+
+def predict_scores(comp: Composition, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Scores [n, K] for a NumPy array of images (batched; last batch padded to a full one
+    so a single shape is compiled)."""
+    x = np.asarray(x)
+    _check_images(comp, x)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        n = len(xb)
+        if n < batch_size and len(x) > batch_size:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - n, 0)])
+        out.append(np.asarray(_apply_jit(comp, jnp.asarray(xb)))[:n])
+    return np.concatenate(out) if out else np.zeros((0, comp.num_classes), np.float32)
