@@ -1,4 +1,4 @@
-"""Command-line interface: ``cnnsplit train | info | split | evaluate | demo``.
+"""Command-line interface: ``cnnsplit train | info | split | evaluate | compose | patch | replace | demo``.
 
 Library modules never print; this module reports progress (tqdm bars, disabled when stderr
 is not a terminal) and writes JSON results.
@@ -45,9 +45,8 @@ def _cmd_train(args) -> int:
     import jax
 
     from . import checkpoint as ckpt
-    from .data import load_dataset
     from .models import build_model
-    from .train import TrainConfig, accuracy, check_compatible, fit, summary
+    from .train import RECIPES, TrainConfig, accuracy, check_compatible, fit, summary
 
     out = Path(args.out)
     state_json = out / "train_state.json"
@@ -58,7 +57,7 @@ def _cmd_train(args) -> int:
             file=sys.stderr,
         )
         return 2
-    ds = load_dataset(args.dataset, args.data_dir)
+    ds, sources = _train_data(args.dataset, args.data_dir)
     model = build_model(
         args.model,
         num_classes=ds.info.num_classes,
@@ -68,19 +67,14 @@ def _cmd_train(args) -> int:
         **({"fc_hidden": args.fc_hidden} if args.fc_hidden and args.model == "simcnn" else {}),
     )
     check_compatible(model, ds.info)
-    cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        lr_milestones=tuple(args.lr_milestones),
-        lr_gamma=args.lr_gamma,
-        augment=args.augment,
-        dirichlet_alpha=args.dirichlet_alpha,
-        dirichlet_min_size=args.dirichlet_min_size,
-        seed=args.seed,
-    )
+    given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay",
+                                           "lr_gamma", "augment", "patience")
+             if getattr(args, k) is not None}
+    if args.lr_milestones is not None:
+        given["lr_milestones"] = tuple(args.lr_milestones)
+    cfg = TrainConfig(**{**RECIPES[args.recipe], **given,
+                         "dirichlet_alpha": args.dirichlet_alpha,
+                         "dirichlet_min_size": args.dirichlet_min_size, "seed": args.seed})
     out.mkdir(parents=True, exist_ok=True)
     counts = summary(model)
     print(
@@ -132,6 +126,7 @@ def _cmd_train(args) -> int:
         res.model,
         {
             "dataset": args.dataset,
+            "sources": sources,
             "normalization": result["normalization"],
             "class_names": result["class_names"],
             "test_accuracy": test_acc,
@@ -176,6 +171,34 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps({**meta, **counts}, indent=2))
     return 0
+
+
+# ------------------------------------------------------------------------ data of runs
+def _train_data(spec: str, data_dir):
+    """(Dataset, [[dataset, class], ...]) for a dataset name or a task spec (``data.parse_task``)."""
+    from .data import load_dataset, load_task
+
+    if ":" not in spec and "+" not in spec:
+        ds = load_dataset(spec, data_dir)
+        return ds, [[ds.info.name, c] for c in range(ds.info.num_classes)]
+    task = load_task(spec, data_dir)
+    return task.ds, [list(x) for x in task.sources]
+
+
+def _run_data(meta: dict, data_dir=None):
+    """Everything a run's dataset spec gives: (ds, (tr, va) train indices, (x, y) module-eval
+    images, (x, y) final-test images). Plain datasets use the reference's test split (first
+    20% / last 80%); task specs the per-part split of ``data.make_task``."""
+    from .data import load_dataset, load_task
+
+    spec = meta["dataset"]
+    if ":" not in spec and "+" not in spec:
+        ds = load_dataset(spec, data_dir or meta.get("data_dir"))
+        tr, va, ev, te = _splits_for(meta, ds)
+        return ds, (tr, va), (ds.x_test[ev], ds.y_test[ev]), (ds.x_test[te], ds.y_test[te])
+    task = load_task(spec, data_dir or meta.get("data_dir"))
+    tr, va, _, _ = _splits_for(meta, task.ds)
+    return task.ds, (tr, va), (task.x_eval, task.y_eval), (task.ds.x_test, task.ds.y_test)
 
 
 # ------------------------------------------------------------------------ split / evaluate
@@ -223,18 +246,16 @@ def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subs
 
     from . import checkpoint as ckpt
     from . import gradsplitter as gs
-    from .data import load_dataset
     from .evaluate import evaluate_module_set
-    from .gradsplitter import Heads
+    from .heads import Heads
     from .module_set import ModuleSet, save_module_set
 
     model, meta = ckpt.load_model(model_dir)
-    ds = load_dataset(meta["dataset"], meta.get("data_dir"))
+    ds, (tr, va), eval_split, test_split = _run_data(meta)
     if ds.info.num_classes != model.num_classes:
         raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has {ds.info.num_classes}")
     if (out / "search.json").exists() and not resume:
         raise ckpt.CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
-    tr, va, ev, te = _splits_for(meta, ds)
     if train_subset:
         tr = tr[:train_subset]
     norm = meta.get("normalization", {"mean": list(ds.info.mean), "std": list(ds.info.std)})
@@ -265,10 +286,12 @@ def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subs
     ms = ModuleSet(model, masks, heads, {
         "method": "grad", "dataset": meta["dataset"], "normalization": norm,
         "class_names": list(ds.info.class_names), "selected_epoch": sel,
+        "sources": meta.get("sources") or [[ds.info.name, c] for c in range(ds.info.num_classes)],
+        "split": meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2}),
         "base_run": str(model_dir), "config": {k: v for k, v in cfg.__dict__.items()},
     })
     save_module_set(out, ms)
-    ev_res = evaluate_module_set(ms, (ds.x_test[ev], ds.y_test[ev]), (ds.x_test[te], ds.y_test[te]), ds.info)
+    ev_res = evaluate_module_set(ms, eval_split, test_split, ds.info)
     result = {
         "method": "grad",
         "model": model.arch,
@@ -315,24 +338,198 @@ def _class_names(mod_dir: Path):
 
 def _cmd_evaluate(args) -> int:
     from . import checkpoint as ckpt
-    from .data import load_dataset
     from .evaluate import evaluate_module_set
     from .module_set import load_module_set
 
     mod = Path(args.mod_dir)
     ms = load_module_set(mod)
-    ds = load_dataset(args.dataset or ms.meta["dataset"], args.data_dir)
+    ds, _, eval_split, test_split = _run_data({**ms.meta, "dataset": args.dataset or ms.meta["dataset"]},
+                                              args.data_dir)
     if ds.info.num_classes != ms.num_modules:
         raise ValueError(f"class count mismatch: {ms.num_modules} modules, dataset {ds.info.name!r} has {ds.info.num_classes} classes")
-    from .data import test_splits
-
-    ev, te = test_splits(len(ds.y_test))
-    res = evaluate_module_set(ms, (ds.x_test[ev], ds.y_test[ev]), (ds.x_test[te], ds.y_test[te]), ds.info)
+    res = evaluate_module_set(ms, eval_split, test_split, ds.info)
     res = {"method": ms.meta.get("method"), "dataset": ds.info.name, **res}
     ckpt.write_json(mod / "evaluate.json", res)
     _write_plots(mod, res, None, ms.meta.get("class_names"), None)
     print(_report_table(res, ms.meta.get("class_names", [str(i) for i in range(ms.num_modules)])))
     print(f"wrote {mod / 'evaluate.json'}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------ compose / patch
+def _parse_modules(spec: str):
+    """``MOD_DIR[:CLASSES]`` -> (path, classes or None)."""
+    import re
+
+    from .data import parse_classes
+
+    path, sep, tail = spec.rpartition(":")
+    if sep and re.fullmatch(r"[0-9,\- ]+", tail):
+        return path, parse_classes(tail)
+    return spec, None
+
+
+def _load_sources(specs):
+    from .module_set import load_module_set
+    from .reuse import Source
+
+    out = []
+    for spec in specs:
+        path, classes = _parse_modules(spec)
+        out.append(Source(path, load_module_set(path), classes))
+    return out
+
+
+def _task_for(sources, dataset: str | None, data_dir):
+    """The task a composition is evaluated on: ``--dataset`` (a name: the classes the module
+    sets cover; a task spec: as given) or, without it, every class the module sets cover,
+    grouped by dataset in order of appearance."""
+    from .data import load_task
+
+    covered: dict[str, list[int]] = {}
+    for s in sources:
+        for c in s.classes:
+            d, k = s.origins[c]
+            if k not in covered.setdefault(d, []):
+                covered[d].append(k)
+    if dataset and (":" in dataset or "+" in dataset):
+        spec = dataset
+    else:
+        if dataset:
+            if dataset not in covered:
+                raise ValueError(f"no module set covers dataset {dataset!r} (they cover {sorted(covered)})")
+            covered = {dataset: covered[dataset]}
+        spec = "+".join(f"{d}:{','.join(map(str, sorted(ks)))}" for d, ks in covered.items())
+    return spec, load_task(spec, data_dir)
+
+
+def _class_table(rep: dict) -> str:
+    lines = ["| class | precision | recall | F1 |", "|---|---|---|---|"]
+    for n, p, r, f in zip(rep["class_names"], rep["precision"], rep["recall"], rep["f1"]):
+        lines.append(f"| {n} | {p:.3f} | {r:.3f} | {f:.3f} |")
+    return "\n".join(lines)
+
+
+def _cmd_compose(args) -> int:
+    from . import checkpoint as ckpt
+    from . import plots
+    from .reuse import compose_task, train_from_scratch
+    from .train import TrainConfig
+
+    out = Path(args.out)
+    sources = _load_sources(args.modules)
+    spec, task = _task_for(sources, args.dataset, args.data_dir)
+    print(f"composing {task.ds.info.num_classes} classes of {spec} from {len(sources)} module set(s)",
+          file=sys.stderr)
+    res, picks = compose_task(sources, task, form=args.form, execution=args.execution)
+    res = {"task": spec, "form": args.form, "execution": args.execution, **res}
+    if args.baseline_epochs:
+        base = picks[0].module_set.base
+        cfg = TrainConfig(epochs=args.baseline_epochs, batch_size=64, lr_milestones=(),
+                          patience=5, seed=args.seed)
+        print(f"training the baseline {base.arch} (width {base.width}) from scratch for up to "
+              f"{cfg.epochs} epochs", file=sys.stderr)
+        kw = {"fc_hidden": base.fc_hidden} if hasattr(base, "fc_hidden") else {}
+        res["baseline"] = train_from_scratch(task, base.arch, base.width, cfg, key=args.seed, **kw)
+        res["training_seconds_saved"] = res["baseline"]["train_seconds"] - res["compose_seconds"]
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(out / "compose.json", res)
+    plots.confusion_matrix(res["confusion"], out / "confusion.png", res["class_names"],
+                           f"composed model ({res['accuracy']:.3f})")
+    print(_class_table(res))
+    print("\n| source | base model accuracy | its own modules |\n|---|---|---|")
+    for s in res["sources"]:
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"| {s['source']} | {fmt(s['base_accuracy'])} | {fmt(s.get('modules_accuracy'))} |")
+    print(f"\ncomposed accuracy {res['accuracy']:.4f} on {res['images']} test images "
+          f"(modules chosen by F1 on {res['eval_images']} images)")
+    if "baseline" in res:
+        b = res["baseline"]
+        print(f"trained from scratch: accuracy {b['accuracy']:.4f} in {b['train_seconds']:.1f}s; "
+              f"composing took {res['compose_seconds']:.1f}s")
+    print(f"wrote {out / 'compose.json'} and {out / 'confusion.png'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_patch(args) -> int:
+    from . import checkpoint as ckpt
+    from . import plots
+    from .data import DatasetInfo
+    from .reuse import patch
+
+    weak, meta = ckpt.load_model(Path(args.weak))
+    (src,) = _load_sources([args.modules])
+    k = int(args.target_class)
+    if not 0 <= k < src.module_set.num_modules:
+        raise ValueError(f"unknown class index {k}; {args.modules} has classes 0..{src.module_set.num_modules - 1}")
+    weak_sources = [tuple(x) for x in meta.get("sources") or []]
+    if weak_sources and weak_sources[-1] != src.origins[k]:
+        raise ValueError(
+            f"the weak model's last (target) class is {weak_sources[-1]} but module {k} of "
+            f"{args.modules} recognises {src.origins[k]}; train the weak model with the target class last")
+    if weak.num_classes != len(meta.get("class_names", [])) and meta.get("class_names"):
+        raise ValueError("weak model metadata and weights disagree on the class count")
+    _, _, _, (x_test, y_test) = _run_data(meta, args.data_dir)
+    # the module's score range comes from its target-class images of its base model's
+    # validation split (the reference's module_output_collector)
+    ms_meta = dict(src.module_set.meta)
+    if "split" not in ms_meta and ms_meta.get("base_run"):
+        try:
+            ms_meta["split"] = ckpt.read_json(Path(ms_meta["base_run"]) / "model.json")["split"]
+        except (OSError, KeyError, ckpt.CheckpointError):
+            pass
+    if "split" not in ms_meta:
+        raise ValueError(f"{args.modules} does not record its base model's train/val split; re-run the split")
+    mds, (_, va), _, _ = _run_data(ms_meta, args.data_dir)
+    x_va, y_va = mds.x_train[va], mds.y_train[va]
+    norm = meta["normalization"]
+    names = tuple(meta.get("class_names") or map(str, range(weak.num_classes)))
+    info = DatasetInfo(meta["dataset"], names, weak.in_channels, tuple(norm["mean"]), tuple(norm["std"]))
+    res = patch(weak, info, x_test, y_test, src.module_set, k, x_va[y_va == k])
+    res = {"weak": args.weak, "modules": args.modules, **res}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(out / "patch.json", res)
+    plots.confusion_matrix(res["confusion_before"], out / "confusion_before.png", list(names), "weak model")
+    plots.confusion_matrix(res["confusion_after"], out / "confusion_after.png", list(names), "patched")
+    print("| | TC precision | TC recall | TC F1 | non-TC accuracy |\n|---|---|---|---|---|")
+    for key in ("before", "after"):
+        r = res[key]
+        print(f"| {key} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['accuracy']:.4f} |")
+    print(f"wrote {out / 'patch.json'} and confusion PNGs", file=sys.stderr)
+    return 0
+
+
+def _cmd_replace(args) -> int:
+    from . import checkpoint as ckpt
+    from . import plots
+    from .compose import Pick
+    from .reuse import replace, select_picks
+
+    sources = _load_sources(args.modules)
+    (new,) = _load_sources([args.with_])
+    k = int(args.class_)
+    if not 0 <= k < new.module_set.num_modules:
+        raise ValueError(f"unknown class index {k}; {args.with_} has classes 0..{new.module_set.num_modules - 1}")
+    spec, task = _task_for(sources, args.dataset, args.data_dir)
+    picks, _ = select_picks(sources, task)
+    origin = new.origins[k]
+    cols = [t for t, o in enumerate(task.sources) if tuple(o) == origin]
+    if not cols:
+        raise ValueError(f"module {k} of {args.with_} recognises {origin}, which is not a class of {spec}")
+    res = replace(picks, cols[0], Pick(new.module_set, k, new.label), task,
+                  form=args.form, execution=args.execution)
+    res = {"task": spec, **res}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(out / "replace.json", res)
+    for key in ("before", "after"):
+        plots.confusion_matrix(res[key]["confusion"], out / f"confusion_{key}.png",
+                               res[key]["class_names"], f"{key} ({res[key]['accuracy']:.3f})")
+    print(f"class {res['class']}: {res['old_source']} -> {res['new_source']}")
+    print(f"accuracy {res['before']['accuracy']:.4f} -> {res['after']['accuracy']:.4f}; "
+          f"F1 of the class {res['before']['f1'][cols[0]]:.3f} -> {res['after']['f1'][cols[0]]:.3f}")
+    print(f"wrote {out / 'replace.json'}", file=sys.stderr)
     return 0
 
 
@@ -373,18 +570,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a base model")
     t.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
-    t.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
+    t.add_argument("--dataset", required=True,
+                   help=f"one of {sorted(DATASETS)}, or a task NAME:CLASSES[+NAME:CLASSES] "
+                        "(e.g. digits:0-8 or fashion_mnist:0,1+digits:3); labels follow the order given")
     t.add_argument("--data-dir", default=None, help="where dataset files live (else $CNNSPLIT_DATA)")
     t.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = paper)")
     t.add_argument("--fc-hidden", type=int, default=None, help="SimCNN FC width (default 4096*width)")
-    t.add_argument("--epochs", type=int, default=200)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.01)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--lr-milestones", type=float, nargs="*", default=[0.3, 0.6],
-                   help="fractions of the epochs at which lr is multiplied by --lr-gamma")
-    t.add_argument("--lr-gamma", type=float, default=0.1)
+    t.add_argument("--recipe", default="reference", choices=["reference", "weak", "poor-fit"],
+                   help="hyper-parameter preset: the papers' training (default), CNNSplitter's weak "
+                        "models, or its poor-fit models (plain SGD, no augmentation or dropout, "
+                        "final epoch kept); the flags below override it")
+    t.add_argument("--epochs", type=int, default=None, help="default 200 (weak: 100)")
+    t.add_argument("--batch-size", type=int, default=None, help="default 128")
+    t.add_argument("--lr", type=float, default=None, help="default 0.01")
+    t.add_argument("--momentum", type=float, default=None, help="default 0.9")
+    t.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    t.add_argument("--lr-milestones", type=float, nargs="*", default=None,
+                   help="fractions of the epochs at which lr is multiplied by --lr-gamma (default 0.3 0.6)")
+    t.add_argument("--lr-gamma", type=float, default=None)
+    t.add_argument("--patience", type=int, default=None,
+                   help="stop after this many epochs without a better validation accuracy")
     aug = t.add_mutually_exclusive_group()
     aug.add_argument("--augment", dest="augment", action="store_true", default=None,
                      help="flip + crop (default: on for 3-channel datasets)")
@@ -426,6 +631,40 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", default=None, help="default: the module set's dataset")
     ev.add_argument("--data-dir", default=None)
     ev.set_defaults(func=_cmd_evaluate)
+
+    mods_help = ("module-set directory, optionally with the classes it may contribute: MOD_DIR[:0,2,5-7] "
+                 "(repeat the flag; where several cover a class, the best-F1 module wins)")
+    c = sub.add_parser("compose", help="compose modules of one or more module sets into a classifier")
+    c.add_argument("--modules", action="append", required=True, help=mods_help)
+    c.add_argument("--dataset", default=None,
+                   help="evaluate on this dataset or task spec (default: every class the modules cover)")
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--form", default="masked", choices=["masked", "extracted"])
+    c.add_argument("--execution", default="auto", choices=["auto", "vmap", "unrolled"])
+    c.add_argument("--baseline-epochs", type=int, default=0,
+                   help="also train the same architecture from scratch on the task (new-task scenario)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=_cmd_compose)
+
+    pa = sub.add_parser("patch", help="patch a weak model's target class with a module")
+    pa.add_argument("--weak", required=True, help="run directory of the weak model (target class last)")
+    pa.add_argument("--modules", required=True, help="module-set directory")
+    pa.add_argument("--target-class", required=True, type=int, help="module index of the target class")
+    pa.add_argument("--data-dir", default=None)
+    pa.add_argument("--out", required=True)
+    pa.set_defaults(func=_cmd_patch)
+
+    r = sub.add_parser("replace", help="swap one class's module for another model's")
+    r.add_argument("--modules", action="append", required=True, help=mods_help)
+    r.add_argument("--with", dest="with_", required=True, help="module set providing the new module")
+    r.add_argument("--class", dest="class_", required=True, type=int, help="module index in --with")
+    r.add_argument("--dataset", default=None)
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--form", default="masked", choices=["masked", "extracted"])
+    r.add_argument("--execution", default="auto", choices=["auto", "vmap", "unrolled"])
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=_cmd_replace)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on digits (train, split, evaluate)")
     d.add_argument("--out", default="runs/demo")

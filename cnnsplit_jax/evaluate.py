@@ -19,6 +19,9 @@ from .train import predict
 __all__ = [
     "binary_metrics",
     "module_scores_for",
+    "module_outputs",
+    "module_f1",
+    "classification_report",
     "retention",
     "jaccard_matrix",
     "evaluate_module_set",
@@ -34,11 +37,49 @@ def binary_metrics(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, f
     return p, r, f1
 
 
-def module_scores_for(ms: ModuleSet, x_u8: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Scores [n, N] of every module on uint8 images (head sigmoids, or class logits)."""
+def module_outputs(ms: ModuleSet, x_u8: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [n, N], positive bool [n, N]) of every module on uint8 images.
+
+    A module with a head says "my class" when its sigmoid score > 0.5; a module without a
+    head (scored by its class logit) when its masked model's argmax is its class.
+    """
     mean, std = ms.normalization
     feats = features_for_dataset(ms.base, effective_masks(ms.masks), x_u8, mean, std, batch_size)
-    return np.asarray(scores_from_logits(ms.heads, np.arange(ms.num_modules), feats))
+    classes = np.arange(ms.num_modules)
+    scores = np.asarray(scores_from_logits(ms.heads, classes, feats))
+    if ms.heads is not None:
+        return scores, scores > 0.5
+    return scores, feats.argmax(-1) == classes[None, :]
+
+
+def module_scores_for(ms: ModuleSet, x_u8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Scores [n, N] of every module on uint8 images (head sigmoids, or class logits)."""
+    return module_outputs(ms, x_u8, batch_size)[0]
+
+
+def module_f1(ms: ModuleSet, x_u8: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """F1 [N] of each module's binary decision (class c vs rest) on labelled images; labels
+    are the module set's class indices (-1 or any other value: a negative image)."""
+    _, pos = module_outputs(ms, x_u8)
+    return np.asarray([binary_metrics(pos[:, c], y == c)[2] for c in range(ms.num_modules)])
+
+
+def classification_report(pred: np.ndarray, truth: np.ndarray, class_names) -> dict:
+    """Accuracy, per-class precision / recall / F1 and the confusion matrix [true, pred]."""
+    k = len(class_names)
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (truth, pred), 1)
+    prf = [binary_metrics(pred == c, truth == c) for c in range(k)]
+    return {
+        "accuracy": float((pred == truth).mean()) if len(truth) else 0.0,
+        "class_names": [str(c) for c in class_names],
+        "precision": [p for p, _, _ in prf],
+        "recall": [r for _, r, _ in prf],
+        "f1": [f for _, _, f in prf],
+        "confusion": cm.tolist(),
+        "images": int(len(truth)),
+    }
 
 
 def retention(ms: ModuleSet) -> dict:
@@ -77,8 +118,8 @@ def evaluate_module_set(
     n = ms.num_modules
     xe, ye = eval_split
     xt, yt = test_split
-    se = module_scores_for(ms, xe)
-    prf = [binary_metrics(se[:, c] > 0.5, ye == c) for c in range(n)]
+    _, pos = module_outputs(ms, xe)
+    prf = [binary_metrics(pos[:, c], ye == c) for c in range(n)]
     st = module_scores_for(ms, xt)
     composed = float((st.argmax(-1) == yt).mean())
     base = float((predict(ms.base, xt, info).argmax(-1) == yt).mean())

@@ -265,6 +265,7 @@ class MaskedCNN(nnx.Module):
         *,
         train: bool = False,
         dropout_key: jax.Array | None = None,
+        dropout: bool = True,
     ) -> jax.Array:
         """Logits [B, num_classes] for images x [B, 32, 32, in_channels].
 
@@ -272,13 +273,14 @@ class MaskedCNN(nnx.Module):
           masks: optional ``{mask_point: [C]}``; missing points are treated as all ones.
           train: batch statistics for BN (and updates running stats) and dropout.
           dropout_key: PRNG key for dropout; required when ``train`` is True.
+          dropout: apply dropout in training mode (False: BN still in training mode).
         """
         self._check_input(x)
         self._check_masks(masks)
         if train and dropout_key is None:
             raise ValueError("train=True needs a dropout_key (jax.random key)")
         feats = self._body(x, masks, train)
-        return self._head(feats, train, dropout_key)
+        return self._head(feats, train and dropout, dropout_key)
 
     def _body(self, x, masks, train):
         raise NotImplementedError

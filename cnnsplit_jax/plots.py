@@ -68,3 +68,26 @@ def accuracy_vs_kernels(history: list[dict], path: Path, base_accuracy: float, s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def confusion_matrix(cm, path: Path, class_names, title: str = "confusion matrix") -> None:
+    """Counts [true, predicted] with row-normalised colours and the counts written in."""
+    plt = _plt()
+    cm = np.asarray(cm)
+    k = cm.shape[0]
+    frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * k, 1.2 + 0.45 * k))
+    ax.imshow(frac, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(k), class_names, rotation=60, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -29,6 +29,7 @@ from .models import MaskedCNN
 
 __all__ = [
     "TrainConfig",
+    "RECIPES",
     "summary",
     "split_indices",
     "make_optimizer",
@@ -59,6 +60,21 @@ class TrainConfig:
     dirichlet_min_size: int = 100
     seed: int = 0
     eval_batch_size: int = 512
+    dropout: bool = True  # False: the poor-fit recipe (no dropout while training)
+    keep: str = "best"  # "best": best-validation epoch (reference); "last": final epoch
+    patience: int = 0  # > 0: stop after this many epochs without a better val accuracy
+
+
+#: CNNSplitter's patching recipes (spec cnnsplitter.md 1c.3), as TrainConfig overrides.
+RECIPES: dict[str, dict] = {
+    "reference": {},
+    # weak models: 100 epochs of SGD 0.01 / momentum 0.9 / wd 1e-4, batch 128, no lr steps
+    "weak": {"epochs": 100, "lr_milestones": ()},
+    # poor fit: plain SGD (no momentum, no wd), no augmentation, no dropout, 200 epochs; the
+    # final (over-fitted) epoch is kept; an under-fitted model is the same with fewer epochs
+    "poor-fit": {"epochs": 200, "momentum": 0.0, "weight_decay": 0.0, "lr_milestones": (),
+                 "augment": False, "dropout": False, "keep": "last"},
+}
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -181,6 +197,8 @@ def fit(
       on_epoch: ``(epoch, record)`` after each epoch's validation.
     """
     check_compatible(model, ds.info)
+    if cfg.keep not in ("best", "last"):
+        raise ValueError(f"TrainConfig.keep must be 'best' or 'last', got {cfg.keep!r}")
     tr_idx, va_idx = _split_indices(ds, cfg)
     steps_per_epoch = -(-len(tr_idx) // cfg.batch_size)
     tx = make_optimizer(cfg, steps_per_epoch)
@@ -219,7 +237,7 @@ def fit(
         def loss_fn(p):
             # fresh Variable objects in this trace so BN may update its running stats
             m = nnx.merge(graphdef, p, jax.tree.map(jnp.asarray, state["stats"]))
-            logits = m(x, train=True, dropout_key=k_drop)
+            logits = m(x, train=True, dropout_key=k_drop, dropout=cfg.dropout)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, (nnx.state(m, nnx.BatchStat), (logits.argmax(-1) == y).mean())
 
@@ -243,7 +261,7 @@ def fit(
         cur = nnx.merge(graphdef, state["params"], state["stats"])
         val_acc = accuracy(cur, ds.x_train[va_idx], ds.y_train[va_idx], ds.info, cfg.eval_batch_size)
         elapsed += time.perf_counter() - t0
-        if val_acc >= best_acc:
+        if val_acc >= best_acc or cfg.keep == "last":
             best_acc, best_epoch = val_acc, epoch
             best = {"params": state["params"], "stats": state["stats"]}
         rec = {
@@ -269,6 +287,8 @@ def fit(
             )
         if on_epoch is not None:
             on_epoch(epoch, rec)
+        if cfg.patience > 0 and epoch - best_epoch >= cfg.patience:
+            break
 
     final = nnx.merge(graphdef, best["params"], best["stats"])
     return FitResult(final, best_acc, best_epoch, history, elapsed)

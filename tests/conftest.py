@@ -26,3 +26,16 @@ def digits_run(tmp_path_factory):
                "--seed", "0", "--out", str(out)])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_modules(digits_run, tmp_path_factory):
+    """GradSplitter modules of ``digits_run``, split by the CLI (a short schedule)."""
+    from cnnsplit_jax.cli import main
+
+    out = tmp_path_factory.mktemp("digits_modules") / "mods"
+    rc = main(["split", "--method", "grad", "--model-dir", str(digits_run), "--out", str(out),
+               "--head-epochs", "1", "--modularity-epochs", "7", "--lr-modularity", "0.05",
+               "--select-tolerance", "0.03"])
+    assert rc == 0
+    return out
