@@ -534,7 +534,10 @@ def _cmd_replace(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    """Train a narrow SimCNN on digits, split it with GradSplitter, evaluate, compose."""
+    """Train a narrow SimCNN on digits, split it with GradSplitter, evaluate, compose the
+    extracted modules, and patch a deliberately weak model with one module."""
+    import contextlib
+    import io
     import time as _t
 
     from .gradsplitter import GradSplitterConfig
@@ -555,9 +558,39 @@ def _cmd_demo(args) -> int:
     res = _run_grad_split(run, mod, cfg, resume=resume)
     print("\n## cnnsplit demo: GradSplitter on a narrow SimCNN, digits\n")
     print(_report_table(res, _class_names(mod)))
-    print(f"\nselected epoch {res['selected_epoch']} of {res['epochs']}; search {res['search_seconds']:.1f}s; "
-          f"total {(_t.perf_counter() - t0):.1f}s")
-    print(f"results: {mod / 'split.json'}; plots: {mod}/*.png")
+    print(f"\nselected epoch {res['selected_epoch']} of {res['epochs']}; search {res['search_seconds']:.1f}s")
+
+    # composition of the physically extracted modules (one jitted call for all ten)
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):
+        rc = main(["compose", "--modules", str(mod), "--form", "extracted", "--out", str(out / "compose")])
+    if rc:
+        return rc
+    comp = json.loads((out / "compose" / "compose.json").read_text())
+    print(f"\n## composition of the 10 extracted modules\n\naccuracy {comp['accuracy']:.4f} on "
+          f"{comp['images']} test images (masked modules: {res['composed_accuracy']:.4f})")
+
+    # patching: a weak model (CNNSplitter's weak SimCNN, 2 epochs) whose last class is digit 3
+    weak = out / "weak"
+    with contextlib.redirect_stdout(quiet):
+        if not (weak / "train.json").exists():
+            rc = main(["train", "--model", "simcnn_weak", "--recipe", "weak", "--dataset", "digits:0-2,4-9,3",
+                       "--width", "0.125", "--epochs", "2", "--batch-size", "64", "--seed", str(args.seed),
+                       "--out", str(weak)])
+            if rc:
+                return rc
+        rc = main(["patch", "--weak", str(weak), "--modules", str(mod), "--target-class", "3",
+                   "--out", str(out / "patch")])
+    if rc:
+        return rc
+    pt = json.loads((out / "patch" / "patch.json").read_text())
+    print("\n## patching a weak model's class 3 with module 3\n")
+    print("| | TC precision | TC recall | TC F1 | non-TC accuracy |\n|---|---|---|---|---|")
+    for key in ("before", "after"):
+        r = pt[key]
+        print(f"| {key} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['accuracy']:.4f} |")
+    print(f"\ntotal {(_t.perf_counter() - t0):.1f}s; results: {mod / 'split.json'}, "
+          f"{out / 'compose' / 'compose.json'}, {out / 'patch' / 'patch.json'}; plots: PNGs next to them")
     return 0
 
 
@@ -666,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.set_defaults(func=_cmd_replace)
 
-    d = sub.add_parser("demo", help="offline end-to-end demo on digits (train, split, evaluate)")
+    d = sub.add_parser("demo", help="offline end-to-end demo on digits (train, split, evaluate, compose, patch)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--modularity-epochs", type=int, default=28)

@@ -282,6 +282,22 @@ class MaskedCNN(nnx.Module):
         feats = self._body(x, masks, train)
         return self._head(feats, train and dropout, dropout_key)
 
+    def features(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None) -> jax.Array:
+        """Inference-mode input of the first FC layer, [B, fc_in] (conv stack + flatten/GAP)."""
+        self._check_input(x)
+        self._check_masks(masks)
+        return self._body(x, masks, False)
+
+    def fc_chain(self, h: jax.Array, start: int = 0, stop: int | None = None) -> jax.Array:
+        """Inference-mode FC layers ``fc_layers[start:stop]`` (ReLU after each but the last
+        of the model), so ``model(x) == model.fc_chain(model.features(x))`` in eval mode."""
+        stop = len(self.fc_layers) if stop is None else stop
+        for j in range(start, stop):
+            h = getattr(self, self.fc_layers[j])(h)
+            if j < len(self.fc_layers) - 1:
+                h = jax.nn.relu(h)
+        return h
+
     def _body(self, x, masks, train):
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ from cnnsplit_jax.heads import init_heads
 from cnnsplit_jax.masks import mask_points
 from cnnsplit_jax.models import build_model
 from cnnsplit_jax.module_set import ModuleSet, load_module_set
-from cnnsplit_jax.reuse import Source, compose_task, patch_scores, select_picks
+from cnnsplit_jax.reuse import Source, patch_scores, select_picks
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -48,6 +48,26 @@ def test_output_shapes(arch, width, classes, channels):
         assert p.size == max(1, round(p.size / width * width))
 
 
+@pytest.mark.parametrize("arch,kernels,fc_in", [("simcnn_weak", 256, 256), ("rescnn_weak", 256, 4096)])
+def test_weak_models_of_the_patching_experiments(arch, kernels, fc_in):
+    m = build_model(arch, num_classes=10, in_channels=3, width=1.0, key=0)
+    assert total_kernels(m) == kernels and m.fc_in == fc_in
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)), jnp.float32)
+    assert m(x).shape == (3, 10)
+    if arch == "rescnn_weak":  # conv_2 shares conv_0's mask: the shortcut's channels
+        assert [p.layers for p in mask_points(m)][0] == ("conv_0", "conv_2")
+
+
+@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn", "simcnn_weak", "rescnn_weak"])
+def test_features_then_fc_chain_equal_forward(arch):
+    m = build_model(arch, num_classes=7, in_channels=1, width=0.125, key=3)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 1)), jnp.float32)
+    f = m.features(x)
+    assert f.shape == (4, m.fc_in)
+    h = m.fc_chain(f, 0, 1)
+    np.testing.assert_allclose(np.asarray(m.fc_chain(h, 1)), np.asarray(m(x)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn"])
 def test_ones_masks_equal_no_masks_and_kept_counts(arch):
     m = build_model(arch, num_classes=4, in_channels=3, width=0.125, key=2)
