@@ -174,11 +174,15 @@ def _cmd_info(args) -> int:
 
 
 # ------------------------------------------------------------------------ data of runs
+def _is_task_spec(spec: str) -> bool:
+    return ":" in spec or "+" in spec
+
+
 def _train_data(spec: str, data_dir):
     """(Dataset, [[dataset, class], ...]) for a dataset name or a task spec (``data.parse_task``)."""
     from .data import load_dataset, load_task
 
-    if ":" not in spec and "+" not in spec:
+    if not _is_task_spec(spec):
         ds = load_dataset(spec, data_dir)
         return ds, [[ds.info.name, c] for c in range(ds.info.num_classes)]
     task = load_task(spec, data_dir)
@@ -192,7 +196,7 @@ def _run_data(meta: dict, data_dir=None):
     from .data import load_dataset, load_task
 
     spec = meta["dataset"]
-    if ":" not in spec and "+" not in spec:
+    if not _is_task_spec(spec):
         ds = load_dataset(spec, data_dir or meta.get("data_dir"))
         tr, va, ev, te = _splits_for(meta, ds)
         return ds, (tr, va), (ds.x_test[ev], ds.y_test[ev]), (ds.x_test[te], ds.y_test[te])
@@ -392,7 +396,7 @@ def _task_for(sources, dataset: str | None, data_dir):
             d, k = s.origins[c]
             if k not in covered.setdefault(d, []):
                 covered[d].append(k)
-    if dataset and (":" in dataset or "+" in dataset):
+    if dataset and _is_task_spec(dataset):
         spec = dataset
     else:
         if dataset:
@@ -451,6 +455,14 @@ def _cmd_compose(args) -> int:
     return 0
 
 
+def _patch_table(res: dict) -> str:
+    lines = ["| | TC precision | TC recall | TC F1 | non-TC accuracy |", "|---|---|---|---|---|"]
+    for key in ("before", "after"):
+        r = res[key]
+        lines.append(f"| {key} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
 def _cmd_patch(args) -> int:
     from . import checkpoint as ckpt
     from . import plots
@@ -492,10 +504,7 @@ def _cmd_patch(args) -> int:
     ckpt.write_json(out / "patch.json", res)
     plots.confusion_matrix(res["confusion_before"], out / "confusion_before.png", list(names), "weak model")
     plots.confusion_matrix(res["confusion_after"], out / "confusion_after.png", list(names), "patched")
-    print("| | TC precision | TC recall | TC F1 | non-TC accuracy |\n|---|---|---|---|---|")
-    for key in ("before", "after"):
-        r = res[key]
-        print(f"| {key} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['accuracy']:.4f} |")
+    print(_patch_table(res))
     print(f"wrote {out / 'patch.json'} and confusion PNGs", file=sys.stderr)
     return 0
 
@@ -585,10 +594,7 @@ def _cmd_demo(args) -> int:
         return rc
     pt = json.loads((out / "patch" / "patch.json").read_text())
     print("\n## patching a weak model's class 3 with module 3\n")
-    print("| | TC precision | TC recall | TC F1 | non-TC accuracy |\n|---|---|---|---|---|")
-    for key in ("before", "after"):
-        r = pt[key]
-        print(f"| {key} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['accuracy']:.4f} |")
+    print(_patch_table(pt))
     print(f"\ntotal {(_t.perf_counter() - t0):.1f}s; results: {mod / 'split.json'}, "
           f"{out / 'compose' / 'compose.json'}, {out / 'patch' / 'patch.json'}; plots: PNGs next to them")
     return 0

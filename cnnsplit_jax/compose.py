@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from .extract import effective_masks, extract_module, kept_indices
+from .gradsplitter import GradSplitterConfig, masked_logits, resolve_chunk
 from .heads import Heads, scores_from_logits
 from .masks import mask_points
 from .module_set import ModuleSet
@@ -95,10 +96,6 @@ class ClassRef(NamedTuple):
 def default_execution() -> str:
     """``unrolled`` on the CPU backend, ``vmap`` on GPU/TPU (see the module docstring)."""
     return "unrolled" if jax.default_backend() == "cpu" else "vmap"
-
-
-def _default_chunk(n: int) -> int:
-    return min(2, n) if jax.default_backend() == "cpu" else n
 
 
 def _pytree(data, meta):
@@ -253,9 +250,10 @@ def _masked_group(picks, execution, chunk) -> MaskedGroup:
     heads = _stack_heads([None if p.module_set.heads is None else
                           tuple(np.asarray(h)[p.source_class] for h in p.module_set.heads) for p in picks])
     mean, std = _norm_arrays(sets)
+    chunk = chunk or resolve_chunk(GradSplitterConfig(), len(picks))
     return MaskedGroup(graphdef, params, masks, heads,
                        jnp.asarray([p.source_class for p in picks], jnp.int32), mean, std,
-                       tuple(base_of), execution, int(chunk or _default_chunk(len(picks))))
+                       tuple(base_of), execution, int(chunk))
 
 
 def _module_masks(p: Pick) -> dict:
@@ -365,13 +363,7 @@ def _masked_logits(g: MaskedGroup, x, input) -> jax.Array:
     def run_base(b, masks_b):
         params = jax.tree.map(lambda a: a[b], g.params)
         model = nnx.merge(g.graphdef, params)
-        xb = _prep(x, g.mean[b], g.std[b], input)
-        m = masks_b[next(iter(masks_b))].shape[0]
-        f = jax.vmap(lambda mk: model(xb, mk))
-        if g.chunk >= m:
-            return f(masks_b)
-        return jnp.concatenate([f({k: v[i : i + g.chunk] for k, v in masks_b.items()})
-                                for i in range(0, m, g.chunk)])
+        return masked_logits(model, masks_b, _prep(x, g.mean[b], g.std[b], input), g.chunk)
 
     if n_bases == 1 or g.execution == "unrolled":
         outs, cols = [], []

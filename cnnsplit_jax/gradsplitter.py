@@ -67,6 +67,7 @@ __all__ = [
     "head_step",
     "head_step_plain",
     "module_features",
+    "masked_logits",
     "features_for_dataset",
     "composed_scores",
     "run",
@@ -193,7 +194,7 @@ def resolve_chunk(cfg: GradSplitterConfig, num_modules: int) -> int:
     return min(2, num_modules) if jax.default_backend() == "cpu" else num_modules
 
 
-def _masked_logits(model, masks_bin, x, chunk=None):
+def masked_logits(model, masks_bin, x, chunk=None):
     """[N, B, K]: the frozen model's logits under each module's binary masks.
 
     One ``jax.vmap`` over the modules; with ``chunk`` < N the modules are split into groups of
@@ -211,7 +212,7 @@ def _masked_logits(model, masks_bin, x, chunk=None):
 def loss_fn(params, model, x, y, ratio, chunk=None):
     """(loss, (ce, kernel_term, scores [B, N])) for ``params = {"masks", "heads"}``."""
     b = {k: binarize(v) for k, v in params["masks"].items()}
-    logits = _masked_logits(model, b, x, chunk)  # [N, B, K]
+    logits = masked_logits(model, b, x, chunk)  # [N, B, K]
     scores = head_scores(params["heads"], jnp.swapaxes(logits, 0, 1))
     ce = optax.softmax_cross_entropy_with_integer_labels(scores, y).mean()
     kern = flatten_masks(model, b, tied=True).mean()
@@ -269,7 +270,7 @@ def head_step(cfg, state, feats, y):
 def _head_step_plain(model, state, x, y):
     def f(heads):
         b = {k: binarize(v) for k, v in state.masks.items()}
-        feats = jnp.swapaxes(_masked_logits(model, b, x), 0, 1)
+        feats = jnp.swapaxes(masked_logits(model, b, x), 0, 1)
         return _head_loss(heads, feats, y)
 
     (loss, scores), gh = jax.value_and_grad(f, has_aux=True)(state.heads)
@@ -285,7 +286,7 @@ def head_step_plain(model, cfg, state, x, y):
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def _features(model, masks_bin, x, chunk=None):
-    return jnp.swapaxes(_masked_logits(model, masks_bin, x, chunk), 0, 1)
+    return jnp.swapaxes(masked_logits(model, masks_bin, x, chunk), 0, 1)
 
 
 def _default_chunk(n: int) -> int:
