@@ -13,6 +13,7 @@ normalised. ``__call__`` returns logits ``[B, num_classes]``.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from typing import Mapping
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 IMAGE_SIZE = 32
+# feature maps recorded by ``MaskedCNN.kernel_maps`` (set only for the duration of that call)
+_RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cnnsplit_record", default=None)
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * running + m * batch
 
@@ -250,7 +253,34 @@ class MaskedCNN(nnx.Module):
         y = jax.nn.relu(getattr(self, name)(x, train=train))
         if masks is not None and spec.mask in masks:
             y = y * masks[spec.mask].astype(y.dtype)
+        if self.record_in_layer:
+            self._record(spec.mask, y)
         return y
+
+    #: ``kernel_maps`` records every conv's (masked) post-ReLU output before pooling; ResCNN
+    #: records its block outputs itself (the reference's kernel-importance convention)
+    record_in_layer: bool = True
+
+    @staticmethod
+    def _record(point: str, y) -> None:
+        rec = _RECORD.get()
+        if rec is not None:
+            rec[point] = y
+
+    def kernel_maps(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None) -> dict:
+        """Inference-mode feature maps ``{mask_point: [B, H, W, C]}`` whose per-channel sums
+        are CNNSplitter's kernel importance (spec cnnsplitter.md 1a.3): the post-ReLU map
+        before pooling; for ResCNN the block output (pooled where the block pools), and for a
+        tied pair the residual sum."""
+        self._check_input(x)
+        self._check_masks(masks)
+        rec: dict = {}
+        token = _RECORD.set(rec)
+        try:
+            self._body(x, masks, False)
+        finally:
+            _RECORD.reset(token)
+        return rec
 
     def _spec(self, name: str) -> ConvSpec:
         for s in self.topology:
@@ -379,20 +409,35 @@ class ResCNN(MaskedCNN):
     def _build_head(self, rngs):
         self.fc_12 = Dense(self.fc_in, self.num_classes, rngs=rngs)
 
+    record_in_layer = False
+
     def _body(self, x, masks, train):
         L = lambda n, h: self._layer(n, h, masks, train)  # noqa: E731
+        R = self._record
         x = L("conv_0", x)
+        R("conv_0", x)
         x = max_pool_2x2(L("conv_1", x))
         r = x
-        x = L("conv_3", L("conv_2", x)) + r
+        h = L("conv_2", x)
+        R("conv_2", h)
+        x = L("conv_3", h) + r
+        R("conv_1", x)  # the tied pair (conv_1, conv_3): the residual sum
         x = max_pool_2x2(L("conv_4", x))
+        R("conv_4", x)
         x = max_pool_2x2(L("conv_5", x))
         r = x
-        x = L("conv_7", L("conv_6", x)) + r
+        h = L("conv_6", x)
+        R("conv_6", h)
+        x = L("conv_7", h) + r
+        R("conv_5", x)
         x = max_pool_2x2(L("conv_8", x))
+        R("conv_8", x)
         x = max_pool_2x2(L("conv_9", x))
         r = x
-        x = L("conv_11", L("conv_10", x)) + r
+        h = L("conv_10", x)
+        R("conv_10", h)
+        x = L("conv_11", h) + r
+        R("conv_9", x)
         return x.reshape(x.shape[0], -1)
 
     def _head(self, h, train, key):

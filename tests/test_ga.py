@@ -1,0 +1,177 @@
+"""CNNSplitter genome and GA operators: decode, initial population, evosax GA statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnsplit_jax.ga import CNNSplitterGA, mutation_genes
+from cnnsplit_jax.genome import decode, genome_layout, heuristic_population
+from cnnsplit_jax.models import build_model
+
+
+def test_reference_genome_sizes_and_order():
+    sim = genome_layout(build_model("simcnn", width=1.0, key=0))
+    assert sim.num_genes == 940  # 4 x 10 + 9 x 100
+    res = genome_layout(build_model("rescnn", width=1.0, key=0))
+    assert res.num_genes == 630
+    assert [lay.point for lay in res.layers] == ["conv_0", "conv_2", "conv_1", "conv_4", "conv_6",
+                                                 "conv_5", "conv_8", "conv_10", "conv_9"]
+    # np.array_split sizes: 64 -> 7,7,7,7,6,...; 256 -> 56 of 3 then 44 of 2; 512 -> 12 of 6 then 88 of 5
+    assert sim.layer("conv_0").sizes == (7, 7, 7, 7, 6, 6, 6, 6, 6, 6)
+    assert sim.layer("conv_4").sizes == (3,) * 56 + (2,) * 44
+    assert sim.layer("conv_7").sizes == (6,) * 12 + (5,) * 88
+    assert mutation_genes(940, 5) == 47 and mutation_genes(630, 10) == 63
+    narrow = genome_layout(build_model("simcnn", width=0.125, key=0), groups=4)
+    assert all(lay.num_groups == 4 for lay in narrow.layers) and narrow.num_genes == 52
+
+
+def test_decode_keeps_exactly_the_selected_groups():
+    model = build_model("rescnn", width=0.125, key=0)
+    layout = genome_layout(model)
+    rng = np.random.default_rng(0)
+    order = {lay.point: rng.permutation(lay.size) for lay in layout.layers}
+    genome = rng.integers(0, 2, layout.num_genes).astype(np.float32)
+    masks = decode(layout, jnp.asarray(genome), {k: jnp.asarray(v) for k, v in order.items()})
+    for lay in layout.layers:
+        bounds = np.cumsum((0,) + lay.sizes)
+        expect = np.zeros(lay.size)
+        for g in range(lay.num_groups):
+            if genome[lay.start + g]:
+                expect[order[lay.point][bounds[g] : bounds[g + 1]]] = 1
+        np.testing.assert_array_equal(np.asarray(masks[lay.point]), expect)
+    # vmap over a population
+    pop = jnp.asarray(rng.integers(0, 2, (3, layout.num_genes)), jnp.float32)
+    batched = jax.vmap(lambda g: decode(layout, g, order))(pop)
+    assert batched["conv_0"].shape == (3, layout.layer("conv_0").size)
+    with pytest.raises(ValueError, match="genes"):
+        decode(layout, jnp.zeros(5), order)
+
+
+def test_heuristic_population_counts_and_bias():
+    layout = genome_layout(build_model("simcnn", width=1.0, key=0))
+    pop = np.asarray(heuristic_population(jax.random.key(0), layout, 400, ["conv_0", "conv_1"],
+                                          [0.6, 0.7, 0.8], [0.4, 0.5]))
+    assert pop.shape == (400, 940) and set(np.unique(pop)) <= {0.0, 1.0}
+    first = layout.layer("conv_0")
+    counts = pop[:, first.start : first.start + 10].sum(1)
+    assert set(counts.astype(int)) == {6, 7, 8}  # floor(10 * r), r in the sensitive list
+    big = layout.layer("conv_7")
+    block = pop[:, big.start : big.start + 100]
+    assert set(block.sum(1).astype(int)) == {40, 50}
+    # p_j ~ exp((ng - 1 - j) / 10): the most important groups are almost always kept
+    freq = block.mean(0)
+    assert freq[:10].mean() > 0.95 and freq[-10:].mean() < 0.1
+    with pytest.raises(ValueError, match="unknown sensitive"):
+        heuristic_population(jax.random.key(0), layout, 2, ["fc_13"], [0.5], [0.5])
+
+
+def _ga(pop=100, genes=200, **kw):
+    return CNNSplitterGA(pop, jnp.zeros(genes), **kw)
+
+
+def test_elites_survive_in_fitness_order_and_crossover_is_single_point():
+    ga = _ga(mutation_percent=0.0)
+    params = ga.default_params
+    rng = np.random.default_rng(1)
+    pop = jnp.asarray(rng.integers(0, 2, (100, 200)), jnp.float32)
+    fit = jnp.asarray(rng.permutation(100), jnp.float32)  # minimised
+    state = ga.init(jax.random.key(0), pop, fit, params)
+    new, _ = ga.ask(jax.random.key(1), state, params)
+    ranked = np.asarray(pop)[np.argsort(np.asarray(fit))]
+    np.testing.assert_array_equal(np.asarray(new[:20]), ranked[:20])  # row 0 = the best
+    parents = ranked[:50]
+    for k, child in enumerate(np.asarray(new[20:])):
+        a, b = parents[k % 50], parents[(k + 1) % 50]
+        ok = [c for c in range(200) if (child[:c] == a[:c]).all() and (child[c:] == b[c:]).all()]
+        assert ok, f"offspring {k} is not a single-point cross of parents {k % 50}, {(k + 1) % 50}"
+
+
+def test_mutation_sets_m_distinct_genes_to_random_bits():
+    ga = _ga(mutation_percent=10.0)  # m = 20 of 200 genes
+    assert ga.num_mutations == 20
+    params = ga.default_params
+    pop = jnp.zeros((100, 200))
+    state = ga.init(jax.random.key(0), pop, jnp.arange(100.0), params)
+    ones = []
+    for s in range(20):
+        new, _ = ga.ask(jax.random.key(s), state, params)
+        kids = np.asarray(new[20:])
+        assert (kids.sum(1) <= 20).all()
+        ones.append(kids.sum(1))
+    ones = np.concatenate(ones)
+    # each of the m positions is set to Bernoulli(0.5): mean m / 2, binomial spread
+    assert abs(ones.mean() - 10.0) < 0.3
+    assert abs(ones.var() - 5.0) < 1.0
+
+
+def test_ga_improves_a_toy_fitness_and_vmaps_over_classes():
+    """One GA per class, all classes advanced together with vmap (OneMax-like target match)."""
+    ga = _ga(pop=50, genes=100, num_parents=25, keep_parents=10, mutation_percent=5.0)
+    params = ga.default_params
+    targets = jax.random.bernoulli(jax.random.key(9), 0.5, (3, 100)).astype(jnp.float32)
+
+    def fitness(pop, target):
+        return -(pop == target).sum(-1).astype(jnp.float32)
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    pops = jax.random.bernoulli(jax.random.key(1), 0.5, (3, 50, 100)).astype(jnp.float32)
+    states = jax.vmap(ga.init, in_axes=(0, 0, 0, None))(keys, pops, jax.vmap(fitness)(pops, targets), params)
+    first = float(-states.best_fitness.max())
+
+    @jax.jit
+    def step(carry, _):
+        states, key = carry
+        key, k1, k2 = jax.random.split(key, 3)
+        pops, states = jax.vmap(ga.ask, in_axes=(0, 0, None))(jax.random.split(k1, 3), states, params)
+        fit = jax.vmap(fitness)(pops, targets)
+        states, m = jax.vmap(ga.tell, in_axes=(0, 0, 0, 0, None))(jax.random.split(k2, 3), pops, fit, states, params)
+        return (states, key), m["best_fitness"]
+
+    (states, _), best = jax.lax.scan(step, (states, jax.random.key(2)), None, length=60)
+    best = -np.asarray(best)
+    assert best.shape == (60, 3)
+    assert (np.diff(best, axis=0) >= 0).all()  # elitism: the best never gets worse
+    assert best[-1].min() > first + 20  # from ~60 matching bits to > 80 of 100
+
+
+def test_kernel_maps_follow_the_reference_conventions():
+    from cnnsplit_jax.conv import max_pool_2x2
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 1)), jnp.float32)
+    sim = build_model("simcnn", num_classes=4, in_channels=1, width=0.125, key=0)
+    maps = sim.kernel_maps(x)
+    assert list(maps) == [f"conv_{i}" for i in range(13)]
+    assert maps["conv_1"].shape[1:3] == (32, 32)  # before pooling
+    res = build_model("rescnn", num_classes=4, in_channels=1, width=0.125, key=0)
+    rmaps = res.kernel_maps(x)
+    assert set(rmaps) == {p.name for p in res.mask_points()}
+    # ResCNN: conv_4's block pools (16 -> 8); the tied point conv_1 holds the residual sum
+    assert rmaps["conv_4"].shape[1:3] == (8, 8)
+    r = max_pool_2x2(jax.nn.relu(res.conv_1(jax.nn.relu(res.conv_0(x)))))
+    h = jax.nn.relu(res.conv_3(jax.nn.relu(res.conv_2(r))))
+    np.testing.assert_allclose(np.asarray(rmaps["conv_1"]), np.asarray(h + r), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_importance_uses_confident_images_of_each_class():
+    from cnnsplit_jax.importance import importance_order, kernel_importance
+
+    model = build_model("simcnn", num_classes=3, in_channels=1, width=0.125, key=1)
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (12, 32, 32, 1)).astype(np.uint8)
+    y = np.array([0, 1, 2] * 4)
+    imp = kernel_importance(model, x, y, [0.5], [0.25], threshold=0.0, batch_size=5)
+    xn = jnp.asarray((x / 255.0 - 0.5) / 0.25, jnp.float32)
+    maps = model.kernel_maps(xn)
+    for c in range(3):
+        want = np.asarray(maps["conv_5"]).sum(axis=(1, 2))[y == c].mean(0)
+        np.testing.assert_allclose(imp.values["conv_5"][c], want, rtol=1e-4)
+    assert imp.counts.tolist() == [4, 4, 4]
+    # threshold: only images with softmax[label] >= threshold count
+    p = np.asarray(jax.nn.softmax(model(xn)))[np.arange(12), y]
+    thr = float(np.median(p))
+    imp2 = kernel_importance(model, x, y, [0.5], [0.25], threshold=thr)
+    assert imp2.counts.sum() == int((p >= thr).sum())
+    order = importance_order(imp)
+    v = imp.values["conv_0"][1]
+    assert (np.diff(v[order["conv_0"][1]]) <= 0).all()
