@@ -175,3 +175,76 @@ def test_kernel_importance_uses_confident_images_of_each_class():
     order = importance_order(imp)
     v = imp.values["conv_0"][1]
     assert (np.diff(v[order["conv_0"][1]]) <= 0).all()
+
+
+def _reference_fitness(L, y, D, perm, acc_ratio, gen, thr, alpha, min_keep, max_keep):
+    """The recorder's procedure written plainly (itertools over candidates; stable sorts)."""
+    import itertools
+
+    n_cls, P, _ = L.shape
+    groups = [[((c, p),) for p in range(P)] for c in perm]
+    final_fit = None
+    while len(groups) > 1:
+        new = []
+        for i in range(0, len(groups), 2):
+            if i + 1 >= len(groups):
+                new.append(groups[i])
+                continue
+            cands = [a + b for a, b in itertools.product(groups[i], groups[i + 1])]
+            res = []
+            for comp in cands:
+                classes = np.array([c for c, _ in comp])
+                pred = classes[np.stack([L[c, p] for c, p in comp], 1).argmax(1)]
+                sel = np.isin(y, classes)
+                acc = float((pred[sel] == y[sel]).mean())
+                diff = float(np.mean([D[c1, c2, p1, p2] for (c1, p1), (c2, p2) in itertools.combinations(comp, 2)]))
+                res.append((acc, diff, all(p == 0 for _, p in comp)))
+            order = sorted(range(len(res)), key=lambda k: -res[k][0])
+            t = len(cands[0])
+            n_top = max(min(sum(r[0] >= thr[t] for r in res), max_keep), min_keep)
+            fit = {k: acc_ratio * res[k][0] + (1 - alpha) * res[k][1] for k in order[:n_top]}
+            top = sorted(order[:n_top], key=lambda k: -fit[k])
+            if gen > 0:
+                z = [k for k, r in enumerate(res) if r[2]][0]
+                if z not in top:
+                    top.append(z)
+                    fit[z] = acc_ratio * res[z][0] + (1 - alpha) * res[z][1]
+            new.append([cands[k] for k in top])
+            final_fit = [fit[k] for k in top]
+        groups = new
+    fitness = np.zeros((n_cls, P))
+    for comp, f in zip(groups[0], final_fit):
+        for c, p in comp:
+            fitness[c, p] = max(fitness[c, p], f)
+    return fitness, groups[0][0], final_fit[0]
+
+
+@pytest.mark.parametrize("generation", [0, 3])
+def test_joint_fitness_equals_reference_procedure(generation):
+    from cnnsplit_jax.fitness import FitnessConfig, jaccard_distance_table, joint_fitness
+
+    rng = np.random.default_rng(generation)
+    n_cls, P, n = 5, 6, 60
+    y = rng.integers(0, n_cls, n)
+    L = rng.normal(size=(n_cls, P, n)).astype(np.float32)
+    L += 1.5 * (y[None, None, :] == np.arange(n_cls)[:, None, None])  # modules prefer their class
+    L[:, 0] -= 1.0  # individual 0 is poor: the elitism guard has to re-add its composition
+    kernels = rng.random((n_cls, P, 40)) < 0.5
+    D = np.asarray(jaccard_distance_table(jnp.asarray(kernels)))
+    i, j = 1, 3
+    a, b = kernels[i, 2], kernels[j, 4]
+    assert D[i, j, 2, 4] == pytest.approx(1 - (a & b).sum() / (a | b).sum())
+    thr = {2: 0.9, 4: 0.8, 5: 0.7}
+    perm = [3, 0, 4, 1, 2]
+    cfg = FitnessConfig(alpha=0.9, thresholds=thr, min_keep=4, max_keep=9)
+    got = joint_fitness(jnp.asarray(L), jnp.asarray(y), jnp.asarray(D), perm, acc_ratio=0.95,
+                        generation=generation, cfg=cfg)
+    want, best, best_fit = _reference_fitness(L, y, D, perm, 0.95, generation, thr, 0.9, 4, 9)
+    np.testing.assert_allclose(np.asarray(got.fitness), want, rtol=1e-5, atol=1e-6)
+    assert float(got.best_fitness) == pytest.approx(best_fit, rel=1e-5)
+    assert {c: p for c, p in best} == {c: int(got.best[c]) for c in range(n_cls)}
+    if generation:  # every class's individual 0 is part of a surviving composition
+        assert (np.asarray(got.fitness)[:, 0] > 0).all()
+    with pytest.raises(ValueError, match="permutation"):
+        joint_fitness(jnp.asarray(L), jnp.asarray(y), jnp.asarray(D), [0, 0, 1, 2, 3], acc_ratio=0.9,
+                      generation=0, cfg=cfg)
