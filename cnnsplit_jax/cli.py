@@ -316,11 +316,89 @@ def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subs
     return result
 
 
+def _run_ga_split(model_dir: Path, out: Path, cfg, *, resume: bool):
+    """CNNSplitter search, save the module set (class-logit modules), evaluate, plot."""
+    from . import checkpoint as ckpt
+    from . import cnnsplitter as cs
+    from . import plots
+    from .evaluate import evaluate_module_set
+    from .module_set import ModuleSet, save_module_set
+
+    model, meta = ckpt.load_model(model_dir)
+    ds, (tr, va), eval_split, test_split = _run_data(meta)
+    if ds.info.num_classes != model.num_classes:
+        raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has {ds.info.num_classes}")
+    if (out / "ga.json").exists() and not resume:
+        raise ckpt.CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+    norm = meta.get("normalization", {"mean": list(ds.info.mean), "std": list(ds.info.std)})
+    print(f"CNNSplitter on {model.arch} ({meta['dataset']}): {model.num_classes} classes x population "
+          f"{cfg.population}, {cfg.generations} generations, {len(va)} search images", file=sys.stderr)
+    bar = _bar(cfg.generations + 1, "generations")
+
+    def on_generation(g, rec):
+        bar.update(1)
+        bar.set_postfix(fit=f"{rec['best_fitness']:.3f}", acc=f"{rec['accuracy']:.3f}",
+                        kept=f"{rec['mean_kept_kernels']:.0f}")
+        print(f"generation {g:3d}  best fitness {rec['best_fitness']:.4f}  accuracy {rec['accuracy']:.4f}  "
+              f"diff {rec['diff']:.3f}  kept kernels {rec['mean_kept_kernels']:.0f}  [{rec['seconds']:.1f}s]",
+              file=sys.stderr)
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = cs.run(model, (ds.x_train[va], ds.y_train[va]), norm["mean"], norm["std"], cfg, out_dir=out,
+                 resume=resume, on_generation=on_generation)
+    bar.close()
+    ms = ModuleSet(model, res.masks, None, {
+        "method": "ga", "dataset": meta["dataset"], "normalization": norm,
+        "class_names": list(ds.info.class_names), "best_generation": res.best_generation,
+        "sources": meta.get("sources") or [[ds.info.name, c] for c in range(ds.info.num_classes)],
+        "split": meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2}),
+        "base_run": str(model_dir), "config": cs._cfg_json(cfg),
+    })
+    save_module_set(out, ms)
+    ev_res = evaluate_module_set(ms, eval_split, test_split, ds.info)
+    result = {
+        "method": "ga", "model": model.arch, "dataset": meta["dataset"], **ev_res,
+        "best_generation": res.best_generation,
+        "generations": len(res.history),
+        "best_fitness": [h["best_fitness"] for h in res.history],
+        "history": res.history,
+        "sensitivity": res.sensitivity,
+        "sensitive_layers": list(res.sensitive),
+        "search_seconds": res.search_seconds,
+        "phase_seconds": res.phase_seconds,
+        "search_images": int(len(va)),
+        "config": cs._cfg_json(cfg),
+    }
+    ckpt.write_json(out / "split.json", result)
+    _write_plots(out, result, None, list(ds.info.class_names), None)
+    plots.fitness_over_generations(res.history, out / "fitness.png", res.best_generation)
+    return result
+
+
 def _cmd_split(args) -> int:
     from .gradsplitter import GradSplitterConfig
 
+    if args.method == "ga":
+        from .cnnsplitter import CNNSplitterConfig
+
+        cfg = CNNSplitterConfig(
+            population=args.population, generations=args.generations, groups=args.groups,
+            mutation_percent=args.mutation_rate, eval_images=args.eval_images, seed=args.seed,
+            early_stop=args.early_stop,
+            sensitive=None if args.sensitive is None else tuple(x for x in args.sensitive.split(",") if x),
+            num_parents=min(50, args.population), keep_parents=min(20, args.population),
+            **({"sensitive_ratios": tuple(float(v) for v in args.sensitive_ratios.split(","))}
+               if args.sensitive_ratios else {}),
+            **({"other_ratios": tuple(float(v) for v in args.other_ratios.split(","))}
+               if args.other_ratios else {}),
+        )
+        res = _run_ga_split(Path(args.model_dir), Path(args.out), cfg, resume=args.resume)
+        print(_report_table(res, _class_names(Path(args.out))))
+        print(f"best generation {res['best_generation']} of {res['generations'] - 1}; "
+              f"wrote {Path(args.out) / 'split.json'} and plots", file=sys.stderr)
+        return 0
     if args.method != "grad":
-        print(f"error: --method {args.method} is not implemented yet (available: grad)", file=sys.stderr)
+        print(f"error: --method {args.method} is not implemented yet (available: grad, ga)", file=sys.stderr)
         return 2
     cfg = GradSplitterConfig(
         alpha=args.alpha, head_epochs=args.head_epochs, modularity_epochs=args.modularity_epochs,
@@ -663,6 +741,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--train-subset", type=int, default=None,
                     help="use only the first N images of the training split (CPU budgets)")
     sp.add_argument("--resume", action="store_true")
+    ga = sp.add_argument_group("CNNSplitter (--method ga)")
+    ga.add_argument("--population", type=int, default=100)
+    ga.add_argument("--generations", type=int, default=200)
+    ga.add_argument("--groups", type=int, default=None,
+                    help="genes per layer (default: 10 below 256 kernels, else 100)")
+    ga.add_argument("--mutation-rate", type=float, default=5.0, help="percent of genes set at random")
+    ga.add_argument("--eval-images", type=int, default=0, help="search images used for fitness (0: all)")
+    ga.add_argument("--early-stop", type=int, default=0, help="stop after N generations without improvement")
+    ga.add_argument("--sensitive", default=None,
+                    help="comma-separated sensitive mask points (default: the automatic sensitivity rule)")
+    ga.add_argument("--sensitive-ratios", default=None, help="initial kept-group ratios of sensitive layers (default .6,.7,.8)")
+    ga.add_argument("--other-ratios", default=None, help="initial kept-group ratios of other layers (default .4,.5,.6,.7)")
     sp.set_defaults(func=_cmd_split)
 
     ev = sub.add_parser("evaluate", help="re-evaluate a saved module set")

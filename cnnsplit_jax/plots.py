@@ -91,3 +91,21 @@ def confusion_matrix(cm, path: Path, class_names, title: str = "confusion matrix
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fitness_over_generations(history: list[dict], path: Path, best_generation: int | None = None) -> None:
+    """CNNSplitter: best fitness, composed accuracy and validation fitness per generation."""
+    plt = _plt()
+    g = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(g, [h["best_fitness"] for h in history], label="best fitness")
+    ax.plot(g, [h["accuracy"] for h in history], label="composed accuracy")
+    ax.plot(g, [h["valid_fitness"] for h in history], label="validation fitness", linestyle="--")
+    if best_generation is not None:
+        ax.axvline(best_generation, color="gray", linewidth=0.8, label="selected")
+    ax.set_xlabel("generation")
+    ax.legend(fontsize=8)
+    ax.set_title("CNNSplitter search")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -290,3 +290,31 @@ def test_cnnsplitter_search_improves_and_resumes_bit_identically(digits_run, tmp
     with pytest.raises(ckpt.CheckpointError, match="config"):
         run(model, search, norm["mean"], norm["std"], dataclasses.replace(cfg, population=10),
             out_dir=tmp_path / "part", resume=True)
+
+
+def test_cli_split_ga_writes_a_module_set_that_evaluates_and_composes(digits_run, tmp_path):
+    import json
+
+    from cnnsplit_jax.cli import main
+    from cnnsplit_jax.module_set import load_module_set
+
+    out = tmp_path / "ga"
+    rc = main(["split", "--method", "ga", "--model-dir", str(digits_run), "--out", str(out),
+               "--population", "12", "--generations", "3", "--groups", "4", "--eval-images", "160",
+               "--sensitive", "", "--other-ratios", "0.75,1.0"])
+    assert rc == 0
+    res = json.loads((out / "split.json").read_text())
+    assert res["method"] == "ga" and res["generations"] == 4 and len(res["best_fitness"]) == 4
+    assert 0 <= res["best_generation"] <= 3
+    assert res["composed_accuracy"] > 0.5 and res["mean_kernel_retention"] < 1.0
+    assert (out / "fitness.png").stat().st_size > 1000
+    ms = load_module_set(out)
+    assert ms.heads is None and ms.meta["method"] == "ga"
+    assert main(["evaluate", str(out)]) == 0
+    ev = json.loads((out / "evaluate.json").read_text())
+    assert ev["composed_accuracy"] == pytest.approx(res["composed_accuracy"])
+    assert main(["compose", "--modules", str(out), "--out", str(tmp_path / "comp")]) == 0
+    comp = json.loads((tmp_path / "comp" / "compose.json").read_text())
+    assert comp["accuracy"] == pytest.approx(res["composed_accuracy"])
+    # an existing search is not overwritten without --resume
+    assert main(["split", "--method", "ga", "--model-dir", str(digits_run), "--out", str(out)]) == 2
