@@ -384,7 +384,7 @@ def _cmd_split(args) -> int:
         cfg = CNNSplitterConfig(
             population=args.population, generations=args.generations, groups=args.groups,
             mutation_percent=args.mutation_rate, eval_images=args.eval_images, seed=args.seed,
-            early_stop=args.early_stop,
+            early_stop=args.early_stop, algorithm=args.algorithm,
             sensitive=None if args.sensitive is None else tuple(x for x in args.sensitive.split(",") if x),
             num_parents=min(50, args.population), keep_parents=min(20, args.population),
             **({"sensitive_ratios": tuple(float(v) for v in args.sensitive_ratios.split(","))}
@@ -751,6 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--early-stop", type=int, default=0, help="stop after N generations without improvement")
     ga.add_argument("--sensitive", default=None,
                     help="comma-separated sensitive mask points (default: the automatic sensitivity rule)")
+    ga.add_argument("--algorithm", default="cnnsplitter", choices=["cnnsplitter", "simple_ga"],
+                    help="simple_ga: evosax's stock SimpleGA on a thresholded genome (fast; not the paper's GA)")
     ga.add_argument("--sensitive-ratios", default=None, help="initial kept-group ratios of sensitive layers (default .6,.7,.8)")
     ga.add_argument("--other-ratios", default=None, help="initial kept-group ratios of other layers (default .4,.5,.6,.7)")
     sp.set_defaults(func=_cmd_split)

@@ -47,6 +47,9 @@ class CNNSplitterConfig:
     initialised with ``sensitive_ratios`` (None: the automatic rule of ``sensitive_layers``).
     eval_images: images of the search split used for fitness (0: all). early_stop:
     generations without a better validation fitness before stopping (0: off).
+    algorithm: ``"cnnsplitter"`` (the paper's operators, ``ga.CNNSplitterGA``) or
+    ``"simple_ga"``: evosax's stock SimpleGA on a continuous genome thresholded at 0 (std
+    0.5, crossover rate 0.5; no elitism) -- a fast alternative, not the paper's algorithm.
     """
 
     population: int = 100
@@ -67,6 +70,7 @@ class CNNSplitterConfig:
     min_keep: int = 50
     max_keep: int = 500
     module_group: int = 10
+    algorithm: str = "cnnsplitter"  # or "simple_ga": stock evosax, NOT the paper's algorithm
     seed: int = 0
 
 
@@ -182,9 +186,18 @@ def run(model: MaskedCNN, search: tuple[np.ndarray, np.ndarray], mean, std,
     phases["sensitivity"] = time.perf_counter() - t0
 
     layout = genome_layout(model, cfg.groups)
-    ga = CNNSplitterGA(cfg.population, jnp.zeros(layout.num_genes), num_parents=cfg.num_parents,
-                       keep_parents=cfg.keep_parents, mutation_percent=cfg.mutation_percent)
-    params = ga.default_params
+    if cfg.algorithm == "cnnsplitter":
+        ga = CNNSplitterGA(cfg.population, jnp.zeros(layout.num_genes), num_parents=cfg.num_parents,
+                           keep_parents=cfg.keep_parents, mutation_percent=cfg.mutation_percent)
+        params = ga.default_params
+    elif cfg.algorithm == "simple_ga":
+        import optax
+        from evosax.algorithms import SimpleGA
+
+        ga = SimpleGA(cfg.population, jnp.zeros(layout.num_genes), std_schedule=optax.constant_schedule(0.5))
+        params = ga.default_params.replace(crossover_rate=0.5)
+    else:
+        raise ValueError(f"algorithm must be 'cnnsplitter' or 'simple_ga', got {cfg.algorithm!r}")
     fcfg = FitnessConfig(cfg.alpha, None, cfg.min_keep, cfg.max_keep)
     order_j = {k: jnp.asarray(v) for k, v in order.items()}
     if cfg.eval_images:
@@ -198,7 +211,7 @@ def run(model: MaskedCNN, search: tuple[np.ndarray, np.ndarray], mean, std,
                                   in_axes=(0, 0)))
 
     def evaluate(pops):
-        masks = decode_all(pops, order_j)  # {point: [N, P, C]}
+        masks = decode_all((pops > 0).astype(jnp.float32), order_j)  # {point: [N, P, C]}
         eff = effective_masks({k: np.asarray(v) for k, v in masks.items()})
         flat = {k: jnp.asarray(v.reshape(n * cfg.population, -1)) for k, v in eff.items()}
         L = module_logits(model, flat, classes, x_fit, group=cfg.module_group)
@@ -208,6 +221,8 @@ def run(model: MaskedCNN, search: tuple[np.ndarray, np.ndarray], mean, std,
     init_pops = jax.vmap(lambda k: heuristic_population(k, layout, cfg.population, sensitive,
                                                         cfg.sensitive_ratios, cfg.other_ratios))(
         jax.random.split(jax.random.fold_in(key, 1), n))
+    if cfg.algorithm == "simple_ga":  # continuous genome: gene kept where > 0
+        init_pops = init_pops - 0.5
     states = jax.vmap(ga.init, in_axes=(0, 0, 0, None))(
         jax.random.split(key, n), init_pops, jnp.zeros((n, cfg.population)), params)
     tree = {"states": states, "pops": init_pops, "acc_ratio": jnp.float32(cfg.alpha),
