@@ -8,7 +8,8 @@ groups per layer) and reference initial ratios.
 * JAX, phases apart (compile excluded, reported separately): kernel importance; layer
   sensitivity (``--sens-ratios`` ratios x every layer x 10 modules); one GA generation =
   decode all N x P genomes + module logits (dense masked forwards, ``lax.map`` over groups of
-  10 individuals, vmapped inside) + the joint fitness + ask/tell of the 10 vmapped GAs.
+  10 individuals, vmapped inside; distinct genomes only, the previous generation's elites
+  reused, as the driver does) + the joint fitness + ask/tell of the 10 vmapped GAs.
 * PyTorch baseline (the reference's explorer): per individual, decode its genome, cut the
   pruned module out (``extract_module``), build it as a torch module, forward the images,
   keep the class logit. Timed on ``--torch-sample`` individuals and scaled to N x P; the
@@ -80,11 +81,15 @@ def bench(arch, width, population, n_img, sens_ratios, torch_sample, use_torch):
     classes = np.repeat(np.arange(n), population)
     fcfg = FitnessConfig()
 
+    cache = [None]  # as the driver: distinct genomes only, the previous generation's elites reused
+
     def generation(pops, states):
         eff = effective_masks({k: np.asarray(v) for k, v in decode_all(pops, order_j).items()})
-        flat = {k: jnp.asarray(v.reshape(n * population, -1)) for k, v in eff.items()}
+        flat = {k: v.reshape(n * population, -1) for k, v in eff.items()}
+        rows = np.concatenate([classes[:, None], np.asarray(pops).reshape(n * population, -1)], 1).astype(np.uint8)
         t = time.perf_counter()
-        L = cs.module_logits(model, flat, classes, xn).reshape(n, population, -1)
+        L, cache[0] = cs.cached_module_logits(model, flat, rows, classes, xn, cache[0])
+        L = L.reshape(n, population, -1)
         t_logits = time.perf_counter() - t
         t = time.perf_counter()
         D = jaccard_distance_table(jnp.asarray(np.asarray(flatten_masks(model, eff, tied=True)) > 0))

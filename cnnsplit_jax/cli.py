@@ -384,6 +384,7 @@ def _cmd_split(args) -> int:
         cfg = CNNSplitterConfig(
             population=args.population, generations=args.generations, groups=args.groups,
             mutation_percent=args.mutation_rate, eval_images=args.eval_images, seed=args.seed,
+            sensitivity_images=args.sensitivity_images,
             early_stop=args.early_stop, algorithm=args.algorithm,
             sensitive=None if args.sensitive is None else tuple(x for x in args.sensitive.split(",") if x),
             num_parents=min(50, args.population), keep_parents=min(20, args.population),
@@ -748,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="genes per layer (default: 10 below 256 kernels, else 100)")
     ga.add_argument("--mutation-rate", type=float, default=5.0, help="percent of genes set at random")
     ga.add_argument("--eval-images", type=int, default=0, help="search images used for fitness (0: all)")
+    ga.add_argument("--sensitivity-images", type=int, default=0,
+                    help="search images used for the layer sensitivity analysis (0: all)")
     ga.add_argument("--early-stop", type=int, default=0, help="stop after N generations without improvement")
     ga.add_argument("--sensitive", default=None,
                     help="comma-separated sensitive mask points (default: the automatic sensitivity rule)")

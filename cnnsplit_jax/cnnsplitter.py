@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from .masks import flatten_masks
 from .models import MaskedCNN
 
 __all__ = ["CNNSplitterConfig", "SearchResult", "layer_sensitivity", "sensitive_layers",
-           "module_logits", "run"]
+           "module_logits", "cached_module_logits", "LogitCache", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,8 @@ class CNNSplitterConfig:
 
     groups: genes per layer (None: 10 below 256 kernels, else 100). sensitive: mask points
     initialised with ``sensitive_ratios`` (None: the automatic rule of ``sensitive_layers``).
-    eval_images: images of the search split used for fitness (0: all). early_stop:
+    eval_images / sensitivity_images: images of the search split used for fitness / the
+    sensitivity analysis (0: all; CPU budgets). early_stop:
     generations without a better validation fitness before stopping (0: off).
     algorithm: ``"cnnsplitter"`` (the paper's operators, ``ga.CNNSplitterGA``) or
     ``"simple_ga"``: evosax's stock SimpleGA on a continuous genome thresholded at 0 (std
@@ -66,6 +67,7 @@ class CNNSplitterConfig:
     sensitivity_drop: float = 0.05
     importance_threshold: float = 0.9
     eval_images: int = 0
+    sensitivity_images: int = 0
     early_stop: int = 0
     min_keep: int = 50
     max_keep: int = 500
@@ -99,6 +101,44 @@ def module_logits(model: MaskedCNN, masks: dict, classes: np.ndarray, x_norm: ja
     out = [np.asarray(_class_logits(model, masks, jnp.asarray(classes), x_norm[i : i + batch_size], group))
            for i in range(0, x_norm.shape[0], batch_size)]
     return np.concatenate(out, axis=1)
+
+
+class LogitCache(NamedTuple):
+    """Rows ``[class, binary genome]`` (uint8 [R, 1 + G]) and their logits [R, n]."""
+
+    rows: np.ndarray
+    logits: np.ndarray
+
+
+def cached_module_logits(model: MaskedCNN, masks: dict, rows: np.ndarray, classes: np.ndarray,
+                         x_norm: jax.Array, cache: LogitCache | None, group: int = 10,
+                         bucket: int = 100) -> tuple[np.ndarray, LogitCache]:
+    """``module_logits`` computed once per distinct (class, genome): duplicates in the
+    population and individuals already evaluated (``cache``, e.g. the previous generation,
+    whose 20 elites survive unchanged) are not recomputed. The number of modules computed is
+    padded to a multiple of ``bucket`` (bounded recompiles). Returns (logits [M, n], cache
+    of this population)."""
+    m = rows.shape[0]
+    prev = cache.rows if cache is not None else np.zeros((0, rows.shape[1]), rows.dtype)
+    both = np.concatenate([prev, rows])
+    _, first, inverse = np.unique(both, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    cur = inverse[len(prev):]
+    need = np.unique(cur[first[cur] >= len(prev)])  # distinct rows first seen in this population
+    out = np.zeros((m, x_norm.shape[0]), np.float32)
+    if need.size:
+        rep = first[need] - len(prev)  # a representative current row per distinct genome
+        pad = (-len(rep)) % bucket
+        sel = np.concatenate([rep, np.repeat(rep[:1], pad)])
+        logits = module_logits(model, {k: v[sel] for k, v in masks.items()}, classes[sel], x_norm, group=group)
+        lut = np.full(len(first), -1)
+        lut[need] = np.arange(len(need))
+        hit = lut[cur] >= 0
+        out[hit] = logits[lut[cur[hit]]]
+    cached = first[cur] < len(prev)
+    if cached.any():
+        out[cached] = cache.logits[first[cur[cached]]]
+    return out, LogitCache(rows, out)
 
 
 # ------------------------------------------------------------------ sensitivity
@@ -179,7 +219,8 @@ def run(model: MaskedCNN, search: tuple[np.ndarray, np.ndarray], mean, std,
     phases["importance"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if cfg.sensitive is None:
-        sens = layer_sensitivity(model, order, x_norm, y, sensitivity_ratios)
+        k = cfg.sensitivity_images or len(y)
+        sens = layer_sensitivity(model, order, x_norm[:k], y[:k], sensitivity_ratios)
         sensitive = sensitive_layers(sens, sensitivity_ratios, cfg.sensitivity_drop)
     else:
         sens, sensitive = {}, tuple(cfg.sensitive)
@@ -210,13 +251,16 @@ def run(model: MaskedCNN, search: tuple[np.ndarray, np.ndarray], mean, std,
     decode_all = jax.jit(jax.vmap(jax.vmap(lambda g, o: decode(layout, g, o), in_axes=(0, None)),
                                   in_axes=(0, 0)))
 
-    def evaluate(pops):
-        masks = decode_all((pops > 0).astype(jnp.float32), order_j)  # {point: [N, P, C]}
+    def evaluate(pops, cache=None):
+        bits = (pops > 0).astype(jnp.float32)
+        masks = decode_all(bits, order_j)  # {point: [N, P, C]}
         eff = effective_masks({k: np.asarray(v) for k, v in masks.items()})
-        flat = {k: jnp.asarray(v.reshape(n * cfg.population, -1)) for k, v in eff.items()}
-        L = module_logits(model, flat, classes, x_fit, group=cfg.module_group)
+        flat = {k: v.reshape(n * cfg.population, -1) for k, v in eff.items()}
+        rows = np.concatenate([classes[:, None], np.asarray(bits).reshape(n * cfg.population, -1)],
+                              axis=1).astype(np.uint8)
+        L, cache = cached_module_logits(model, flat, rows, classes, x_fit, cache, group=cfg.module_group)
         kernels = np.asarray(flatten_masks(model, eff, tied=True)) > 0  # [N, P, K]
-        return eff, L.reshape(n, cfg.population, -1), kernels
+        return eff, L.reshape(n, cfg.population, -1), kernels, cache
 
     init_pops = jax.vmap(lambda k: heuristic_population(k, layout, cfg.population, sensitive,
                                                         cfg.sensitive_ratios, cfg.other_ratios))(
@@ -238,13 +282,14 @@ def run(model: MaskedCNN, search: tuple[np.ndarray, np.ndarray], mean, std,
     states, pops = tree["states"], tree["pops"]
     acc_ratio = float(np.float32(tree["acc_ratio"]))
     t_ga = time.perf_counter()
+    cache = None  # a resumed run recomputes its first generation (same numbers)
     for g in range(progress["generation"] + 1, cfg.generations + 1):
         tg = time.perf_counter()
         kg = jax.random.fold_in(key, 1000 + g)
         k_perm, k_ask, k_tell = jax.random.split(kg, 3)
         if g > 0:
             pops, states = jax.vmap(ga.ask, in_axes=(0, 0, None))(jax.random.split(k_ask, n), states, params)
-        eff, L, kernels = evaluate(pops)
+        eff, L, kernels, cache = evaluate(pops, cache)
         D = jaccard_distance_table(jnp.asarray(kernels))
         perm = [int(c) for c in np.asarray(jax.random.permutation(k_perm, n))]
         res = joint_fitness(jnp.asarray(L), jnp.asarray(y_fit), D, perm, acc_ratio=acc_ratio,
@@ -285,7 +330,7 @@ def run(model: MaskedCNN, search: tuple[np.ndarray, np.ndarray], mean, std,
     phases["ga"] = time.perf_counter() - t_ga
     if progress["best_generation"] < 0:  # only generation 0 ran: take its ensemble
         rec = progress["history"][-1]
-        eff, _, _ = evaluate(pops)
+        eff, _, _, _ = evaluate(pops)
         ens = np.asarray(rec["ensemble"])
         tree["best_masks"] = {k: jnp.asarray(v[np.arange(n), ens]) for k, v in eff.items()}
         progress["best_generation"] = rec["generation"]
