@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import environment, write_json  # noqa: E402
+from common import environment, torch_enabled, write_json  # noqa: E402
 
 from cnnsplit_jax import cnnsplitter as cs  # noqa: E402
 from cnnsplit_jax.extract import effective_masks, extract_module  # noqa: E402
@@ -148,13 +148,7 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--out", default="results/bench_cnnsplitter.json")
     a = p.parse_args(argv)
-    try:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        use_torch = not a.no_torch
-    except ImportError:
-        use_torch = False
+    use_torch = torch_enabled(a.no_torch)
     rows = []
     print("| model | importance s | sensitivity s | module logits s | fitness s | ask+tell s | generation s "
           "| compile s | torch generation s (per individual) | **ratio** |")

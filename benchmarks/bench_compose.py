@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import environment, time_jax, time_torch, write_json  # noqa: E402
+from common import environment, time_jax, time_torch, torch_enabled, write_json  # noqa: E402
 
 from cnnsplit_jax.compose import Pick, apply, compose  # noqa: E402
 from cnnsplit_jax.extract import extract_all, forward_flops, module_scores  # noqa: E402
@@ -157,13 +157,7 @@ def main(argv=None):
                    help="also time masked modules of two base models: stacked-parameter vmap vs per-base vmaps")
     p.add_argument("--out", default="results/bench_compose.json")
     a = p.parse_args(argv)
-    try:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        use_torch = not a.no_torch
-    except ImportError:
-        use_torch = False
+    use_torch = torch_enabled(a.no_torch)
     sets = []
     if a.modules:
         sets.append((load_module_set(a.modules), a.modules))

@@ -43,6 +43,18 @@ def time_torch(fn, reps: int = 5, warmup: int = 1):
     return statistics.median(runs), runs
 
 
+def torch_enabled(no_torch: bool) -> bool:
+    """True when PyTorch is importable and not disabled; uses every core, like XLA."""
+    if no_torch:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    torch.set_num_threads(os.cpu_count() or 1)
+    return True
+
+
 def environment() -> dict:
     info = {
         "jax": jax.__version__,

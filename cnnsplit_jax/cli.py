@@ -244,6 +244,31 @@ def _write_plots(out: Path, res: dict, history, class_names, selected):
                                   res.get("base_val_accuracy", res["base_accuracy"]), selected)
 
 
+def _split_setup(model_dir: Path, out: Path, resume: bool, progress_file: str):
+    """Shared start of every split: the base model, its data, checks against overwriting."""
+    from . import checkpoint as ckpt
+
+    model, meta = ckpt.load_model(model_dir)
+    ds, (tr, va), eval_split, test_split = _run_data(meta)
+    if ds.info.num_classes != model.num_classes:
+        raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has {ds.info.num_classes}")
+    if (out / progress_file).exists() and not resume:
+        raise ckpt.CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+    norm = meta.get("normalization", {"mean": list(ds.info.mean), "std": list(ds.info.std)})
+    return model, meta, ds, (tr, va), eval_split, test_split, norm
+
+
+def _module_meta(method: str, meta: dict, ds, norm: dict, model_dir: Path, **extra) -> dict:
+    """modules.json fields every module set carries (dataset, classes, split, base run)."""
+    return {
+        "method": method, "dataset": meta["dataset"], "normalization": norm,
+        "class_names": list(ds.info.class_names),
+        "sources": meta.get("sources") or [[ds.info.name, c] for c in range(ds.info.num_classes)],
+        "split": meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2}),
+        "base_run": str(model_dir), **extra,
+    }
+
+
 def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subset=None, quiet=False):
     """Search, select, save, evaluate and plot; returns the split.json dict."""
     import jax
@@ -254,15 +279,9 @@ def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subs
     from .heads import Heads
     from .module_set import ModuleSet, save_module_set
 
-    model, meta = ckpt.load_model(model_dir)
-    ds, (tr, va), eval_split, test_split = _run_data(meta)
-    if ds.info.num_classes != model.num_classes:
-        raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has {ds.info.num_classes}")
-    if (out / "search.json").exists() and not resume:
-        raise ckpt.CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+    model, meta, ds, (tr, va), eval_split, test_split, norm = _split_setup(model_dir, out, resume, "search.json")
     if train_subset:
         tr = tr[:train_subset]
-    norm = meta.get("normalization", {"mean": list(ds.info.mean), "std": list(ds.info.std)})
     phases = gs.phase_schedule(cfg)
     steps = -(-len(tr) // cfg.batch_size)
     if not quiet:
@@ -287,13 +306,8 @@ def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subs
     sel = gs.select_epoch(res.history, res.base_val_accuracy, cfg.select_tolerance)
     masks = {k: v[sel].astype(np.float32) for k, v in res.masks_history.items()}
     heads = Heads(*(h[sel] for h in res.heads_history))
-    ms = ModuleSet(model, masks, heads, {
-        "method": "grad", "dataset": meta["dataset"], "normalization": norm,
-        "class_names": list(ds.info.class_names), "selected_epoch": sel,
-        "sources": meta.get("sources") or [[ds.info.name, c] for c in range(ds.info.num_classes)],
-        "split": meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2}),
-        "base_run": str(model_dir), "config": {k: v for k, v in cfg.__dict__.items()},
-    })
+    ms = ModuleSet(model, masks, heads, _module_meta(
+        "grad", meta, ds, norm, model_dir, selected_epoch=sel, config={k: v for k, v in cfg.__dict__.items()}))
     save_module_set(out, ms)
     ev_res = evaluate_module_set(ms, eval_split, test_split, ds.info)
     result = {
@@ -324,13 +338,7 @@ def _run_ga_split(model_dir: Path, out: Path, cfg, *, resume: bool):
     from .evaluate import evaluate_module_set
     from .module_set import ModuleSet, save_module_set
 
-    model, meta = ckpt.load_model(model_dir)
-    ds, (tr, va), eval_split, test_split = _run_data(meta)
-    if ds.info.num_classes != model.num_classes:
-        raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has {ds.info.num_classes}")
-    if (out / "ga.json").exists() and not resume:
-        raise ckpt.CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
-    norm = meta.get("normalization", {"mean": list(ds.info.mean), "std": list(ds.info.std)})
+    model, meta, ds, (tr, va), eval_split, test_split, norm = _split_setup(model_dir, out, resume, "ga.json")
     print(f"CNNSplitter on {model.arch} ({meta['dataset']}): {model.num_classes} classes x population "
           f"{cfg.population}, {cfg.generations} generations, {len(va)} search images", file=sys.stderr)
     bar = _bar(cfg.generations + 1, "generations")
@@ -347,13 +355,8 @@ def _run_ga_split(model_dir: Path, out: Path, cfg, *, resume: bool):
     res = cs.run(model, (ds.x_train[va], ds.y_train[va]), norm["mean"], norm["std"], cfg, out_dir=out,
                  resume=resume, on_generation=on_generation)
     bar.close()
-    ms = ModuleSet(model, res.masks, None, {
-        "method": "ga", "dataset": meta["dataset"], "normalization": norm,
-        "class_names": list(ds.info.class_names), "best_generation": res.best_generation,
-        "sources": meta.get("sources") or [[ds.info.name, c] for c in range(ds.info.num_classes)],
-        "split": meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2}),
-        "base_run": str(model_dir), "config": cs._cfg_json(cfg),
-    })
+    ms = ModuleSet(model, res.masks, None, _module_meta(
+        "ga", meta, ds, norm, model_dir, best_generation=res.best_generation, config=cs._cfg_json(cfg)))
     save_module_set(out, ms)
     ev_res = evaluate_module_set(ms, eval_split, test_split, ds.info)
     result = {
