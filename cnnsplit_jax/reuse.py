@@ -27,7 +27,7 @@ import numpy as np
 
 from .compose import Pick, compose, predict_scores
 from .data import DatasetInfo, Task
-from .evaluate import binary_metrics, classification_report, module_outputs
+from .evaluate import binary_metrics, classification_report, module_f1
 from .module_set import ModuleSet
 from .train import predict
 
@@ -90,9 +90,12 @@ def candidate_f1(sources: Sequence[Source], task: Task) -> dict[tuple[int, int],
         labels = {c: t for c, t in labels.items() if t is not None}
         if not labels:
             continue
-        _, pos = module_outputs(s.module_set, task.x_eval)
+        local = np.full(task.ds.info.num_classes, -1)  # task label -> module index
         for c, t in labels.items():
-            out[(si, t)] = binary_metrics(pos[:, c], task.y_eval == t)[2]
+            local[t] = c
+        f1 = module_f1(s.module_set, task.x_eval, local[task.y_eval])
+        for c, t in labels.items():
+            out[(si, t)] = float(f1[c])
     return out
 
 
