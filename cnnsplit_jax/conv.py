@@ -120,17 +120,19 @@ def _unrolled(x, w):
     return x.reshape(b, hw * cin).dot(mat).reshape(b, h, wd, cout)
 
 
-def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | None = None):
-    """Stride-1 SAME convolution.
+def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | None = None,
+           stride: int = 1):
+    """SAME convolution (TensorFlow/Keras "same" padding for ``stride`` > 1).
 
     Args:
       x: input [B, H, W, Cin] (NHWC).
       w: kernel [k, k, Cin, Cout] (HWIO), k odd.
       b: optional bias [Cout].
       impl: one of ``CONV_IMPLS``; ``None`` reads ``$CNNSPLIT_CONV_IMPL`` (default ``auto``).
+      stride: spatial stride (ResNet's down-sampling convs use 2).
 
     Returns:
-      [B, H, W, Cout].
+      [B, ceil(H / stride), ceil(W / stride), Cout].
     """
     if x.ndim != 4 or w.ndim != 4 or x.shape[-1] != w.shape[2]:
         raise ValueError(
@@ -138,6 +140,13 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | N
             f"got x {x.shape}, w {w.shape}"
         )
     impl = impl or _default_impl()
+    if stride != 1:
+        if w.shape[0] == 1 and impl != "native":  # 1x1 strided = subsample, then a matmul
+            return conv2d(x[:, ::stride, ::stride, :], w, b, "im2col")
+        y = jax.lax.conv_general_dilated(
+            x, w, window_strides=(stride, stride), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if b is None else y + b
     if impl == "auto":
         impl = select_conv_impl(x.shape[1], x.shape[2], w.shape[2], w.shape[3], w.shape[0])
     if impl == "native":

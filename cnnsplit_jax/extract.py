@@ -176,14 +176,15 @@ def module_scores(module: ExtractedModule, x: jax.Array) -> jax.Array:
 def forward_flops(model: MaskedCNN, batch: int = 1) -> float:
     """Nominal FLOPs (2 x MACs) of one forward pass for ``batch`` 32x32 images.
 
-    Conv layers count ``2 * H * W * k * k * Cin * Cout`` (padded taps included, the usual
+    Conv layers count ``2 * H_out * W_out * k * k * Cin * Cout`` (padded taps included, the usual
     convention of the papers), FC layers ``2 * in * out``; BN, ReLU and pooling are ignored.
     """
     out = {s.name: s.out_channels for s in model.topology}
     total = 0
     for s in model.topology:
         cin = sum(out[i] for i in s.inputs) if s.inputs else model.in_channels
-        total += 2 * s.spatial * s.spatial * s.ksize * s.ksize * cin * s.out_channels
+        hw = s.spatial // s.stride  # output positions per side
+        total += 2 * hw * hw * s.ksize * s.ksize * cin * s.out_channels
     for n in model.fc_layers:
         fin, fout = getattr(model, n).kernel.shape
         total += 2 * fin * fout

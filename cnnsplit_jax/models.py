@@ -53,12 +53,13 @@ class ConvSpec:
 
     Attributes:
       name: layer name, e.g. ``"conv_3"`` (also the attribute holding its ``ConvBN``).
-      ksize: odd kernel size (SAME padding, stride 1).
+      ksize: odd kernel size (SAME padding).
       out_channels: kernels of this layer.
       inputs: names of the conv layers whose (masked) outputs are concatenated, in order, to
         form this layer's input; ``()`` means the image.
       mask: name of the mask point gating this layer's output channels.
       spatial: the layer's input height (= width) for 32x32 images (used for FLOP counts).
+      stride: spatial stride (SAME padding; the output is ``spatial / stride`` high).
     """
 
     name: str
@@ -67,6 +68,7 @@ class ConvSpec:
     inputs: tuple[str, ...]
     mask: str
     spatial: int = 32  # input height = width of this layer for 32x32 images
+    stride: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,31 +95,41 @@ def _torch_uniform(key, shape, fan_in):
 
 
 class ConvBN(nnx.Module):
-    """Conv (with bias) followed by BatchNorm with PyTorch semantics.
+    """Conv (with bias) followed by BatchNorm with PyTorch semantics (``bn=False``: no BN).
 
     Training mode normalises with the biased batch variance and updates ``running_var`` with
     the unbiased one (as ``torch.nn.BatchNorm2d``), momentum 0.1, eps 1e-5.
     """
 
-    def __init__(self, cin: int, cout: int, ksize: int, *, init: str, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, ksize: int, *, init: str, rngs: nnx.Rngs,
+                 stride: int = 1, bn: bool = True):
         kk, kb = rngs.params(), rngs.params()
         fan_in = cin * ksize * ksize
+        self.stride = int(stride)
+        self.bn = bool(bn)
         if init == "vgg":  # SimCNN: N(0, sqrt(2 / (k*k*Cout))), bias 0
             w = jax.random.normal(kk, (ksize, ksize, cin, cout)) * math.sqrt(
                 2.0 / (ksize * ksize * cout)
             )
+            b = jnp.zeros((cout,))
+        elif init == "he":  # Keras he_normal (Pan & Rajan's ResNets): N(0, sqrt(2 / fan_in))
+            w = jax.random.normal(kk, (ksize, ksize, cin, cout)) * math.sqrt(2.0 / fan_in)
             b = jnp.zeros((cout,))
         else:  # PyTorch default: U(+-1/sqrt(fan_in)) for weight and bias
             w = _torch_uniform(kk, (ksize, ksize, cin, cout), fan_in)
             b = _torch_uniform(kb, (cout,), fan_in)
         self.kernel = nnx.Param(w)
         self.bias = nnx.Param(b)
+        if not self.bn:
+            return
         self.scale = nnx.Param(jnp.ones((cout,)))
         self.offset = nnx.Param(jnp.zeros((cout,)))
         self.mean = nnx.BatchStat(jnp.zeros((cout,)))
         self.var = nnx.BatchStat(jnp.ones((cout,)))
 
     def __call__(self, x, *, train: bool = False):
+        if not self.bn:
+            return conv2d(x, self.kernel[...], self.bias[...], stride=self.stride)
         if not train:
             # Inference: fold BN into the conv on every call (kernel * inv, one bias). Measured
             # on XLA:CPU: SimCNN forward ~15% faster than conv -> scale/shift, and also faster
@@ -125,8 +137,8 @@ class ConvBN(nnx.Module):
             # layout the convolution wants).
             inv = jax.lax.rsqrt(self.var[...] + BN_EPS) * self.scale[...]
             bias = (self.bias[...] - self.mean[...]) * inv + self.offset[...]
-            return conv2d(x, self.kernel[...] * inv, bias)
-        y = conv2d(x, self.kernel[...], self.bias[...])
+            return conv2d(x, self.kernel[...] * inv, bias, stride=self.stride)
+        y = conv2d(x, self.kernel[...], self.bias[...], stride=self.stride)
         mean = y.mean(axis=(0, 1, 2))
         var = jnp.square(y - mean).mean(axis=(0, 1, 2))
         n = y.shape[0] * y.shape[1] * y.shape[2]
@@ -162,6 +174,7 @@ class MaskedCNN(nnx.Module):
 
     arch: str = ""
     conv_init: str = "torch"
+    batch_norm: bool = True
 
     def __init__(
         self,
@@ -198,7 +211,8 @@ class MaskedCNN(nnx.Module):
         out = {s.name: s.out_channels for s in self.topology}
         for s in self.topology:
             cin = sum(out[i] for i in s.inputs) if s.inputs else in_channels
-            setattr(self, s.name, ConvBN(cin, s.out_channels, s.ksize, init=self.conv_init, rngs=rngs))
+            setattr(self, s.name, ConvBN(cin, s.out_channels, s.ksize, init=self.conv_init,
+                                         rngs=rngs, stride=s.stride, bn=self.batch_norm))
         self.fc_in = sum(out[n] for n in self.fc_input_layers) * self.fc_positions
         self._build_head(rngs)
 
@@ -566,6 +580,10 @@ ARCHITECTURES: dict[str, type[MaskedCNN]] = {
     "simcnn_weak": SimCNNWeak,
     "rescnn_weak": ResCNNWeak,
 }
+
+from .resnet import RESNETS  # noqa: E402  (resnet.py builds on the classes above)
+
+ARCHITECTURES.update(RESNETS)
 
 
 def build_model(
