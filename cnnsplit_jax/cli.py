@@ -72,7 +72,8 @@ def _cmd_train(args) -> int:
              if getattr(args, k) is not None}
     if args.lr_milestones is not None:
         given["lr_milestones"] = tuple(args.lr_milestones)
-    cfg = TrainConfig(**{**RECIPES[args.recipe], **given,
+    recipe = args.recipe or ("resnet" if args.model.startswith("resnet") else "reference")
+    cfg = TrainConfig(**{**RECIPES[recipe], **given,
                          "dirichlet_alpha": args.dirichlet_alpha,
                          "dirichlet_min_size": args.dirichlet_min_size, "seed": args.seed})
     out.mkdir(parents=True, exist_ok=True)
@@ -244,11 +245,15 @@ def _write_plots(out: Path, res: dict, history, class_names, selected):
                                   res.get("base_val_accuracy", res["base_accuracy"]), selected)
 
 
-def _split_setup(model_dir: Path, out: Path, resume: bool, progress_file: str):
+def _split_setup(model_dir: Path, out: Path, resume: bool, progress_file: str, method: str = "grad"):
     """Shared start of every split: the base model, its data, checks against overwriting."""
     from . import checkpoint as ckpt
 
     model, meta = ckpt.load_model(model_dir)
+    resnet = hasattr(model, "nodes")
+    if resnet != (method == "concern"):
+        raise ValueError(f"--method {method} does not apply to {model.arch}: ResNets (resnet20/32/56) are "
+                         "decomposed with --method concern, the other models with --method grad or ga")
     ds, (tr, va), eval_split, test_split = _run_data(meta)
     if ds.info.num_classes != model.num_classes:
         raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has {ds.info.num_classes}")
@@ -279,7 +284,7 @@ def _run_grad_split(model_dir: Path, out: Path, cfg, *, resume: bool, train_subs
     from .heads import Heads
     from .module_set import ModuleSet, save_module_set
 
-    model, meta, ds, (tr, va), eval_split, test_split, norm = _split_setup(model_dir, out, resume, "search.json")
+    model, meta, ds, (tr, va), eval_split, test_split, norm = _split_setup(model_dir, out, resume, "search.json", "grad")
     if train_subset:
         tr = tr[:train_subset]
     phases = gs.phase_schedule(cfg)
@@ -338,7 +343,7 @@ def _run_ga_split(model_dir: Path, out: Path, cfg, *, resume: bool):
     from .evaluate import evaluate_module_set
     from .module_set import ModuleSet, save_module_set
 
-    model, meta, ds, (tr, va), eval_split, test_split, norm = _split_setup(model_dir, out, resume, "ga.json")
+    model, meta, ds, (tr, va), eval_split, test_split, norm = _split_setup(model_dir, out, resume, "ga.json", "ga")
     print(f"CNNSplitter on {model.arch} ({meta['dataset']}): {model.num_classes} classes x population "
           f"{cfg.population}, {cfg.generations} generations, {len(va)} search images", file=sys.stderr)
     bar = _bar(cfg.generations + 1, "generations")
@@ -378,9 +383,72 @@ def _run_ga_split(model_dir: Path, out: Path, cfg, *, resume: bool):
     return result
 
 
+def _concern_table(res: dict, class_names) -> str:
+    size = res["module_size"]
+    lines = ["| class | precision | recall | F1 | active positions |", "|---|---|---|---|---|"]
+    for c, name in enumerate(class_names):
+        lines.append(f"| {name} | {res['module_precision'][c]:.3f} | {res['module_recall'][c]:.3f} | "
+                     f"{res['module_f1'][c]:.3f} | {size['active_fraction'][c]:.3f} |")
+    lines.append("")
+    lines.append(
+        f"model top-1 {res['base_accuracy']:.4f} / top-5 {res['base_top5']:.4f} | composed top-1 "
+        f"{res['composed_accuracy']:.4f} / top-5 {res['composed_top5']:.4f} | decomposition cost "
+        f"{100 * res['accuracy_loss']:.2f} / {100 * res['top5_loss']:.2f} pt | mean Jaccard "
+        f"{res['mean_jaccard']:.3f} (vs model {res['mean_jaccard_vs_model']:.3f}) | module params "
+        f"{size['module_params']:,} (model {size['model_params']:,}: no weight removed)")
+    return "\n".join(lines)
+
+
+def _run_concern_split(model_dir: Path, out: Path, cfg, *, quiet: bool = False):
+    """Concern identification (Pan & Rajan): decompose, save the module set, evaluate, plot."""
+    import dataclasses
+
+    from . import checkpoint as ckpt
+    from . import plots
+    from .concern import decompose
+    from .evaluate import evaluate_concern_set
+    from .module_set import ConcernModuleSet, save_module_set
+
+    model, meta, ds, (tr, va), eval_split, test_split, norm = _split_setup(model_dir, out, False, "split.json", "concern")
+    x, y = ds.x_train[tr], ds.y_train[tr]
+    if not quiet:
+        print(f"concern identification on {model.arch} ({meta['dataset']}): {model.num_classes} modules "
+              f"from {len(y)} training images (negatives {cfg.negative_ratio}:1, backtrack {cfg.backtrack})",
+              file=sys.stderr)
+    bar = _bar(1, "forward batches")
+
+    def on_batch(i, n):
+        bar.total = n
+        bar.update(1)
+
+    dec = decompose(model, x, y, norm["mean"], norm["std"], cfg, on_batch=on_batch)
+    bar.close()
+    cfg_json = dataclasses.asdict(cfg)
+    ms = ConcernModuleSet(model, dec.inactive, dec.head_w, dec.head_b, dec.removed_features,
+                          _module_meta("concern", meta, ds, norm, model_dir, config=cfg_json))
+    out.mkdir(parents=True, exist_ok=True)
+    save_module_set(out, ms)
+    ev = evaluate_concern_set(ms, eval_split, test_split, ds.info)
+    result = {"method": "concern", "model": model.arch, "dataset": meta["dataset"], **ev,
+              "decomposition": dec.stats, "decomposition_seconds": dec.stats["seconds"], "config": cfg_json}
+    ckpt.write_json(out / "split.json", result)
+    plots.f1_bars(result["module_f1"], out / "module_f1.png", list(ds.info.class_names))
+    return result
+
+
 def _cmd_split(args) -> int:
     from .gradsplitter import GradSplitterConfig
 
+    if args.method == "concern":
+        from .concern import ConcernConfig
+
+        cfg = ConcernConfig(concerned_per_class=args.concerned_per_class, negative_ratio=args.negative_ratio,
+                            backtrack=args.backtrack, delta=args.delta, seed=args.seed)
+        res = _run_concern_split(Path(args.model_dir), Path(args.out), cfg)
+        print(_concern_table(res, _class_names(Path(args.out))))
+        print(f"decomposed in {res['decomposition_seconds']:.1f} s; wrote {Path(args.out) / 'split.json'}",
+              file=sys.stderr)
+        return 0
     if args.method == "ga":
         from .cnnsplitter import CNNSplitterConfig
 
@@ -401,9 +469,6 @@ def _cmd_split(args) -> int:
         print(f"best generation {res['best_generation']} of {res['generations'] - 1}; "
               f"wrote {Path(args.out) / 'split.json'} and plots", file=sys.stderr)
         return 0
-    if args.method != "grad":
-        print(f"error: --method {args.method} is not implemented yet (available: grad, ga)", file=sys.stderr)
-        return 2
     cfg = GradSplitterConfig(
         alpha=args.alpha, head_epochs=args.head_epochs, modularity_epochs=args.modularity_epochs,
         lr_head=args.lr_head, lr_modularity=args.lr_modularity, batch_size=args.batch_size,
@@ -425,7 +490,7 @@ def _class_names(mod_dir: Path):
 def _cmd_evaluate(args) -> int:
     from . import checkpoint as ckpt
     from .evaluate import evaluate_module_set
-    from .module_set import load_module_set
+    from .module_set import ConcernModuleSet, load_module_set
 
     mod = Path(args.mod_dir)
     ms = load_module_set(mod)
@@ -433,11 +498,23 @@ def _cmd_evaluate(args) -> int:
                                               args.data_dir)
     if ds.info.num_classes != ms.num_modules:
         raise ValueError(f"class count mismatch: {ms.num_modules} modules, dataset {ds.info.name!r} has {ds.info.num_classes} classes")
+    names = ms.meta.get("class_names", [str(i) for i in range(ms.num_modules)])
+    if isinstance(ms, ConcernModuleSet):
+        from . import plots
+        from .evaluate import evaluate_concern_set
+
+        res = {"method": "concern", "dataset": ds.info.name,
+               **evaluate_concern_set(ms, eval_split, test_split, ds.info)}
+        ckpt.write_json(mod / "evaluate.json", res)
+        plots.f1_bars(res["module_f1"], mod / "module_f1.png", names)
+        print(_concern_table(res, names))
+        print(f"wrote {mod / 'evaluate.json'}", file=sys.stderr)
+        return 0
     res = evaluate_module_set(ms, eval_split, test_split, ds.info)
     res = {"method": ms.meta.get("method"), "dataset": ds.info.name, **res}
     ckpt.write_json(mod / "evaluate.json", res)
     _write_plots(mod, res, None, ms.meta.get("class_names"), None)
-    print(_report_table(res, ms.meta.get("class_names", [str(i) for i in range(ms.num_modules)])))
+    print(_report_table(res, names))
     print(f"wrote {mod / 'evaluate.json'}", file=sys.stderr)
     return 0
 
@@ -509,10 +586,20 @@ def _cmd_compose(args) -> int:
           file=sys.stderr)
     res, picks = compose_task(sources, task, form=args.form, execution=args.execution)
     res = {"task": spec, "form": args.form, "execution": args.execution, **res}
+    if args.continuous_learning:
+        import jax
+
+        from .reuse import continuous_learning, evaluate_picks
+
+        cl = continuous_learning(picks, task, key=jax.random.key(args.seed))
+        res["continuous_learning"] = evaluate_picks(cl, task, form=args.form, execution=args.execution)
     if args.baseline_epochs:
+        from .train import RECIPES
+
         base = picks[0].module_set.base
-        cfg = TrainConfig(epochs=args.baseline_epochs, batch_size=64, lr_milestones=(),
-                          patience=5, seed=args.seed)
+        recipe = RECIPES["resnet"] if base.arch.startswith("resnet") else {}
+        cfg = TrainConfig(**{**recipe, "epochs": args.baseline_epochs, "batch_size": 64, "lr_milestones": (),
+                             "patience": 5, "seed": args.seed})
         print(f"training the baseline {base.arch} (width {base.width}) from scratch for up to "
               f"{cfg.epochs} epochs", file=sys.stderr)
         kw = {"fc_hidden": base.fc_hidden} if hasattr(base, "fc_hidden") else {}
@@ -529,6 +616,9 @@ def _cmd_compose(args) -> int:
         print(f"| {s['source']} | {fmt(s['base_accuracy'])} | {fmt(s.get('modules_accuracy'))} |")
     print(f"\ncomposed accuracy {res['accuracy']:.4f} on {res['images']} test images "
           f"(modules chosen by F1 on {res['eval_images']} images)")
+    if "continuous_learning" in res:
+        print(f"after continuous learning (tangling re-run against the other datasets): "
+              f"{res['continuous_learning']['accuracy']:.4f}")
     if "baseline" in res:
         b = res["baseline"]
         print(f"trained from scratch: accuracy {b['accuracy']:.4f} in {b['train_seconds']:.1f}s; "
@@ -697,8 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", default=None, help="where dataset files live (else $CNNSPLIT_DATA)")
     t.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = paper)")
     t.add_argument("--fc-hidden", type=int, default=None, help="SimCNN FC width (default 4096*width)")
-    t.add_argument("--recipe", default="reference", choices=["reference", "weak", "poor-fit"],
-                   help="hyper-parameter preset: the papers' training (default), CNNSplitter's weak "
+    t.add_argument("--recipe", default=None, choices=["reference", "weak", "poor-fit", "resnet"],
+                   help="hyper-parameter preset: the papers' training (default; 'resnet' for "
+                        "resnet20/32/56: Adam 1e-3 as Pan & Rajan's Keras models), CNNSplitter's weak "
                         "models, or its poor-fit models (plain SGD, no augmentation or dropout, "
                         "final epoch kept); the flags below override it")
     t.add_argument("--epochs", type=int, default=None, help="default 200 (weak: 100)")
@@ -745,6 +836,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--train-subset", type=int, default=None,
                     help="use only the first N images of the training split (CPU budgets)")
     sp.add_argument("--resume", action="store_true")
+    cc = sp.add_argument_group("concern identification (--method concern, ResNets)")
+    cc.add_argument("--negative-ratio", type=float, default=1.0,
+                    help="negative (other-class) inputs per concerned input for tangling identification (paper 1:1)")
+    cc.add_argument("--backtrack", default="bln", choices=["bln", "none"],
+                    help="bln: backtrack to the last conv layer (MC-BLN, the paper's choice); none: CI+TI+MC")
+    cc.add_argument("--delta", type=float, default=0.5, help="MC-BLN's strong-edge threshold")
+    cc.add_argument("--concerned-per-class", type=int, default=None,
+                    help="class-c training inputs used per module (default: all)")
     ga = sp.add_argument_group("CNNSplitter (--method ga)")
     ga.add_argument("--population", type=int, default=100)
     ga.add_argument("--generations", type=int, default=200)
@@ -781,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline-epochs", type=int, default=0,
                    help="also train the same architecture from scratch on the task (new-task scenario)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--continuous-learning", action="store_true",
+                   help="concern modules: also report the composition after re-running tangling "
+                        "identification against the other datasets' classes (Pan & Rajan)")
     c.add_argument("--out", required=True)
     c.set_defaults(func=_cmd_compose)
 

@@ -35,6 +35,13 @@ already-normalised images; all sources must then share one normalisation (else V
   program (the CPU default, fastest there).
 
 Groups of different architectures or widths are separate calls inside the same ``apply``.
+
+**Concern-identification modules** (``ConcernModuleSet``, ResNets) always run as the base
+model under their position maps (they have no pruned form: no weight is removed), one vmap
+over modules per base model, and score by their positive-class probability. When every
+module of a composition is of this kind, ``apply`` applies Pan & Rajan's voting rule (the
+single positive module wins, else the most confident: ``concern.vote_scores``); mixed
+compositions compare the probabilities with the other modules' sigmoid scores directly.
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ from .extract import effective_masks, extract_module, kept_indices
 from .gradsplitter import GradSplitterConfig, masked_logits, resolve_chunk
 from .heads import Heads, scores_from_logits
 from .masks import mask_points
-from .module_set import ModuleSet
+from .concern import module_logits, positive_probability, vote_scores
+from .module_set import ConcernModuleSet, ModuleSet
 
 __all__ = [
     "Pick",
@@ -59,6 +67,7 @@ __all__ = [
     "Composition",
     "MaskedGroup",
     "ExtractedGroup",
+    "ConcernGroup",
     "compose",
     "apply",
     "predict_scores",
@@ -155,6 +164,30 @@ class ExtractedGroup:
     tail_of: tuple
 
 
+@_pytree(["params", "keep", "head_w", "head_b", "mean", "std"],
+         ["graphdef", "base_index", "num_classes", "chunk"])
+@dataclasses.dataclass(frozen=True)
+class ConcernGroup:
+    """Concern-identification modules of ResNets with one structure.
+
+    params: the M base models' ``nnx.State`` stacked [M, ...]; keep: ``{node: float 0/1
+    [n, H, W, C]}``; head_w [n, F, 2] / head_b [n, 2]: channeled output layers; mean/std
+    float32 [M, C]; base_index: static base model per module; num_classes: the base models'
+    class count (for the positive probability).
+    """
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    keep: dict
+    head_w: jax.Array
+    head_b: jax.Array
+    mean: jax.Array
+    std: jax.Array
+    base_index: tuple
+    num_classes: int
+    chunk: int
+
+
 @_pytree(["groups"], ["order", "labels", "input", "in_channels", "form"])
 @dataclasses.dataclass(frozen=True)
 class Composition:
@@ -194,7 +227,7 @@ def _check_picks(picks: Sequence[Pick], input: str) -> None:
         raise ValueError(f"modules expect different input channels {sorted(chans)}; "
                          "all modules of a composition must read the same images")
     for k, p in enumerate(picks):
-        if not isinstance(p.module_set, ModuleSet):
+        if not isinstance(p.module_set, (ModuleSet, ConcernModuleSet)):
             raise TypeError(f"pick {k}: expected a ModuleSet, got {type(p.module_set).__name__}")
         n = p.module_set.num_modules
         if not 0 <= int(p.source_class) < n:
@@ -233,13 +266,7 @@ def _stack_heads(heads_list) -> Heads | None:
 
 
 def _masked_group(picks, execution, chunk) -> MaskedGroup:
-    sets, base_of = [], []  # one module set per distinct base model
-    for p in picks:
-        ids = [id(ms.base) for ms in sets]
-        if id(p.module_set.base) not in ids:
-            sets.append(p.module_set)
-            ids.append(id(p.module_set.base))
-        base_of.append(ids.index(id(p.module_set.base)))
+    sets, base_of = _distinct_bases(picks)
     bases = [ms.base for ms in sets]
     graphdef = nnx.graphdef(bases[0])
     params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in bases])
@@ -254,6 +281,31 @@ def _masked_group(picks, execution, chunk) -> MaskedGroup:
     return MaskedGroup(graphdef, params, masks, heads,
                        jnp.asarray([p.source_class for p in picks], jnp.int32), mean, std,
                        tuple(base_of), execution, int(chunk))
+
+
+def _distinct_bases(picks):
+    """(module sets with distinct base models, base index per pick)."""
+    sets, base_of, ids = [], [], []
+    for p in picks:
+        if id(p.module_set.base) not in ids:
+            sets.append(p.module_set)
+            ids.append(id(p.module_set.base))
+        base_of.append(ids.index(id(p.module_set.base)))
+    return sets, base_of
+
+
+def _concern_group(picks, chunk) -> ConcernGroup:
+    sets, base_of = _distinct_bases(picks)
+    bases = [ms.base for ms in sets]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in bases])
+    keeps = [p.module_set.keep(p.source_class) for p in picks]
+    keep = {k: jnp.asarray(np.stack([kp[k] for kp in keeps])) for k in keeps[0]}
+    head_w = jnp.asarray(np.stack([p.module_set.head_w[p.source_class] for p in picks]))
+    head_b = jnp.asarray(np.stack([p.module_set.head_b[p.source_class] for p in picks]))
+    mean, std = _norm_arrays(sets)
+    chunk = chunk or resolve_chunk(GradSplitterConfig(), len(picks))
+    return ConcernGroup(nnx.graphdef(bases[0]), params, keep, head_w, head_b, mean, std,
+                        tuple(base_of), int(bases[0].num_classes), int(chunk))
 
 
 def _module_masks(p: Pick) -> dict:
@@ -337,12 +389,16 @@ def compose(
     execution = default_execution() if execution == "auto" else execution
     groups_idx: dict[tuple, list[int]] = {}
     for k, p in enumerate(picks):
-        groups_idx.setdefault(_structure_key(p.module_set.base), []).append(k)
+        concern = isinstance(p.module_set, ConcernModuleSet)
+        groups_idx.setdefault((concern, *_structure_key(p.module_set.base)), []).append(k)
     groups, cols = [], []
-    for idx in groups_idx.values():
+    for (concern, *_), idx in groups_idx.items():
         gp = [picks[k] for k in idx]
-        groups.append(_masked_group(gp, execution, chunk) if form == "masked"
-                      else _extracted_group(gp, execution, align))
+        if concern:
+            groups.append(_concern_group(gp, chunk))
+        else:
+            groups.append(_masked_group(gp, execution, chunk) if form == "masked"
+                          else _extracted_group(gp, execution, align))
         cols.extend(idx)
     order = tuple(int(i) for i in np.argsort(cols))
     return Composition(tuple(groups), order, _labels(picks), input,
@@ -419,6 +475,21 @@ def _extracted_logits(g: ExtractedGroup, x, input) -> jax.Array:
     return jnp.swapaxes(logits, 0, 1)
 
 
+def _concern_logits(g: ConcernGroup, x, input) -> jax.Array:
+    """[B, n, 2] binary logits of a concern group (one vmap per base model)."""
+    n = len(g.base_index)
+    outs, cols = [], []
+    for b in range(g.mean.shape[0]):
+        idx = np.asarray([i for i in range(n) if g.base_index[i] == b])
+        model = nnx.merge(g.graphdef, jax.tree.map(lambda a: a[b], g.params))
+        xb = _prep(x, g.mean[b], g.std[b], input)
+        outs.append(module_logits(model, {k: v[idx] for k, v in g.keep.items()},
+                                  g.head_w[idx], g.head_b[idx], xb, g.chunk))
+        cols.extend(idx.tolist())
+    logits = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    return logits[:, np.argsort(cols)] if cols != list(range(n)) else logits
+
+
 def _check_images(comp: Composition, x) -> None:
     want = (32, 32, comp.in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
@@ -432,14 +503,21 @@ def apply(comp: Composition, x: jax.Array) -> jax.Array:
     Pure and jit/vmap-safe; predictions are ``argmax(-1)`` (indices into ``comp.labels``).
     """
     _check_images(comp, x)
-    cols = []
+    cols, positive = [], []
     for g in comp.groups:
+        if isinstance(g, ConcernGroup):
+            l2 = _concern_logits(g, x, comp.input)
+            cols.append(positive_probability(l2, g.num_classes))
+            positive.append(l2[..., 0] > l2[..., 1])
+            continue
         if isinstance(g, MaskedGroup):
             feats = _masked_logits(g, x, comp.input)
         else:
             feats = _extracted_logits(g, x, comp.input)
         cols.append(scores_from_logits(g.heads, g.classes, feats))
     s = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+    if len(positive) == len(comp.groups):  # all concern modules: the voting rule
+        s = vote_scores(s, jnp.concatenate(positive, axis=-1))
     return s[:, np.asarray(comp.order)] if comp.order != tuple(range(len(comp.order))) else s
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .concern import module_logits, module_size, positive_probability, topk_accuracy, vote, vote_scores
 from .extract import effective_masks, extract_all, forward_flops
 from .gradsplitter import features_for_dataset
 from .heads import scores_from_logits
 from .masks import flatten_masks, mask_points, total_kernels
-from .module_set import ModuleSet
+from .module_set import ConcernModuleSet, ModuleSet
 from .train import predict
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "retention",
     "jaccard_matrix",
     "evaluate_module_set",
+    "concern_logits",
+    "evaluate_concern_set",
 ]
 
 
@@ -41,8 +44,12 @@ def module_outputs(ms: ModuleSet, x_u8: np.ndarray, batch_size: int = 256) -> tu
     """(scores [n, N], positive bool [n, N]) of every module on uint8 images.
 
     A module with a head says "my class" when its sigmoid score > 0.5; a module without a
-    head (scored by its class logit) when its masked model's argmax is its class.
+    head (scored by its class logit) when its masked model's argmax is its class; a concern
+    module (positive-class probability) when its concerned logit beats the unconcerned one.
     """
+    if isinstance(ms, ConcernModuleSet):
+        l2 = concern_logits(ms, x_u8, batch_size)
+        return np.asarray(positive_probability(l2, ms.base.num_classes)), l2[..., 0] > l2[..., 1]
     mean, std = ms.normalization
     feats = features_for_dataset(ms.base, effective_masks(ms.masks), x_u8, mean, std, batch_size)
     classes = np.arange(ms.num_modules)
@@ -147,4 +154,91 @@ def evaluate_module_set(
         mods = extract_all(ms.base, ms.masks, ms.heads)
         mf = [forward_flops(m.model) for m in mods]
         out.update(base_flops=base_f, module_flops=mf, module_flops_ratio=[f / base_f for f in mf])
+    return out
+
+
+# ------------------------------------------------------------------ concern identification
+def concern_logits(ms: ConcernModuleSet, x_u8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Binary logits [n, N, 2] (concerned, unconcerned) of every module on uint8 images."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from .data import normalize
+    from .gradsplitter import resolve_chunk, GradSplitterConfig
+
+    mean, std = ms.normalization
+    n = ms.num_modules
+    chunk = resolve_chunk(GradSplitterConfig(), n)
+    graphdef, state = nnx.split(ms.base)
+    keep = {k: jnp.asarray(v) for k, v in ms.keep().items()}
+    hw, hb = jnp.asarray(ms.head_w), jnp.asarray(ms.head_b)
+
+    @jax.jit
+    def run(state, keep, hw, hb, x):
+        return module_logits(nnx.merge(graphdef, state), keep, hw, hb, x, chunk)
+
+    out = []
+    for i in range(0, len(x_u8), batch_size):
+        xb = x_u8[i:i + batch_size]
+        m = len(xb)
+        if m < batch_size and len(x_u8) > batch_size:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - m, 0)])
+        out.append(np.asarray(run(state, keep, hw, hb, jnp.asarray(normalize(xb, mean, std))))[:m])
+    return np.concatenate(out) if out else np.zeros((0, n, 2), np.float32)
+
+
+def _position_jaccard(ms: ConcernModuleSet) -> tuple[np.ndarray, np.ndarray]:
+    """([N, N] Jaccard index between modules' active-position sets, [N] module vs model)."""
+    n = ms.num_modules
+    act = np.concatenate([~np.asarray(v).reshape(n, -1) for v in ms.inactive.values()], 1)
+    a = act.astype(np.float64)
+    inter = a @ a.T
+    sizes = a.sum(1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    return inter / np.maximum(union, 1), sizes / act.shape[1]
+
+
+def evaluate_concern_set(ms: ConcernModuleSet, eval_split, test_split, info) -> dict:
+    """Pan & Rajan's metrics as a JSON-ready dict.
+
+    Decomposition cost = model accuracy - composed accuracy (top-1 and top-5, voting rule) on
+    ``test_split``; module precision / recall / F1 of the binary decisions on ``eval_split``;
+    agreement of composed and model predictions; Jaccard index of active-position sets
+    (between modules; module vs model = the module's active fraction, since the model keeps
+    every position); module size (parameters: the model's, no weight is removed).
+    """
+    n = ms.num_modules
+    xe, ye = eval_split
+    xt, yt = test_split
+    _, pos_e = module_outputs(ms, xe)
+    prf = [binary_metrics(pos_e[:, c], ye == c) for c in range(n)]
+    prob, pos = module_outputs(ms, xt)
+    scores = np.asarray(vote_scores(prob, pos))
+    composed = vote(prob, pos)
+    logits = predict(ms.base, xt, info)
+    base_pred = logits.argmax(-1)
+    jac, vs_model = _position_jaccard(ms)
+    off = jac[~np.eye(n, dtype=bool)]
+    out = {
+        "base_accuracy": float((base_pred == yt).mean()),
+        "composed_accuracy": float((composed == yt).mean()),
+        "base_top5": topk_accuracy(logits, yt, 5),
+        "composed_top5": topk_accuracy(scores, yt, 5),
+        "agreement_with_model": float((composed == base_pred).mean()),
+        "single_positive_fraction": float((pos.sum(-1) == 1).mean()),
+        "module_precision": [p for p, _, _ in prf],
+        "module_recall": [r for _, r, _ in prf],
+        "module_f1": [f for _, _, f in prf],
+        "mean_module_f1": float(np.mean([f for _, _, f in prf])),
+        "jaccard": jac.tolist(),
+        "mean_jaccard": float(off.mean()) if off.size else 1.0,
+        "jaccard_vs_model": vs_model.tolist(),
+        "mean_jaccard_vs_model": float(vs_model.mean()),
+        "module_size": module_size(ms.base, ms.inactive),
+        "eval_images": int(len(ye)),
+        "test_images": int(len(yt)),
+    }
+    out["accuracy_loss"] = out["base_accuracy"] - out["composed_accuracy"]
+    out["top5_loss"] = out["base_top5"] - out["composed_top5"]
     return out

@@ -13,6 +13,9 @@ patching a weak model, replacing a module.
   own target-class images; target-class precision / recall / F1 and non-target accuracy,
   before and after.
 * ``replace``: swap one class's module for another model's and report the change.
+* ``continuous_learning``: Pan & Rajan's re-run of tangling identification for concern
+  modules composed across datasets (each module sees the other datasets' classes as
+  negatives; nothing is trained).
 
 All functions return JSON-ready dicts; none prints.
 """
@@ -28,7 +31,7 @@ import numpy as np
 from .compose import Pick, compose, predict_scores
 from .data import DatasetInfo, Task
 from .evaluate import binary_metrics, classification_report, module_f1
-from .module_set import ModuleSet
+from .module_set import ConcernModuleSet, ModuleSet
 from .train import predict
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "patch_scores",
     "patch",
     "replace",
+    "continuous_learning",
 ]
 
 
@@ -269,3 +273,51 @@ def replace(picks: Sequence[Pick], column: int, new: Pick, task: Task, **compose
         "accuracy_change": after["accuracy"] - before["accuracy"],
         "f1_change": after["f1"][column] - before["f1"][column],
     }
+
+
+# ------------------------------------------------------------------ continuous learning
+def continuous_learning(picks: Sequence[Pick], task: Task, *, ratio: float = 1.0,
+                        key: jax.Array | None = None) -> list[Pick]:
+    """Picks whose concern modules re-ran tangling identification against the task classes
+    their model never saw (spec field-survey.md §1.7; the paper's "MMA").
+
+    ``picks[k]`` is the module of task label k (as ``compose_task`` returns them). For a
+    concern module of label k, the negatives are task training images of the labels that its
+    base model was not trained on (other datasets' classes, or classes of another model of
+    the same dataset): ``ratio`` x the label's own training-image count, spread evenly over
+    those labels, each read with the module's own normalisation. Positions they activate are
+    restored (``concern.retangle``); MC-BLN removals stay. Other picks are returned as given.
+    """
+    from .concern import retangle
+
+    if len(picks) != len(task.sources):
+        raise ValueError(f"{len(picks)} picks for a task of {len(task.sources)} classes")
+    key = jax.random.key(0) if key is None else key
+    y = np.asarray(task.ds.y_train)
+    out = []
+    for k, p in enumerate(picks):
+        ms = p.module_set
+        seen = set(Source("", ms).origins)
+        others = [t for t, o in enumerate(task.sources) if tuple(o) not in seen]
+        if not isinstance(ms, ConcernModuleSet) or not others:
+            out.append(p)
+            continue
+        want = int(round(ratio * int((y == k).sum())))
+        per = max(1, -(-want // len(others)))
+        idx = []
+        for t in others:
+            key, sub = jax.random.split(key)
+            cand = np.flatnonzero(y == t)
+            idx.append(np.asarray(jax.random.permutation(sub, cand))[:per])
+        idx = np.concatenate(idx)[:want] if want else np.zeros(0, np.int64)
+        c = int(p.source_class)
+        mean, std = ms.normalization
+        new = retangle(ms.base, {n: v[c:c + 1] for n, v in ms.inactive.items()}, ms.removed[c:c + 1],
+                       task.ds.x_train[idx], mean, std)
+        inactive = {n: v.copy() for n, v in ms.inactive.items()}
+        for n in inactive:
+            inactive[n][c] = new[n][0]
+        meta = {**ms.meta, "continuous_learning": {"module": c, "negatives": int(len(idx))}}
+        out.append(p._replace(module_set=ConcernModuleSet(ms.base, inactive, ms.head_w, ms.head_b,
+                                                          ms.removed, meta)))
+    return out
