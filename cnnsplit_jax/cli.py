@@ -168,7 +168,12 @@ def _cmd_info(args) -> int:
     ]
     for k, v in rows:
         print(f"{k:>16}: {v}")
-    print(f"{'mask points':>16}: " + ", ".join(f"{p.name}[{p.size}]" + ("x" + str(len(p.layers)) if len(p.layers) > 1 else "") for p in mask_points(model)))
+    if hasattr(model, "nodes"):  # ResNets: the position nodes concern identification masks
+        nodes = model.nodes()
+        print(f"{'nodes':>16}: {len(nodes)} ({sum(n.size for n in nodes):,} positions): "
+              + ", ".join(f"{n.name}{list(n.shape)}" for n in nodes))
+    else:
+        print(f"{'mask points':>16}: " + ", ".join(f"{p.name}[{p.size}]" + ("x" + str(len(p.layers)) if len(p.layers) > 1 else "") for p in mask_points(model)))
     if args.json:
         print(json.dumps({**meta, **counts}, indent=2))
     return 0
@@ -405,7 +410,7 @@ def _run_concern_split(model_dir: Path, out: Path, cfg, *, quiet: bool = False):
 
     from . import checkpoint as ckpt
     from . import plots
-    from .concern import decompose
+    from .concern import decompose, energy_estimate
     from .evaluate import evaluate_concern_set
     from .module_set import ConcernModuleSet, save_module_set
 
@@ -430,7 +435,8 @@ def _run_concern_split(model_dir: Path, out: Path, cfg, *, quiet: bool = False):
     save_module_set(out, ms)
     ev = evaluate_concern_set(ms, eval_split, test_split, ds.info)
     result = {"method": "concern", "model": model.arch, "dataset": meta["dataset"], **ev,
-              "decomposition": dec.stats, "decomposition_seconds": dec.stats["seconds"], "config": cfg_json}
+              "decomposition": dec.stats, "decomposition_seconds": dec.stats["seconds"],
+              "energy": energy_estimate(dec.stats["seconds"]), "config": cfg_json}
     ckpt.write_json(out / "split.json", result)
     plots.f1_bars(result["module_f1"], out / "module_f1.png", list(ds.info.class_names))
     return result

@@ -67,6 +67,7 @@ __all__ = [
     "vote_scores",
     "topk_accuracy",
     "module_size",
+    "energy_estimate",
 ]
 
 BACKTRACK = ("none", "bln")
@@ -154,11 +155,15 @@ def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Ar
 
 
 def membership(sets: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
-    """float32 [N, S]: 1 where ``index[s]`` belongs to ``sets[n]``."""
-    pos = {int(v): s for s, v in enumerate(index)}
+    """float32 [N, S]: 1 where ``index[s]`` belongs to ``sets[n]`` (``index`` sorted, unique,
+    and holding every member of every set)."""
+    index = np.asarray(index)
     m = np.zeros((len(sets), len(index)), np.float32)
     for n, st in enumerate(sets):
-        m[n, [pos[int(v)] for v in st]] = 1.0
+        cols = np.searchsorted(index, st)
+        if len(st) and (cols.max() >= len(index) or not np.array_equal(index[cols], st)):
+            raise ValueError(f"set {n} has members missing from the index")
+        m[n, cols] = 1.0
     return m
 
 
@@ -401,3 +406,14 @@ def module_size(model: ResNet, inactive: Mapping[str, np.ndarray]) -> dict:
         "active_fraction": (1 - off / total).tolist(),
         "mean_active_fraction": float((1 - off / total).mean()),
     }
+
+
+def energy_estimate(seconds: float, cpu_watts: float = 65.0, dram_watts: float = 5.0,
+                    gpu_watts: float = 0.0, gpus: int = 0) -> dict:
+    """Pan & Rajan's energy / CO2e formula (after Strubell et al.): ``kWh = 1.58 * hours *
+    (p_cpu + p_dram + gpus * p_gpu) / 1000`` (1.58 = datacentre PUE) and ``CO2e = 0.954 lbs
+    per kWh``. The wattages are assumptions (defaults: a 65 W desktop CPU, 5 W DRAM, no GPU),
+    not measurements; the paper measured them with Intel Power Gadget."""
+    kwh = 1.58 * (seconds / 3600.0) * (cpu_watts + dram_watts + gpus * gpu_watts) / 1000.0
+    return {"kwh": kwh, "co2e_lbs": 0.954 * kwh, "assumed_watts": {
+        "cpu": cpu_watts, "dram": dram_watts, "gpu": gpu_watts, "gpus": gpus}}

@@ -130,6 +130,12 @@ def test_positive_probability_and_voting_rule():
     assert C.topk_accuracy(np.asarray([[0.1, 0.5, 0.4]]), np.asarray([2]), 2) == 1.0
 
 
+def test_energy_estimate_follows_the_papers_formula():
+    e = C.energy_estimate(3600.0, cpu_watts=100.0, dram_watts=20.0, gpu_watts=250.0, gpus=2)
+    assert e["kwh"] == pytest.approx(1.58 * 620 / 1000)
+    assert e["co2e_lbs"] == pytest.approx(0.954 * 1.58 * 0.62)
+
+
 @pytest.fixture(scope="session")
 def resnet_digits(tmp_path_factory):
     """A narrow ResNet-20 trained on digits by the CLI (default resnet recipe: Adam)."""
