@@ -109,6 +109,19 @@ def jaccard_matrix(ms: ModuleSet) -> np.ndarray:
     return inter / np.maximum(union, 1)
 
 
+def _module_fields(prf, jac: np.ndarray) -> dict:
+    """Per-module precision / recall / F1 and the Jaccard matrix with its off-diagonal mean."""
+    off = jac[~np.eye(len(jac), dtype=bool)]
+    return {
+        "module_precision": [p for p, _, _ in prf],
+        "module_recall": [r for _, r, _ in prf],
+        "module_f1": [f for _, _, f in prf],
+        "mean_module_f1": float(np.mean([f for _, _, f in prf])),
+        "jaccard": jac.tolist(),
+        "mean_jaccard": float(off.mean()) if off.size else 1.0,
+    }
+
+
 def evaluate_module_set(
     ms: ModuleSet,
     eval_split: tuple[np.ndarray, np.ndarray],
@@ -132,7 +145,6 @@ def evaluate_module_set(
     base = float((predict(ms.base, xt, info).argmax(-1) == yt).mean())
     ret = retention(ms)
     jac = jaccard_matrix(ms)
-    off = jac[~np.eye(n, dtype=bool)]
     out = {
         "base_accuracy": base,
         "composed_accuracy": composed,
@@ -140,12 +152,7 @@ def evaluate_module_set(
         "mean_kernel_retention": ret["mean"],
         "kernel_retention": ret["per_module"],
         "layer_retention": ret["per_layer"],
-        "module_precision": [p for p, _, _ in prf],
-        "module_recall": [r for _, r, _ in prf],
-        "module_f1": [f for _, _, f in prf],
-        "mean_module_f1": float(np.mean([f for _, _, f in prf])),
-        "jaccard": jac.tolist(),
-        "mean_jaccard": float(off.mean()) if off.size else 1.0,
+        **_module_fields(prf, jac),
         "eval_images": int(len(ye)),
         "test_images": int(len(yt)),
     }
@@ -219,7 +226,6 @@ def evaluate_concern_set(ms: ConcernModuleSet, eval_split, test_split, info) -> 
     logits = predict(ms.base, xt, info)
     base_pred = logits.argmax(-1)
     jac, vs_model = _position_jaccard(ms)
-    off = jac[~np.eye(n, dtype=bool)]
     out = {
         "base_accuracy": float((base_pred == yt).mean()),
         "composed_accuracy": float((composed == yt).mean()),
@@ -227,12 +233,7 @@ def evaluate_concern_set(ms: ConcernModuleSet, eval_split, test_split, info) -> 
         "composed_top5": topk_accuracy(scores, yt, 5),
         "agreement_with_model": float((composed == base_pred).mean()),
         "single_positive_fraction": float((pos.sum(-1) == 1).mean()),
-        "module_precision": [p for p, _, _ in prf],
-        "module_recall": [r for _, r, _ in prf],
-        "module_f1": [f for _, _, f in prf],
-        "mean_module_f1": float(np.mean([f for _, _, f in prf])),
-        "jaccard": jac.tolist(),
-        "mean_jaccard": float(off.mean()) if off.size else 1.0,
+        **_module_fields(prf, jac),
         "jaccard_vs_model": vs_model.tolist(),
         "mean_jaccard_vs_model": float(vs_model.mean()),
         "module_size": module_size(ms.base, ms.inactive),
