@@ -33,14 +33,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, torch_enabled, write_json  # noqa: E402
 
-from cnnsplit_jax import cnnsplitter as cs  # noqa: E402
-from cnnsplit_jax.extract import effective_masks, extract_module  # noqa: E402
-from cnnsplit_jax.fitness import FitnessConfig, jaccard_distance_table, joint_fitness  # noqa: E402
-from cnnsplit_jax.ga import CNNSplitterGA  # noqa: E402
-from cnnsplit_jax.genome import decode, genome_layout, heuristic_population  # noqa: E402
-from cnnsplit_jax.importance import importance_order, kernel_importance  # noqa: E402
-from cnnsplit_jax.masks import flatten_masks  # noqa: E402
-from cnnsplit_jax.models import build_model  # noqa: E402
+from cnnsplit_jax.models import build_model, flatten_masks  # noqa: E402
+from cnnsplit_jax.modules.extract import effective_masks, extract_module  # noqa: E402
+from cnnsplit_jax.splitters import cnnsplitter as cs  # noqa: E402
+from cnnsplit_jax.splitters.cnnsplitter import (CNNSplitterGA, FitnessConfig, decode, genome_layout,  # noqa: E402
+                                                heuristic_population, importance_order, jaccard_distance_table,
+                                                joint_fitness, kernel_importance)
 
 
 def _timed(fn):
@@ -115,7 +113,7 @@ def bench(arch, width, population, n_img, sens_ratios, torch_sample, use_torch):
     if use_torch:
         import torch
 
-        from cnnsplit_jax.interop import torch_model
+        from cnnsplit_jax.models.interop import torch_model
 
         xt = torch.from_numpy(np.asarray(xn).transpose(0, 3, 1, 2).copy())
         pop_np = np.asarray(pops2)

@@ -33,11 +33,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, time_jax, time_torch, torch_enabled, write_json  # noqa: E402
 
 from cnnsplit_jax.compose import Pick, apply, compose  # noqa: E402
-from cnnsplit_jax.extract import extract_all, forward_flops, module_scores  # noqa: E402
-from cnnsplit_jax.heads import init_heads  # noqa: E402
-from cnnsplit_jax.masks import mask_points  # noqa: E402
-from cnnsplit_jax.models import build_model  # noqa: E402
-from cnnsplit_jax.module_set import ModuleSet, load_module_set  # noqa: E402
+from cnnsplit_jax.models import build_model, mask_points  # noqa: E402
+from cnnsplit_jax.modules.extract import extract_all, forward_flops  # noqa: E402
+from cnnsplit_jax.modules.forward import extracted_scores as module_scores  # noqa: E402
+from cnnsplit_jax.modules.heads import init_heads  # noqa: E402
+from cnnsplit_jax.modules.module_set import ModuleSet, load_module_set  # noqa: E402
 
 
 def synthetic_set(arch, width, keep, n=10, seed=0):
@@ -52,7 +52,7 @@ def synthetic_set(arch, width, keep, n=10, seed=0):
 def torch_loop_fn(mods, x_np, mean, std):
     import torch
 
-    from cnnsplit_jax.interop import torch_model
+    from cnnsplit_jax.models.interop import torch_model
 
     nets = [torch_model(m.model).eval() for m in mods]
     heads = [tuple(torch.from_numpy(np.array(h, np.float32)) for h in m.head) for m in mods]

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, torch_enabled, write_json  # noqa: E402
 
-from cnnsplit_jax import concern as C  # noqa: E402
+from cnnsplit_jax.splitters import concern as C  # noqa: E402
 from cnnsplit_jax.data import normalize  # noqa: E402
 from cnnsplit_jax.models import build_model  # noqa: E402
 

@@ -14,15 +14,27 @@ Per model (width 1, batch 64, 10 modules by default):
 Compile time is reported apart; medians of ``--reps`` runs, JAX and PyTorch interleaved
 in ``--rounds`` rounds; the ratio is the median of per-round ratios.
 
+``--reference CHECKOUT`` also times the reference's own splitter code: the authors'
+``GradSplitter`` and model classes imported from a checkout of their repository
+(``CHECKOUT/src/splitters/<model>_splitter.py``, ``CHECKOUT/src/models/<model>.py``; supplied
+by the user, never vendored here), loaded with our model's weights, its step being their
+forward, their kernel term (``get_module_kernels``), cross-entropy and Adam; interleaved with
+ours in the same rounds (width 1, RGB: the only shapes their classes build).
+
     python benchmarks/bench_gradsplitter.py [--models simcnn rescnn incecnn] [--reps 3]
+        [--reference path/to/GradSplitter]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import io
 import os
 import statistics
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +43,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, time_jax, time_torch, write_json  # noqa: E402
 
-from cnnsplit_jax import gradsplitter as gs  # noqa: E402
 from cnnsplit_jax.models import build_model  # noqa: E402
+from cnnsplit_jax.modules.forward import default_chunk  # noqa: E402
+from cnnsplit_jax.splitters import gradsplitter as gs  # noqa: E402
+from cnnsplit_jax.splitters.gradsplitter.step import _features, _head_step, _mod_step  # noqa: E402
 
 
 def torch_baseline(model, n_modules, alpha, batch, seed=0):
@@ -40,7 +54,7 @@ def torch_baseline(model, n_modules, alpha, batch, seed=0):
     import torch
     from torch import nn
 
-    from cnnsplit_jax.interop import torch_model
+    from cnnsplit_jax.models.interop import torch_model
 
     torch.manual_seed(seed)
     net = torch_model(model).eval()
@@ -90,7 +104,57 @@ def torch_baseline(model, n_modules, alpha, batch, seed=0):
     return mod_step, head_step
 
 
-def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, module_chunk=None):
+REFERENCE_CLASSES = {"simcnn": ("models.simcnn", "SimCNN"), "rescnn": ("models.rescnn", "ResCNN"),
+                     "incecnn": ("models.incecnn", "InceCNN")}
+
+
+def reference_steps(checkout, model, n_modules, alpha, batch, seed=0):
+    """(mod_step, head_step) of the reference's own GradSplitter classes from ``checkout``,
+    on ``model``'s weights, masks at N(1, 1) as ours (mid-search)."""
+    import torch
+    import torch.nn.functional as F
+
+    from cnnsplit_jax.models.interop import to_torch_state_dict
+
+    src = Path(checkout) / "src"
+    if not (src / "splitters" / f"{model.arch}_splitter.py").is_file():
+        raise SystemExit(f"--reference {checkout}: expected a checkout of the GradSplitter repository "
+                         f"(src/splitters/{model.arch}_splitter.py)")
+    if model.width != 1.0 or model.in_channels != 3:
+        raise SystemExit("--reference: the reference's classes build width-1 RGB models only")
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    mod_name, cls_name = REFERENCE_CLASSES[model.arch]
+    net = getattr(importlib.import_module(mod_name), cls_name)(num_classes=n_modules)
+    net.load_state_dict({k: torch.as_tensor(v) for k, v in to_torch_state_dict(model).items()}, strict=True)
+    splitter_cls = importlib.import_module(f"splitters.{model.arch}_splitter").GradSplitter
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its first head
+        sp = splitter_cls(net, "ones")
+    sp.train()
+    sp.model.eval()  # BN in inference mode, as their training loop sets it
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sp.named_parameters():
+        if "_conv_" in name:
+            p.data = torch.randn(p.shape, generator=g) + 1.0
+    heads = [p for n, p in sp.named_parameters() if p.requires_grad and "head" in n]
+    every = [p for p in sp.parameters() if p.requires_grad]
+    opt_mod, opt_head = torch.optim.Adam(every, lr=1e-3), torch.optim.Adam(heads, lr=1e-3)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.arange(batch) % n_modules
+
+    def step(opt, ratio):
+        out = sp(x)
+        loss = F.cross_entropy(out, y) + ratio * torch.mean(sp.get_module_kernels())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return (lambda: step(opt_mod, alpha)), (lambda: step(opt_head, 0.0))
+
+
+def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, module_chunk=None,
+          reference=None):
     model = build_model(arch, num_classes=n_modules, in_channels=3, width=width, key=0)
     cfg = gs.GradSplitterConfig()
     state = gs.init(jax.random.key(0), model, cfg)
@@ -100,14 +164,16 @@ def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, 
     state = state._replace(masks={k: jax.random.normal(jax.random.key(len(k)), v.shape) + 1.0
                                   for k, v in state.masks.items()})
     feats = gs.module_features(model, state.masks, x)
-    chunk = gs.resolve_chunk(cfg, n_modules) if module_chunk is None else module_chunk
-    mod = lambda s, x, y: gs._mod_step(model, jnp.float32(cfg.alpha), s, x, y, chunk=chunk)  # noqa: E731
-    head = lambda s, f, y: gs._head_step(s, f, y)  # noqa: E731
-    fpass = lambda m, x: gs._features(model, {k: gs.binarize(v) for k, v in m.items()}, x, chunk=chunk)  # noqa: E731
+    chunk = default_chunk(n_modules, cfg.module_chunk) if module_chunk is None else module_chunk
+    mod = lambda s, x, y: _mod_step(model, jnp.float32(cfg.alpha), s, x, y, chunk=chunk)  # noqa: E731
+    head = lambda s, f, y: _head_step(s, f, y)  # noqa: E731
+    fpass = lambda m, x: _features(model, {k: gs.binarize(v) for k, v in m.items()}, x, chunk=chunk)  # noqa: E731
     row = {"model": arch, "width": width, "batch": batch, "modules": n_modules, "module_chunk": chunk}
     if use_torch:
         t_mod, t_head = torch_baseline(model, n_modules, cfg.alpha, batch)
-    r = {k: [] for k in ("mod", "head", "feat", "tmod", "thead")}
+    if reference:
+        ref_mod, ref_head = reference_steps(reference, model, n_modules, cfg.alpha, batch)
+    r = {k: [] for k in ("mod", "head", "feat", "tmod", "thead", "rmod", "rhead")}
     for i in range(rounds):
         c, t, gf, _ = time_jax(mod, state, x, y, reps=reps)
         r["mod"].append(t)
@@ -122,6 +188,9 @@ def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, 
         if use_torch:
             r["tmod"].append(time_torch(t_mod, reps=reps)[0])
             r["thead"].append(time_torch(t_head, reps=reps)[0])
+        if reference:
+            r["rmod"].append(time_torch(ref_mod, reps=reps)[0])
+            r["rhead"].append(time_torch(ref_head, reps=reps)[0])
     med = statistics.median
     row.update(mod_step_s=med(r["mod"]), head_update_s=med(r["head"]), feature_pass_s=med(r["feat"]))
     row["head_step_effective_s"] = row["head_update_s"] + row["feature_pass_s"] / 2
@@ -140,6 +209,12 @@ def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, 
         )
         ref = (n_mod * row["torch_mod_step_s"] + n_head * row["torch_head_step_s"]) * steps
         row.update(torch_schedule_hours=ref / 3600, schedule_ratio=ours / ref)
+    if reference:
+        row.update(
+            reference_mod_step_s=med(r["rmod"]), reference_head_step_s=med(r["rhead"]),
+            mod_ratio_vs_reference=med([a / b for a, b in zip(r["mod"], r["rmod"])]),
+            head_ratio_vs_reference=med([(h + f / 2) / b for h, f, b in zip(r["head"], r["feat"], r["rhead"])]),
+        )
     return row
 
 
@@ -156,6 +231,8 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--module-chunk", type=int, default=None,
                    help="modules per vmapped group (default: the library's backend default)")
+    p.add_argument("--reference", default=None, metavar="CHECKOUT",
+                   help="also time the reference's own splitter classes from this checkout of its repository")
     p.add_argument("--out", default="results/bench_gradsplitter.json")
     a = p.parse_args(argv)
     try:
@@ -168,7 +245,8 @@ def main(argv=None):
     print("| model | chunk | mod step s | head update ms | feature pass s | head step eff. s | mod GFLOP/s | compile mod/head s | torch mod s | torch head s | mod ratio | head ratio | schedule h (ours / torch) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch in a.models:
-        r = bench(arch, a.width, a.batch, a.modules, a.reps, a.rounds, a.train_images, use_torch, a.module_chunk)
+        r = bench(arch, a.width, a.batch, a.modules, a.reps, a.rounds, a.train_images, use_torch, a.module_chunk,
+                  a.reference)
         rows.append(r)
         nan = float("nan")
         print(f"| {arch} | {r['module_chunk']} | {r['mod_step_s']:.2f} | {1e3 * r['head_update_s']:.2f} | {r['feature_pass_s']:.2f} | "
@@ -176,6 +254,13 @@ def main(argv=None):
               f"{r.get('torch_mod_step_s', nan):.2f} | {r.get('torch_head_step_s', nan):.2f} | "
               f"{r.get('mod_ratio', nan):.2f} | {r.get('head_ratio', nan):.3f} | "
               f"{r['schedule_hours']:.1f} / {r.get('torch_schedule_hours', nan):.1f} |", flush=True)
+    if a.reference:
+        print("\n| model | ours mod step s | reference mod step s | **mod ratio** | ours head step eff. s | "
+              "reference head step s | **head ratio** |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['mod_step_s']:.2f} | {r['reference_mod_step_s']:.2f} | "
+                  f"**{r['mod_ratio_vs_reference']:.2f}** | {r['head_step_effective_s']:.2f} | "
+                  f"{r['reference_head_step_s']:.2f} | **{r['head_ratio_vs_reference']:.2f}** |")
     write_json(a.out, {"environment": environment(), "rows": rows})
     print(f"\nwrote {a.out}")
 

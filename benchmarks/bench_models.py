@@ -1,7 +1,7 @@
 """Forward and forward+backward-w.r.t.-masks timings of SimCNN / ResCNN / InceCNN.
 
 Per model (batch 64, width 1 by default) and, with ``--layers``, per conv layer (every
-formulation of ``cnnsplit_jax.conv``), against a PyTorch model of the same architecture when
+formulation of ``cnnsplit_jax.models.conv``), against a PyTorch model of the same architecture when
 torch is installed. Compile time is reported apart; run times are medians of ``--reps`` runs
 timed with ``block_until_ready``; GFLOP/s uses XLA's cost analysis.
 
@@ -22,9 +22,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, time_jax, time_torch, write_json  # noqa: E402
 
-from cnnsplit_jax.conv import conv2d, select_conv_impl  # noqa: E402
-from cnnsplit_jax.masks import ones_masks  # noqa: E402
-from cnnsplit_jax.models import build_model  # noqa: E402
+from cnnsplit_jax.models import build_model, ones_masks  # noqa: E402
+from cnnsplit_jax.models.conv import conv2d, select_conv_impl  # noqa: E402
 
 
 def _loss(model, x, y, masks):
@@ -45,7 +44,7 @@ def bench_model(arch, batch, width, reps, rounds, torch_mod):
     row = {"model": arch, "batch": batch, "width": width, "rounds": rounds, "reps": reps}
     if torch_mod is not None:
         torch = torch_mod
-        from cnnsplit_jax.interop import torch_model
+        from cnnsplit_jax.models.interop import torch_model
 
         tm = torch_model(model)
         xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
@@ -91,13 +90,13 @@ def bench_layers(arch, batch, width, reps, torch_mod):
     model = build_model(arch, num_classes=10, in_channels=3, width=width, key=0)
     # input spatial size of each conv, from a shape trace of the forward pass
     sizes = {}
-    import cnnsplit_jax.models as M
+    import cnnsplit_jax.models.base as M  # ConvBN calls base.conv2d
 
     real = M.conv2d
 
-    def spy(x, w, b=None, impl=None):
+    def spy(x, w, b=None, impl=None, stride=1):
         sizes[(x.shape[1], x.shape[3], w.shape[3], w.shape[0])] = True
-        return real(x, w, b, impl)
+        return real(x, w, b, impl, stride)
 
     M.conv2d = spy
     try:

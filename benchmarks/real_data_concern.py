@@ -33,21 +33,20 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cnnsplit_jax.cli import main as cli
 from cnnsplit_jax.compose import Pick, compose, predict_scores
-from cnnsplit_jax.concern import topk_accuracy
 from cnnsplit_jax.data import load_task
-from cnnsplit_jax.module_set import load_module_set
+from cnnsplit_jax.evaluate import topk_accuracy
+from cnnsplit_jax.modules import load_module_set
+from cnnsplit_jax.pipeline import split_run, train_run
 from cnnsplit_jax.reuse import continuous_learning, train_from_scratch
+from cnnsplit_jax.splitters import ConcernConfig
 from cnnsplit_jax.train import RECIPES, TrainConfig
 
 
 def _split(run: Path, backtrack: str) -> dict:
     out = run.parent / f"{run.name}-concern-{backtrack}"
     if not (out / "split.json").exists():
-        rc = cli(["split", "--method", "concern", "--backtrack", backtrack, "--model-dir", str(run), "--out", str(out)])
-        if rc:
-            raise SystemExit(rc)
+        split_run(run, out, "concern", ConcernConfig(backtrack=backtrack))
     return {"dir": out, **json.loads((out / "split.json").read_text())}
 
 
@@ -108,10 +107,8 @@ def main(argv=None):
 
     digits = Path(a.digits) if a.digits else strong.parent / "digits_r20"
     if not (digits / "train.json").exists():
-        rc = cli(["train", "--model", "resnet20", "--dataset", "digits", "--width", "0.5", "--epochs", "30",
-                  "--batch-size", "64", "--out", str(digits)])
-        if rc:
-            raise SystemExit(rc)
+        train_run(digits, "resnet20", "digits", TrainConfig(**{**RECIPES["resnet"], "epochs": 30, "batch_size": 64}),
+                  width=0.5, recipe="resnet")
     dms = load_module_set(_split(digits, "bln")["dir"])
     print("\ninter-dataset reuse (Fashion-MNIST module + digits module):\n"
           "| task | composed | + continuous learning | trained from scratch |\n|---|---|---|---|")

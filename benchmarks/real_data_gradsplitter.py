@@ -16,36 +16,34 @@ import json
 import sys
 from pathlib import Path
 
-from cnnsplit_jax.cli import main as cli
+from cnnsplit_jax.pipeline import split_run, train_run
+from cnnsplit_jax.splitters import GradSplitterConfig
+from cnnsplit_jax.train import TrainConfig
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/fmnist")
     p.add_argument("--models", nargs="+", default=["simcnn", "rescnn"])
-    p.add_argument("--width", default="0.125")
-    p.add_argument("--epochs", default="5")
-    p.add_argument("--train-subset", default="8000")
-    p.add_argument("--modularity-epochs", default="21")
-    p.add_argument("--lr-modularity", default="0.005")
+    p.add_argument("--width", type=float, default=0.125)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--train-subset", type=int, default=8000)
+    p.add_argument("--modularity-epochs", type=int, default=21)
+    p.add_argument("--lr-modularity", type=float, default=0.005)
     a = p.parse_args(argv)
     out = Path(a.out)
     rows = []
     for m in a.models:
         run, mods = out / m, out / f"{m}-grad"
         if not (run / "train.json").exists():
-            rc = cli(["train", "--model", m, "--dataset", "fashion_mnist", "--width", a.width,
-                      "--epochs", a.epochs, "--batch-size", "128", "--lr", "0.05",
-                      "--lr-milestones", "0.6", "--out", str(run)])
-            if rc:
-                return rc
+            train_run(run, m, "fashion_mnist", TrainConfig(epochs=a.epochs, batch_size=128, lr=0.05,
+                                                           lr_milestones=(0.6,)), width=a.width,
+                      resume=(run / "train_state.json").exists())
         if not (mods / "split.json").exists():
-            rc = cli(["split", "--method", "grad", "--model-dir", str(run), "--out", str(mods),
-                      "--head-epochs", "2", "--modularity-epochs", a.modularity_epochs,
-                      "--lr-modularity", a.lr_modularity, "--train-subset", a.train_subset]
-                     + (["--resume"] if (mods / "search.json").exists() else []))
-            if rc:
-                return rc
+            cfg = GradSplitterConfig(head_epochs=2, modularity_epochs=a.modularity_epochs,
+                                     lr_modularity=a.lr_modularity)
+            split_run(run, mods, "grad", cfg, train_subset=a.train_subset,
+                      resume=(mods / "search.json").exists())
         tr = json.loads((run / "train.json").read_text())
         sp = json.loads((mods / "split.json").read_text())
         rows.append((m, tr, sp))

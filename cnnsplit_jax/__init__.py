@@ -1,51 +1,42 @@
 """cnnsplit-jax: decompose trained CNN classifiers into reusable per-class modules, in JAX.
 
-Layout (one file per idea):
+The names a JAX user needs, flat (optax style)::
 
-* ``models``     — Flax NNX SimCNN / ResCNN / InceCNN with named mask points
-* ``resnet``     — CIFAR ResNet-20 / 32 / 56 (no BN) with ReLU-input *nodes*
-* ``masks``      — model-generic mask-point helpers (sizes, all-ones masks, kernel counts)
-* ``conv``       — convolutions that pick the fastest correct formulation per layer shape
-* ``data``       — named datasets (digits, Fashion-MNIST, MNIST, CIFAR, SVHN), splits, batches
-* ``train``      — base-model training / evaluation (reference recipe)
-* ``checkpoint`` — Orbax checkpoints of models and resumable state
-* ``interop``    — load the reference PyTorch state dicts (optional ``torch`` extra)
-* ``gradsplitter`` — GradSplitter search (masks + heads, schedule, init/step/run)
-* ``cnnsplitter`` (+ ``genome``, ``ga``, ``fitness``, ``importance``) — CNNSplitter GA search
-* ``concern``    — Pan & Rajan's decomposition by concern identification (ResNets)
-* ``compose`` / ``reuse`` — modules of many models as one pytree; reuse scenarios
-* ``extract``    — standalone, physically smaller modules; FLOP counts
-* ``module_set`` — saved module sets; ``evaluate`` — module metrics; ``plots`` — PNGs
-* ``cli``        — the ``cnnsplit`` command
+    import cnnsplit_jax as cs
+    ds = cs.load_dataset("digits")                               # uint8 [N, 32, 32, C] + info
+    model = cs.build_model("simcnn", num_classes=10, in_channels=1, width=0.125)
+    result = cs.gradsplitter.split(key, model, data, cs.GradSplitterConfig())
+    comp = cs.compose([cs.Pick(result.module_set, 3), ...])      # a pytree
+    scores = jax.jit(cs.apply)(comp, x_uint8)                    # [B, K]
+
+Packages, bottom to top: ``models`` (architectures, masks, conv, interop), ``data``,
+``checkpoint``, ``train``, ``modules`` (module sets, heads, extraction, THE module forward),
+``splitters`` (``gradsplitter``, ``cnnsplitter``, ``concern``: one ``split`` API each),
+``compose`` / ``evaluate`` / ``reuse``, ``pipeline`` (runs on disk), ``cli``.
 """
 
-from .conv import conv2d, select_conv_impl
-from .data import DatasetError, load_dataset
+from . import checkpoint, data, models, modules, pipeline, splitters
 from .checkpoint import CheckpointError, load_model, save_model
-from .masks import kept_kernels, mask_points, ones_masks, total_kernels, count_params
-from .models import ARCHITECTURES, InceCNN, MaskedCNN, ResCNN, SimCNN, build_model
-from .resnet import ResNet
+from .compose import ClassRef, Composition, apply, compose, predict_scores
+from .data import Dataset, DatasetError, DatasetInfo, load_dataset, load_task, normalize
+from .evaluate import evaluate_module_set
+from .models import (ARCHITECTURES, InceCNN, MaskedCNN, ResCNN, ResNet, SimCNN, build_model, count_params,
+                     kept_kernels, mask_points, ones_masks, total_kernels)
+from .modules import ConcernModuleSet, ModuleSet, Pick, load_module_set, module_outputs, save_module_set
+from .progress import Progress
+from .splitters import (CNNSplitterConfig, ConcernConfig, GradSplitterConfig, SearchDivergedError, SplitData,
+                        SplitResult, cnnsplitter, concern, gradsplitter)
+from .train import TrainConfig, fit
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "ARCHITECTURES",
-    "CheckpointError",
-    "DatasetError",
-    "InceCNN",
-    "MaskedCNN",
-    "ResCNN",
-    "ResNet",
-    "SimCNN",
-    "build_model",
-    "conv2d",
-    "count_params",
-    "kept_kernels",
-    "load_dataset",
-    "load_model",
-    "mask_points",
-    "ones_masks",
-    "save_model",
-    "select_conv_impl",
+    "ARCHITECTURES", "CNNSplitterConfig", "CheckpointError", "ClassRef", "Composition", "ConcernConfig",
+    "ConcernModuleSet", "Dataset", "DatasetError", "DatasetInfo", "GradSplitterConfig", "InceCNN", "MaskedCNN",
+    "ModuleSet", "Pick", "Progress", "ResCNN", "ResNet", "SearchDivergedError", "SimCNN", "SplitData",
+    "SplitResult", "TrainConfig", "apply", "build_model", "checkpoint", "cnnsplitter", "compose", "concern",
+    "count_params", "data", "evaluate_module_set", "fit", "gradsplitter", "kept_kernels", "load_dataset",
+    "load_model", "load_module_set", "load_task", "mask_points", "models", "module_outputs", "modules",
+    "normalize", "ones_masks", "pipeline", "predict_scores", "save_model", "save_module_set", "splitters",
     "total_kernels",
 ]

@@ -10,10 +10,16 @@ Layout of a run directory written by ``save_model``::
 to numbered leaves, and restore it into the structure of a template, so optax / NamedTuple
 states round-trip exactly. Writes go to a temporary directory that replaces the old one
 only when complete, so an interrupted save never destroys the last good checkpoint.
+
+Resumable loops (training, GradSplitter, CNNSplitter) use one pair: ``save_progress`` writes
+the state tree and a JSON progress record (epoch counters, history, the run's config) as one
+atomic unit; ``load_progress`` restores both and refuses a different config.
+``config_json`` is the one way a config dataclass becomes JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,21 +36,47 @@ from .models import MaskedCNN, build_model
 
 __all__ = [
     "CheckpointError",
+    "config_json",
     "save_tree",
     "load_tree",
     "save_model",
     "load_model",
     "read_json",
-    "read_progress",
     "write_json",
+    "save_progress",
+    "load_progress",
+    "progress_exists",
 ]
 
 MODEL_JSON = "model.json"
 MODEL_DIR = "model"
+PROGRESS_JSON = "progress.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not match what is being restored."""
+    """A checkpoint is missing, corrupt, or does not match what is being restored.
+
+    ``str(e)`` says in a line or two which file is affected and what to do; ``e.detail``
+    holds the underlying cause (e.g. TensorStore's full message) when there is one.
+    """
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
+
+
+def config_json(cfg: Any) -> dict:
+    """A config dataclass as a JSON-ready dict (tuples become lists, nested dataclasses dicts)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {k: plain(x) for k, x in dataclasses.asdict(v).items()}
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
 
 
 def _ocp():
@@ -81,14 +113,6 @@ def read_json(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"corrupt JSON in {path}: {e}") from None
 
 
-def read_progress(directory: str | os.PathLike, name: str, config: dict) -> dict:
-    """Read the progress JSON ``directory/name`` of a resumable run; refuse another config."""
-    prog = read_json(Path(directory) / name)
-    if prog.get("config") != config:
-        raise CheckpointError(
-            f"cannot resume {directory}: it ran with config {prog.get('config')}, now {config}"
-        )
-    return prog
 
 
 def _to_saveable(leaf):
@@ -97,8 +121,9 @@ def _to_saveable(leaf):
     return jnp.asarray(leaf)
 
 
-def save_tree(path: str | os.PathLike, tree: Any) -> None:
-    """Save a pytree of arrays (PRNG keys allowed) to an Orbax directory at ``path``."""
+def save_tree(path: str | os.PathLike, tree: Any, extra_json: dict | None = None) -> None:
+    """Save a pytree of arrays (PRNG keys allowed) to an Orbax directory at ``path``;
+    ``extra_json`` is written as ``path/progress.json`` inside the same atomic replacement."""
     path = Path(path).absolute()
     leaves = jax.tree.leaves(tree)
     flat = {f"{i:05d}": _to_saveable(x) for i, x in enumerate(leaves)}
@@ -111,6 +136,8 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _ocp().v1.save(tmp, flat)
+    if extra_json is not None:
+        write_json(tmp / PROGRESS_JSON, extra_json)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -134,7 +161,10 @@ def load_tree(path: str | os.PathLike, template: Any) -> Any:
             warnings.simplefilter("ignore")
             flat = _ocp().v1.load(path)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        raise CheckpointError(f"corrupt checkpoint at {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f"corrupt checkpoint at {path} ({type(e).__name__}); its files are damaged or "
+            "incomplete: restore the directory from a backup or delete it and run again",
+            detail=f"{type(e).__name__}: {e}") from None
     if not isinstance(flat, dict) or len(flat) != len(leaves):
         n = len(flat) if isinstance(flat, dict) else "?"
         raise CheckpointError(
@@ -158,25 +188,12 @@ def load_tree(path: str | os.PathLike, template: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def model_config(model: MaskedCNN) -> dict:
-    """Constructor arguments that rebuild ``model``'s structure."""
-    cfg = {
-        "arch": model.arch,
-        "num_classes": model.num_classes,
-        "in_channels": model.in_channels,
-        "width": model.width,
-    }
-    if hasattr(model, "fc_hidden"):
-        cfg["fc_hidden"] = model.fc_hidden
-    return cfg
-
-
 def save_model(run_dir: str | os.PathLike, model: MaskedCNN, meta: dict | None = None) -> None:
     """Write ``model`` (params + BN stats) and ``meta`` to ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_tree(run_dir / MODEL_DIR, nnx.state(model))
-    write_json(run_dir / MODEL_JSON, {**model_config(model), **(meta or {})})
+    write_json(run_dir / MODEL_JSON, {**model.config(), **(meta or {})})
 
 
 def load_model(run_dir: str | os.PathLike) -> tuple[MaskedCNN, dict]:
@@ -194,7 +211,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[MaskedCNN, dict]:
     meta = read_json(run_dir / MODEL_JSON)
     try:
         kwargs = {k: meta[k] for k in ("num_classes", "in_channels", "width")}
-        if meta["arch"] == "simcnn" and meta.get("fc_hidden"):
+        if meta.get("fc_hidden"):  # SimCNN's FC width
             kwargs["fc_hidden"] = meta["fc_hidden"]
         # abstract model (no random init): every variable is then restored from disk
         model = nnx.eval_shape(lambda: build_model(meta["arch"], **kwargs))
@@ -203,3 +220,42 @@ def load_model(run_dir: str | os.PathLike) -> tuple[MaskedCNN, dict]:
     state = load_tree(run_dir / MODEL_DIR, nnx.state(model))
     nnx.update(model, state)
     return model, meta
+
+
+# ------------------------------------------------------------------------ resumable loops
+def save_progress(directory: str | os.PathLike, name: str, tree: Any, progress: dict) -> None:
+    """Checkpoint a resumable loop: ``tree`` to ``directory/name`` with ``progress`` (a JSON
+    record that must hold the run's ``"config"``) inside it, as one atomic unit; a copy of
+    ``progress`` goes to ``directory/name.json`` for people and tools to read."""
+    if "config" not in progress:
+        raise ValueError("progress must record the run's 'config'")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tree(directory / name, tree, extra_json=progress)
+    write_json(directory / f"{name}.json", progress)
+
+
+def progress_exists(directory: str | os.PathLike, name: str) -> bool:
+    """True when ``directory`` holds a checkpoint of the loop ``name``."""
+    directory = Path(directory)
+    return (directory / f"{name}.json").exists() or (directory / name / PROGRESS_JSON).exists()
+
+
+def load_progress(directory: str | os.PathLike, name: str, template: Any, config: dict) -> tuple[Any, dict]:
+    """Restore ``(tree, progress)`` saved by ``save_progress``. ``template`` is the tree's
+    structure, or a function of the progress record returning it (trees that grow with the
+    run, e.g. a history of masks).
+
+    Raises:
+      CheckpointError: nothing to resume, a damaged checkpoint, or a run made with another
+        config (resuming it would silently mix two runs).
+    """
+    directory = Path(directory)
+    inner = directory / name / PROGRESS_JSON
+    progress = read_json(inner if inner.is_file() else directory / f"{name}.json")
+    if progress.get("config") != config:
+        raise CheckpointError(
+            f"cannot resume {directory}: it ran with config {progress.get('config')}, now {config}")
+    if callable(template):
+        template = template(progress)
+    return load_tree(directory / name, template), progress

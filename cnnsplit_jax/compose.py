@@ -7,89 +7,49 @@ A ``Composition`` holds K modules (one per output column) and is a JAX pytree, s
     scores = jax.jit(apply)(comp, x_uint8)                          # [B, 3]
     pred = scores.argmax(-1)                                        # composed label
 
-Column k is the module ``picks[k].source_class`` of ``picks[k].module_set``; ``comp.labels``
-maps each composed class to its source explicitly (``ClassRef``). As in the papers, scores of
+Column k is module ``picks[k].source_class`` of ``picks[k].module_set``; ``comp.labels`` maps
+each composed class to its source explicitly (``ClassRef``). As in the papers, scores of
 different modules are compared directly (no calibration): head sigmoids for GradSplitter
-module sets, class logits for module sets without heads.
+module sets, class logits for module sets without heads, positive-class probabilities for
+concern modules. When every module is of a kind with its own rule (concern: Pan & Rajan's
+vote), ``apply`` applies it.
 
 **Inputs.** ``input="raw"`` (default): images with pixel values in [0, 255] (uint8 or float)
 ``[B, 32, 32, C]``; every module normalises them with its own base model's statistics, so
 modules of models trained on different datasets compose correctly. ``input="normalized"``:
 already-normalised images; all sources must then share one normalisation (else ValueError).
 
-**Execution** (all inside the one traced ``apply``, no host loop):
-
-* ``form="masked"``: modules run as the base model under their binary masks. Modules that
-  share a base model are one ``vmap`` over stacked masks and heads (split into vmapped groups
-  of ``chunk`` on the CPU, as GradSplitter). Modules of several base models with the same
-  structure (architecture, width, classes) form one group whose base parameters are stacked:
-  ``execution="vmap"`` runs one vmap over per-module gathered parameters (one batched/grouped
-  convolution per layer: the accelerator default); ``execution="unrolled"`` runs one vmap per
-  base model (the CPU default: XLA:CPU's grouped convolutions are 3-8x slower than separate
-  ones, ``benchmarks/bench_compose.py``).
-* ``form="extracted"``: physically pruned modules (``extract.extract_module``), different
-  sizes. ``execution="vmap"``: every module of a structure group is zero-padded to the
-  group's largest kept count per mask point (exact: padded channels are zero) and the stacked
-  parameters run as one vmap; ``execution="unrolled"``: each module's own pruned graph
-  (channel counts zero-padded to a multiple of ``align``), unrolled in the one jitted
-  program (the CPU default, fastest there).
-
-Groups of different architectures or widths are separate calls inside the same ``apply``.
-
-**Concern-identification modules** (``ConcernModuleSet``, ResNets) always run as the base
-model under their position maps (they have no pruned form: no weight is removed), one vmap
-over modules per base model, and score by their positive-class probability. When every
-module of a composition is of this kind, ``apply`` applies Pan & Rajan's voting rule (the
-single positive module wins, else the most confident: ``concern.vote_scores``); mixed
-compositions compare the probabilities with the other modules' sigmoid scores directly.
+**Execution.** Modules are grouped by kind and base-model structure; every group is one
+``modules.forward`` call inside the one traced ``apply`` (no host loop). ``form="masked"``:
+modules run as the base model under their masks (vmapped, in groups of ``chunk`` on the
+CPU); modules of several base models with one structure stack those models' parameters:
+``execution="vmap"`` runs one vmap over per-module gathered parameters (one batched/grouped
+convolution per layer: the accelerator default); ``"unrolled"`` one vmap per base model (the
+CPU default: XLA:CPU's grouped convolutions are 3-8x slower than separate ones,
+``benchmarks/bench_compose.py``). ``form="extracted"``: physically pruned modules (zero-padded
+to a common shape under ``"vmap"``; each its own graph, channel counts aligned to ``align``,
+under ``"unrolled"``). Concern modules always run as their base model under their position
+maps (they have no pruned form).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from .extract import effective_masks, extract_module, kept_indices
-from .gradsplitter import GradSplitterConfig, masked_logits, resolve_chunk
-from .heads import Heads, scores_from_logits
-from .masks import mask_points
-from .concern import module_logits, positive_probability, vote_scores
-from .module_set import ConcernModuleSet, ModuleSet
+from .data import map_batches
+from .modules.forward import INPUTS, KINDS, Pick, group_outputs
 
-__all__ = [
-    "Pick",
-    "ClassRef",
-    "Composition",
-    "MaskedGroup",
-    "ExtractedGroup",
-    "ConcernGroup",
-    "compose",
-    "apply",
-    "predict_scores",
-    "default_execution",
-]
+__all__ = ["Pick", "ClassRef", "Composition", "compose", "apply", "predict_scores", "default_execution",
+           "FORMS", "EXECUTIONS"]
 
 FORMS = ("masked", "extracted")
 EXECUTIONS = ("auto", "vmap", "unrolled")
-INPUTS = ("raw", "normalized")
-
-
-class Pick(NamedTuple):
-    """One module of a composition: module ``source_class`` of ``module_set``.
-
-    ``source``: a label for reports (e.g. the module-set directory); ``name``: the composed
-    class's name (default: the source's class name).
-    """
-
-    module_set: ModuleSet
-    source_class: int
-    source: str = ""
-    name: str | None = None
 
 
 class ClassRef(NamedTuple):
@@ -107,94 +67,15 @@ def default_execution() -> str:
     return "unrolled" if jax.default_backend() == "cpu" else "vmap"
 
 
-def _pytree(data, meta):
-    def deco(cls):
-        return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
-
-    return deco
-
-
-@_pytree(["params", "masks", "heads", "classes", "mean", "std"],
-         ["graphdef", "base_index", "execution", "chunk"])
-@dataclasses.dataclass(frozen=True)
-class MaskedGroup:
-    """Modules run as masked forwards of base models with one structure.
-
-    params: ``nnx.State`` of the M base models stacked on a leading axis [M, ...];
-    masks: ``{point: float 0/1 [n, C]}`` (keep-one rule applied); heads: ``Heads`` [n, ...] or
-    ``None``; classes: int32 [n] module class in its base model; mean/std: float32 [M, C];
-    base_index: static tuple (n) of each module's base model.
-    """
-
-    graphdef: nnx.GraphDef
-    params: nnx.State
-    masks: dict
-    heads: Heads | None
-    classes: jax.Array
-    mean: jax.Array
-    std: jax.Array
-    base_index: tuple
-    execution: str
-    chunk: int
-
-
-@_pytree(["params", "heads", "classes", "mean", "std", "tails"], ["graphdefs", "execution", "tail_of"])
-@dataclasses.dataclass(frozen=True)
-class ExtractedGroup:
-    """Physically pruned modules of one structure group.
-
-    ``execution="unrolled"``: graphdefs/params hold one entry per module (own shapes);
-    ``"vmap"``: one graphdef and params stacked [n, ...] (padded to common shapes).
-    heads: ``Heads`` [n, ...] or ``None``; classes int32 [n]; mean/std float32 [n, C].
-    tails: per distinct base model, the FC layers after the first ``((kernel, bias), ...)``;
-    extraction copies them unchanged, so modules of one base share them: they run once on
-    the stacked hidden activations of those modules (SimCNN's 4096x4096 layers are read
-    once, not once per module). tail_of: static base index per module; ``()`` when the
-    architecture has a single FC layer.
-    """
-
-    graphdefs: tuple
-    params: tuple
-    heads: Heads | None
-    classes: jax.Array
-    mean: jax.Array
-    std: jax.Array
-    tails: tuple
-    execution: str
-    tail_of: tuple
-
-
-@_pytree(["params", "keep", "head_w", "head_b", "mean", "std"],
-         ["graphdef", "base_index", "num_classes", "chunk"])
-@dataclasses.dataclass(frozen=True)
-class ConcernGroup:
-    """Concern-identification modules of ResNets with one structure.
-
-    params: the M base models' ``nnx.State`` stacked [M, ...]; keep: ``{node: float 0/1
-    [n, H, W, C]}``; head_w [n, F, 2] / head_b [n, 2]: channeled output layers; mean/std
-    float32 [M, C]; base_index: static base model per module; num_classes: the base models'
-    class count (for the positive probability).
-    """
-
-    graphdef: nnx.GraphDef
-    params: nnx.State
-    keep: dict
-    head_w: jax.Array
-    head_b: jax.Array
-    mean: jax.Array
-    std: jax.Array
-    base_index: tuple
-    num_classes: int
-    chunk: int
-
-
-@_pytree(["groups"], ["order", "labels", "input", "in_channels", "form"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["groups"],
+                   meta_fields=["order", "labels", "input", "in_channels", "form"])
 @dataclasses.dataclass(frozen=True)
 class Composition:
     """K composed modules. ``apply(comp, x)`` returns scores [B, K] in ``labels`` order.
 
-    groups: ``MaskedGroup`` / ``ExtractedGroup`` pytrees; order: static permutation from the
-    groups' concatenated columns to composed columns; labels: ``ClassRef`` per column.
+    groups: ``modules.forward`` group pytrees; order: static permutation from the groups'
+    concatenated columns to composed columns; labels: ``ClassRef`` per column; input: ``raw``
+    or ``normalized``; in_channels: image channels; form: ``masked`` or ``extracted``.
     """
 
     groups: tuple
@@ -213,10 +94,8 @@ class Composition:
         return [c.name for c in self.labels]
 
 
-# ------------------------------------------------------------------------------ building
 def _structure_key(model) -> tuple:
-    return (model.arch, model.width, model.num_classes, model.in_channels,
-            getattr(model, "fc_hidden", None))
+    return tuple(sorted(model.config().items()))
 
 
 def _check_picks(picks: Sequence[Pick], input: str) -> None:
@@ -227,8 +106,8 @@ def _check_picks(picks: Sequence[Pick], input: str) -> None:
         raise ValueError(f"modules expect different input channels {sorted(chans)}; "
                          "all modules of a composition must read the same images")
     for k, p in enumerate(picks):
-        if not isinstance(p.module_set, (ModuleSet, ConcernModuleSet)):
-            raise TypeError(f"pick {k}: expected a ModuleSet, got {type(p.module_set).__name__}")
+        if not hasattr(p.module_set, "forward_form"):
+            raise TypeError(f"pick {k}: expected a module set, got {type(p.module_set).__name__}")
         n = p.module_set.num_modules
         if not 0 <= int(p.source_class) < n:
             raise ValueError(f"pick {k} ({p.source or 'module set'}): unknown class index "
@@ -244,116 +123,8 @@ def _check_picks(picks: Sequence[Pick], input: str) -> None:
 
 
 def _labels(picks: Sequence[Pick]) -> tuple:
-    out = []
-    for p in picks:
-        meta = p.module_set.meta
-        names = meta.get("class_names") or [str(i) for i in range(p.module_set.num_modules)]
-        c = int(p.source_class)
-        out.append(ClassRef(p.source, str(meta.get("dataset", "")), c, p.name or str(names[c])))
-    return tuple(out)
-
-
-def _norm_arrays(sets: Sequence[ModuleSet]) -> tuple[jax.Array, jax.Array]:
-    mean = jnp.asarray([ms.normalization[0] for ms in sets], jnp.float32)
-    std = jnp.asarray([ms.normalization[1] for ms in sets], jnp.float32)
-    return mean, std
-
-
-def _stack_heads(heads_list) -> Heads | None:
-    if heads_list[0] is None:
-        return None
-    return Heads(*(jnp.stack([jnp.asarray(h[j]) for h in heads_list]) for j in range(4)))
-
-
-def _masked_group(picks, execution, chunk) -> MaskedGroup:
-    sets, base_of = _distinct_bases(picks)
-    bases = [ms.base for ms in sets]
-    graphdef = nnx.graphdef(bases[0])
-    params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in bases])
-    points = [pt.name for pt in mask_points(bases[0])]
-    eff = [effective_masks({k: np.asarray(p.module_set.masks[k][p.source_class])[None] for k in points})
-           for p in picks]
-    masks = {k: jnp.asarray(np.concatenate([e[k] for e in eff])) for k in points}
-    heads = _stack_heads([None if p.module_set.heads is None else
-                          tuple(np.asarray(h)[p.source_class] for h in p.module_set.heads) for p in picks])
-    mean, std = _norm_arrays(sets)
-    chunk = chunk or resolve_chunk(GradSplitterConfig(), len(picks))
-    return MaskedGroup(graphdef, params, masks, heads,
-                       jnp.asarray([p.source_class for p in picks], jnp.int32), mean, std,
-                       tuple(base_of), execution, int(chunk))
-
-
-def _distinct_bases(picks):
-    """(module sets with distinct base models, base index per pick)."""
-    sets, base_of, ids = [], [], []
-    for p in picks:
-        if id(p.module_set.base) not in ids:
-            sets.append(p.module_set)
-            ids.append(id(p.module_set.base))
-        base_of.append(ids.index(id(p.module_set.base)))
-    return sets, base_of
-
-
-def _concern_group(picks, chunk) -> ConcernGroup:
-    sets, base_of = _distinct_bases(picks)
-    bases = [ms.base for ms in sets]
-    params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in bases])
-    keeps = [p.module_set.keep(p.source_class) for p in picks]
-    keep = {k: jnp.asarray(np.stack([kp[k] for kp in keeps])) for k in keeps[0]}
-    head_w = jnp.asarray(np.stack([p.module_set.head_w[p.source_class] for p in picks]))
-    head_b = jnp.asarray(np.stack([p.module_set.head_b[p.source_class] for p in picks]))
-    mean, std = _norm_arrays(sets)
-    chunk = chunk or resolve_chunk(GradSplitterConfig(), len(picks))
-    return ConcernGroup(nnx.graphdef(bases[0]), params, keep, head_w, head_b, mean, std,
-                        tuple(base_of), int(bases[0].num_classes), int(chunk))
-
-
-def _module_masks(p: Pick) -> dict:
-    return {k: np.asarray(v[p.source_class]) for k, v in p.module_set.masks.items()}
-
-
-def _module_head(p: Pick):
-    if p.module_set.heads is None:
-        return None
-    return tuple(np.asarray(h)[p.source_class] for h in p.module_set.heads)
-
-
-def _aligned(n: int, full: int, align: int) -> int:
-    return min(full, -(-n // align) * align) if align > 1 else n
-
-
-def _extracted_group(picks, execution, align) -> ExtractedGroup:
-    kept = [kept_indices(p.module_set.base, _module_masks(p)) for p in picks]
-    full = {pt.name: pt.size for pt in mask_points(picks[0].module_set.base)}
-    if execution == "vmap":  # one common (aligned) shape for the whole group
-        common = {k: _aligned(max(kp[k].size for kp in kept), full[k], align) for k in full}
-        pads = [common] * len(picks)
-    else:  # each module its own shape, channel counts rounded up to a multiple of `align`
-        pads = [{k: _aligned(kp[k].size, full[k], align) for k in full} for kp in kept]
-    mods = [extract_module(p.module_set.base, _module_masks(p), _module_head(p), p.source_class, pad)
-            for p, pad in zip(picks, pads)]
-    splits = [nnx.split(m.model) for m in mods]
-    if execution == "vmap":
-        graphdefs = (splits[0][0],)
-        params = (jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in splits]),)
-    else:
-        graphdefs = tuple(g for g, _ in splits)
-        params = tuple(s for _, s in splits)
-    mean, std = _norm_arrays([p.module_set for p in picks])
-    tails, tail_of = (), ()
-    base = picks[0].module_set.base
-    if len(base.fc_layers) > 1:
-        ids = []
-        for p in picks:
-            if id(p.module_set.base) not in ids:
-                ids.append(id(p.module_set.base))
-        tail_of = tuple(ids.index(id(p.module_set.base)) for p in picks)
-        by_id = {id(p.module_set.base): p.module_set.base for p in picks}
-        tails = tuple(tuple((getattr(by_id[i], n).kernel[...], getattr(by_id[i], n).bias[...])
-                            for n in base.fc_layers[1:]) for i in ids)
-    return ExtractedGroup(graphdefs, params, _stack_heads([m.head for m in mods]),
-                          jnp.asarray([p.source_class for p in picks], jnp.int32), mean, std,
-                          tails, execution, tail_of)
+    return tuple(ClassRef(p.source, str(p.module_set.meta.get("dataset", "")), int(p.source_class),
+                          p.name or p.module_set.class_names[int(p.source_class)]) for p in picks)
 
 
 def compose(
@@ -389,105 +160,14 @@ def compose(
     execution = default_execution() if execution == "auto" else execution
     groups_idx: dict[tuple, list[int]] = {}
     for k, p in enumerate(picks):
-        concern = isinstance(p.module_set, ConcernModuleSet)
-        groups_idx.setdefault((concern, *_structure_key(p.module_set.base)), []).append(k)
+        kind = p.module_set.forward_form(form)
+        groups_idx.setdefault((kind, _structure_key(p.module_set.base)), []).append(k)
     groups, cols = [], []
-    for (concern, *_), idx in groups_idx.items():
-        gp = [picks[k] for k in idx]
-        if concern:
-            groups.append(_concern_group(gp, chunk))
-        else:
-            groups.append(_masked_group(gp, execution, chunk) if form == "masked"
-                          else _extracted_group(gp, execution, align))
+    for (kind, _), idx in groups_idx.items():
+        groups.append(KINDS[kind].stack([picks[k] for k in idx], execution=execution, chunk=chunk, align=align))
         cols.extend(idx)
     order = tuple(int(i) for i in np.argsort(cols))
-    return Composition(tuple(groups), order, _labels(picks), input,
-                       picks[0].module_set.base.in_channels, form)
-
-
-# ------------------------------------------------------------------------------ running
-def _prep(x, mean, std, input):
-    x = x.astype(jnp.float32)
-    return (x / 255.0 - mean) / std if input == "raw" else x
-
-
-def _masked_logits(g: MaskedGroup, x, input) -> jax.Array:
-    """[B, n, K] logits of a masked group."""
-    n = len(g.base_index)
-    n_bases = g.mean.shape[0]
-
-    def run_base(b, masks_b):
-        params = jax.tree.map(lambda a: a[b], g.params)
-        model = nnx.merge(g.graphdef, params)
-        return masked_logits(model, masks_b, _prep(x, g.mean[b], g.std[b], input), g.chunk)
-
-    if n_bases == 1 or g.execution == "unrolled":
-        outs, cols = [], []
-        for b in range(n_bases):
-            idx = [i for i in range(n) if g.base_index[i] == b]
-            outs.append(run_base(b, {k: v[np.asarray(idx)] for k, v in g.masks.items()}))
-            cols.extend(idx)
-        logits = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
-        logits = logits[np.argsort(cols)] if cols != list(range(n)) else logits
-    else:  # one vmap over modules with their base model's parameters gathered per module
-        bi = np.asarray(g.base_index)
-        params = jax.tree.map(lambda a: a[bi], g.params)
-
-        def one(p, mk, mean, std):
-            return nnx.merge(g.graphdef, p)(_prep(x, mean, std, input), mk)
-
-        logits = jax.vmap(one)(params, g.masks, g.mean[bi], g.std[bi])
-    return jnp.swapaxes(logits, 0, 1)
-
-
-def _tail(h, layers):
-    for j, (w, b) in enumerate(layers):
-        h = h @ w + b
-        if j < len(layers) - 1:
-            h = jax.nn.relu(h)
-    return h
-
-
-def _extracted_logits(g: ExtractedGroup, x, input) -> jax.Array:
-    """[B, n, K] logits of an extracted group."""
-    stop = 1 if g.tails else None  # with shared tails: modules run up to their first FC
-
-    def run(model, i_or_mean, std=None):
-        mean, std = (g.mean[i_or_mean], g.std[i_or_mean]) if std is None else (i_or_mean, std)
-        return model.fc_chain(model.features(_prep(x, mean, std, input)), 0, stop)
-
-    if g.execution == "vmap":
-        h = jax.vmap(lambda p, m, s: run(nnx.merge(g.graphdefs[0], p), m, s))(g.params[0], g.mean, g.std)
-    else:
-        h = jnp.stack([run(nnx.merge(gd, p), i) for i, (gd, p) in enumerate(zip(g.graphdefs, g.params))])
-    if not g.tails:
-        return jnp.swapaxes(h, 0, 1)
-    n, b = h.shape[:2]
-    outs, cols = [], []
-    for t, layers in enumerate(g.tails):  # one matmul chain per base model
-        idx = [i for i in range(n) if g.tail_of[i] == t]
-        ht = h[np.asarray(idx)].reshape(len(idx) * b, -1)
-        outs.append(_tail(ht, layers).reshape(len(idx), b, -1))
-        cols.extend(idx)
-    logits = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
-    if cols != list(range(n)):
-        logits = logits[np.argsort(cols)]
-    return jnp.swapaxes(logits, 0, 1)
-
-
-def _concern_logits(g: ConcernGroup, x, input) -> jax.Array:
-    """[B, n, 2] binary logits of a concern group (one vmap per base model)."""
-    n = len(g.base_index)
-    outs, cols = [], []
-    for b in range(g.mean.shape[0]):
-        idx = np.asarray([i for i in range(n) if g.base_index[i] == b])
-        model = nnx.merge(g.graphdef, jax.tree.map(lambda a: a[b], g.params))
-        xb = _prep(x, g.mean[b], g.std[b], input)
-        outs.append(module_logits(model, {k: v[idx] for k, v in g.keep.items()},
-                                  g.head_w[idx], g.head_b[idx], xb, g.chunk))
-        cols.extend(idx.tolist())
-    logits = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-    return logits[:, np.argsort(cols)] if cols != list(range(n)) else logits
+    return Composition(tuple(groups), order, _labels(picks), input, picks[0].module_set.base.in_channels, form)
 
 
 def _check_images(comp: Composition, x) -> None:
@@ -503,21 +183,12 @@ def apply(comp: Composition, x: jax.Array) -> jax.Array:
     Pure and jit/vmap-safe; predictions are ``argmax(-1)`` (indices into ``comp.labels``).
     """
     _check_images(comp, x)
-    cols, positive = [], []
-    for g in comp.groups:
-        if isinstance(g, ConcernGroup):
-            l2 = _concern_logits(g, x, comp.input)
-            cols.append(positive_probability(l2, g.num_classes))
-            positive.append(l2[..., 0] > l2[..., 1])
-            continue
-        if isinstance(g, MaskedGroup):
-            feats = _masked_logits(g, x, comp.input)
-        else:
-            feats = _extracted_logits(g, x, comp.input)
-        cols.append(scores_from_logits(g.heads, g.classes, feats))
-    s = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
-    if len(positive) == len(comp.groups):  # all concern modules: the voting rule
-        s = vote_scores(s, jnp.concatenate(positive, axis=-1))
+    outs = [group_outputs(g, x, comp.input) for g in comp.groups]
+    cat = lambda parts: jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]  # noqa: E731
+    s = cat([o[0] for o in outs])
+    rules = {KINDS[g.kind].combine for g in comp.groups}
+    if len(rules) == 1 and None not in rules:  # every module of one kind with its own rule
+        s = rules.pop()(s, cat([o[1] for o in outs]))
     return s[:, np.asarray(comp.order)] if comp.order != tuple(range(len(comp.order))) else s
 
 
@@ -525,15 +196,7 @@ _apply_jit = jax.jit(apply)
 
 
 def predict_scores(comp: Composition, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Scores [n, K] for a NumPy array of images (batched; last batch padded to a full one
-    so a single shape is compiled)."""
+    """Scores [n, K] for a NumPy array of images (padded batches: one compiled shape)."""
     x = np.asarray(x)
     _check_images(comp, x)
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
-        n = len(xb)
-        if n < batch_size and len(x) > batch_size:
-            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - n, 0)])
-        out.append(np.asarray(_apply_jit(comp, jnp.asarray(xb)))[:n])
-    return np.concatenate(out) if out else np.zeros((0, comp.num_classes), np.float32)
+    return map_batches(lambda xb: _apply_jit(comp, jnp.asarray(xb)), [x], batch_size)

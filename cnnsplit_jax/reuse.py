@@ -22,6 +22,7 @@ All functions return JSON-ready dicts; none prints.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Sequence
 
@@ -31,7 +32,8 @@ import numpy as np
 from .compose import Pick, compose, predict_scores
 from .data import DatasetInfo, Task
 from .evaluate import binary_metrics, classification_report, module_f1
-from .module_set import ConcernModuleSet, ModuleSet
+from .modules.module_set import ModuleSet
+from .splitters.concern import retangle
 from .train import predict
 
 __all__ = [
@@ -288,8 +290,6 @@ def continuous_learning(picks: Sequence[Pick], task: Task, *, ratio: float = 1.0
     those labels, each read with the module's own normalisation. Positions they activate are
     restored (``concern.retangle``); MC-BLN removals stay. Other picks are returned as given.
     """
-    from .concern import retangle
-
     if len(picks) != len(task.sources):
         raise ValueError(f"{len(picks)} picks for a task of {len(task.sources)} classes")
     key = jax.random.key(0) if key is None else key
@@ -299,7 +299,7 @@ def continuous_learning(picks: Sequence[Pick], task: Task, *, ratio: float = 1.0
         ms = p.module_set
         seen = set(Source("", ms).origins)
         others = [t for t, o in enumerate(task.sources) if tuple(o) not in seen]
-        if not isinstance(ms, ConcernModuleSet) or not others:
+        if ms.kind != "concern" or not others:
             out.append(p)
             continue
         want = int(round(ratio * int((y == k).sum())))
@@ -318,6 +318,5 @@ def continuous_learning(picks: Sequence[Pick], task: Task, *, ratio: float = 1.0
         for n in inactive:
             inactive[n][c] = new[n][0]
         meta = {**ms.meta, "continuous_learning": {"module": c, "negatives": int(len(idx))}}
-        out.append(p._replace(module_set=ConcernModuleSet(ms.base, inactive, ms.head_w, ms.head_b,
-                                                          ms.removed, meta)))
+        out.append(p._replace(module_set=dataclasses.replace(ms, inactive=inactive, meta=meta)))
     return out

@@ -1,11 +1,20 @@
+"""Shared fixtures: trained runs and module sets built once per session with the library's
+pipeline (only tests under tests/cli/ go through ``main([...])``)."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                                   reason="Debian dataset-fashion-mnist not installed")
 
 
 @pytest.fixture(scope="session")
@@ -17,25 +26,61 @@ def digits():
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
-    """A narrow SimCNN trained on digits by the CLI (the demo's recipe), as a run directory."""
-    from cnnsplit_jax.cli import main
+    """A narrow SimCNN trained on digits with the 'quick' recipe (the demo's), as a run directory."""
+    from cnnsplit_jax.pipeline import train_run
+    from cnnsplit_jax.train import RECIPES, TrainConfig
 
     out = tmp_path_factory.mktemp("digits_run") / "run"
-    rc = main(["train", "--model", "simcnn", "--dataset", "digits", "--width", "0.125",
-               "--epochs", "12", "--batch-size", "64", "--lr", "0.05", "--lr-milestones", "0.75",
-               "--seed", "0", "--out", str(out)])
-    assert rc == 0
+    train_run(out, "simcnn", "digits", TrainConfig(**RECIPES["quick"], seed=0), width=0.125, recipe="quick")
     return out
 
 
 @pytest.fixture(scope="session")
 def digits_modules(digits_run, tmp_path_factory):
-    """GradSplitter modules of ``digits_run``, split by the CLI (a short schedule)."""
-    from cnnsplit_jax.cli import main
+    """GradSplitter modules of ``digits_run`` (a short schedule), as a module-set directory."""
+    from cnnsplit_jax.pipeline import split_run
+    from cnnsplit_jax.splitters import GradSplitterConfig
 
     out = tmp_path_factory.mktemp("digits_modules") / "mods"
-    rc = main(["split", "--method", "grad", "--model-dir", str(digits_run), "--out", str(out),
-               "--head-epochs", "1", "--modularity-epochs", "7", "--lr-modularity", "0.05",
-               "--select-tolerance", "0.03"])
-    assert rc == 0
+    split_run(digits_run, out, "grad", GradSplitterConfig(head_epochs=1, modularity_epochs=7, lr_modularity=0.05,
+                                                          select_tolerance=0.03))
     return out
+
+
+@pytest.fixture(scope="session")
+def rescnn_modules(tmp_path_factory):
+    """A second, weaker model of another architecture on digits (Dirichlet subsample), split."""
+    from cnnsplit_jax.pipeline import split_run, train_run
+    from cnnsplit_jax.splitters import GradSplitterConfig
+    from cnnsplit_jax.train import TrainConfig
+
+    d = tmp_path_factory.mktemp("rescnn")
+    train_run(d / "run", "rescnn", "digits", TrainConfig(epochs=10, batch_size=64, lr=0.05, lr_milestones=(0.75,),
+                                                         dirichlet_alpha=1.0, dirichlet_min_size=20, seed=1),
+              width=0.125)
+    split_run(d / "run", d / "mods", "grad", GradSplitterConfig(head_epochs=1, modularity_epochs=7, lr_modularity=0.05))
+    return d / "mods"
+
+
+@pytest.fixture(scope="session")
+def resnet_digits(tmp_path_factory):
+    """A narrow ResNet-20 trained on digits (the resnet recipe: Adam)."""
+    from cnnsplit_jax.pipeline import train_run
+    from cnnsplit_jax.train import RECIPES, TrainConfig
+
+    out = tmp_path_factory.mktemp("resnet_digits") / "run"
+    train_run(out, "resnet20", "digits", TrainConfig(**{**RECIPES["resnet"], "epochs": 20, "batch_size": 64}),
+              width=0.5, recipe="resnet")
+    return out
+
+
+@pytest.fixture(scope="session")
+def concern_modules(resnet_digits, tmp_path_factory):
+    """Concern-identification module sets of ``resnet_digits``: {"none": dir, "bln": dir}."""
+    from cnnsplit_jax.pipeline import split_run
+    from cnnsplit_jax.splitters import ConcernConfig
+
+    d = tmp_path_factory.mktemp("concern")
+    for bt in ("none", "bln"):
+        split_run(resnet_digits, d / bt, "concern", ConcernConfig(backtrack=bt))
+    return {"none": d / "none", "bln": d / "bln"}

@@ -1,0 +1,54 @@
+"""The ``cnnsplit`` command: ``train | info | split | evaluate | compose | patch | replace | demo``.
+
+Argument parsing (``parser``), printing, progress bars (``report``) and plots (``plots``)
+only: every command calls one ``cnnsplit_jax.pipeline`` function. Errors print one or two
+lines (``--verbose``: the full cause); ``RunWarning``s print as ``warning: ...`` lines.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+
+__all__ = ["main"]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    from ..pipeline import RunWarning
+
+    if issubclass(category, RunWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``cnnsplit`` with ``argv``; returns the exit status (2 on a user error)."""
+    from ..checkpoint import CheckpointError
+    from ..data import DatasetError
+    from ..pipeline import RunWarning
+    from .commands import COMMANDS
+    from .parser import build_parser
+
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RunWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return COMMANDS[args.command](args)
+        except (DatasetError, CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            detail = getattr(e, "detail", None)
+            if verbose:
+                if detail:
+                    print(detail, file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
+            elif detail:
+                print("(run with --verbose for the full cause)", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The ``cnnsplit`` subcommands: each turns its flags into configs, calls one ``pipeline``
+function, prints a table and writes the plots. Progress goes to stderr; results to stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import checkpoint as ckpt
+from .. import pipeline
+from ..models import ARCHITECTURES, mask_points
+from ..pipeline import DemoConfig, RunWarning
+from ..splitters.gradsplitter import PRESETS, round_modularity_epochs
+from ..train import RECIPES, TrainConfig, summary
+from . import plots
+from .parser import METHOD_CONFIGS, config_from
+from .report import (ProgressPrinter, class_table, log, module_table, patch_table, sources_table,
+                     write_split_plots)
+
+__all__ = ["COMMANDS"]
+
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "augment",
+                "patience", "dirichlet_alpha", "dirichlet_min_size", "seed")
+
+
+def _warn(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, RunWarning, stacklevel=2)
+
+
+def _train_line(p) -> str | None:
+    if p.stage != "epoch":
+        return None
+    r = p.metrics
+    return (f"epoch {p.index + 1:3d}/{p.total}  loss {r['train_loss']:.4f}  train acc {r['train_accuracy']:.4f}  "
+            f"val acc {r['val_accuracy']:.4f}  [{r['seconds']:.1f}s]")
+
+
+def cmd_train(args) -> int:
+    recipe = args.recipe or ("resnet" if ARCHITECTURES[args.model].mask_kind == "node" else "reference")
+    cfg = config_from(TrainConfig, args, TRAIN_FIELDS, RECIPES[recipe])
+    if isinstance(cfg.lr_milestones, list):
+        cfg = TrainConfig(**{**ckpt.config_json(cfg), "lr_milestones": tuple(cfg.lr_milestones)})
+    log(f"training {args.model} (width {args.width}) on {args.dataset} for {cfg.epochs} epochs ({recipe} recipe)")
+    res = pipeline.train_run(args.out, args.model, args.dataset, cfg, width=args.width, fc_hidden=args.fc_hidden,
+                             recipe=recipe, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
+                             callbacks=ProgressPrinter(line=_train_line))
+    log(f"{res['num_kernels']} kernels, {res['num_params']:,} params; test accuracy {res['test_accuracy']:.4f}; "
+        f"wrote {Path(args.out) / 'train.json'}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    run = Path(args.run_dir)
+    model, meta = ckpt.load_model(run)
+    counts = summary(model)
+    train = ckpt.read_json(run / "train.json") if (run / "train.json").is_file() else {}
+    rows = [("model", model.arch), ("width", model.width), ("classes", model.num_classes),
+            ("input channels", model.in_channels), ("kernels", counts["num_kernels"]),
+            ("parameters", f"{counts['num_params']:,}"), ("dataset", meta.get("dataset", "?")),
+            ("test accuracy", meta.get("test_accuracy", "?")),
+            ("train seconds", round(train["train_seconds"], 1) if "train_seconds" in train else "?")]
+    for k, v in rows:
+        print(f"{k:>16}: {v}")
+    if model.mask_kind == "node":  # the position nodes concern identification masks
+        nodes = model.nodes()
+        print(f"{'nodes':>16}: {len(nodes)} ({sum(n.size for n in nodes):,} positions): "
+              + ", ".join(f"{n.name}{list(n.shape)}" for n in nodes))
+    else:
+        print(f"{'mask points':>16}: " + ", ".join(
+            f"{p.name}[{p.size}]" + ("x" + str(len(p.layers)) if len(p.layers) > 1 else "") for p in mask_points(model)))
+    if args.json:
+        print(json.dumps({**meta, **counts}, indent=2))
+    return 0
+
+
+def _split_config(args):
+    cls, fields = METHOD_CONFIGS[args.method]
+    if args.method == "grad":
+        preset = PRESETS[args.recipe]
+        epochs = args.modularity_epochs if args.modularity_epochs is not None else \
+            preset.get("modularity_epochs", cls().modularity_epochs)
+        rounded = round_modularity_epochs(epochs)
+        if rounded != epochs:
+            _warn(f"--modularity-epochs {epochs} is not a whole number of 7-epoch cycles (5 modularization + "
+                  f"2 head); running {rounded}")
+        return config_from(cls, args, fields, preset, modularity_epochs=rounded)
+    if args.method == "ga":
+        pop = args.population or cls().population
+        return config_from(cls, args, fields, num_parents=min(cls().num_parents, pop),
+                           keep_parents=min(cls().keep_parents, pop))
+    return config_from(cls, args, fields)
+
+
+def _split_line(p) -> str | None:
+    r = p.metrics
+    if p.stage == "epoch":
+        return (f"epoch {p.index + 1:3d}/{p.total} {r['phase']:>10}  loss {r['loss']:.4f}  val acc "
+                f"{r['val_accuracy']:.4f}  kept kernels {r['mean_kernels']:.0f} ({r['mean_retention']:.3f})  "
+                f"[{r['seconds']:.1f}s]")
+    if p.stage == "generation":
+        return (f"generation {r['generation']:3d}  best fitness {r['best_fitness']:.4f}  accuracy "
+                f"{r['accuracy']:.4f}  diff {r['diff']:.3f}  kept kernels {r['mean_kept_kernels']:.0f}  "
+                f"[{r['seconds']:.1f}s]")
+    return None
+
+
+def _split_label(p) -> str:
+    return f"epoch {p.index + 1}/{p.total}"
+
+
+def cmd_split(args) -> int:
+    cfg = _split_config(args)
+    log(f"{args.method} split of {args.model_dir} into {args.out}")
+    res = pipeline.split_run(args.model_dir, args.out, args.method, cfg, resume=args.resume,
+                             overwrite=args.overwrite, train_subset=args.train_subset,
+                             callbacks=ProgressPrinter(label=_split_label, line=_split_line))
+    out = Path(args.out)
+    names = ckpt.read_json(out / "modules.json")["class_names"]
+    write_split_plots(out, res, names)
+    print(module_table(res, names))
+    if args.method == "grad":
+        print(f"\nselected epoch {res['selected_epoch']} of {res['epochs']}; search {res['search_seconds']:.1f}s")
+    elif args.method == "ga":
+        print(f"\nbest generation {res['best_generation']} of {res['generations'] - 1}")
+    else:
+        print(f"\ndecomposed in {res['decomposition_seconds']:.1f} s")
+    log(f"wrote {out / 'split.json'} and plots")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    mod = Path(args.mod_dir)
+    res = pipeline.evaluate_run(mod, args.dataset, args.data_dir)
+    names = ckpt.read_json(mod / "modules.json").get("class_names") or [str(i) for i in range(len(res["module_f1"]))]
+    write_split_plots(mod, res, names)
+    print(module_table(res, names))
+    log(f"wrote {mod / 'evaluate.json'}")
+    return 0
+
+
+def cmd_compose(args) -> int:
+    log(f"composing modules of {len(args.modules)} module set(s)"
+        + (f"; training a from-scratch baseline for up to {args.baseline_epochs} epochs" if args.baseline_epochs else ""))
+    res = pipeline.compose_run(args.modules, args.out, dataset=args.dataset, data_dir=args.data_dir, form=args.form,
+                               execution=args.execution, baseline_epochs=args.baseline_epochs, seed=args.seed,
+                               continuous=args.continuous_learning, overwrite=args.overwrite)
+    out = Path(args.out)
+    plots.confusion_matrix(res["confusion"], out / "confusion.png", res["class_names"],
+                           f"composed model ({res['accuracy']:.3f})")
+    print(class_table(res))
+    print("\n" + sources_table(res))
+    print(f"\ncomposed accuracy {res['accuracy']:.4f} on {res['images']} test images of {res['task']} "
+          f"(modules chosen by F1 on {res['eval_images']} images)")
+    if "continuous_learning" in res:
+        print(f"after continuous learning (tangling re-run against the other datasets): "
+              f"{res['continuous_learning']['accuracy']:.4f}")
+    if "baseline" in res:
+        b = res["baseline"]
+        print(f"trained from scratch: accuracy {b['accuracy']:.4f} in {b['train_seconds']:.1f}s; "
+              f"composing took {res['compose_seconds']:.1f}s")
+    log(f"wrote {out / 'compose.json'} and {out / 'confusion.png'}")
+    return 0
+
+
+def _patch_plots(out: Path, res: dict) -> None:
+    plots.confusion_matrix(res["confusion_before"], out / "confusion_before.png", res["class_names"], "weak model")
+    plots.confusion_matrix(res["confusion_after"], out / "confusion_after.png", res["class_names"], "patched")
+
+
+def cmd_patch(args) -> int:
+    res = pipeline.patch_run(args.weak, args.modules, args.target_class, args.out, data_dir=args.data_dir,
+                             overwrite=args.overwrite)
+    _patch_plots(Path(args.out), res)
+    print(patch_table(res))
+    log(f"wrote {Path(args.out) / 'patch.json'} and confusion PNGs")
+    return 0
+
+
+def cmd_replace(args) -> int:
+    res = pipeline.replace_run(args.modules, args.with_, args.class_, args.out, dataset=args.dataset,
+                               data_dir=args.data_dir, form=args.form, execution=args.execution,
+                               overwrite=args.overwrite)
+    out = Path(args.out)
+    for key in ("before", "after"):
+        plots.confusion_matrix(res[key]["confusion"], out / f"confusion_{key}.png", res[key]["class_names"],
+                               f"{key} ({res[key]['accuracy']:.3f})")
+    col = res["column"]
+    print(f"class {res['class']}: {res['old_source']} -> {res['new_source']}")
+    print(f"accuracy {res['before']['accuracy']:.4f} -> {res['after']['accuracy']:.4f}; "
+          f"F1 of the class {res['before']['f1'][col]:.3f} -> {res['after']['f1'][col]:.3f}")
+    log(f"wrote {out / 'replace.json'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Train a narrow SimCNN on digits, split it with GradSplitter, evaluate, compose the
+    extracted modules, and patch a deliberately weak model with one module."""
+    cfg = config_from(DemoConfig, args, ("seed", "modularity_epochs"))
+    out = Path(args.out)
+    res = pipeline.demo(out, cfg, overwrite=args.overwrite,
+                        callbacks=ProgressPrinter(label=_split_label, line=lambda p: _train_line(p) if "train_loss" in
+                                                  p.metrics else _split_line(p)))
+    split, comp, pt = res["split"], res["compose"], res["patch"]
+    names = split["class_names"] if "class_names" in split else ckpt.read_json(out / "modules" / "modules.json")["class_names"]
+    write_split_plots(out / "modules", split, names)
+    plots.confusion_matrix(comp["confusion"], out / "compose" / "confusion.png", comp["class_names"],
+                           f"composed model ({comp['accuracy']:.3f})")
+    _patch_plots(out / "patch", pt)
+    print("\n## cnnsplit demo: GradSplitter on a narrow SimCNN, digits\n")
+    print(module_table(split, names))
+    print(f"\nselected epoch {split['selected_epoch']} of {split['epochs']}; search {split['search_seconds']:.1f}s")
+    print(f"\n## composition of the 10 extracted modules\n\naccuracy {comp['accuracy']:.4f} on {comp['images']} test "
+          f"images (masked modules: {split['composed_accuracy']:.4f})")
+    print("\n## patching a weak model's class 3 with module 3\n")
+    print(patch_table(pt))
+    print(f"\ntotal {res['seconds']:.1f}s; results: {out / 'modules' / 'split.json'}, {out / 'compose' / 'compose.json'}, "
+          f"{out / 'patch' / 'patch.json'}; plots: PNGs next to them")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "info": cmd_info, "split": cmd_split, "evaluate": cmd_evaluate,
+            "compose": cmd_compose, "patch": cmd_patch, "replace": cmd_replace, "demo": cmd_demo}

@@ -1,0 +1,237 @@
+"""The ``cnnsplit`` argument parser. Every flag that sets a config field is declared with
+``config_flag``: its argparse default is None ("not given") and its help text shows the
+config dataclass's default (and the presets' values), so each default lives once, in
+``TrainConfig`` / ``GradSplitterConfig`` / ``CNNSplitterConfig`` / ``ConcernConfig``;
+``config_from`` builds the config from a preset and the given flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from ..data import DATASETS
+from ..models import ARCHITECTURES
+from ..pipeline import DemoConfig
+from ..splitters import CNNSplitterConfig, ConcernConfig, GradSplitterConfig
+from ..splitters.gradsplitter import PRESETS
+from ..train import RECIPES, TrainConfig
+
+__all__ = ["build_parser", "config_from", "CONFIG_FLAGS", "METHOD_CONFIGS"]
+
+#: (config class, field) of every flag declared with ``config_flag``, by its dest
+CONFIG_FLAGS: dict[str, list[tuple[type, str]]] = {}
+
+#: the config class and the flags it reads, per split method
+METHOD_CONFIGS = {
+    "grad": (GradSplitterConfig, ("alpha", "head_epochs", "modularity_epochs", "lr_head", "lr_modularity",
+                                  "batch_size", "init", "seed", "select_tolerance")),
+    "ga": (CNNSplitterConfig, ("population", "generations", "groups", "mutation_percent", "eval_images",
+                               "sensitivity_images", "early_stop", "sensitive", "algorithm", "sensitive_ratios",
+                               "other_ratios", "seed")),
+    "concern": (ConcernConfig, ("negative_ratio", "backtrack", "delta", "concerned_per_class", "seed")),
+}
+
+
+def _default(cls, field: str):
+    f = {x.name: x for x in dataclasses.fields(cls)}[field]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(str, v)) if v else "none"
+    return str(v)
+
+
+def config_flag(group, cls, field: str, help: str, *, flag: str | None = None, presets: dict | None = None,
+                **kw) -> None:
+    """Declare ``--field`` for ``cls.field``: default None (not given); help shows the
+    dataclass default and every preset that sets it."""
+    hint = typing.get_type_hints(cls)[field]
+    if typing.get_origin(hint) is typing.Literal and "choices" not in kw:
+        kw["choices"] = list(typing.get_args(hint))
+    note = f"default {_fmt(_default(cls, field))}"
+    if presets:
+        note += "".join(f"; {name}: {_fmt(v[field])}" for name, v in presets.items() if field in v)
+    action = group.add_argument(flag or f"--{field.replace('_', '-')}", dest=field, default=None,
+                                help=f"{help} ({note})", **kw)
+    action.config_field = (cls, field)
+    CONFIG_FLAGS.setdefault(field, []).append((cls, field))
+
+
+def config_from(cls, args: argparse.Namespace, fields, preset: dict | None = None, **fixed):
+    """``cls(**{**preset, **given flags among fields, **fixed})``."""
+    values = dict(preset or {})
+    values.update({f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})
+    values.update(fixed)
+    return cls(**values)
+
+
+def _names(s: str) -> tuple[str, ...]:
+    return tuple(x for x in s.split(",") if x)
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in s.split(",") if v)
+
+
+def _train_parser(sub, common) -> None:
+    t = sub.add_parser("train", parents=[common], help="train a base model")
+    t.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
+    t.add_argument("--dataset", required=True,
+                   help=f"one of {sorted(DATASETS)}, or a task NAME:CLASSES[+NAME:CLASSES] "
+                        "(e.g. digits:0-8 or fashion_mnist:0,1+digits:3); labels follow the order given")
+    t.add_argument("--data-dir", default=None, help="where dataset files live (default: $CNNSPLIT_DATA)")
+    t.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1 = the papers')")
+    t.add_argument("--fc-hidden", type=int, default=None, help="SimCNN FC width (default 4096*width)")
+    t.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="hyper-parameter preset (default: reference, resnet for resnet20/32/56): the papers' "
+                        "training; quick: a short run for small data (the demo's); weak / poor-fit: "
+                        "CNNSplitter's patching models; resnet: Adam 1e-3 as Pan & Rajan's Keras models. "
+                        "The flags below override it")
+    g = t.add_argument_group("training (TrainConfig)")
+    for field, kind, help_ in (("epochs", int, "epochs"), ("batch_size", int, "images per step"),
+                               ("lr", float, "learning rate"), ("momentum", float, "SGD momentum"),
+                               ("weight_decay", float, "coupled weight decay"),
+                               ("lr_gamma", float, "lr factor at each milestone"),
+                               ("patience", int, "stop after this many epochs without a better validation "
+                                                 "accuracy (0: off)")):
+        config_flag(g, TrainConfig, field, help_, presets=RECIPES, type=kind)
+    config_flag(g, TrainConfig, "lr_milestones", "fractions of the epochs at which lr is multiplied by "
+                "--lr-gamma", presets=RECIPES, type=float, nargs="*")
+    aug = g.add_mutually_exclusive_group()
+    config_flag(aug, TrainConfig, "augment", "flip + crop (None: on for 3-channel datasets)", presets=RECIPES,
+                action="store_true")
+    aug.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no augmentation")
+    config_flag(g, TrainConfig, "dirichlet_alpha", "train on the reference's non-IID Dirichlet subsample "
+                "(seeded by --seed)", type=float)
+    config_flag(g, TrainConfig, "dirichlet_min_size", "minimum images per class of that subsample", type=int)
+    config_flag(g, TrainConfig, "seed", "seed of the model init, split and shuffles", type=int)
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+
+def _split_parser(sub, common) -> None:
+    sp = sub.add_parser("split", parents=[common], help="decompose a trained model into per-class modules")
+    sp.add_argument("--method", default="grad", choices=sorted(METHOD_CONFIGS),
+                    help="grad: GradSplitter; ga: CNNSplitter; concern: concern identification (ResNets) "
+                         "(default grad)")
+    sp.add_argument("--model-dir", required=True, help="run directory of `cnnsplit train`")
+    sp.add_argument("--out", required=True, help="module-set directory")
+    sp.add_argument("--resume", action="store_true", help="continue the search in --out")
+    sp.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    sp.add_argument("--train-subset", type=int, default=None,
+                    help="use only the first N images of the training split (CPU budgets; default all)")
+    config_flag(sp, GradSplitterConfig, "seed", "seed of the search", type=int)
+    gs = sp.add_argument_group("GradSplitter (--method grad)")
+    gs.add_argument("--recipe", default="reference", choices=sorted(PRESETS),
+                    help="preset: the reference's settings, or quick: a short run that removes kernels in "
+                         "a few hundred steps (the demo's) (default reference)")
+    for field, kind, help_ in (("alpha", float, "weight of the kept-kernel term"),
+                               ("head_epochs", int, "leading head-only epochs"),
+                               ("modularity_epochs", int, "epochs in whole cycles of 5 modularization + 2 head "
+                                                          "epochs (rounded up)"),
+                               ("lr_head", float, "Adam lr of head phases"),
+                               ("lr_modularity", float, "Adam lr of modularization phases"),
+                               ("batch_size", int, "images per step"),
+                               ("select_tolerance", float, "accuracy loss allowed when choosing the epoch with "
+                                                           "the fewest kernels")):
+        config_flag(gs, GradSplitterConfig, field, help_, presets=PRESETS, type=kind)
+    config_flag(gs, GradSplitterConfig, "init", "initial masks")
+    cc = sp.add_argument_group("concern identification (--method concern, ResNets)")
+    config_flag(cc, ConcernConfig, "negative_ratio", "negative inputs per concerned input for tangling "
+                "identification", type=float)
+    config_flag(cc, ConcernConfig, "backtrack", "bln: backtrack to the last conv layer (MC-BLN); none: "
+                "CI+TI+MC")
+    config_flag(cc, ConcernConfig, "delta", "MC-BLN's strong-edge threshold", type=float)
+    config_flag(cc, ConcernConfig, "concerned_per_class", "class-c training inputs used per module (None: all)",
+                type=int)
+    ga = sp.add_argument_group("CNNSplitter (--method ga)")
+    for field, kind, help_ in (("population", int, "individuals per class"), ("generations", int, "generations"),
+                               ("groups", int, "genes per layer (None: 10 below 256 kernels, else 100)"),
+                               ("eval_images", int, "search images used for fitness (None or 0: all)"),
+                               ("sensitivity_images", int, "search images of the sensitivity analysis (None or "
+                                                           "0: all)"),
+                               ("early_stop", int, "stop after N generations without improvement (None or 0: "
+                                                   "off)")):
+        config_flag(ga, CNNSplitterConfig, field, help_, type=kind)
+    config_flag(ga, CNNSplitterConfig, "mutation_percent", "percent of genes set at random",
+                flag="--mutation-rate", type=float)
+    config_flag(ga, CNNSplitterConfig, "sensitive", "comma-separated sensitive mask points (None: the "
+                "automatic sensitivity rule)", type=_names)
+    config_flag(ga, CNNSplitterConfig, "algorithm", "simple_ga: evosax's stock SimpleGA on a thresholded "
+                "genome (fast; not the paper's GA)")
+    config_flag(ga, CNNSplitterConfig, "sensitive_ratios", "initial kept-group ratios of sensitive layers",
+                type=_floats)
+    config_flag(ga, CNNSplitterConfig, "other_ratios", "initial kept-group ratios of other layers", type=_floats)
+
+
+def _reuse_parsers(sub, common) -> None:
+    mods_help = ("module-set directory, optionally with the classes it may contribute: MOD_DIR[:0,2,5-7] "
+                 "(repeat the flag; where several cover a class, the best-F1 module wins)")
+    c = sub.add_parser("compose", parents=[common], help="compose modules of one or more module sets into a classifier")
+    c.add_argument("--modules", action="append", required=True, help=mods_help)
+    c.add_argument("--dataset", default=None,
+                   help="evaluate on this dataset or task spec (default: every class the modules cover)")
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--form", default="masked", choices=["masked", "extracted"], help="(default masked)")
+    c.add_argument("--execution", default="auto", choices=["auto", "vmap", "unrolled"], help="(default auto)")
+    c.add_argument("--baseline-epochs", type=int, default=0,
+                   help="also train the same architecture from scratch on the task (new-task scenario; default 0)")
+    c.add_argument("--seed", type=int, default=0, help="(default 0)")
+    c.add_argument("--continuous-learning", action="store_true",
+                   help="concern modules: also report the composition after re-running tangling "
+                        "identification against the other datasets' classes (Pan & Rajan)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+    pa = sub.add_parser("patch", parents=[common], help="patch a weak model's target class with a module")
+    pa.add_argument("--weak", required=True, help="run directory of the weak model (target class last)")
+    pa.add_argument("--modules", required=True, help="module-set directory")
+    pa.add_argument("--target-class", required=True, type=int, help="module index of the target class")
+    pa.add_argument("--data-dir", default=None)
+    pa.add_argument("--out", required=True)
+    pa.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+    r = sub.add_parser("replace", parents=[common], help="swap one class's module for another model's")
+    r.add_argument("--modules", action="append", required=True, help=mods_help)
+    r.add_argument("--with", dest="with_", required=True, help="module set providing the new module")
+    r.add_argument("--class", dest="class_", required=True, type=int, help="module index in --with")
+    r.add_argument("--dataset", default=None)
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--form", default="masked", choices=["masked", "extracted"], help="(default masked)")
+    r.add_argument("--execution", default="auto", choices=["auto", "vmap", "unrolled"], help="(default auto)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cnnsplit`` parser (each subcommand's handler is set by ``cli.commands``)."""
+    CONFIG_FLAGS.clear()
+    p = argparse.ArgumentParser(prog="cnnsplit", description="Decompose trained CNN classifiers into "
+                                "reusable per-class modules (GradSplitter, CNNSplitter, concern identification).")
+    p.add_argument("--verbose", action="store_true", help="show the full cause of errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full cause of errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    _train_parser(sub, common)
+    i = sub.add_parser("info", parents=[common], help="summarise a trained run directory")
+    i.add_argument("run_dir")
+    i.add_argument("--json", action="store_true", help="also print the metadata as JSON")
+    _split_parser(sub, common)
+    ev = sub.add_parser("evaluate", parents=[common], help="re-evaluate a saved module set")
+    ev.add_argument("mod_dir")
+    ev.add_argument("--dataset", default=None, help="default: the module set's dataset")
+    ev.add_argument("--data-dir", default=None)
+    _reuse_parsers(sub, common)
+    d = sub.add_parser("demo", parents=[common], help="offline end-to-end demo on digits "
+                       "(train, split, evaluate, compose, patch)")
+    d.add_argument("--out", default="runs/demo", help="(default runs/demo)")
+    config_flag(d, DemoConfig, "seed", "seed of every run", type=int)
+    config_flag(d, DemoConfig, "modularity_epochs", "GradSplitter's modularization epochs (whole 7-epoch "
+                "cycles)", type=int)
+    d.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    return p

@@ -1,0 +1,133 @@
+"""Normalisation and batching: index batches for training loops, and the one helper that runs a
+function over padded batches of arrays (``map_batches`` / ``sum_batches``).
+
+Padding the last batch to a full one (by repeating its last row) means a jitted function
+compiles for a single batch shape; the padded rows are cut from concatenated outputs, and
+reductions get a ``valid`` mask that is 0 on them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+__all__ = ["normalize", "batches", "map_batches", "sum_batches"]
+
+
+def normalize(x, mean: Sequence[float], std: Sequence[float]):
+    """uint8 images [..., C] -> float32 ``(x / 255 - mean) / std`` (NumPy or JAX arrays)."""
+    if hasattr(x, "__jax_array__") or type(x).__module__.startswith("jax"):
+        import jax.numpy as jnp
+
+        xp = jnp
+    else:
+        xp = np
+    m = xp.asarray(mean, dtype=xp.float32)
+    s = xp.asarray(std, dtype=xp.float32)
+    return (x.astype(xp.float32) / 255.0 - m) / s
+
+
+def batches(
+    n: int, batch_size: int, *, key=None, drop_last: bool = False
+) -> Iterator[np.ndarray]:
+    """Index batches over ``range(n)``; shuffled with ``jax.random`` ``key`` when given."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if key is not None:
+        import jax
+
+        order = np.asarray(jax.random.permutation(key, n))
+    else:
+        order = np.arange(n)
+    stop = n - (n % batch_size) if drop_last else n
+    for i in range(0, stop, batch_size):
+        yield order[i : i + batch_size]
+
+
+def _padded(arrays: Sequence, start: int, batch_size: int, pad: bool):
+    """Rows ``start:start + batch_size`` of every array (the last batch repeated up to a full
+    batch when ``pad``) and the number of real rows."""
+    part = [a[start:start + batch_size] for a in arrays]
+    m = len(part[0])
+    if pad and m < batch_size:
+        part = [np.concatenate([p, np.repeat(p[-1:], batch_size - m, 0)]) for p in part]
+    return part, m
+
+
+def _check(arrays: Sequence, batch_size: int) -> int:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sizes = {len(a) for a in arrays}
+    if len(sizes) != 1:
+        raise ValueError(f"arrays disagree on their leading size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def map_batches(
+    fn: Callable,
+    arrays: Sequence,
+    batch_size: int = 256,
+    *,
+    pad: bool = True,
+    axis: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
+):
+    """``fn(*batch)`` over consecutive batches of the leading axis of ``arrays``.
+
+    Args:
+      fn: takes one batch of each array; returns an array or a pytree of arrays whose axis
+        ``axis`` is the batch axis.
+      arrays: NumPy (or JAX) arrays sharing their leading size n.
+      pad: fill the last batch up to ``batch_size`` by repeating its last row, so ``fn``
+        compiles once, when there is more than one batch (padded rows are cut from the
+        output); False: the last batch keeps its own size.
+      on_batch: called with ``(batches done, batches in all)`` after each batch.
+
+    Returns:
+      The outputs concatenated along ``axis`` as NumPy arrays (n rows there; for n = 0, empty
+      arrays of the output's shape).
+    """
+    n = _check(arrays, batch_size)
+    if n == 0:
+        spec = jax.eval_shape(fn, *[jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype) for a in arrays])
+        return jax.tree.map(lambda s: np.zeros(tuple(0 if i == axis else d for i, d in enumerate(s.shape)),
+                                               s.dtype), spec)
+    steps = -(-n // batch_size)
+    outs = []
+    for i in range(steps):
+        part, m = _padded(arrays, i * batch_size, batch_size, pad and steps > 1)
+        out = jax.tree.map(np.asarray, fn(*part))
+        outs.append(jax.tree.map(lambda o: np.take(o, np.arange(m), axis=axis), out))
+        if on_batch is not None:
+            on_batch(i + 1, steps)
+    return jax.tree.map(lambda *o: np.concatenate(o, axis=axis), *outs)
+
+
+def sum_batches(
+    fn: Callable,
+    arrays: Sequence,
+    batch_size: int = 256,
+    *,
+    on_batch: Callable[[int, int], None] | None = None,
+):
+    """Sum over batches of ``fn(*batch, valid)`` (an array or a pytree of arrays).
+
+    Every batch has ``min(batch_size, n)`` rows (the last one padded by repeating its last
+    row); ``valid`` is float32 ``[rows]``: 1 on real rows, 0 on padding, so ``fn`` must weigh
+    each row's contribution by it. Sums are accumulated in float64 on the host. Returns None
+    when the arrays are empty.
+    """
+    n = _check(arrays, batch_size)
+    bs = min(batch_size, n)
+    steps = -(-n // bs) if n else 0
+    total = None
+    for i in range(steps):
+        part, m = _padded(arrays, i * bs, bs, True)
+        valid = (np.arange(bs) < m).astype(np.float32)
+        out = jax.tree.map(lambda o: np.asarray(o, np.float64), fn(*part, valid))
+        total = out if total is None else jax.tree.map(np.add, total, out)
+        if on_batch is not None:
+            on_batch(i + 1, steps)
+    return total

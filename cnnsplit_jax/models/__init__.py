@@ -1,0 +1,49 @@
+"""Models: the papers' CNNs (SimCNN, ResCNN, InceCNN and the weak patching models), CIFAR
+ResNets for concern identification, their building blocks, mask-point helpers, convolution
+formulations and PyTorch interop.
+
+``build_model(arch, ...)`` builds any of ``ARCHITECTURES`` by name.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from .base import IMAGE_SIZE, ConvBN, ConvSpec, Dense, MaskedCNN, MaskPoint, scaled
+from .cnn import CNNS, InceCNN, ResCNN, ResCNNWeak, SimCNN, SimCNNWeak
+from .masks import (count_params, flatten_masks, kept_kernels, kernel_multiplicity, mask_points,
+                    ones_masks, total_kernels)
+from .resnet import RESNETS, Node, ResNet, ResNet20, ResNet32, ResNet56
+
+__all__ = [
+    "ARCHITECTURES", "IMAGE_SIZE", "ConvBN", "ConvSpec", "Dense", "InceCNN", "MaskPoint",
+    "MaskedCNN", "Node", "ResCNN", "ResCNNWeak", "ResNet", "ResNet20", "ResNet32", "ResNet56",
+    "SimCNN", "SimCNNWeak", "build_model", "count_params", "flatten_masks", "kept_kernels",
+    "kernel_multiplicity", "mask_points", "ones_masks", "scaled", "total_kernels",
+]
+
+#: every architecture ``build_model`` knows, by name
+ARCHITECTURES: dict[str, type[MaskedCNN]] = {**CNNS, **RESNETS}
+
+
+def build_model(
+    arch: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: float = 1.0,
+    key: jax.Array | int = 0,
+    **kwargs,
+) -> MaskedCNN:
+    """Build an architecture by name (one of ``ARCHITECTURES``).
+
+    Args:
+      num_classes, in_channels, width: output classes, image channels, channel multiplier.
+      key: a ``jax.random`` key or an int seed for parameter init.
+      kwargs: architecture options (``fc_hidden`` for SimCNN, ``channels`` overrides).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    rngs = nnx.Rngs(params=key)
+    return ARCHITECTURES[arch](num_classes, in_channels, width, rngs=rngs, **kwargs)

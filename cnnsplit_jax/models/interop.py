@@ -1,0 +1,223 @@
+"""PyTorch interop (optional ``torch`` extra): the reference SimCNN / ResCNN / InceCNN layouts.
+
+``load_torch_state_dict`` turns a state dict of the reference implementations (keys
+``conv_{i}.0.weight|bias`` for the conv, ``conv_{i}.1.weight|bias|running_mean|running_var``
+for its BatchNorm, ``fc_{j}.weight|bias`` for the linear layers) into one of our models:
+OIHW -> HWIO, Linear (out, in) -> (in, out). Architecture sizes (classes, input channels,
+width, SimCNN's FC width) are read off the tensor shapes. A path is read with
+``torch.load(path, map_location="cpu", weights_only=True)``; a mapping of NumPy arrays needs
+no torch at all.
+
+``torch_model`` builds a PyTorch model of the same architecture and layout (used by the
+interop tests and as the baseline in ``benchmarks/``). Its ``forward(x, masks=None)`` takes
+NCHW input and optional per-layer masks applied after the ReLU like ours.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+from . import ARCHITECTURES, build_model
+from .base import MaskedCNN
+
+__all__ = ["load_torch_state_dict", "to_torch_state_dict", "torch_model"]
+
+_FC_NAMES = {"simcnn": ("fc_13", "fc_14", "fc_15"), "rescnn": ("fc_12",), "incecnn": ("fc_12",)}
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in _FC_NAMES:
+        raise ValueError(
+            f"no PyTorch layout for model {arch!r}; interop covers {sorted(_FC_NAMES)}"
+        )
+
+
+def _as_numpy(sd) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in sd.items():
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().numpy()
+        out[k] = np.asarray(v)
+    return out
+
+
+def _read(path_or_sd) -> dict[str, np.ndarray]:
+    if isinstance(path_or_sd, (str, os.PathLike)):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                "reading a .pth file needs PyTorch: pip install torch==2.13.0 (CPU) or "
+                "pass a mapping of NumPy arrays"
+            ) from e
+        sd = torch.load(os.fspath(path_or_sd), map_location="cpu", weights_only=True)
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{path_or_sd} does not hold a state dict (got {type(sd).__name__})")
+        return _as_numpy(sd)
+    return _as_numpy(path_or_sd)
+
+
+def load_torch_state_dict(arch: str, path_or_state_dict) -> MaskedCNN:
+    """Build ``arch`` with the weights of a reference PyTorch state dict.
+
+    Raises:
+      ValueError: unknown architecture, missing or unexpected keys, or shapes that do not
+        fit the architecture.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    _check_arch(arch)
+    sd = {k: v for k, v in _read(path_or_state_dict).items() if not k.endswith("num_batches_tracked")}
+    fcs = _FC_NAMES[arch]
+    try:
+        w0 = sd["conv_0.0.weight"]
+        last_fc = sd[f"{fcs[-1]}.weight"]
+    except KeyError as e:
+        raise ValueError(f"not a reference {arch} state dict: missing key {e}") from None
+    base0 = ARCHITECTURES[arch]._base_topology()[0].out_channels
+    width = w0.shape[0] / base0
+    kwargs = dict(num_classes=int(last_fc.shape[0]), in_channels=int(w0.shape[1]), width=width)
+    if arch == "simcnn":
+        kwargs["fc_hidden"] = int(sd["fc_13.weight"].shape[0])
+    model = build_model(arch, **kwargs)
+    expected = set()
+    for spec in model.topology:
+        layer = getattr(model, spec.name)
+        pre = spec.name
+        pairs = {
+            f"{pre}.0.weight": (layer.kernel, lambda a: a.transpose(2, 3, 1, 0)),
+            f"{pre}.0.bias": (layer.bias, None),
+            f"{pre}.1.weight": (layer.scale, None),
+            f"{pre}.1.bias": (layer.offset, None),
+            f"{pre}.1.running_mean": (layer.mean, None),
+            f"{pre}.1.running_var": (layer.var, None),
+        }
+        for k, (var, fn) in pairs.items():
+            _assign(sd, k, var, fn, arch)
+            expected.add(k)
+    for name in fcs:
+        layer = getattr(model, name)
+        _assign(sd, f"{name}.weight", layer.kernel, lambda a: a.T, arch)
+        _assign(sd, f"{name}.bias", layer.bias, None, arch)
+        expected |= {f"{name}.weight", f"{name}.bias"}
+    extra = set(sd) - expected
+    if extra:
+        raise ValueError(
+            f"unexpected keys in {arch} state dict: {sorted(extra)[:6]}"
+            + (" (a module checkpoint? load the base model's state dict)" if any("module_head" in k for k in extra) else "")
+        )
+    return model
+
+
+def _assign(sd, key, var, fn, arch):
+    if key not in sd:
+        raise ValueError(f"not a reference {arch} state dict: missing key {key!r}")
+    a = sd[key].astype(np.float32)
+    if fn is not None:
+        a = fn(a)
+    if a.shape != tuple(var.shape):
+        raise ValueError(f"{key}: shape {a.shape} does not fit {arch} (expected {tuple(var.shape)})")
+    var[...] = a
+
+
+def to_torch_state_dict(model: MaskedCNN) -> dict[str, np.ndarray]:
+    """The reference-layout state dict (NumPy arrays) of ``model``; inverse of the loader."""
+    _check_arch(model.arch)
+    out = {}
+    for spec in model.topology:
+        layer = getattr(model, spec.name)
+        out[f"{spec.name}.0.weight"] = np.asarray(layer.kernel[...]).transpose(3, 2, 0, 1)
+        out[f"{spec.name}.0.bias"] = np.asarray(layer.bias[...])
+        out[f"{spec.name}.1.weight"] = np.asarray(layer.scale[...])
+        out[f"{spec.name}.1.bias"] = np.asarray(layer.offset[...])
+        out[f"{spec.name}.1.running_mean"] = np.asarray(layer.mean[...])
+        out[f"{spec.name}.1.running_var"] = np.asarray(layer.var[...])
+    for name in _FC_NAMES[model.arch]:
+        layer = getattr(model, name)
+        out[f"{name}.weight"] = np.asarray(layer.kernel[...]).T
+        out[f"{name}.bias"] = np.asarray(layer.bias[...])
+    return out
+
+
+def torch_model(model_or_arch, **kwargs):
+    """A PyTorch ``nn.Module`` with the reference layout of ``model_or_arch``.
+
+    Pass one of our models (its structure is copied, weights too) or an architecture name
+    plus ``build_model`` keyword arguments (fresh weights).
+    """
+    import torch
+    from torch import nn
+
+    src = model_or_arch if isinstance(model_or_arch, MaskedCNN) else build_model(model_or_arch, **kwargs)
+    arch = src.arch
+    _check_arch(arch)
+    out_ch = {s.name: s.out_channels for s in src.topology}
+
+    class Ref(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.arch = arch
+            self.topology = src.topology
+            for s in src.topology:
+                cin = sum(out_ch[i] for i in s.inputs) if s.inputs else src.in_channels
+                setattr(
+                    self,
+                    s.name,
+                    nn.Sequential(
+                        nn.Conv2d(cin, s.out_channels, s.ksize, padding=(s.ksize - 1) // 2),
+                        nn.BatchNorm2d(s.out_channels),
+                    ),
+                )
+            if arch == "simcnn":
+                self.fc_13 = nn.Linear(src.fc_in, src.fc_hidden)
+                self.fc_14 = nn.Linear(src.fc_hidden, src.fc_hidden)
+                self.fc_15 = nn.Linear(src.fc_hidden, src.num_classes)
+            else:
+                self.fc_12 = nn.Linear(src.fc_in, src.num_classes)
+            self.mask_of = {s.name: s.mask for s in src.topology}
+
+        def _l(self, name, x, masks):
+            y = torch.relu(getattr(self, name)(x))
+            if masks is not None and self.mask_of[name] in masks:
+                y = y * masks[self.mask_of[name]].view(1, -1, 1, 1)
+            return y
+
+        def features(self, x, masks=None):
+            L = lambda n, h: self._l(n, h, masks)  # noqa: E731
+            pool = lambda h: torch.max_pool2d(h, 2, 2)  # noqa: E731
+            if arch == "simcnn":
+                for i in range(13):
+                    x = L(f"conv_{i}", x)
+                    if i in (1, 3, 6, 9, 12):
+                        x = pool(x)
+                return x.flatten(1)
+            if arch == "rescnn":
+                x = pool(L("conv_1", L("conv_0", x)))
+                x = L("conv_3", L("conv_2", x)) + x
+                x = pool(L("conv_5", pool(L("conv_4", x))))
+                x = L("conv_7", L("conv_6", x)) + x
+                x = pool(L("conv_9", pool(L("conv_8", x))))
+                x = L("conv_11", L("conv_10", x)) + x
+                return x.flatten(1)
+            x = pool(L("conv_2", L("conv_1", L("conv_0", x))))
+            for b, first in enumerate((3, 6, 9)):
+                x = torch.cat([L(f"conv_{first + j}", x) for j in range(3)], 1)
+                if b < 2:
+                    x = pool(x)
+            return x.mean((2, 3))
+
+        def forward(self, x, masks=None):
+            h = self.features(x, masks)
+            if arch == "simcnn":
+                h = torch.relu(self.fc_13(nn.functional.dropout(h, 0.5, self.training)))
+                h = torch.relu(self.fc_14(nn.functional.dropout(h, 0.5, self.training)))
+                return self.fc_15(h)
+            p = 0.5 if arch == "rescnn" else 0.4
+            return self.fc_12(nn.functional.dropout(h, p, self.training))
+
+    ref = Ref()
+    if isinstance(model_or_arch, MaskedCNN):
+        ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch_state_dict(src).items()}, strict=False)
+    return ref.eval()

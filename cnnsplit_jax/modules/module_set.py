@@ -1,0 +1,277 @@
+"""Saved sets of modules: a base model plus what makes each of its N modules.
+
+Two kinds, one interface (``num_modules``, ``normalization``, ``class_names``, ``kind``,
+``forward_form``, ``active_sets``, ``structure``, saving):
+
+* ``ModuleSet`` (kind ``"kernel"``, GradSplitter / CNNSplitter): per-module binary kernel
+  masks and, for GradSplitter, per-module heads. Runs as the masked base model or as
+  physically extracted modules (``forward_form("masked" | "extracted")``).
+* ``ConcernModuleSet`` (kind ``"concern"``, Pan & Rajan): per-module maps of deactivated
+  ReLU-input positions of a ResNet and channeled 2-column output layers. Runs only as the
+  base model under its maps (no weight is removed): every form resolves to ``"concern"``.
+
+Directory layout (``save_module_set``)::
+
+    MOD_DIR/modules.json   kind, method, arch, classes, dataset, normalisation, ...
+    MOD_DIR/base/          copy of the base model (``checkpoint.save_model``): self-contained
+    MOD_DIR/modules/       Orbax tree of the kind's arrays (``ModuleSet.tree``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .. import checkpoint as ckpt
+from ..models import MaskedCNN, count_params, flatten_masks, mask_points, total_kernels
+from .extract import effective_masks, extract_all, forward_flops
+from .heads import Heads
+
+__all__ = ["ModuleSet", "ConcernModuleSet", "save_module_set", "load_module_set", "MODULE_SET_KINDS"]
+
+
+class _Common:
+    """What every module set offers; subclasses set ``kind`` and ``forms``."""
+
+    kind: str = ""
+    #: forward forms this kind can run as (``modules.forward``)
+    forms: tuple[str, ...] = ()
+    base: MaskedCNN
+    meta: dict
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel the base model was trained with."""
+        norm = self.meta.get("normalization")
+        if not norm:
+            raise ValueError("module set has no 'normalization' in its metadata")
+        return tuple(map(float, norm["mean"])), tuple(map(float, norm["std"]))
+
+    @property
+    def class_names(self) -> list[str]:
+        """Name of module c's class (``meta["class_names"]``, else its index)."""
+        names = self.meta.get("class_names")
+        return [str(c) for c in names] if names else [str(i) for i in range(self.num_modules)]
+
+    @property
+    def num_modules(self) -> int:
+        raise NotImplementedError
+
+    def forward_form(self, form: str) -> str:
+        """The forward kind (``modules.forward.KINDS``) this set runs as when ``form`` is
+        asked for; raises ValueError when the set cannot run that way."""
+        if form not in self.forms:
+            raise ValueError(f"{self.kind} module sets run as {self.forms}, not {form!r}")
+        return form
+
+
+@dataclasses.dataclass
+class ModuleSet(_Common):
+    """N modules of one base model given by kernel masks (GradSplitter, CNNSplitter).
+
+    base: the trained model; masks: ``{point: float32 0/1 [N, C]}``; heads: stacked ``Heads``
+    (GradSplitter) or ``None`` (module c is scored by its base model's logit c);
+    meta: ``method``, ``dataset``, ``normalization`` {mean, std}, ``class_names``, ...
+    """
+
+    base: MaskedCNN
+    masks: dict
+    heads: Heads | None
+    meta: dict
+
+    kind = "kernel"
+    forms = ("masked", "extracted")
+
+    @property
+    def num_modules(self) -> int:
+        return next(iter(self.masks.values())).shape[0]
+
+    def __post_init__(self):
+        if self.base.mask_kind != "kernel":
+            raise ValueError(f"{self.base.arch} takes position maps, not kernel masks; "
+                             "its modules are a ConcernModuleSet")
+        points = {p.name: p.size for p in mask_points(self.base)}
+        if set(points) != set(self.masks):
+            raise ValueError(f"masks have points {sorted(self.masks)}, model has {sorted(points)}")
+        n = {v.shape[0] for v in self.masks.values()}
+        if len(n) != 1:
+            raise ValueError(f"masks disagree on the number of modules: {sorted(n)}")
+        for k, v in self.masks.items():
+            if v.shape[1:] != (points[k],):
+                raise ValueError(f"mask {k!r} has shape {v.shape}, expected (N, {points[k]})")
+        if self.heads is not None and self.heads.w1.shape[0] != self.num_modules:
+            raise ValueError(f"{self.heads.w1.shape[0]} heads for {self.num_modules} modules")
+
+    def module_masks(self, c: int) -> dict:
+        """Module c's masks ``{point: [C]}`` as stored (apply ``effective_masks`` to run them)."""
+        return {k: np.asarray(v[c]) for k, v in self.masks.items()}
+
+    def module_head(self, c: int):
+        """Module c's head ``(w1, b1, w2, b2)``, or None for class-logit modules."""
+        return None if self.heads is None else tuple(np.asarray(h)[c] for h in self.heads)
+
+    def active_sets(self) -> np.ndarray:
+        """bool [N, K]: the kernels each module keeps (keep-one rule; tied layers per layer)."""
+        return np.asarray(flatten_masks(self.base, effective_masks(self.masks), tied=True)) > 0
+
+    def structure(self, flops: bool = True) -> dict:
+        """Kernel retention per module (tied layers counted per layer) and per layer x module,
+        and (``flops``) the FLOPs of every physically extracted module vs the base model."""
+        eff = effective_masks(self.masks)
+        per_module = sum(eff[p.name].sum(-1) * len(p.layers) for p in mask_points(self.base))
+        per_module = per_module / total_kernels(self.base)
+        out = {"mean_kernel_retention": float(per_module.mean()),
+               "kernel_retention": per_module.tolist(),
+               "layer_retention": {s.name: (eff[s.mask].sum(-1) / s.out_channels).tolist()
+                                   for s in self.base.topology}}
+        if flops:
+            base_f = forward_flops(self.base)
+            mf = [forward_flops(m.model) for m in extract_all(self.base, self.masks, self.heads)]
+            out.update(base_flops=base_f, module_flops=mf, module_flops_ratio=[f / base_f for f in mf])
+        return out
+
+    def tree(self) -> dict:
+        tree = {"masks": {k: np.asarray(v, np.float32) for k, v in self.masks.items()}}
+        if self.heads is not None:
+            tree["heads"] = tuple(np.asarray(h, np.float32) for h in self.heads)
+        return tree
+
+    @classmethod
+    def template(cls, base: MaskedCNN, n: int, meta: dict) -> dict:
+        t = {"masks": {p.name: np.zeros((n, p.size), np.float32) for p in mask_points(base)}}
+        if meta.get("heads", True):
+            k = base.num_classes
+            t["heads"] = (np.zeros((n, k, 10), np.float32), np.zeros((n, 10), np.float32),
+                          np.zeros((n, 10), np.float32), np.zeros((n,), np.float32))
+        return t
+
+    @classmethod
+    def from_tree(cls, base: MaskedCNN, tree: dict, meta: dict) -> "ModuleSet":
+        heads = Heads(*(np.asarray(h) for h in tree["heads"])) if "heads" in tree else None
+        return cls(base, {k: np.asarray(v) for k, v in tree["masks"].items()}, heads, meta)
+
+
+@dataclasses.dataclass
+class ConcernModuleSet(_Common):
+    """N binary modules of one ResNet by concern identification (``splitters.concern``).
+
+    base: the trained ``ResNet``; inactive: ``{node: bool [N, H, W, C]}`` deactivated
+    positions; head_w [N, F, 2] / head_b [N, 2]: channeled output layers (concerned,
+    unconcerned); removed: bool [N, F] pooled features removed by MC-BLN; meta as ModuleSet.
+    """
+
+    base: MaskedCNN
+    inactive: dict
+    head_w: np.ndarray
+    head_b: np.ndarray
+    removed: np.ndarray
+    meta: dict
+
+    kind = "concern"
+    forms = ("concern",)
+
+    @property
+    def num_modules(self) -> int:
+        return int(self.head_w.shape[0])
+
+    def forward_form(self, form: str) -> str:
+        """Always ``"concern"``: these modules keep every weight and have no pruned form."""
+        return "concern"
+
+    def keep(self, index=slice(None)) -> dict:
+        """float32 ``{node: [.., H, W, C]}`` multipliers (1 kept, 0 deactivated)."""
+        return {k: 1.0 - np.asarray(v[index], np.float32) for k, v in self.inactive.items()}
+
+    def active_sets(self) -> np.ndarray:
+        """bool [N, P]: the node positions each module keeps active."""
+        n = self.num_modules
+        return np.concatenate([~np.asarray(v).reshape(n, -1) for v in self.inactive.values()], 1)
+
+    def structure(self, flops: bool = True) -> dict:
+        """Honest module size (parameters equal the model's but for the 2-column head: no
+        weight is removed), the fraction of node positions each module keeps active, and the
+        Jaccard index of each module's active positions with the model's (= that fraction,
+        since the model keeps every position). ``flops`` is ignored (modules run the whole
+        model)."""
+        del flops
+        active = self.active_sets().mean(-1)
+        params = count_params(self.base)
+        f = self.base.fc_in
+        size = {"model_params": params,
+                "module_params": params - (f * self.base.num_classes + self.base.num_classes) + 2 * f + 2,
+                "positions": int(self.active_sets().shape[1]),
+                "active_fraction": active.tolist(), "mean_active_fraction": float(active.mean())}
+        return {"module_size": size, "jaccard_vs_model": active.tolist(),
+                "mean_jaccard_vs_model": float(active.mean())}
+
+    def __post_init__(self):
+        if self.base.mask_kind != "node":
+            raise ValueError(f"concern module sets need a ResNet base model, got {self.base.arch!r}")
+        shapes = {nd.name: nd.shape for nd in self.base.nodes()}
+        if set(shapes) != set(self.inactive):
+            raise ValueError(f"node maps {sorted(self.inactive)} do not match the model's nodes {sorted(shapes)}")
+        n = {v.shape[0] for v in self.inactive.values()} | {self.head_w.shape[0], self.head_b.shape[0]}
+        if len(n) != 1:
+            raise ValueError(f"node maps and heads disagree on the number of modules: {sorted(n)}")
+        for k, v in self.inactive.items():
+            if tuple(v.shape[1:]) != shapes[k]:
+                raise ValueError(f"node map {k!r} has shape {v.shape}, expected (N, {shapes[k]})")
+        f = self.base.fc_in
+        if self.head_w.shape[1:] != (f, 2) or self.head_b.shape[1:] != (2,):
+            raise ValueError(f"channeled heads must be [N, {f}, 2] and [N, 2], got "
+                             f"{self.head_w.shape} and {self.head_b.shape}")
+
+    def tree(self) -> dict:
+        return {"inactive": {k: np.asarray(v, np.uint8) for k, v in self.inactive.items()},
+                "head_w": np.asarray(self.head_w, np.float32),
+                "head_b": np.asarray(self.head_b, np.float32),
+                "removed": np.asarray(self.removed, np.uint8)}
+
+    @classmethod
+    def template(cls, base: MaskedCNN, n: int, meta: dict) -> dict:
+        if base.mask_kind != "node":
+            raise ckpt.CheckpointError(f"a concern module set needs a ResNet base, found {base.arch!r}")
+        f = base.fc_in
+        return {"inactive": {nd.name: np.zeros((n, *nd.shape), np.uint8) for nd in base.nodes()},
+                "head_w": np.zeros((n, f, 2), np.float32), "head_b": np.zeros((n, 2), np.float32),
+                "removed": np.zeros((n, f), np.uint8)}
+
+    @classmethod
+    def from_tree(cls, base: MaskedCNN, tree: dict, meta: dict) -> "ConcernModuleSet":
+        return cls(base, {k: np.asarray(v).astype(bool) for k, v in tree["inactive"].items()},
+                   np.asarray(tree["head_w"]), np.asarray(tree["head_b"]),
+                   np.asarray(tree["removed"]).astype(bool), meta)
+
+
+#: module-set classes by ``kind`` (the ``kind`` key of ``modules.json``)
+MODULE_SET_KINDS = {cls.kind: cls for cls in (ModuleSet, ConcernModuleSet)}
+
+
+def save_module_set(out_dir: str | Path, ms: ModuleSet | ConcernModuleSet) -> None:
+    """Write ``ms`` to ``out_dir`` (see the module docstring for the layout)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save_model(out / "base", ms.base,
+                    {k: ms.meta[k] for k in ("dataset", "normalization", "class_names") if k in ms.meta})
+    tree = ms.tree()
+    ckpt.save_tree(out / "modules", tree)
+    common = {"num_modules": ms.num_modules, "arch": ms.base.arch, "width": ms.base.width,
+              "kind": ms.kind, "heads": "heads" in tree}
+    ckpt.write_json(out / "modules.json", {**ms.meta, **common})
+
+
+def load_module_set(mod_dir: str | Path) -> ModuleSet | ConcernModuleSet:
+    """Load a module set written by ``save_module_set`` (e.g. by ``cnnsplit split``)."""
+    mod_dir = Path(mod_dir)
+    if not (mod_dir / "modules.json").is_file():
+        raise ckpt.CheckpointError(f"no module set in {mod_dir} (expected modules.json from `cnnsplit split`)")
+    meta = ckpt.read_json(mod_dir / "modules.json")
+    kind = meta.get("kind") or ("concern" if meta.get("method") == "concern" else "kernel")
+    if kind not in MODULE_SET_KINDS:
+        raise ckpt.CheckpointError(f"{mod_dir}: unknown module-set kind {kind!r}")
+    cls = MODULE_SET_KINDS[kind]
+    base, _ = ckpt.load_model(mod_dir / "base")
+    template = cls.template(base, int(meta["num_modules"]), meta)
+    return cls.from_tree(base, ckpt.load_tree(mod_dir / "modules", template), meta)

@@ -1,0 +1,150 @@
+"""Reuse runs on disk: compose module sets into a classifier for a task, patch a weak model,
+replace one class's module. Each writes its JSON report into an output directory and returns
+it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import jax
+
+from .. import checkpoint as ckpt
+from ..compose import Pick
+from ..data import DatasetInfo, is_task_spec, load_task, parse_classes
+from ..modules.module_set import load_module_set
+from ..reuse import Source, compose_task, continuous_learning, evaluate_picks, patch, replace, select_picks, \
+    train_from_scratch
+from ..train import RECIPES, TrainConfig
+from .runs import prepare_out, run_data
+
+__all__ = ["parse_modules", "load_sources", "task_for", "compose_run", "patch_run", "replace_run"]
+
+
+def parse_modules(spec: str) -> tuple[str, list[int] | None]:
+    """``MOD_DIR[:CLASSES]`` -> (path, classes or None), e.g. ``runs/m:0,2,5-7``."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and re.fullmatch(r"[0-9,\- ]+", tail):
+        return path, parse_classes(tail)
+    return spec, None
+
+
+def load_sources(specs: Sequence[str]) -> list[Source]:
+    """Module sets offered to a composition, from ``MOD_DIR[:CLASSES]`` specs."""
+    out = []
+    for spec in specs:
+        path, classes = parse_modules(spec)
+        out.append(Source(path, load_module_set(path), classes))
+    return out
+
+
+def task_for(sources: Sequence[Source], dataset: str | None = None, data_dir=None):
+    """(spec, Task) a composition is evaluated on: ``dataset`` (a name: the classes the module
+    sets cover of it; a task spec: as given) or, without it, every class the module sets
+    cover, grouped by dataset in order of appearance."""
+    covered: dict[str, list[int]] = {}
+    for s in sources:
+        for c in s.classes:
+            d, k = s.origins[c]
+            if k not in covered.setdefault(d, []):
+                covered[d].append(k)
+    if dataset and is_task_spec(dataset):
+        spec = dataset
+    else:
+        if dataset:
+            if dataset not in covered:
+                raise ValueError(f"no module set covers dataset {dataset!r} (they cover {sorted(covered)})")
+            covered = {dataset: covered[dataset]}
+        spec = "+".join(f"{d}:{','.join(map(str, sorted(ks)))}" for d, ks in covered.items())
+    return spec, load_task(spec, data_dir)
+
+
+def compose_run(modules: Sequence[str], out: str | Path, *, dataset: str | None = None, data_dir=None,
+                form: str = "masked", execution: str = "auto", baseline_epochs: int = 0, seed: int = 0,
+                continuous: bool = False, overwrite: bool = False) -> dict:
+    """Compose the best-F1 module of every class of the task (``task_for``) from the module
+    sets ``modules`` (``MOD_DIR[:CLASSES]``); ``continuous``: also after continuous learning
+    (concern modules); ``baseline_epochs``: also train the same architecture from scratch on
+    the task. Writes and returns ``compose.json``."""
+    out = prepare_out(out, "composition", overwrite=overwrite)
+    sources = load_sources(modules)
+    spec, task = task_for(sources, dataset, data_dir)
+    res, picks = compose_task(sources, task, form=form, execution=execution)
+    res = {"task": spec, "form": form, "execution": execution, **res}
+    if continuous:
+        cl = continuous_learning(picks, task, key=jax.random.key(seed))
+        res["continuous_learning"] = evaluate_picks(cl, task, form=form, execution=execution)
+    if baseline_epochs:
+        base = picks[0].module_set.base
+        recipe = RECIPES["resnet"] if base.mask_kind == "node" else {}
+        cfg = TrainConfig(**{**recipe, "epochs": baseline_epochs, "batch_size": 64, "lr_milestones": (),
+                             "patience": 5, "seed": seed})
+        kw = {k: v for k, v in base.config().items() if k not in ("arch", "num_classes", "in_channels", "width")}
+        res["baseline"] = train_from_scratch(task, base.arch, base.width, cfg, key=seed, **kw)
+        res["training_seconds_saved"] = res["baseline"]["train_seconds"] - res["compose_seconds"]
+    ckpt.write_json(out / "compose.json", res)
+    return res
+
+
+def patch_run(weak_dir: str | Path, modules: str, target_class: int, out: str | Path, *, data_dir=None,
+              overwrite: bool = False) -> dict:
+    """Patch the weak model of run ``weak_dir`` (trained with the target class last) with
+    module ``target_class`` of the module set ``modules`` (CNNSplitter's protocol). Writes and
+    returns ``patch.json``."""
+    out = prepare_out(out, "patch", overwrite=overwrite)
+    weak, meta = ckpt.load_model(Path(weak_dir))
+    (src,) = load_sources([modules])
+    k = int(target_class)
+    if not 0 <= k < src.module_set.num_modules:
+        raise ValueError(f"unknown class index {k}; {modules} has classes 0..{src.module_set.num_modules - 1}")
+    weak_sources = [tuple(x) for x in meta.get("sources") or []]
+    if weak_sources and weak_sources[-1] != src.origins[k]:
+        raise ValueError(
+            f"the weak model's last (target) class is {weak_sources[-1]} but module {k} of "
+            f"{modules} recognises {src.origins[k]}; train the weak model with the target class last")
+    if meta.get("class_names") and weak.num_classes != len(meta["class_names"]):
+        raise ValueError("weak model metadata and weights disagree on the class count")
+    x_test, y_test = run_data(meta, data_dir).test_split
+    # the module's score range comes from its target-class images of its base model's
+    # validation split (the reference's module_output_collector)
+    ms_meta = dict(src.module_set.meta)
+    if "split" not in ms_meta and ms_meta.get("base_run"):
+        try:
+            ms_meta["split"] = ckpt.read_json(Path(ms_meta["base_run"]) / "model.json")["split"]
+        except (OSError, KeyError, ckpt.CheckpointError):
+            pass
+    if "split" not in ms_meta:
+        raise ValueError(f"{modules} does not record its base model's train/val split; re-run the split")
+    rd = run_data(ms_meta, data_dir)
+    x_va, y_va = rd.ds.x_train[rd.val_idx], rd.ds.y_train[rd.val_idx]
+    norm = meta["normalization"]
+    names = tuple(meta.get("class_names") or map(str, range(weak.num_classes)))
+    info = DatasetInfo(meta["dataset"], names, weak.in_channels, tuple(norm["mean"]), tuple(norm["std"]))
+    res = {"weak": str(weak_dir), "modules": modules,
+           **patch(weak, info, x_test, y_test, src.module_set, k, x_va[y_va == k])}
+    res["class_names"] = list(names)
+    ckpt.write_json(out / "patch.json", res)
+    return res
+
+
+def replace_run(modules: Sequence[str], with_: str, class_: int, out: str | Path, *, dataset: str | None = None,
+                data_dir=None, form: str = "masked", execution: str = "auto", overwrite: bool = False) -> dict:
+    """Compose the module sets ``modules`` for their task, then swap the module of the class
+    that module ``class_`` of ``with_`` recognises for it. Writes and returns ``replace.json``."""
+    out = prepare_out(out, "replace", overwrite=overwrite)
+    sources = load_sources(modules)
+    (new,) = load_sources([with_])
+    k = int(class_)
+    if not 0 <= k < new.module_set.num_modules:
+        raise ValueError(f"unknown class index {k}; {with_} has classes 0..{new.module_set.num_modules - 1}")
+    spec, task = task_for(sources, dataset, data_dir)
+    picks, _ = select_picks(sources, task)
+    origin = new.origins[k]
+    cols = [t for t, o in enumerate(task.sources) if tuple(o) == origin]
+    if not cols:
+        raise ValueError(f"module {k} of {with_} recognises {origin}, which is not a class of {spec}")
+    res = {"task": spec, **replace(picks, cols[0], Pick(new.module_set, k, new.label), task, form=form,
+                                   execution=execution)}
+    ckpt.write_json(out / "replace.json", res)
+    return res

@@ -1,0 +1,174 @@
+"""Run directories: what kind of artefact a directory holds (and the guard against mixing
+two), the data of a trained run (its splits), and training a base model into a directory."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from .. import checkpoint as ckpt
+from ..data import Dataset, is_task_spec, load_dataset, load_task, test_splits
+from ..models import build_model
+from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, split_indices, summary
+
+__all__ = ["RunWarning", "ARTIFACTS", "artifact_kind", "prepare_out", "RunData", "train_data", "run_data",
+           "train_run"]
+
+
+class RunWarning(UserWarning):
+    """A run will not do what it is run for (too short a schedule, a rounded setting, ...)."""
+
+
+#: artefact kinds: (files that identify one, every top-level entry it writes)
+ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "model": (("model.json", "train_state.json"),
+              ("model.json", "model", "train.json", "train_state.json", "train_state")),
+    "module_set": (("modules.json", "search.json", "ga.json", "split.json"),
+                   ("modules.json", "modules", "base", "split.json", "evaluate.json", "search.json", "search",
+                    "ga.json", "ga", "retention_heatmap.png", "module_f1.png", "accuracy_vs_kernels.png",
+                    "fitness.png")),
+    "composition": (("compose.json",), ("compose.json", "confusion.png")),
+    "patch": (("patch.json",), ("patch.json", "confusion_before.png", "confusion_after.png")),
+    "replace": (("replace.json",), ("replace.json", "confusion_before.png", "confusion_after.png")),
+    "demo": (("demo.json",), ("demo.json", "base", "modules", "compose", "weak", "patch")),
+}
+
+
+def artifact_kind(directory: str | Path) -> str | None:
+    """The kind of artefact ``directory`` holds (``ARTIFACTS``), ``"other"`` for a non-empty
+    directory of something else, None when it is missing or empty."""
+    d = Path(directory)
+    if not d.is_dir() or not any(d.iterdir()):
+        return None
+    for kind, (markers, _) in ARTIFACTS.items():
+        if any((d / m).exists() for m in markers):
+            return kind
+    return "other"
+
+
+def prepare_out(out: str | Path, kind: str, *, resume: bool = False, overwrite: bool = False,
+                in_progress: bool = False, resumable: bool = True) -> Path:
+    """Make ``out`` ready for an artefact of ``kind``.
+
+    Refuses (ValueError) a non-empty directory that holds another kind of artefact, or
+    anything else, unless ``overwrite`` (which removes the other artefact's entries first);
+    ``in_progress``: ``out`` holds a run of this kind that only ``resume`` may continue (or
+    ``overwrite`` replace; ``resumable=False``: only replace). ``resume`` on a directory of
+    another kind is refused even with ``overwrite``.
+    """
+    out = Path(out)
+    have = artifact_kind(out)
+    if have not in (None, kind):
+        if resume:
+            raise ValueError(f"cannot resume in {out}: it holds a {have.replace('_', ' ')}, not a "
+                             f"{kind.replace('_', ' ')}")
+        if not overwrite:
+            what = "files of another program" if have == "other" else f"a {have.replace('_', ' ')}"
+            raise ValueError(f"{out} already holds {what}; choose another --out, or pass --overwrite "
+                             f"to replace it")
+        if have != "other":
+            _remove(out, ARTIFACTS[have][1])
+    elif have == kind and in_progress and not resume:
+        if not overwrite:
+            how = "pass --resume to continue it, --overwrite to start again" if resumable else \
+                "pass --overwrite to replace it"
+            raise ValueError(f"{out} already holds a {kind.replace('_', ' ')}; {how}, or choose another --out")
+        _remove(out, ARTIFACTS[kind][1])
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _remove(out: Path, entries) -> None:
+    for name in entries:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+class RunData(NamedTuple):
+    """The data of a trained run: its dataset, the base model's train / validation indices
+    into ``ds.x_train``, and the module-evaluation and final-test images (x, y)."""
+
+    ds: Dataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    eval_split: tuple
+    test_split: tuple
+
+
+def train_data(spec: str, data_dir=None) -> tuple[Dataset, list]:
+    """(Dataset, [[dataset, class], ...]) for a dataset name or a task spec (``data.parse_task``)."""
+    if not is_task_spec(spec):
+        ds = load_dataset(spec, data_dir)
+        return ds, [[ds.info.name, c] for c in range(ds.info.num_classes)]
+    task = load_task(spec, data_dir)
+    return task.ds, [list(x) for x in task.sources]
+
+
+def run_data(meta: dict, data_dir=None) -> RunData:
+    """The data of a run from its metadata (``model.json`` / ``modules.json``): plain datasets
+    use the reference's test split (first 20% module evaluation / last 80% test); task specs
+    the per-part split of ``data.make_task``."""
+    spec = meta["dataset"]
+    sp = meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2})
+    data_dir = data_dir or meta.get("data_dir")
+    if not is_task_spec(spec):
+        ds = load_dataset(spec, data_dir)
+        ev, te = test_splits(len(ds.y_test))
+        eval_split, test_split = (ds.x_test[ev], ds.y_test[ev]), (ds.x_test[te], ds.y_test[te])
+    else:
+        task = load_task(spec, data_dir)
+        ds = task.ds
+        eval_split, test_split = (task.x_eval, task.y_eval), (ds.x_test, ds.y_test)
+    tr, va = split_indices(ds.y_train, sp["seed"], sp.get("val_fraction", 0.2), sp.get("dirichlet_alpha"),
+                           sp.get("dirichlet_min_size", 100))
+    return RunData(ds, tr, va, eval_split, test_split)
+
+
+def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = TrainConfig(), *, width: float = 1.0,
+              fc_hidden: int | None = None, recipe: str = "reference", data_dir=None, resume: bool = False,
+              overwrite: bool = False, callbacks=None) -> dict:
+    """Train ``arch`` on ``dataset`` (a name or task spec) with ``cfg`` into the run directory
+    ``out`` (``model.json`` + ``model/``, ``train.json``; checkpointed every epoch, ``resume``
+    continues). ``recipe`` names where ``cfg`` came from (its warnings are raised as
+    ``RunWarning``). Returns the ``train.json`` dict."""
+    out = Path(out)
+    ds, sources = train_data(dataset, data_dir)
+    model = build_model(arch, num_classes=ds.info.num_classes, in_channels=ds.info.channels, width=width,
+                        key=jax.random.key(cfg.seed), **({"fc_hidden": fc_hidden} if fc_hidden else {}))
+    check_compatible(model, ds.info)
+    prepare_out(out, "model", resume=resume, overwrite=overwrite,
+                in_progress=ckpt.progress_exists(out, "train_state"))
+    for w in recipe_warnings(cfg, recipe):
+        warnings.warn(w, RunWarning, stacklevel=2)
+    counts = summary(model)
+    res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks)
+    t0 = time.perf_counter()
+    test_acc = accuracy(res.model, ds.x_test, ds.y_test, ds.info)
+    norm = {"mean": list(ds.info.mean), "std": list(ds.info.std)}
+    result = {
+        "model": arch, "dataset": dataset, "width": width, "num_classes": ds.info.num_classes,
+        "in_channels": ds.info.channels, "num_kernels": counts["num_kernels"], "num_params": counts["num_params"],
+        "test_accuracy": test_acc, "val_accuracy": res.best_val_accuracy, "best_epoch": res.best_epoch,
+        "epochs": cfg.epochs, "train_seconds": res.train_seconds, "eval_seconds": time.perf_counter() - t0,
+        "history": res.history,
+        "normalization": norm, "class_names": list(ds.info.class_names), "seed": cfg.seed,
+        "config": {"model": arch, "dataset": dataset, "width": width, "fc_hidden": fc_hidden, "recipe": recipe,
+                   "data_dir": data_dir, **ckpt.config_json(cfg)},
+        "backend": jax.default_backend(),
+    }
+    ckpt.save_model(out, res.model, {
+        "dataset": dataset, "sources": sources, "normalization": norm, "class_names": result["class_names"],
+        "test_accuracy": test_acc, "val_accuracy": res.best_val_accuracy, "seed": cfg.seed,
+        "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "dirichlet_alpha": cfg.dirichlet_alpha,
+                  "dirichlet_min_size": cfg.dirichlet_min_size}})
+    ckpt.write_json(out / "train.json", result)
+    return result

@@ -1,0 +1,86 @@
+"""Splitting a trained run into a module set on disk, and re-evaluating a saved one."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import jax
+
+from .. import checkpoint as ckpt
+from ..evaluate import evaluate_module_set
+from ..modules.module_set import load_module_set, save_module_set
+from ..splitters import METHODS, SplitData
+from ..splitters.gradsplitter import schedule_warnings
+from .runs import RunWarning, prepare_out, run_data
+
+__all__ = ["split_run", "evaluate_run", "PROGRESS"]
+
+#: the checkpoint a method's search resumes from (None: one pass, nothing to resume)
+PROGRESS = {"grad": "search", "ga": "ga", "concern": None}
+
+
+def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resume: bool = False,
+              overwrite: bool = False, train_subset: int | None = None, data_dir=None, callbacks=None) -> dict:
+    """Decompose the model of run ``model_dir`` with ``method`` (``grad``, ``ga``, ``concern``)
+    and config ``cfg`` into the module-set directory ``out``: the search (checkpointed in
+    ``out``; ``resume`` continues it), the module set, its evaluation (``split.json``).
+
+    ``train_subset``: only the first N images of the base model's training split (CPU
+    budgets). The search key is ``jax.random.key(cfg.seed)``. Returns the ``split.json`` dict.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    splitter, _, mask_kind = METHODS[method]
+    model_dir, out = Path(model_dir), Path(out)
+    model, meta = ckpt.load_model(model_dir)
+    if model.mask_kind != mask_kind:
+        raise ValueError(f"--method {method} does not apply to {model.arch}: ResNets (resnet20/32/56) are "
+                         "decomposed with --method concern, the other models with --method grad or ga")
+    rd = run_data(meta, data_dir)
+    ds = rd.ds
+    if ds.info.num_classes != model.num_classes:
+        raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has "
+                         f"{ds.info.num_classes}")
+    name = PROGRESS[method]
+    if name is None and resume:
+        raise ValueError(f"--method {method} is a single pass: there is nothing to resume")
+    in_progress = (ckpt.progress_exists(out, name) if name else False) or (out / "split.json").exists()
+    prepare_out(out, "module_set", resume=resume, overwrite=overwrite, in_progress=in_progress,
+                resumable=name is not None)
+    norm = meta.get("normalization", {"mean": list(ds.info.mean), "std": list(ds.info.std)})
+    tr = rd.train_idx[:train_subset] if train_subset else rd.train_idx
+    data = SplitData(ds.x_train[tr], ds.y_train[tr], ds.x_train[rd.val_idx], ds.y_train[rd.val_idx],
+                     norm["mean"], norm["std"])
+    if method == "grad":
+        for w in schedule_warnings(cfg, -(-len(tr) // cfg.batch_size)):
+            warnings.warn(w, RunWarning, stacklevel=2)
+    res = splitter.split(jax.random.key(cfg.seed), model, data, cfg, ckpt_dir=out if name else None,
+                         resume=resume, callbacks=callbacks)
+    ms = res.module_set
+    ms.meta.update({
+        "dataset": meta["dataset"], "normalization": norm, "class_names": list(ds.info.class_names),
+        "sources": meta.get("sources") or [[ds.info.name, c] for c in range(ds.info.num_classes)],
+        "split": meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2}),
+        "base_run": str(model_dir)})
+    save_module_set(out, ms)
+    ev = evaluate_module_set(ms, rd.eval_split, rd.test_split, ds.info)
+    result = {"method": method, "model": model.arch, "dataset": meta["dataset"], **ev,
+              **splitter.report(res, data), "config": ms.meta["config"]}
+    ckpt.write_json(out / "split.json", result)
+    return result
+
+
+def evaluate_run(mod_dir: str | Path, dataset: str | None = None, data_dir=None) -> dict:
+    """Re-evaluate the module set in ``mod_dir`` (on its own dataset, or ``dataset`` with the
+    same classes); writes and returns ``evaluate.json``."""
+    mod_dir = Path(mod_dir)
+    ms = load_module_set(mod_dir)
+    rd = run_data({**ms.meta, "dataset": dataset or ms.meta["dataset"]}, data_dir)
+    if rd.ds.info.num_classes != ms.num_modules:
+        raise ValueError(f"class count mismatch: {ms.num_modules} modules, dataset {rd.ds.info.name!r} has "
+                         f"{rd.ds.info.num_classes} classes")
+    res = {"method": ms.meta.get("method"), "dataset": rd.ds.info.name,
+           **evaluate_module_set(ms, rd.eval_split, rd.test_split, rd.ds.info)}
+    ckpt.write_json(mod_dir / "evaluate.json", res)
+    return res

@@ -1,0 +1,26 @@
+"""CNNSplitter (Qi et al., ASE 2022): per-class kernel masks searched by a genetic algorithm.
+
+Files (spec cnnsplitter.md): ``importance`` (1a.3, kernel importance), ``sensitivity`` (1a.4,
+layer sensitivity and an automatic rule), ``genome`` (grouped genome, heuristic initial
+population), ``ga`` (the reference's operators on evosax's init/ask/tell, one GA per class
+advanced together with vmap), ``fitness`` (the joint fitness: the reference's recorder),
+``logits`` (the fitness forward), ``config`` and ``search`` (``prepare`` / ``problem`` /
+``init`` / ``step`` per generation, and ``split``: the whole checkpointed search).
+"""
+
+from .config import ALGORITHMS, CNNSplitterConfig
+from .fitness import FitnessConfig, FitnessResult, jaccard_distance_table, joint_fitness, reference_thresholds
+from .ga import CNNSplitterGA, mutation_genes
+from .genome import GenomeLayout, decode, genome_layout, heuristic_population
+from .importance import Importance, importance_order, kernel_importance
+from .logits import LogitCache, cached_module_logits, module_logits
+from .search import CNNSplitterState, Prepared, Problem, init, prepare, problem, report, split, step
+from .sensitivity import RATIOS, layer_sensitivity, sensitive_layers
+
+__all__ = [
+    "ALGORITHMS", "CNNSplitterConfig", "CNNSplitterGA", "CNNSplitterState", "FitnessConfig", "FitnessResult",
+    "GenomeLayout", "Importance", "LogitCache", "Prepared", "Problem", "RATIOS", "cached_module_logits",
+    "decode", "genome_layout", "heuristic_population", "importance_order", "init", "jaccard_distance_table",
+    "joint_fitness", "kernel_importance", "layer_sensitivity", "module_logits", "mutation_genes", "prepare",
+    "problem", "reference_thresholds", "report", "sensitive_layers", "split", "step",
+]

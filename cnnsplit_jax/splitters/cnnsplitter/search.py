@@ -1,0 +1,285 @@
+"""CNNSplitter's search: preprocessing, then generations of all N per-class GAs advanced
+together (evosax-style ``init`` / ``step``), the joint fitness, the reference's best-generation
+rule and early stop, per-generation checkpoints with bit-identical resume.
+
+Modules are the base model under the decoded masks, scored by their class logit (no heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ... import checkpoint as ckpt
+from ...data import normalize
+from ...models import MaskedCNN, flatten_masks, mask_points
+from ...modules.extract import effective_masks
+from ...modules.module_set import ModuleSet
+from ...progress import Progress, callbacks_of, notify
+from ..base import SplitData, SplitResult, check_labels
+from .config import CNNSplitterConfig
+from .fitness import FitnessConfig, jaccard_distance_table, joint_fitness
+from .ga import CNNSplitterGA
+from .genome import GenomeLayout, decode, genome_layout, heuristic_population
+from .importance import Importance, importance_order, kernel_importance
+from .logits import LogitCache, cached_module_logits
+from .sensitivity import RATIOS, layer_sensitivity, sensitive_layers
+
+__all__ = ["Prepared", "Problem", "CNNSplitterState", "prepare", "problem", "init", "step", "split", "report"]
+
+CKPT = "ga"
+
+
+class Prepared(NamedTuple):
+    """Preprocessing (spec 1a): kernel importance, its per-class kernel order ``{point: int
+    [N, C]}``, layer sensitivity ``{point: [accuracy per ratio]}`` (empty when the sensitive
+    layers were given), the sensitive mask points, and the seconds of each phase."""
+
+    importance: Importance
+    order: dict
+    sensitivity: dict
+    sensitive: tuple
+    seconds: dict
+
+
+def prepare(model: MaskedCNN, x_u8: np.ndarray, y: np.ndarray, mean, std, cfg: CNNSplitterConfig,
+            ratios: Sequence[float] = RATIOS) -> Prepared:
+    """Kernel importance on ``x_u8``, then (unless ``cfg.sensitive`` is given) layer sensitivity on
+    its first ``cfg.sensitivity_images`` images and the automatic rule."""
+    t0 = time.perf_counter()
+    imp = kernel_importance(model, x_u8, y, mean, std, threshold=cfg.importance_threshold)
+    order = importance_order(imp)
+    t1 = time.perf_counter()
+    if cfg.sensitive is None:
+        k = cfg.sensitivity_images or len(y)
+        x_norm = normalize(jnp.asarray(x_u8[:k]), jnp.asarray(mean), jnp.asarray(std))
+        sens = layer_sensitivity(model, order, x_norm, y[:k], ratios)
+        sensitive = sensitive_layers(sens, ratios, cfg.sensitivity_drop)
+    else:
+        sens, sensitive = {}, tuple(cfg.sensitive)
+    return Prepared(imp, order, sens, tuple(sensitive),
+                    {"importance": t1 - t0, "sensitivity": time.perf_counter() - t1})
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What every generation reads and nothing changes: the model, the config, the genome
+    layout, the GA (evosax ``PopulationBasedAlgorithm``) and its params, the fitness config,
+    the per-class kernel order, and the fitness images (normalised) with their labels."""
+
+    model: MaskedCNN
+    cfg: CNNSplitterConfig
+    prepared: Prepared
+    layout: GenomeLayout
+    ga: object
+    params: object
+    fitness: FitnessConfig
+    order: dict
+    x_fit: jax.Array
+    y_fit: np.ndarray
+    decode: object  # jitted: genomes [N, P, G], orders -> masks {point: [N, P, C]}
+
+
+def problem(model: MaskedCNN, cfg: CNNSplitterConfig, prepared: Prepared, x_u8: np.ndarray, y: np.ndarray,
+            mean, std) -> Problem:
+    """The fixed pieces of a search on the search images ``x_u8`` (fitness on the first
+    ``cfg.eval_images``)."""
+    layout = genome_layout(model, cfg.groups)
+    if cfg.algorithm == "cnnsplitter":
+        ga = CNNSplitterGA(cfg.population, jnp.zeros(layout.num_genes), num_parents=cfg.num_parents,
+                           keep_parents=cfg.keep_parents, mutation_percent=cfg.mutation_percent)
+        params = ga.default_params
+    else:
+        import optax
+        from evosax.algorithms import SimpleGA
+
+        ga = SimpleGA(cfg.population, jnp.zeros(layout.num_genes), std_schedule=optax.constant_schedule(0.5))
+        params = ga.default_params.replace(crossover_rate=0.5)
+    k = cfg.eval_images or len(y)
+    x_fit = normalize(jnp.asarray(x_u8[:k]), jnp.asarray(mean), jnp.asarray(std))
+    decode_all = jax.jit(jax.vmap(jax.vmap(lambda g, o: decode(layout, g, o), in_axes=(0, None)),
+                                  in_axes=(0, 0)))
+    return Problem(model, cfg, prepared, layout, ga, params,
+                   FitnessConfig(cfg.alpha, None, cfg.min_keep, cfg.max_keep),
+                   {k2: jnp.asarray(v) for k2, v in prepared.order.items()}, x_fit, np.asarray(y[:k]),
+                   decode_all)
+
+
+class CNNSplitterState(NamedTuple):
+    """The search between generations.
+
+    ga: the N per-class GA states (evosax, stacked on a leading class axis); population:
+    genomes [N, P, G] of the generation just evaluated (before generation 0: the initial
+    population); acc_ratio: float32 accuracy weight of the next fitness; best_masks
+    ``{point: [N, C]}``: the ensemble of the best validation generation so far; generation:
+    the next generation to run; best_generation / best_valid_fitness / flat: the
+    best-generation rule's bookkeeping; cache: module logits of the last population (host
+    side; not checkpointed: a resumed run recomputes them, same numbers).
+    """
+
+    ga: object
+    population: jax.Array
+    acc_ratio: jax.Array
+    best_masks: dict
+    generation: int = 0
+    best_generation: int = -1
+    best_valid_fitness: float = 0.0
+    flat: int = 0
+    cache: LogitCache | None = None
+
+
+def init(key: jax.Array, pb: Problem) -> CNNSplitterState:
+    """The importance-weighted initial population of every class and fresh GA states."""
+    cfg, n = pb.cfg, pb.model.num_classes
+    pops = jax.vmap(lambda k: heuristic_population(k, pb.layout, cfg.population, pb.prepared.sensitive,
+                                                   cfg.sensitive_ratios, cfg.other_ratios))(
+        jax.random.split(jax.random.fold_in(key, 1), n))
+    if cfg.algorithm == "simple_ga":  # continuous genome: gene kept where > 0
+        pops = pops - 0.5
+    states = jax.vmap(pb.ga.init, in_axes=(0, 0, 0, None))(
+        jax.random.split(key, n), pops, jnp.zeros((n, cfg.population)), pb.params)
+    best = {p.name: jnp.zeros((n, p.size)) for p in mask_points(pb.model)}
+    return CNNSplitterState(states, pops, jnp.float32(cfg.alpha), best)
+
+
+def _evaluate(pb: Problem, pops, cache):
+    """Decoded masks (keep-one rule) ``{point: [N, P, C]}``, class logits [N, P, n], kept-kernel
+    sets [N, P, K] and the logit cache of a population."""
+    n, p = pb.model.num_classes, pb.cfg.population
+    bits = (pops > 0).astype(jnp.float32)
+    eff = effective_masks({k: np.asarray(v) for k, v in pb.decode(bits, pb.order).items()})
+    flat = {k: v.reshape(n * p, -1) for k, v in eff.items()}
+    classes = np.repeat(np.arange(n), p)
+    rows = np.concatenate([classes[:, None], np.asarray(bits).reshape(n * p, -1)], axis=1).astype(np.uint8)
+    logits, cache = cached_module_logits(pb.model, flat, rows, classes, pb.x_fit, cache,
+                                         group=pb.cfg.module_group)
+    kernels = np.asarray(flatten_masks(pb.model, eff, tied=True)) > 0
+    return eff, logits.reshape(n, p, -1), kernels, cache
+
+
+def step(key: jax.Array, pb: Problem, state: CNNSplitterState) -> tuple[CNNSplitterState, dict]:
+    """Run generation ``state.generation``: ask (from generation 1 on), evaluate every
+    individual, the joint fitness, tell; the best-generation rule. ``key``: the search key
+    (the generation's key is derived from it). Returns (new state, the generation's record)."""
+    cfg, n, g = pb.cfg, pb.model.num_classes, state.generation
+    tg = time.perf_counter()
+    k_perm, k_ask, k_tell = jax.random.split(jax.random.fold_in(key, 1000 + g), 3)
+    states, pops = state.ga, state.population
+    if g > 0:
+        pops, states = jax.vmap(pb.ga.ask, in_axes=(0, 0, None))(jax.random.split(k_ask, n), states, pb.params)
+    eff, L, kernels, cache = _evaluate(pb, pops, state.cache)
+    D = jaccard_distance_table(jnp.asarray(kernels))
+    perm = [int(c) for c in np.asarray(jax.random.permutation(k_perm, n))]
+    acc_ratio = float(np.float32(state.acc_ratio))
+    res = joint_fitness(jnp.asarray(L), jnp.asarray(pb.y_fit), D, perm, acc_ratio=acc_ratio,
+                        generation=g, cfg=pb.fitness)
+    fit = np.asarray(res.fitness)
+    if g == 0:
+        states = jax.vmap(pb.ga.init, in_axes=(0, 0, 0, None))(jax.random.split(k_tell, n), pops, -res.fitness,
+                                                                pb.params)
+    else:
+        states, _ = jax.vmap(pb.ga.tell, in_axes=(0, 0, 0, 0, None))(jax.random.split(k_tell, n), pops,
+                                                                      -res.fitness, states, pb.params)
+    ensemble = fit.argmax(1)
+    valid_acc = float((L[np.arange(n), ensemble].argmax(0) == pb.y_fit).mean())
+    valid_fitness = cfg.alpha * valid_acc + (1 - cfg.alpha) * float(res.best_diff) if g > 0 else 0.0
+    kept = np.mean([sum(eff[k][c, ensemble[c]].sum() for k in eff) for c in range(n)])
+    rec = {"generation": g, "best_fitness": float(res.best_fitness), "accuracy": float(res.best_accuracy),
+           "diff": float(res.best_diff), "valid_accuracy": valid_acc, "valid_fitness": valid_fitness,
+           "acc_ratio": acc_ratio, "mean_kept_kernels": float(kept), "ensemble": ensemble.tolist(),
+           "seconds": time.perf_counter() - tg}
+    new = state._replace(ga=states, population=pops, cache=cache, generation=g + 1,
+                         # float32 like the checkpointed value: a resumed run computes the same fitness
+                         acc_ratio=jnp.float32(cfg.alpha + max(0.0, cfg.gamma - float(res.best_accuracy))))
+    if valid_fitness > state.best_valid_fitness:
+        new = new._replace(best_valid_fitness=valid_fitness, best_generation=g, flat=0,
+                           best_masks={k: jnp.asarray(v[np.arange(n), ensemble]) for k, v in eff.items()})
+    else:
+        new = new._replace(flat=state.flat + 1)
+    return new, rec
+
+
+_COUNTERS = ("generation", "best_generation", "best_valid_fitness", "flat")
+
+
+def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterConfig = CNNSplitterConfig(), *,
+          ckpt_dir: str | Path | None = None, resume: bool = False, callbacks=None,
+          sensitivity_ratios: Sequence[float] = RATIOS) -> SplitResult:
+    """The whole search on ``data``'s validation split (the reference's 20% of the training
+    set: importance, sensitivity and fitness alike).
+
+    Checkpoints every generation to ``ckpt_dir`` (``ga/`` + ``ga.json``); ``resume`` continues
+    bit-identically. Callbacks get a ``Progress("generation", ...)`` per generation. Returns a
+    ``ModuleSet`` without heads (module c scored by its class logit) of the best validation
+    generation; details: ``importance``, ``sensitivity``, ``sensitive``, ``best_generation``,
+    ``phase_seconds``. Raises ``FloatingPointError`` on NaN module logits.
+    """
+    if model.mask_kind != "kernel":
+        raise ValueError(f"CNNSplitter searches kernel masks; {model.arch} takes position maps "
+                         "(decompose it by concern identification)")
+    x_u8, y = data.x_val, np.asarray(data.y_val)
+    if len(x_u8) != len(y):
+        raise ValueError(f"{len(x_u8)} images but {len(y)} labels")
+    check_labels(model.num_classes, y)
+    cbs = callbacks_of(callbacks)
+    t_start = time.perf_counter()
+    prep = prepare(model, x_u8, y, data.mean, data.std, cfg, sensitivity_ratios)
+    pb = problem(model, cfg, prep, x_u8, y, data.mean, data.std)
+    state = init(key, pb)
+    config = ckpt.config_json(cfg)
+    history, seconds = [], 0.0
+    if resume:
+        if ckpt_dir is None:
+            raise ValueError("resume=True needs ckpt_dir")
+        tree, prog = ckpt.load_progress(ckpt_dir, CKPT, _tree(state), config)
+        state = state._replace(ga=tree["states"], population=tree["pops"], acc_ratio=tree["acc_ratio"],
+                               best_masks=tree["best_masks"], **{c: prog[c] for c in _COUNTERS})
+        history, seconds = prog["history"], prog["seconds"]
+    t_ga = time.perf_counter()
+    while state.generation <= cfg.generations:
+        state, rec = step(key, pb, state)
+        history.append(rec)
+        seconds += rec["seconds"]
+        if ckpt_dir is not None:
+            ckpt.save_progress(ckpt_dir, CKPT, _tree(state), {
+                "history": history, "seconds": seconds, "config": config,
+                **{c: getattr(state, c) for c in _COUNTERS}})
+        notify(cbs, Progress("generation", rec["generation"], cfg.generations + 1, metrics=rec))
+        if cfg.early_stop and rec["generation"] > 0 and state.flat >= cfg.early_stop:
+            break
+    phase_seconds = {**prep.seconds, "ga": time.perf_counter() - t_ga}
+    best = state.best_generation
+    if best < 0:  # only generation 0 ran: take its ensemble
+        eff, _, _, _ = _evaluate(pb, state.population, None)
+        ens = np.asarray(history[-1]["ensemble"])
+        state = state._replace(best_masks={k: jnp.asarray(v[np.arange(model.num_classes), ens])
+                                           for k, v in eff.items()})
+        best = history[-1]["generation"]
+    masks = {k: np.asarray(v, np.float32) for k, v in state.best_masks.items()}
+    norm = {"mean": list(map(float, data.mean)), "std": list(map(float, data.std))}
+    ms = ModuleSet(model, masks, None, {"method": "ga", "normalization": norm, "best_generation": best,
+                                        "config": config})
+    return SplitResult(ms, history, time.perf_counter() - t_start, {
+        "importance": prep.importance, "sensitivity": prep.sensitivity, "sensitive": prep.sensitive,
+        "best_generation": best, "phase_seconds": phase_seconds, "state": state})
+
+
+def _tree(state: CNNSplitterState) -> dict:
+    return {"states": state.ga, "pops": state.population, "acc_ratio": state.acc_ratio,
+            "best_masks": state.best_masks}
+
+
+def report(result: SplitResult, data: SplitData) -> dict:
+    """CNNSplitter's fields of ``split.json``."""
+    d = result.details
+    return {"best_generation": d["best_generation"], "generations": len(result.history),
+            "best_fitness": [h["best_fitness"] for h in result.history], "history": result.history,
+            "sensitivity": d["sensitivity"], "sensitive_layers": list(d["sensitive"]),
+            "search_seconds": result.seconds, "phase_seconds": d["phase_seconds"],
+            "search_images": int(len(data.y_val))}

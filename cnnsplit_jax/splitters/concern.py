@@ -1,0 +1,369 @@
+"""CNN decomposition by concern identification (Pan & Rajan, ICSE 2022), for ``ResNet``.
+
+A module for class c is the trained model plus a map of *deactivated positions* per node
+(``resnet.Node``: the pre-activations a ReLU reads, one per (row, col, channel)) and a binary
+output layer. Nothing is trained and no weight is removed, so a module has as many
+parameters as the model (the survey's "uncompressed" modules); ``ConcernModuleSet.structure``
+reports this.
+
+Steps (spec field-survey.md §1.3-1.5), all classes at once:
+
+1. **Concern identification (CI)**: a position is deactivated for module c when its
+   pre-activation is <= 0 for *every* class-c training input (logical AND over inputs).
+2. **Tangling identification (TI)**: negative inputs (``negative_ratio`` x the concerned
+   count, 1:1 as the paper, spread evenly over the other classes) restore every position
+   they activate.
+3. **Channeling**: the output layer becomes binary: the concerned column unchanged, the
+   unconcerned column the mean of the other columns' weights and biases.
+4. **Backtracking to the last conv layer (MC-BLN)** with delta = 0.5: a pooled feature whose
+   channeled edge to the unconcerned output is strong (|w| >= delta x the column's largest
+   |w|) while its edge to the concerned output is not, serves only the unconcerned output;
+   it is removed, which deactivates all its positions in the last residual sum (the
+   average pool maps one flattened node to H x W positions; deactivating the sum's position
+   is the same as updating "both merged conv layers" of the Add).
+
+Vectorised over classes: each training input runs through the model once; a node is
+active for a set of inputs when ``membership [N, B] @ (pre > 0) [B, P]`` is non-zero, one
+matmul per node for all N modules (vs. a forward pass per class and input in the reference).
+
+Residual sums are nodes of their own: the position deactivated is the sum's (the ReLU's
+input), not conv2's output before the add; this is exact on concerned inputs (CI never
+changes a concerned input's forward pass) and equals the paper's MC-BLN update of both
+merged layers. The paper's listing maps conv2's output instead (see the README).
+
+How a concern module scores and votes (the lab's K-column output, ``softmax([l_c, l_uc, 0,
+..., 0])[0]``; positive when ``l_c > l_uc``; one positive wins, else the most confident) is the
+``concern`` kind of ``modules.forward``.
+
+Entry point: ``split(key, model, data, cfg)`` -> ``SplitResult`` with a ``ConcernModuleSet``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Literal, Mapping, Sequence, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import checkpoint as ckpt
+from ..data import normalize, sum_batches
+from ..models import MaskedCNN
+from ..modules.module_set import ConcernModuleSet
+from ..progress import Progress, callbacks_of, notify
+from .base import SplitData, SplitResult, check_labels
+
+__all__ = [
+    "ConcernConfig",
+    "Decomposition",
+    "sample_sets",
+    "membership",
+    "activity_counts",
+    "channel",
+    "backtrack_bln",
+    "decompose",
+    "split",
+    "report",
+    "retangle",
+    "energy_estimate",
+]
+
+BACKTRACK = get_args(Literal["none", "bln"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ConcernConfig:
+    """Hyper-parameters of the decomposition.
+
+    concerned_per_class: class-c training inputs used for CI (``None``: all of them).
+    negative_ratio: negatives per concerned input for TI (paper: 1.0).
+    backtrack: ``"bln"`` (MC-BLN, the paper's choice) or ``"none"`` (CI+TI+MC).
+    delta: MC-BLN's threshold for a "strong" edge, relative to the column's largest |w|.
+    batch_size: images per forward pass. seed: negative sampling.
+    """
+
+    concerned_per_class: int | None = None
+    negative_ratio: float = 1.0
+    backtrack: Literal["none", "bln"] = "bln"
+    delta: float = 0.5
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.backtrack not in BACKTRACK:
+            raise ValueError(f"backtrack must be one of {BACKTRACK}, got {self.backtrack!r}")
+        if not self.negative_ratio >= 0:
+            raise ValueError(f"negative_ratio must be >= 0, got {self.negative_ratio}")
+        if not 0 <= self.delta <= 1:
+            raise ValueError(f"delta must lie in [0, 1], got {self.delta}")
+        if self.concerned_per_class is not None and self.concerned_per_class < 1:
+            raise ValueError(f"concerned_per_class must be >= 1, got {self.concerned_per_class}")
+
+
+@dataclasses.dataclass
+class Decomposition:
+    """Result of ``decompose`` for N modules.
+
+    inactive: ``{node: bool [N, H, W, C]}`` final deactivation maps (CI & TI, then MC-BLN);
+    ci_inactive: the maps after CI alone; head_w [N, F, 2] / head_b [N, 2]: channeled output
+    layers (column 0 concerned, 1 unconcerned); removed_features: bool [N, F] (MC-BLN);
+    stats: counts and seconds.
+    """
+
+    inactive: dict
+    ci_inactive: dict
+    head_w: np.ndarray
+    head_b: np.ndarray
+    removed_features: np.ndarray
+    stats: dict
+
+
+def _check_model(model) -> None:
+    if getattr(model, "mask_kind", None) != "node":
+        raise ValueError("concern identification needs a model with ReLU-input nodes (resnet20/32/56), "
+                         f"got {getattr(model, 'arch', type(model).__name__)!r}")
+
+
+def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Array):
+    """Per class: (concerned indices, negative indices) into ``y``.
+
+    Negatives for class c: ``round(negative_ratio * n_c)`` inputs spread evenly over the other
+    classes (the remainder to randomly chosen classes), sampled without replacement.
+    """
+    y = np.asarray(y)
+    by_class = [np.flatnonzero(y == c) for c in range(num_classes)]
+    missing = [c for c in range(num_classes) if by_class[c].size == 0]
+    if missing:
+        raise ValueError(f"no training inputs for class(es) {missing}")
+    keys = jax.random.split(key, 2 * num_classes)
+    perm = [np.asarray(jax.random.permutation(keys[c], idx)) for c, idx in enumerate(by_class)]
+    concerned = [p if cfg.concerned_per_class is None else p[: cfg.concerned_per_class] for p in perm]
+    negatives = []
+    for c in range(num_classes):
+        others = [q for q in range(num_classes) if q != c]
+        want = int(round(cfg.negative_ratio * concerned[c].size))
+        base, extra = divmod(want, len(others))
+        lucky = set(np.asarray(jax.random.permutation(keys[num_classes + c], len(others)))[:extra].tolist())
+        take = []
+        for j, q in enumerate(others):
+            n = base + (1 if j in lucky else 0)
+            # a different slice of class q's permutation than its own concerned inputs use
+            take.append(perm[q][::-1][:n])
+        negatives.append(np.concatenate(take) if take else np.zeros(0, np.int64))
+    return concerned, negatives
+
+
+def membership(sets: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
+    """float32 [N, S]: 1 where ``index[s]`` belongs to ``sets[n]`` (``index`` sorted, unique,
+    and holding every member of every set)."""
+    index = np.asarray(index)
+    m = np.zeros((len(sets), len(index)), np.float32)
+    for n, st in enumerate(sets):
+        cols = np.searchsorted(index, st)
+        if len(st) and (cols.max() >= len(index) or not np.array_equal(index[cols], st)):
+            raise ValueError(f"set {n} has members missing from the index")
+        m[n, cols] = 1.0
+    return m
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _counts(graphdef, state, x, mem):
+    """x [B, ...] normalised; mem [G, B] -> {node: [G, P]} active-input counts (compiled once
+    per model structure and shape)."""
+    _, rec = nnx.merge(graphdef, state).node_forward(x, record=True)
+    b = x.shape[0]
+    return {k: mem @ (v.reshape(b, -1) > 0).astype(jnp.float32) for k, v in rec.items()}
+
+
+def activity_counts(
+    model: MaskedCNN,
+    x_u8: np.ndarray,
+    mean,
+    std,
+    mem: np.ndarray,
+    *,
+    batch_size: int = 256,
+    callbacks=None,
+) -> dict:
+    """``{node: int32 [G, H, W, C]}``: for each of G input sets (rows of ``mem`` [G, n]) how
+    many of its inputs make each position active (pre-activation > 0).
+
+    Every image runs once; the count is one matmul per node per batch (padded rows have
+    zero membership). Callbacks get ``Progress("batch", ...)`` per batch.
+    """
+    _check_model(model)
+    n = len(x_u8)
+    if mem.shape[1] != n:
+        raise ValueError(f"membership has {mem.shape[1]} columns for {n} images")
+    graphdef, state = nnx.split(model)
+    shapes = {nd.name: nd.shape for nd in model.nodes()}
+    cbs = callbacks_of(callbacks)
+
+    def batch(xb, mb, valid):
+        mb = jnp.asarray(mb * valid[:, None]).T
+        return _counts(graphdef, state, jnp.asarray(normalize(xb, mean, std)), mb)
+
+    total = sum_batches(batch, [x_u8, np.asarray(mem, np.float32).T], batch_size,
+                        on_batch=lambda i, k: notify(cbs, Progress("batch", i - 1, k)))
+    return {k: np.rint(v).reshape(mem.shape[0], *shapes[k]).astype(np.int32) for k, v in total.items()}
+
+
+def channel(fc_w: np.ndarray, fc_b: np.ndarray, classes: Sequence[int] | None = None):
+    """Binary output layers (concerned, unconcerned) of every module.
+
+    fc_w [F, K], fc_b [K] -> head_w [N, F, 2], head_b [N, 2]: column 0 is the class's own
+    column; column 1 the mean of the other K - 1 columns (weights and bias).
+    """
+    fc_w, fc_b = np.asarray(fc_w, np.float64), np.asarray(fc_b, np.float64)
+    k = fc_w.shape[1]
+    classes = list(range(k)) if classes is None else list(classes)
+    if k < 2:
+        raise ValueError("channeling needs at least 2 output classes")
+    w_other = (fc_w.sum(1, keepdims=True) - fc_w) / (k - 1)  # [F, K]
+    b_other = (fc_b.sum() - fc_b) / (k - 1)
+    head_w = np.stack([np.stack([fc_w[:, c], w_other[:, c]], -1) for c in classes])
+    head_b = np.stack([np.asarray([fc_b[c], b_other[c]]) for c in classes])
+    return head_w.astype(np.float32), head_b.astype(np.float32)
+
+
+def backtrack_bln(head_w: np.ndarray, delta: float = 0.5) -> np.ndarray:
+    """bool [N, F]: pooled features that serve only the unconcerned output (MC-BLN).
+
+    An edge is strong when ``|w| >= delta * max |w|`` over its output column; a feature is
+    removed when its unconcerned edge is strong and its concerned edge is not.
+    """
+    a = np.abs(np.asarray(head_w))  # [N, F, 2]
+    strong = a >= delta * a.max(axis=1, keepdims=True)
+    return strong[..., 1] & ~strong[..., 0]
+
+
+def _last_node(model: MaskedCNN):
+    return model.nodes()[-1]
+
+
+def _apply_backtrack(model: MaskedCNN, inactive: dict, removed: np.ndarray) -> dict:
+    last = _last_node(model)
+    h, w, _ = last.shape
+    out = dict(inactive)
+    out[last.name] = inactive[last.name] | np.broadcast_to(removed[:, None, None, :], (removed.shape[0], h, w, removed.shape[1]))
+    return out
+
+
+def decompose(
+    model: MaskedCNN,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    mean,
+    std,
+    cfg: ConcernConfig = ConcernConfig(),
+    *,
+    key: jax.Array | None = None,
+    callbacks=None,
+) -> Decomposition:
+    """Decompose ``model`` into one module per class from uint8 training images.
+
+    Args:
+      x_train: uint8 [n, 32, 32, C]; y_train: int [n] in [0, num_classes).
+      mean, std: the model's input normalisation.
+      key: ``jax.random`` key for negative sampling (default ``key(cfg.seed)``).
+    """
+    _check_model(model)
+    y_train = np.asarray(y_train)
+    if len(x_train) != len(y_train):
+        raise ValueError(f"{len(x_train)} images but {len(y_train)} labels")
+    k = model.num_classes
+    if len(y_train) and (y_train.min() < 0 or y_train.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}); got [{y_train.min()}, {y_train.max()}]")
+    key = jax.random.key(cfg.seed) if key is None else key
+    t0 = time.perf_counter()
+    concerned, negatives = sample_sets(y_train, k, cfg, key)
+    index = np.unique(np.concatenate(concerned + negatives))
+    mem = np.concatenate([membership(concerned, index), membership(negatives, index)])
+    counts = activity_counts(model, x_train[index], mean, std, mem, batch_size=cfg.batch_size,
+                             callbacks=callbacks)
+    ci = {n: v[:k] == 0 for n, v in counts.items()}
+    inactive = {n: ci[n] & (v[k:] == 0) for n, v in counts.items()}
+    head_w, head_b = channel(model.fc.kernel[...], model.fc.bias[...])
+    removed = backtrack_bln(head_w, cfg.delta) if cfg.backtrack == "bln" else np.zeros(head_w.shape[:2], bool)
+    final = _apply_backtrack(model, inactive, removed)
+    seconds = time.perf_counter() - t0
+    total = sum(nd.size for nd in model.nodes())
+    stats = {
+        "seconds": seconds,
+        "images_forwarded": int(len(index)),
+        "concerned": [int(c.size) for c in concerned],
+        "negatives": [int(c.size) for c in negatives],
+        "positions": int(total),
+        "ci_inactive": [int(sum(v[i].sum() for v in ci.values())) for i in range(k)],
+        "ti_restored": [int(sum((ci[n][i] & ~inactive[n][i]).sum() for n in ci)) for i in range(k)],
+        "bln_removed_features": removed.sum(1).astype(int).tolist(),
+        "inactive": [int(sum(v[i].sum() for v in final.values())) for i in range(k)],
+    }
+    return Decomposition(final, ci, head_w, head_b, removed, stats)
+
+
+def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: ConcernConfig = ConcernConfig(), *,
+          ckpt_dir=None, resume: bool = False, callbacks=None) -> SplitResult:
+    """Decompose ``model`` with the training split of ``data`` (one pass, nothing to checkpoint:
+    ``ckpt_dir`` and ``resume`` are accepted for the common signature and ignored).
+
+    Returns a ``ConcernModuleSet`` (meta ``method``, ``normalization``, ``config``), a
+    one-record history (the decomposition's counts) and its seconds; details: the
+    ``Decomposition``.
+    """
+    del ckpt_dir, resume
+    check_labels(model.num_classes, data.y_train)
+    dec = decompose(model, data.x_train, data.y_train, data.mean, data.std, cfg, key=key, callbacks=callbacks)
+    norm = {"mean": list(map(float, data.mean)), "std": list(map(float, data.std))}
+    ms = ConcernModuleSet(model, dec.inactive, dec.head_w, dec.head_b, dec.removed_features,
+                          {"method": "concern", "normalization": norm, "config": ckpt.config_json(cfg)})
+    return SplitResult(ms, [dec.stats], dec.stats["seconds"], {"decomposition": dec})
+
+
+def report(result: SplitResult, data: SplitData) -> dict:
+    """Concern identification's fields of ``split.json``: the decomposition's counts and
+    seconds, and the paper's energy estimate of that time."""
+    stats = result.details["decomposition"].stats
+    return {"decomposition": stats, "decomposition_seconds": stats["seconds"],
+            "energy": energy_estimate(stats["seconds"])}
+
+
+def retangle(
+    model: MaskedCNN,
+    inactive: Mapping[str, np.ndarray],
+    removed_features: np.ndarray,
+    x_neg_u8: np.ndarray,
+    mean,
+    std,
+    *,
+    batch_size: int = 256,
+) -> dict:
+    """Continuous learning (paper §"continuous learning"): re-run TI for modules with new
+    negative inputs (e.g. another dataset's classes, raw uint8 images read with this model's
+    normalisation), restoring every position they activate; MC-BLN removals stay.
+
+    inactive: ``{node: bool [N, H, W, C]}``; removed_features: bool [N, F].
+    Returns the new ``{node: bool [N, H, W, C]}``.
+    """
+    if len(x_neg_u8) == 0:
+        return dict(inactive)
+    n = next(iter(inactive.values())).shape[0]
+    counts = activity_counts(model, x_neg_u8, mean, std, np.ones((1, len(x_neg_u8)), np.float32),
+                             batch_size=batch_size)
+    new = {k: np.asarray(v) & (counts[k][0] == 0)[None] for k, v in inactive.items()}
+    return _apply_backtrack(model, new, np.asarray(removed_features, bool).reshape(n, -1))
+
+
+def energy_estimate(seconds: float, cpu_watts: float = 65.0, dram_watts: float = 5.0,
+                    gpu_watts: float = 0.0, gpus: int = 0) -> dict:
+    """Pan & Rajan's energy / CO2e formula (after Strubell et al.): ``kWh = 1.58 * hours *
+    (p_cpu + p_dram + gpus * p_gpu) / 1000`` (1.58 = datacentre PUE) and ``CO2e = 0.954 lbs
+    per kWh``. The wattages are assumptions (defaults: a 65 W desktop CPU, 5 W DRAM, no GPU),
+    not measurements; the paper measured them with Intel Power Gadget."""
+    kwh = 1.58 * (seconds / 3600.0) * (cpu_watts + dram_watts + gpus * gpu_watts) / 1000.0
+    return {"kwh": kwh, "co2e_lbs": 0.954 * kwh, "assumed_watts": {
+        "cpu": cpu_watts, "dram": dram_watts, "gpu": gpu_watts, "gpus": gpus}}

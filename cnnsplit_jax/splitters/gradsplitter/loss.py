@@ -1,0 +1,56 @@
+"""GradSplitter's loss: binary masks through a straight-through step, per-module heads, and
+
+    CE(softmax over the N module scores, label) + ratio * mean(binary masks of all modules)
+
+with ``ratio = alpha`` in modularization phases and 0 in head phases. The module scores are
+``sigmoid(head_i(relu(logits_i)))`` where ``logits_i`` are the frozen base model's logits under
+module i's binary masks (``modules.forward.masked_logits``: all modules in one vmapped call).
+The kernel term averages every conv layer's binary masks (ResCNN's tied layers counted once
+per gated conv).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ...models import flatten_masks
+from ...modules.forward import masked_logits
+from ...modules.heads import head_scores
+
+__all__ = ["binarize", "loss_fn", "head_loss"]
+
+
+@jax.custom_vjp
+def binarize(m: jax.Array) -> jax.Array:
+    """Strict step ``(m > 0)`` as float; gradient: the incoming gradient clipped to [-1, 1]."""
+    return (m > 0).astype(m.dtype)
+
+
+def _binarize_fwd(m):
+    return binarize(m), None
+
+
+def _binarize_bwd(_, g):
+    return (jnp.clip(g, -1.0, 1.0),)
+
+
+binarize.defvjp(_binarize_fwd, _binarize_bwd)
+
+
+def loss_fn(params, model, x, y, ratio, chunk=None):
+    """(loss, (ce, kernel_term, scores [B, N])) for ``params = {"masks", "heads"}`` on
+    normalised images x [B, 32, 32, C] and labels y [B]."""
+    b = {k: binarize(v) for k, v in params["masks"].items()}
+    logits = masked_logits(model, b, x, chunk)  # [N, B, K]
+    scores = head_scores(params["heads"], jnp.swapaxes(logits, 0, 1))
+    ce = optax.softmax_cross_entropy_with_integer_labels(scores, y).mean()
+    kern = flatten_masks(model, b, tied=True).mean()
+    return ce + ratio * kern, (ce, kern, scores)
+
+
+def head_loss(heads, feats, y):
+    """(cross-entropy, scores [B, N]) of the heads on cached module logits ``feats`` [B, N, K]."""
+    scores = head_scores(heads, feats)
+    return optax.softmax_cross_entropy_with_integer_labels(scores, y).mean(), scores

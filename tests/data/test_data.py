@@ -1,0 +1,189 @@
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnsplit_jax.data import (
+    DatasetError,
+    batches,
+    dirichlet_subsample,
+    load_dataset,
+    normalize,
+    parse_task,
+    read_idx,
+    select_classes,
+    train_val_split,
+)
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _write_idx(path: Path, arr: np.ndarray, gz: bool):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[arr.dtype.type], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_roundtrip(tmp_path, gz):
+    imgs = np.random.RandomState(0).randint(0, 256, (5, 28, 28)).astype(np.uint8)
+    vals = np.array([[1, -2], [300000, 4]], dtype=np.int32)
+    _write_idx(tmp_path / ("a.gz" if gz else "a"), imgs, gz)
+    _write_idx(tmp_path / ("b.gz" if gz else "b"), vals, gz)
+    np.testing.assert_array_equal(read_idx(tmp_path / ("a.gz" if gz else "a")), imgs)
+    np.testing.assert_array_equal(read_idx(tmp_path / ("b.gz" if gz else "b")), vals)
+
+
+def test_read_idx_errors(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01abcd")
+    with pytest.raises(DatasetError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    _write_idx(tmp_path / "ok", np.zeros((4, 3), np.uint8), gz=False)
+    (tmp_path / "short").write_bytes((tmp_path / "ok").read_bytes()[:-2])
+    with pytest.raises(DatasetError, match="truncated"):
+        read_idx(tmp_path / "short")
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_idx(tmp_path / "missing")
+
+
+def _fake_mnist_dir(root: Path, n_train=12, n_test=6):
+    d = root / "mnist"
+    d.mkdir(parents=True)
+    rs = np.random.RandomState(1)
+    _write_idx(d / "train-images-idx3-ubyte.gz", rs.randint(1, 256, (n_train, 28, 28)).astype(np.uint8), True)
+    _write_idx(d / "train-labels-idx1-ubyte.gz", (np.arange(n_train) % 10).astype(np.uint8), True)
+    _write_idx(d / "t10k-images-idx3-ubyte", rs.randint(1, 256, (n_test, 28, 28)).astype(np.uint8), False)
+    _write_idx(d / "t10k-labels-idx1-ubyte", (np.arange(n_test) % 10).astype(np.uint8), False)
+    return d
+
+
+def test_idx_dataset_from_cnnsplit_data(tmp_path, monkeypatch):
+    _fake_mnist_dir(tmp_path)
+    monkeypatch.setenv("CNNSPLIT_DATA", str(tmp_path))
+    ds = load_dataset("mnist")
+    assert ds.x_train.shape == (12, 32, 32, 1) and ds.x_test.shape == (6, 32, 32, 1)
+    assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int32
+    # 28x28 padded with a 2-pixel zero border; the inside is the original image
+    assert ds.x_train[:, :2].max() == 0 and ds.x_train[:, -2:].max() == 0
+    assert ds.x_train[:, 2:30, 2:30].min() >= 1
+    assert ds.info.num_classes == 10 and ds.info.channels == 1
+    np.testing.assert_array_equal(ds.y_train, np.arange(12) % 10)
+
+
+def test_idx_label_count_mismatch(tmp_path, monkeypatch):
+    d = _fake_mnist_dir(tmp_path)
+    _write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(5, np.uint8), True)
+    monkeypatch.setenv("CNNSPLIT_DATA", str(tmp_path))
+    with pytest.raises(DatasetError, match="12 images but .* 5 labels"):
+        load_dataset("mnist")
+
+
+@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(), reason="Debian dataset-fashion-mnist not installed")
+def test_real_fashion_mnist():
+    ds = load_dataset("fashion_mnist")
+    assert ds.x_train.shape == (60000, 32, 32, 1) and ds.x_test.shape == (10000, 32, 32, 1)
+    assert np.bincount(ds.y_train).tolist() == [6000] * 10
+    assert np.bincount(ds.y_test).tolist() == [1000] * 10
+    assert ds.y_train[:4].tolist() == [9, 0, 0, 3]  # IDX file order
+    x = normalize(ds.x_train[:2000], ds.info.mean, ds.info.std)
+    assert abs(float(x.mean())) < 0.1 and 0.85 < float(x.std()) < 1.15
+
+
+def test_digits_embedded(digits):
+    assert digits.x_train.shape == (1438, 32, 32, 1) and digits.x_test.shape == (359, 32, 32, 1)
+    assert sorted(set(digits.y_train.tolist())) == list(range(10))
+    again = load_dataset("digits")
+    np.testing.assert_array_equal(again.x_test, digits.x_test)
+    x = normalize(digits.x_train, digits.info.mean, digits.info.std)
+    assert abs(float(x.mean())) < 1e-2 and abs(float(x.std()) - 1) < 1e-2
+
+
+def test_unknown_and_missing_dataset(tmp_path, monkeypatch):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'imagenet77'.*available"):
+        load_dataset("imagenet77")
+    monkeypatch.setenv("CNNSPLIT_DATA", str(tmp_path))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(DatasetError, match=r"dataset 'mnist' not found.*CNNSPLIT_DATA/mnist"):
+        load_dataset("mnist", data_dir=str(tmp_path))
+    with pytest.raises(DatasetError, match=r"dataset 'cifar10' not found.*tfds build cifar10"):
+        load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_cifar_python_batches(tmp_path, monkeypatch):
+    root = tmp_path / "cifar10" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    rs = np.random.RandomState(2)
+    for i in range(1, 6):
+        b = {"data": rs.randint(0, 256, (4, 3072)).astype(np.uint8), "labels": list(range(i, i + 4))}
+        pickle.dump(b, open(root / f"data_batch_{i}", "wb"))
+    test = {"data": rs.randint(0, 256, (3, 3072)).astype(np.uint8), "labels": [0, 1, 2]}
+    pickle.dump(test, open(root / "test_batch", "wb"))
+    monkeypatch.setenv("CNNSPLIT_DATA", str(tmp_path))
+    ds = load_dataset("cifar10")
+    assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (3, 32, 32, 3)
+    # CHW rows -> HWC: pixel (0, 0) of image 0 has channels data[0], data[1024], data[2048]
+    d0 = test["data"][0]
+    np.testing.assert_array_equal(ds.x_test[0, 0, 0], [d0[0], d0[1024], d0[2048]])
+    assert ds.info.mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("name,channels", [("cifar10", 3), ("svhn_cropped", 3), ("fashion_mnist", 1)])
+def test_tfds_path_under_mock_data(tmp_path, monkeypatch, name, channels):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("CNNSPLIT_DATA", str(tmp_path))  # no local files
+    import cnnsplit_jax.data.sources as data
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION", tmp_path / "none")
+    with tfds.testing.mock_data(num_examples=8):
+        ds = load_dataset(name)
+    assert ds.x_train.shape == (8, 32, 32, channels) and ds.x_test.shape == (8, 32, 32, channels)
+    assert ds.info.source == "tfds" and ds.info.num_classes == 10
+    assert ds.y_train.min() >= 0 and ds.y_train.max() < 10
+
+
+def test_train_val_split():
+    tr, va = train_val_split(100, seed=3)
+    assert len(tr) == 80 and len(va) == 20
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(100))
+    tr2, va2 = train_val_split(100, seed=3)
+    np.testing.assert_array_equal(tr, tr2)
+    assert not np.array_equal(tr, train_val_split(100, seed=4)[0])
+    with pytest.raises(ValueError):
+        train_val_split(10, 0, val_fraction=1.5)
+
+
+def test_dirichlet_subsample():
+    labels = np.repeat(np.arange(10), 500)
+    idx = dirichlet_subsample(labels, seed=1, alpha=1.0, min_size=20)
+    counts = np.bincount(labels[idx], minlength=10)
+    assert counts.min() >= 20
+    assert counts.max() == 500  # p / max(p): the largest class keeps everything
+    assert len(set(idx.tolist())) == len(idx)
+    np.testing.assert_array_equal(idx, dirichlet_subsample(labels, seed=1, alpha=1.0, min_size=20))
+    assert counts.std() > 50  # non-IID
+    with pytest.raises(ValueError, match="min_size"):
+        dirichlet_subsample(np.repeat(np.arange(3), 5), seed=0, alpha=0.5, min_size=6)
+
+
+def test_batches():
+    import jax
+
+    got = list(batches(10, 4))
+    assert [len(b) for b in got] == [4, 4, 2]
+    shuffled = np.concatenate(list(batches(10, 4, key=jax.random.key(0))))
+    assert sorted(shuffled.tolist()) == list(range(10)) and shuffled.tolist() != list(range(10))
+    assert [len(b) for b in batches(10, 4, drop_last=True)] == [4, 4]
+
+
+def test_task_specs_and_class_selection(digits):
+    assert parse_task("digits:0-2,9+digits:5") == [("digits", [0, 1, 2, 9]), ("digits", [5])]
+    sub = select_classes(digits, [7, 3])
+    assert sub.info.class_names == ("7", "3")
+    assert set(np.unique(sub.y_train)) == {0, 1}
+    assert (sub.y_train == 0).sum() == (digits.y_train == 7).sum()
+    with pytest.raises(ValueError, match="unknown class index"):
+        select_classes(digits, [3, 11])

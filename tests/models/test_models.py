@@ -1,0 +1,184 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnsplit_jax.models import (
+    count_params,
+    flatten_masks,
+    kept_kernels,
+    mask_points,
+    ones_masks,
+    total_kernels,
+)
+from cnnsplit_jax.models import build_model
+
+
+@pytest.mark.parametrize(
+    "arch,kernels,params,points",
+    [("simcnn", 4224, 33_646_666, 13), ("rescnn", 4288, 16_018_698, 9), ("incecnn", 3200, 12_637_898, 12)],
+)
+def test_paper_kernel_and_param_counts(arch, kernels, params, points):
+    m = build_model(arch, num_classes=10, in_channels=3, width=1.0)
+    assert total_kernels(m) == kernels
+    assert count_params(m) == params
+    assert len(mask_points(m)) == points
+
+
+def test_rescnn_tied_mask_points():
+    m = build_model("rescnn", width=1.0)
+    pts = {p.name: p for p in mask_points(m)}
+    assert sum(p.size for p in pts.values()) == 3136  # mask parameters per module (spec 1.4)
+    assert pts["conv_1"].layers == ("conv_1", "conv_3")
+    assert pts["conv_5"].layers == ("conv_5", "conv_7")
+    assert pts["conv_9"].layers == ("conv_9", "conv_11")
+    assert "conv_3" not in pts and "conv_7" not in pts
+    flat = flatten_masks(m, ones_masks(m))
+    assert flat.shape == (4288,)
+
+
+@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn"])
+@pytest.mark.parametrize("width,classes,channels", [(0.0625, 3, 1), (0.125, 10, 3), (0.25, 7, 2)])
+def test_output_shapes(arch, width, classes, channels):
+    m = build_model(arch, num_classes=classes, in_channels=channels, width=width, key=1)
+    y = m(jnp.ones((5, 32, 32, channels)))
+    assert y.shape == (5, classes)
+    assert np.isfinite(np.asarray(y)).all()
+    # the papers' channel counts at this width, by hand (SimCNN 64..512, ResCNN 64..512 with
+    # 9 points, InceCNN stem 64/128/256 then branches 256/256/64, 512/512/64, 512/512/64)
+    full = {"simcnn": [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512],
+            "rescnn": [64, 128, 128, 256, 512, 512, 512, 512, 512],
+            "incecnn": [64, 128, 256, 256, 256, 64, 512, 512, 64, 512, 512, 64]}[arch]
+    want = {0.0625: [4, 4, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32, 32],
+            0.125: [8, 8, 16, 16, 32, 32, 32, 64, 64, 64, 64, 64, 64],
+            0.25: [16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128]}
+    by_width = {64: 0, 128: 2, 256: 4, 512: 7}  # index of that full width in the SimCNN row
+    assert [p.size for p in mask_points(m)] == [want[width][by_width[c]] for c in full]
+
+
+@pytest.mark.parametrize("arch,kernels,fc_in", [("simcnn_weak", 256, 256), ("rescnn_weak", 256, 4096)])
+def test_weak_models_of_the_patching_experiments(arch, kernels, fc_in):
+    m = build_model(arch, num_classes=10, in_channels=3, width=1.0, key=0)
+    assert total_kernels(m) == kernels and m.fc_in == fc_in
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)), jnp.float32)
+    assert m(x).shape == (3, 10)
+    if arch == "rescnn_weak":  # conv_2 shares conv_0's mask: the shortcut's channels
+        assert [p.layers for p in mask_points(m)][0] == ("conv_0", "conv_2")
+
+
+@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn", "simcnn_weak", "rescnn_weak"])
+def test_features_then_fc_chain_equal_forward(arch):
+    m = build_model(arch, num_classes=7, in_channels=1, width=0.125, key=3)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 1)), jnp.float32)
+    f = m.features(x)
+    assert f.shape == (4, m.fc_in)
+    h = m.fc_chain(f, 0, 1)
+    np.testing.assert_allclose(np.asarray(m.fc_chain(h, 1)), np.asarray(m(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn"])
+def test_ones_masks_equal_no_masks_and_kept_counts(arch):
+    m = build_model(arch, num_classes=4, in_channels=3, width=0.125, key=2)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    np.testing.assert_array_equal(m(x, ones_masks(m)), m(x))
+    masks = ones_masks(m)
+    first = mask_points(m)[1]
+    masks[first.name] = masks[first.name].at[:3].set(0.0)
+    assert int(kept_kernels(m, masks)) == total_kernels(m) - 3 * len(first.layers)
+    batched = ones_masks(m, (6,))
+    assert kept_kernels(m, batched).shape == (6,)
+
+
+def _randomize_bn(model, key):
+    for spec in model.topology:
+        layer = getattr(model, spec.name)
+        key, k1, k2 = jax.random.split(key, 3)
+        layer.mean[...] = jax.random.normal(k1, layer.mean.shape) * 0.1
+        layer.var[...] = jax.random.uniform(k2, layer.var.shape, minval=0.5, maxval=1.5)
+
+
+def test_zeroed_mask_removes_exactly_that_channel_simcnn():
+    m = build_model("simcnn", num_classes=5, in_channels=3, width=0.125, key=3)
+    _randomize_bn(m, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(4), (3, 32, 32, 3))
+    j = 2
+    masks = ones_masks(m)
+    masks["conv_5"] = masks["conv_5"].at[j].set(0.0)
+    masked = m(x, masks)
+    assert not np.allclose(masked, m(x), atol=1e-6)  # the channel mattered
+    # same as deleting channel j's contribution: zero conv_6's input weights from channel j
+    m.conv_6.kernel[...] = m.conv_6.kernel[...].at[:, :, j, :].set(0.0)
+    np.testing.assert_allclose(masked, m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_zeroed_mask_last_layer_equals_dropping_fc_input():
+    m = build_model("simcnn", num_classes=5, in_channels=3, width=0.125, key=5)
+    x = jax.random.normal(jax.random.key(6), (3, 32, 32, 3))
+    masks = ones_masks(m)
+    masks["conv_12"] = masks["conv_12"].at[0].set(0.0)
+    masked = m(x, masks)
+    m.fc_13.kernel[...] = m.fc_13.kernel[...].at[0, :].set(0.0)
+    np.testing.assert_allclose(masked, m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_zeroed_inception_branch_channel():
+    m = build_model("incecnn", num_classes=5, in_channels=3, width=0.125, key=7)
+    _randomize_bn(m, jax.random.key(2))
+    x = jax.random.normal(jax.random.key(8), (2, 32, 32, 3))
+    j = 1
+    masks = ones_masks(m)
+    masks["conv_4"] = masks["conv_4"].at[j].set(0.0)  # block-1 branch b
+    masked = m(x, masks)
+    off = m.topology[3].out_channels  # branch a comes first in the concat
+    for name in ("conv_6", "conv_7", "conv_8"):
+        layer = getattr(m, name)
+        layer.kernel[...] = layer.kernel[...].at[:, :, off + j, :].set(0.0)
+    np.testing.assert_allclose(masked, m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_rescnn_tied_mask_gates_both_summands():
+    m = build_model("rescnn", num_classes=5, in_channels=3, width=0.125, key=9)
+    x = jax.random.normal(jax.random.key(10), (2, 32, 32, 3))
+    masks = ones_masks(m)
+    masks["conv_9"] = masks["conv_9"].at[0].set(0.0)
+    masked = m(x, masks)
+    # conv_9's channel 0 reaches the FC only through the shortcut and conv_11's output; both
+    # are gated by the shared mask, so dropping fc_12's input row 0 gives the same logits
+    m.fc_12.kernel[...] = m.fc_12.kernel[...].at[0, :].set(0.0)
+    m.conv_10.kernel[...] = m.conv_10.kernel[...].at[:, :, 0, :].set(0.0)
+    np.testing.assert_allclose(masked, m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_masks_vmap_over_modules():
+    m = build_model("simcnn", num_classes=4, in_channels=1, width=0.0625, key=11)
+    x = jax.random.normal(jax.random.key(12), (3, 32, 32, 1))
+    masks = jax.tree.map(
+        lambda a: (jax.random.uniform(jax.random.key(a.shape[-1]), a.shape) > 0.3).astype(a.dtype),
+        ones_masks(m, (5,)),
+    )
+    out = jax.jit(jax.vmap(lambda mk: m(x, mk)))(masks)
+    assert out.shape == (5, 3, 4)
+    for i in range(5):
+        np.testing.assert_allclose(
+            out[i], m(x, jax.tree.map(lambda a: a[i], masks)), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_input_and_mask_errors():
+    m = build_model("simcnn", num_classes=4, in_channels=3, width=0.0625)
+    with pytest.raises(ValueError, match=r"expects images \[B, 32, 32, 3\].*\(2, 28, 28, 3\)"):
+        m(jnp.ones((2, 28, 28, 3)))
+    with pytest.raises(ValueError, match=r"\(2, 32, 32, 1\)"):
+        m(jnp.ones((2, 32, 32, 1)))
+    with pytest.raises(ValueError, match="unknown mask point"):
+        m(jnp.ones((1, 32, 32, 3)), {"conv_99": jnp.ones(4)})
+    with pytest.raises(ValueError, match=r"mask 'conv_0' .* shape \(4,\)"):
+        m(jnp.ones((1, 32, 32, 3)), {"conv_0": jnp.ones(5)})
+    with pytest.raises(ValueError, match="dropout_key"):
+        m(jnp.ones((1, 32, 32, 3)), train=True)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg99")
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("simcnn", num_classes=1)
+    with pytest.raises(ValueError, match="lack mask point"):
+        kept_kernels(m, {"conv_0": jnp.ones(4)})

@@ -1,0 +1,33 @@
+"""CIFAR ResNet-20/32/56 (Pan & Rajan's models): depths, nodes, parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cnnsplit_jax.models import build_model
+
+
+def nnx_params(model):
+    return nnx.state(model, nnx.Param)
+
+
+def test_resnet_depths_and_nodes():
+    for arch, blocks in (("resnet20", 3), ("resnet32", 5), ("resnet56", 9)):
+        m = build_model(arch, num_classes=10, in_channels=3, width=0.25)
+        convs = [s for s in m.topology if not s.name.endswith("_short")]
+        assert len(convs) + 1 == 6 * blocks + 2  # conv layers + the dense layer
+        nodes = m.nodes()
+        assert len(nodes) == 1 + 6 * blocks
+        assert nodes[-1].shape == (8, 8, 16) and nodes[0].shape == (32, 32, 4)
+        x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+        feats, rec = m.node_forward(x, record=True)
+        np.testing.assert_allclose(m.fc(feats), m(x), atol=1e-5)
+        assert {k: v.shape[1:] for k, v in rec.items()} == {n.name: n.shape for n in nodes}
+    full = build_model("resnet20", num_classes=10, in_channels=3)
+    assert sum(p.size for p in jax.tree.leaves(nnx_params(full))) == 271690  # Keras resnet_v1 20, no BN
+    with pytest.raises(ValueError, match="concern"):
+        full(jnp.zeros((1, 32, 32, 3)), {"conv_0": jnp.ones(16)})
+
+

@@ -1,0 +1,318 @@
+"""CNNSplitter genome and GA operators: decode, initial population, evosax GA statistics."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnsplit_jax.splitters.cnnsplitter.ga import CNNSplitterGA, mutation_genes
+from cnnsplit_jax.splitters.cnnsplitter.genome import decode, genome_layout, heuristic_population
+from cnnsplit_jax.models import build_model
+
+
+def test_reference_genome_sizes_and_order():
+    sim = genome_layout(build_model("simcnn", width=1.0, key=0))
+    assert sim.num_genes == 940  # 4 x 10 + 9 x 100
+    res = genome_layout(build_model("rescnn", width=1.0, key=0))
+    assert res.num_genes == 630
+    assert [lay.point for lay in res.layers] == ["conv_0", "conv_2", "conv_1", "conv_4", "conv_6",
+                                                 "conv_5", "conv_8", "conv_10", "conv_9"]
+    # np.array_split sizes: 64 -> 7,7,7,7,6,...; 256 -> 56 of 3 then 44 of 2; 512 -> 12 of 6 then 88 of 5
+    assert sim.layer("conv_0").sizes == (7, 7, 7, 7, 6, 6, 6, 6, 6, 6)
+    assert sim.layer("conv_4").sizes == (3,) * 56 + (2,) * 44
+    assert sim.layer("conv_7").sizes == (6,) * 12 + (5,) * 88
+    assert mutation_genes(940, 5) == 47 and mutation_genes(630, 10) == 63
+    narrow = genome_layout(build_model("simcnn", width=0.125, key=0), groups=4)
+    assert all(lay.num_groups == 4 for lay in narrow.layers) and narrow.num_genes == 52
+
+
+def test_decode_keeps_exactly_the_selected_groups():
+    model = build_model("rescnn", width=0.125, key=0)
+    layout = genome_layout(model)
+    rng = np.random.default_rng(0)
+    order = {lay.point: rng.permutation(lay.size) for lay in layout.layers}
+    genome = rng.integers(0, 2, layout.num_genes).astype(np.float32)
+    masks = decode(layout, jnp.asarray(genome), {k: jnp.asarray(v) for k, v in order.items()})
+    for lay in layout.layers:
+        bounds = np.cumsum((0,) + lay.sizes)
+        expect = np.zeros(lay.size)
+        for g in range(lay.num_groups):
+            if genome[lay.start + g]:
+                expect[order[lay.point][bounds[g] : bounds[g + 1]]] = 1
+        np.testing.assert_array_equal(np.asarray(masks[lay.point]), expect)
+    # vmap over a population
+    pop = jnp.asarray(rng.integers(0, 2, (3, layout.num_genes)), jnp.float32)
+    batched = jax.vmap(lambda g: decode(layout, g, order))(pop)
+    assert batched["conv_0"].shape == (3, layout.layer("conv_0").size)
+    with pytest.raises(ValueError, match="genes"):
+        decode(layout, jnp.zeros(5), order)
+
+
+def test_heuristic_population_counts_and_bias():
+    layout = genome_layout(build_model("simcnn", width=1.0, key=0))
+    pop = np.asarray(heuristic_population(jax.random.key(0), layout, 400, ["conv_0", "conv_1"],
+                                          [0.6, 0.7, 0.8], [0.4, 0.5]))
+    assert pop.shape == (400, 940) and set(np.unique(pop)) <= {0.0, 1.0}
+    first = layout.layer("conv_0")
+    counts = pop[:, first.start : first.start + 10].sum(1)
+    assert set(counts.astype(int)) == {6, 7, 8}  # floor(10 * r), r in the sensitive list
+    big = layout.layer("conv_7")
+    block = pop[:, big.start : big.start + 100]
+    assert set(block.sum(1).astype(int)) == {40, 50}
+    # p_j ~ exp((ng - 1 - j) / 10): the most important groups are almost always kept
+    freq = block.mean(0)
+    assert freq[:10].mean() > 0.95 and freq[-10:].mean() < 0.1
+    with pytest.raises(ValueError, match="unknown sensitive"):
+        heuristic_population(jax.random.key(0), layout, 2, ["fc_13"], [0.5], [0.5])
+
+
+def _ga(pop=100, genes=200, **kw):
+    return CNNSplitterGA(pop, jnp.zeros(genes), **kw)
+
+
+def test_elites_survive_in_fitness_order_and_crossover_is_single_point():
+    ga = _ga(mutation_percent=0.0)
+    params = ga.default_params
+    rng = np.random.default_rng(1)
+    pop = jnp.asarray(rng.integers(0, 2, (100, 200)), jnp.float32)
+    fit = jnp.asarray(rng.permutation(100), jnp.float32)  # minimised
+    state = ga.init(jax.random.key(0), pop, fit, params)
+    new, _ = ga.ask(jax.random.key(1), state, params)
+    ranked = np.asarray(pop)[np.argsort(np.asarray(fit))]
+    np.testing.assert_array_equal(np.asarray(new[:20]), ranked[:20])  # row 0 = the best
+    parents = ranked[:50]
+    for k, child in enumerate(np.asarray(new[20:])):
+        a, b = parents[k % 50], parents[(k + 1) % 50]
+        ok = [c for c in range(200) if (child[:c] == a[:c]).all() and (child[c:] == b[c:]).all()]
+        assert ok, f"offspring {k} is not a single-point cross of parents {k % 50}, {(k + 1) % 50}"
+
+
+def test_mutation_sets_m_distinct_genes_to_random_bits():
+    ga = _ga(mutation_percent=10.0)  # m = 20 of 200 genes
+    assert ga.num_mutations == 20
+    params = ga.default_params
+    pop = jnp.zeros((100, 200))
+    state = ga.init(jax.random.key(0), pop, jnp.arange(100.0), params)
+    ones = []
+    for s in range(20):
+        new, _ = ga.ask(jax.random.key(s), state, params)
+        kids = np.asarray(new[20:])
+        assert (kids.sum(1) <= 20).all()
+        ones.append(kids.sum(1))
+    ones = np.concatenate(ones)
+    # each of the m positions is set to Bernoulli(0.5): mean m / 2, binomial spread
+    assert abs(ones.mean() - 10.0) < 0.3
+    assert abs(ones.var() - 5.0) < 1.0
+
+
+def test_ga_improves_a_toy_fitness_and_vmaps_over_classes():
+    """One GA per class, all classes advanced together with vmap (OneMax-like target match)."""
+    ga = _ga(pop=50, genes=100, num_parents=25, keep_parents=10, mutation_percent=5.0)
+    params = ga.default_params
+    targets = jax.random.bernoulli(jax.random.key(9), 0.5, (3, 100)).astype(jnp.float32)
+
+    def fitness(pop, target):
+        return -(pop == target).sum(-1).astype(jnp.float32)
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    pops = jax.random.bernoulli(jax.random.key(1), 0.5, (3, 50, 100)).astype(jnp.float32)
+    states = jax.vmap(ga.init, in_axes=(0, 0, 0, None))(keys, pops, jax.vmap(fitness)(pops, targets), params)
+    first = float(-states.best_fitness.max())
+
+    @jax.jit
+    def step(carry, _):
+        states, key = carry
+        key, k1, k2 = jax.random.split(key, 3)
+        pops, states = jax.vmap(ga.ask, in_axes=(0, 0, None))(jax.random.split(k1, 3), states, params)
+        fit = jax.vmap(fitness)(pops, targets)
+        states, m = jax.vmap(ga.tell, in_axes=(0, 0, 0, 0, None))(jax.random.split(k2, 3), pops, fit, states, params)
+        return (states, key), m["best_fitness"]
+
+    (states, _), best = jax.lax.scan(step, (states, jax.random.key(2)), None, length=60)
+    best = -np.asarray(best)
+    assert best.shape == (60, 3)
+    assert (np.diff(best, axis=0) >= 0).all()  # elitism: the best never gets worse
+    assert best[-1].min() > first + 20  # from ~60 matching bits to > 80 of 100
+
+
+def test_kernel_maps_follow_the_reference_conventions():
+    from cnnsplit_jax.models.conv import max_pool_2x2
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 1)), jnp.float32)
+    sim = build_model("simcnn", num_classes=4, in_channels=1, width=0.125, key=0)
+    maps = sim.kernel_maps(x)
+    assert list(maps) == [f"conv_{i}" for i in range(13)]
+    assert maps["conv_1"].shape[1:3] == (32, 32)  # before pooling
+    res = build_model("rescnn", num_classes=4, in_channels=1, width=0.125, key=0)
+    rmaps = res.kernel_maps(x)
+    assert set(rmaps) == {p.name for p in res.mask_points()}
+    # ResCNN: conv_4's block pools (16 -> 8); the tied point conv_1 holds the residual sum
+    assert rmaps["conv_4"].shape[1:3] == (8, 8)
+    r = max_pool_2x2(jax.nn.relu(res.conv_1(jax.nn.relu(res.conv_0(x)))))
+    h = jax.nn.relu(res.conv_3(jax.nn.relu(res.conv_2(r))))
+    np.testing.assert_allclose(np.asarray(rmaps["conv_1"]), np.asarray(h + r), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_importance_uses_confident_images_of_each_class():
+    from cnnsplit_jax.splitters.cnnsplitter.importance import importance_order, kernel_importance
+
+    model = build_model("simcnn", num_classes=3, in_channels=1, width=0.125, key=1)
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (12, 32, 32, 1)).astype(np.uint8)
+    y = np.array([0, 1, 2] * 4)
+    imp = kernel_importance(model, x, y, [0.5], [0.25], threshold=0.0, batch_size=5)
+    xn = jnp.asarray((x / 255.0 - 0.5) / 0.25, jnp.float32)
+    maps = model.kernel_maps(xn)
+    for c in range(3):
+        want = np.asarray(maps["conv_5"]).sum(axis=(1, 2))[y == c].mean(0)
+        np.testing.assert_allclose(imp.values["conv_5"][c], want, rtol=1e-4)
+    assert imp.counts.tolist() == [4, 4, 4]
+    # threshold: only images with softmax[label] >= threshold count
+    p = np.asarray(jax.nn.softmax(model(xn)))[np.arange(12), y]
+    thr = float(np.median(p))
+    imp2 = kernel_importance(model, x, y, [0.5], [0.25], threshold=thr)
+    assert imp2.counts.sum() == int((p >= thr).sum())
+    order = importance_order(imp)
+    v = imp.values["conv_0"][1]
+    assert (np.diff(v[order["conv_0"][1]]) <= 0).all()
+
+
+def _reference_fitness(L, y, D, perm, acc_ratio, gen, thr, alpha, min_keep, max_keep):
+    """The recorder's procedure written plainly (itertools over candidates; stable sorts)."""
+    import itertools
+
+    n_cls, P, _ = L.shape
+    groups = [[((c, p),) for p in range(P)] for c in perm]
+    final_fit = None
+    while len(groups) > 1:
+        new = []
+        for i in range(0, len(groups), 2):
+            if i + 1 >= len(groups):
+                new.append(groups[i])
+                continue
+            cands = [a + b for a, b in itertools.product(groups[i], groups[i + 1])]
+            res = []
+            for comp in cands:
+                classes = np.array([c for c, _ in comp])
+                pred = classes[np.stack([L[c, p] for c, p in comp], 1).argmax(1)]
+                sel = np.isin(y, classes)
+                acc = float((pred[sel] == y[sel]).mean())
+                diff = float(np.mean([D[c1, c2, p1, p2] for (c1, p1), (c2, p2) in itertools.combinations(comp, 2)]))
+                res.append((acc, diff, all(p == 0 for _, p in comp)))
+            order = sorted(range(len(res)), key=lambda k: -res[k][0])
+            t = len(cands[0])
+            n_top = max(min(sum(r[0] >= thr[t] for r in res), max_keep), min_keep)
+            fit = {k: acc_ratio * res[k][0] + (1 - alpha) * res[k][1] for k in order[:n_top]}
+            top = sorted(order[:n_top], key=lambda k: -fit[k])
+            if gen > 0:
+                z = [k for k, r in enumerate(res) if r[2]][0]
+                if z not in top:
+                    top.append(z)
+                    fit[z] = acc_ratio * res[z][0] + (1 - alpha) * res[z][1]
+            new.append([cands[k] for k in top])
+            final_fit = [fit[k] for k in top]
+        groups = new
+    fitness = np.zeros((n_cls, P))
+    for comp, f in zip(groups[0], final_fit):
+        for c, p in comp:
+            fitness[c, p] = max(fitness[c, p], f)
+    return fitness, groups[0][0], final_fit[0]
+
+
+@pytest.mark.parametrize("generation", [0, 3])
+def test_joint_fitness_equals_reference_procedure(generation):
+    from cnnsplit_jax.splitters.cnnsplitter.fitness import FitnessConfig, jaccard_distance_table, joint_fitness
+
+    rng = np.random.default_rng(generation)
+    n_cls, P, n = 5, 6, 60
+    y = rng.integers(0, n_cls, n)
+    L = rng.normal(size=(n_cls, P, n)).astype(np.float32)
+    L += 1.5 * (y[None, None, :] == np.arange(n_cls)[:, None, None])  # modules prefer their class
+    L[:, 0] -= 1.0  # individual 0 is poor: the elitism guard has to re-add its composition
+    kernels = rng.random((n_cls, P, 40)) < 0.5
+    D = np.asarray(jaccard_distance_table(jnp.asarray(kernels)))
+    i, j = 1, 3
+    a, b = kernels[i, 2], kernels[j, 4]
+    assert D[i, j, 2, 4] == pytest.approx(1 - (a & b).sum() / (a | b).sum())
+    thr = {2: 0.9, 4: 0.8, 5: 0.7}
+    perm = [3, 0, 4, 1, 2]
+    cfg = FitnessConfig(alpha=0.9, thresholds=thr, min_keep=4, max_keep=9)
+    got = joint_fitness(jnp.asarray(L), jnp.asarray(y), jnp.asarray(D), perm, acc_ratio=0.95,
+                        generation=generation, cfg=cfg)
+    want, best, best_fit = _reference_fitness(L, y, D, perm, 0.95, generation, thr, 0.9, 4, 9)
+    np.testing.assert_allclose(np.asarray(got.fitness), want, rtol=1e-5, atol=1e-6)
+    assert float(got.best_fitness) == pytest.approx(best_fit, rel=1e-5)
+    assert {c: p for c, p in best} == {c: int(got.best[c]) for c in range(n_cls)}
+    if generation:  # every class's individual 0 is part of a surviving composition
+        assert (np.asarray(got.fitness)[:, 0] > 0).all()
+    with pytest.raises(ValueError, match="permutation"):
+        joint_fitness(jnp.asarray(L), jnp.asarray(y), jnp.asarray(D), [0, 0, 1, 2, 3], acc_ratio=0.9,
+                      generation=0, cfg=cfg)
+
+
+def _search_data(digits_run):
+    from cnnsplit_jax import checkpoint as ckpt
+    from cnnsplit_jax.pipeline import run_data
+    from cnnsplit_jax.splitters import SplitData
+
+    model, meta = ckpt.load_model(digits_run)
+    rd = run_data(meta)
+    norm = meta["normalization"]
+    none = rd.ds.x_train[:0]
+    return model, SplitData(none, rd.ds.y_train[:0], rd.ds.x_train[rd.val_idx], rd.ds.y_train[rd.val_idx],
+                            norm["mean"], norm["std"])
+
+
+def test_cnnsplitter_search_improves_and_resumes_bit_identically(digits_run, tmp_path):
+    from cnnsplit_jax import checkpoint as ckpt
+    from cnnsplit_jax.splitters.cnnsplitter import CNNSplitterConfig, split
+
+    model, data = _search_data(digits_run)
+    cfg = CNNSplitterConfig(population=12, generations=4, num_parents=6, keep_parents=3, min_keep=6,
+                            max_keep=30, groups=4, sensitive=(), other_ratios=(0.75, 1.0), eval_images=160)
+    key = jax.random.key(cfg.seed)
+    full = split(key, model, data, cfg, ckpt_dir=tmp_path / "full")
+    h = full.history
+    assert [r["generation"] for r in h] == [0, 1, 2, 3, 4]
+    # measured: composed search accuracy 0.56 at generation 0, 0.94 at generation 4
+    assert h[-1]["valid_accuracy"] > h[0]["accuracy"] + 0.2
+    best = full.details["best_generation"]
+    assert max(r["valid_fitness"] for r in h) == h[best]["valid_fitness"]
+    masks = full.module_set.masks
+    assert all(masks[p.name].shape == (10, p.size) for p in model.mask_points())
+    assert (np.stack([m.sum(1) for m in masks.values()]) >= 1).all()  # keep-one rule
+    assert full.module_set.heads is None and full.module_set.meta["best_generation"] == best
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(p):
+        if p.index == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        split(key, model, data, cfg, ckpt_dir=tmp_path / "part", callbacks=interrupt)
+    resumed = split(key, model, data, cfg, ckpt_dir=tmp_path / "part", resume=True)
+    strip = lambda hist: [{k: v for k, v in r.items() if k != "seconds"} for r in hist]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    for k in masks:
+        np.testing.assert_array_equal(resumed.module_set.masks[k], masks[k])
+    with pytest.raises(ckpt.CheckpointError, match="config"):
+        split(key, model, data, dataclasses.replace(cfg, population=10), ckpt_dir=tmp_path / "part", resume=True)
+
+
+def test_stock_simple_ga_option_runs_on_the_same_pipeline(digits_run):
+    from cnnsplit_jax.splitters.cnnsplitter import CNNSplitterConfig, split
+
+    model, data = _search_data(digits_run)
+    cfg = CNNSplitterConfig(population=12, generations=2, min_keep=6, max_keep=30, groups=4, sensitive=(),
+                            other_ratios=(0.75, 1.0), eval_images=160, algorithm="simple_ga")
+    res = split(jax.random.key(0), model, data, cfg)
+    assert [r["generation"] for r in res.history] == [0, 1, 2]
+    # generation 0 is the same heuristic population as the paper's GA: same accuracy scale
+    assert res.history[0]["accuracy"] > 0.3
+    assert set(np.unique(np.concatenate([m.ravel() for m in res.module_set.masks.values()]))) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="algorithm"):
+        dataclasses.replace(cfg, algorithm="cma")

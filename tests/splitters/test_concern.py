@@ -1,0 +1,126 @@
+"""Concern identification (Pan & Rajan): CI / TI on hand-checkable inputs, the vectorised
+counts against a per-class loop, channeling, MC-BLN, the energy formula, and the
+decomposition of a narrow ResNet-20 trained on digits."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnsplit_jax.splitters import concern as C
+from cnnsplit_jax.data import normalize
+from cnnsplit_jax.models import build_model
+
+
+def _identity_stem(model):
+    """conv_0 copies the image into its single channel (centre tap 1, bias 0)."""
+    k = np.zeros(model.conv_0.kernel.shape, np.float32)
+    k[1, 1, 0, 0] = 1.0
+    model.conv_0.kernel[...] = jnp.asarray(k)
+    model.conv_0.bias[...] = jnp.zeros_like(model.conv_0.bias[...])
+
+
+def test_ci_and_ti_on_hand_checkable_inputs():
+    model = build_model("resnet20", num_classes=2, in_channels=1, width=1 / 16)  # 1 / 2 / 4 channels
+    _identity_stem(model)
+    # normalisation mean 0.5, std 1: conv_0's pre-activation is pixel / 255 - 0.5, > 0 only
+    # on the bright pixels
+    imgs = np.zeros((4, 32, 32, 1), np.uint8)
+    imgs[0, 3, 4] = imgs[1, 10, 20] = 255  # class 0
+    imgs[2, 7, 7] = imgs[3, 0, 31] = 255  # class 1
+    y = np.array([0, 0, 1, 1])
+    d = C.decompose(model, imgs, y, (0.5,), (1.0,), C.ConcernConfig(backtrack="none"))
+    expect = np.ones((32, 32), bool)
+    expect[3, 4] = expect[10, 20] = False  # active for one concerned input: kept
+    np.testing.assert_array_equal(d.ci_inactive["conv_0"][0, ..., 0], expect)
+    expect[7, 7] = expect[0, 31] = False  # the two negatives (1:1) restore their positions
+    np.testing.assert_array_equal(d.inactive["conv_0"][0, ..., 0], expect)
+    assert d.stats["negatives"] == [2, 2] and d.stats["concerned"] == [2, 2]
+    assert d.stats["ti_restored"][0] >= 2
+    # without negatives nothing is restored
+    d0 = C.decompose(model, imgs, y, (0.5,), (1.0,), C.ConcernConfig(backtrack="none", negative_ratio=0.0))
+    for k in d0.inactive:
+        np.testing.assert_array_equal(d0.inactive[k], d0.ci_inactive[k])
+
+
+def test_vectorised_counts_equal_a_per_class_loop():
+    model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=1)
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (36, 32, 32, 1), dtype=np.uint8)
+    y = np.arange(36) % 3
+    cfg = C.ConcernConfig(backtrack="none", batch_size=16)
+    key = jax.random.key(5)
+    d = C.decompose(model, imgs, y, (0.4,), (0.3,), cfg, key=key)
+    concerned, negatives = C.sample_sets(y, 3, cfg, key)
+    for c in range(3):
+        assert set(y[concerned[c]]) == {c} and c not in set(y[negatives[c]])
+        assert len(negatives[c]) == len(concerned[c]) == 12
+        assert sorted(np.bincount(y[negatives[c]], minlength=3)[[q for q in range(3) if q != c]]) == [6, 6]
+        _, pos = model.node_forward(jnp.asarray(normalize(imgs[concerned[c]], (0.4,), (0.3,))), record=True)
+        _, neg = model.node_forward(jnp.asarray(normalize(imgs[negatives[c]], (0.4,), (0.3,))), record=True)
+        for k in pos:
+            ci = np.all(np.asarray(pos[k]) <= 0, axis=0)
+            np.testing.assert_array_equal(d.ci_inactive[k][c], ci)
+            np.testing.assert_array_equal(d.inactive[k][c], ci & np.all(np.asarray(neg[k]) <= 0, axis=0))
+
+
+def test_channeling_averages_the_unconcerned_columns():
+    w = np.arange(12, dtype=np.float32).reshape(3, 4) ** 1.5
+    b = np.array([1.0, 2.0, 3.0, 10.0], np.float32)
+    hw, hb = C.channel(w, b)
+    assert hw.shape == (4, 3, 2) and hb.shape == (4, 2)
+    np.testing.assert_allclose(hw[1, :, 0], w[:, 1])
+    np.testing.assert_allclose(hw[1, :, 1], w[:, [0, 2, 3]].mean(1), rtol=1e-6)
+    np.testing.assert_allclose(hb[3], [10.0, 2.0])
+    np.testing.assert_allclose(hb[0], [1.0, 5.0])
+
+
+def test_backtrack_bln_removes_features_serving_only_the_unconcerned_output():
+    hw = np.array([[[1.0, 0.1], [0.1, -1.0], [0.8, 0.9], [0.2, 0.3]]])  # [1, F=4, 2]
+    np.testing.assert_array_equal(C.backtrack_bln(hw, 0.5), [[False, True, False, False]])
+    np.testing.assert_array_equal(C.backtrack_bln(hw, 0.25), [[False, True, False, True]])
+    # in a decomposition, a removed feature deactivates its whole channel of the last node
+    model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=2)
+    imgs = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 1), dtype=np.uint8)
+    d = C.decompose(model, imgs, np.arange(12) % 3, (0.5,), (0.5,), C.ConcernConfig(backtrack="bln"))
+    last = model.nodes()[-1].name
+    assert d.removed_features.any()
+    for c, f in zip(*np.nonzero(d.removed_features)):
+        assert d.inactive[last][c, ..., f].all()
+    assert d.stats["bln_removed_features"] == d.removed_features.sum(1).tolist()
+
+
+def test_energy_estimate_follows_the_papers_formula():
+    e = C.energy_estimate(3600.0, cpu_watts=100.0, dram_watts=20.0, gpu_watts=250.0, gpus=2)
+    assert e["kwh"] == pytest.approx(1.58 * 620 / 1000)
+    assert e["co2e_lbs"] == pytest.approx(0.954 * 1.58 * 0.62)
+
+
+
+
+def test_concern_split_on_digits_reproduces_the_model(concern_modules, resnet_digits):
+    from cnnsplit_jax.modules.module_set import load_module_set
+
+    base_acc = json.loads((resnet_digits / "train.json").read_text())["test_accuracy"]
+    assert base_acc > 0.9
+    res = {bt: json.loads((d / "split.json").read_text()) for bt, d in concern_modules.items()}
+    r = res["none"]
+    # CI+TI+MC: composed modules agree with the model on most inputs (measured 1.000 / cost 0)
+    assert r["agreement_with_model"] >= 0.95
+    assert r["accuracy_loss"] <= 0.03 and r["top5_loss"] <= 0.01
+    assert 0.5 < r["module_size"]["mean_active_fraction"] < 1.0  # positions were deactivated
+    assert r["module_size"]["module_params"] < r["module_size"]["model_params"]  # only the 2-column head
+    assert sum(r["decomposition"]["ti_restored"]) > 0
+    # MC-BLN deactivates more positions (measured cost 10.8 pt on this narrow model)
+    b = res["bln"]
+    assert b["module_size"]["mean_active_fraction"] < r["module_size"]["mean_active_fraction"]
+    assert b["accuracy_loss"] <= 0.25
+    ms = load_module_set(concern_modules["none"])
+    assert ms.kind == "concern" and ms.num_modules == 10
+    # the module-size arithmetic, by hand: ResNet-20 at width 0.5 (8/16/32 channels) has a
+    # 32 x 10 dense layer; a module keeps a 32 x 2 one
+    size = r["module_size"]
+    assert size["model_params"] - size["module_params"] == (32 * 10 + 10) - (32 * 2 + 2)
+    assert size["positions"] == 32 * 32 * 8 + 3 * 2 * 32 * 32 * 8 + 3 * 2 * 16 * 16 * 16 + 3 * 2 * 8 * 8 * 32
