@@ -126,7 +126,7 @@ def reference_steps(checkout, model, n_modules, alpha, batch, seed=0):
         sys.path.insert(0, str(src))
     mod_name, cls_name = REFERENCE_CLASSES[model.arch]
     net = getattr(importlib.import_module(mod_name), cls_name)(num_classes=n_modules)
-    net.load_state_dict({k: torch.as_tensor(v) for k, v in to_torch_state_dict(model).items()}, strict=True)
+    net.load_state_dict({k: torch.tensor(np.array(v)) for k, v in to_torch_state_dict(model).items()}, strict=True)
     splitter_cls = importlib.import_module(f"splitters.{model.arch}_splitter").GradSplitter
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its first head
@@ -215,6 +215,8 @@ def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, 
             mod_ratio_vs_reference=med([a / b for a, b in zip(r["mod"], r["rmod"])]),
             head_ratio_vs_reference=med([(h + f / 2) / b for h, f, b in zip(r["head"], r["feat"], r["rhead"])]),
         )
+        ref = (n_mod * row["reference_mod_step_s"] + n_head * row["reference_head_step_s"]) * steps
+        row.update(reference_schedule_hours=ref / 3600, schedule_ratio_vs_reference=ours / ref)
     return row
 
 
@@ -256,11 +258,14 @@ def main(argv=None):
               f"{r['schedule_hours']:.1f} / {r.get('torch_schedule_hours', nan):.1f} |", flush=True)
     if a.reference:
         print("\n| model | ours mod step s | reference mod step s | **mod ratio** | ours head step eff. s | "
-              "reference head step s | **head ratio** |\n|---|---|---|---|---|---|---|")
+              "reference head step s | **head ratio** | schedule h (ours / reference) | **schedule ratio** |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['model']} | {r['mod_step_s']:.2f} | {r['reference_mod_step_s']:.2f} | "
                   f"**{r['mod_ratio_vs_reference']:.2f}** | {r['head_step_effective_s']:.2f} | "
-                  f"{r['reference_head_step_s']:.2f} | **{r['head_ratio_vs_reference']:.2f}** |")
+                  f"{r['reference_head_step_s']:.2f} | **{r['head_ratio_vs_reference']:.2f}** | "
+                  f"{r['schedule_hours']:.1f} / {r['reference_schedule_hours']:.1f} | "
+                  f"**{r['schedule_ratio_vs_reference']:.2f}** |")
     write_json(a.out, {"environment": environment(), "rows": rows})
     print(f"\nwrote {a.out}")
 
