@@ -27,12 +27,15 @@ __all__ = [
 ]
 
 
-def binary_metrics(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
-    """Precision, recall, F1 of boolean predictions (0 where undefined)."""
-    tp = float(np.sum(pred & truth))
-    p = tp / max(float(np.sum(pred)), 1.0)
-    r = tp / max(float(np.sum(truth)), 1.0)
-    f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
+def binary_metrics(pred: np.ndarray, truth: np.ndarray, undefined: float = 0.0) -> tuple[float, float, float]:
+    """Precision, recall, F1 of boolean predictions. Where a value is undefined (precision:
+    no positive prediction; recall: no positive image; F1: either, or precision + recall = 0,
+    all 0/0 in the reference's arithmetic) it is ``undefined``: 0 in reports, NaN where a
+    choice must skip it (the reference's ``nanargmax``)."""
+    tp, n_pred, n_true = float(np.sum(pred & truth)), float(np.sum(pred)), float(np.sum(truth))
+    p = tp / n_pred if n_pred else undefined
+    r = tp / n_true if n_true else undefined
+    f1 = 2 * p * r / (p + r) if n_pred and n_true and p + r > 0 else undefined
     return p, r, f1
 
 
@@ -42,11 +45,12 @@ def module_prf(positive: np.ndarray, y: np.ndarray) -> list[tuple[float, float, 
     return [binary_metrics(positive[:, c], y == c) for c in range(positive.shape[1])]
 
 
-def module_f1(ms, x_u8: np.ndarray, y: np.ndarray) -> np.ndarray:
+def module_f1(ms, x_u8: np.ndarray, y: np.ndarray, undefined: float = 0.0) -> np.ndarray:
     """F1 [N] of each module's binary decision (class c vs rest) on labelled images; labels
-    are the module set's class indices (-1 or any other value: a negative image)."""
+    are the module set's class indices (-1 or any other value: a negative image); an
+    undefined F1 is ``undefined``."""
     _, pos = module_outputs(ms, x_u8)
-    return np.asarray([f for _, _, f in module_prf(pos, y)])
+    return np.asarray([binary_metrics(pos[:, c], y == c, undefined)[2] for c in range(pos.shape[1])])
 
 
 def composed_scores(ms, scores: np.ndarray, positive: np.ndarray) -> np.ndarray:

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Sequence, Union
 
-__all__ = ["Progress", "Callback", "callbacks_of", "notify"]
+__all__ = ["Progress", "Callback", "RunWarning", "callbacks_of", "notify"]
+
+
+class RunWarning(UserWarning):
+    """A run will not do what it is run for (too short a schedule, a rounded setting, an
+    initial population at chance, ...). The CLI prints these as ``warning: ...`` lines."""
 
 
 class Progress(NamedTuple):

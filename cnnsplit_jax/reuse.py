@@ -89,7 +89,8 @@ def _task_label_of(task: Task, origin: tuple[str, int]) -> int | None:
 
 def candidate_f1(sources: Sequence[Source], task: Task) -> dict[tuple[int, int], float]:
     """F1 of module c of every source on the task's evaluation images, keyed (source, task
-    label); only modules whose (dataset, class) belongs to the task are scored."""
+    label); only modules whose (dataset, class) belongs to the task are scored. An undefined
+    F1 (e.g. a module that never says "positive") is NaN: ``select_picks`` skips it."""
     out = {}
     for si, s in enumerate(sources):
         labels = {c: _task_label_of(task, s.origins[c]) for c in s.classes}
@@ -99,22 +100,28 @@ def candidate_f1(sources: Sequence[Source], task: Task) -> dict[tuple[int, int],
         local = np.full(task.ds.info.num_classes, -1)  # task label -> module index
         for c, t in labels.items():
             local[t] = c
-        f1 = module_f1(s.module_set, task.x_eval, local[task.y_eval])
+        f1 = module_f1(s.module_set, task.x_eval, local[task.y_eval], undefined=float("nan"))
         for c, t in labels.items():
             out[(si, t)] = float(f1[c])
     return out
 
 
 def select_picks(sources: Sequence[Source], task: Task, f1: dict | None = None) -> tuple[list[Pick], list[int]]:
-    """Best-F1 module per task class (ties: the earlier source). Returns (picks, source index
-    per class). Raises ValueError when a class has no candidate module."""
+    """Best-F1 module per task class, as the reference's ``nanargmax``: undefined F1s are
+    skipped, ties go to the earlier source. Returns (picks, source index per class). Raises
+    ValueError when a class has no candidate module, or only candidates with undefined F1."""
     f1 = candidate_f1(sources, task) if f1 is None else f1
     picks, chosen = [], []
     for t, (d, c) in enumerate(task.sources):
-        cands = [(f1[(si, t)], -si) for si in range(len(sources)) if (si, t) in f1]
-        if not cands:
+        offered = [si for si in range(len(sources)) if (si, t) in f1]
+        if not offered:
             raise ValueError(f"no module for class {task.ds.info.class_names[t]!r} "
                              f"(dataset {d!r}, class {c}) among the given module sets")
+        cands = [(f1[(si, t)], -si) for si in offered if not np.isnan(f1[(si, t)])]
+        if not cands:
+            raise ValueError(f"every module for class {task.ds.info.class_names[t]!r} has an undefined F1 on "
+                             f"the {len(task.y_eval)} evaluation images (none says 'positive' on any of them, "
+                             "or the class has no evaluation image)")
         si = -max(cands)[1]
         module = sources[si].origins.index((d, c))
         picks.append(Pick(sources[si].module_set, module, sources[si].label, task.ds.info.class_names[t]))
@@ -170,7 +177,8 @@ def compose_task(sources: Sequence[Source], task: Task, **compose_kwargs) -> tup
                     "dataset": d, "dataset_class": c, "module": picks[t].source_class,
                     "f1": f1[(si, t)]}
                    for t, ((d, c), si) in enumerate(zip(task.sources, chosen))],
-        "candidate_f1": {sources[si].label: {task.ds.info.class_names[t]: v for (sj, t), v in f1.items() if sj == si}
+        "candidate_f1": {sources[si].label: {task.ds.info.class_names[t]: (None if np.isnan(v) else v)
+                                             for (sj, t), v in f1.items() if sj == si}
                          for si in range(len(sources))},
         "sources": per_source,
         "compose_seconds": compose_seconds,

@@ -176,14 +176,19 @@ def split_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train / validation indices into the training set, as ``fit`` uses them.
 
-    The splitters reuse the base model's split: their training data is its 80% and their
-    validation data its 20% (the reference does the same).
+    Without ``dirichlet_alpha``: a seeded permutation, its first ``1 - val_fraction`` for
+    training. With it: the reference's non-IID subsample (``data.dirichlet_subsample``, already
+    shuffled), split *in order* as the reference does: its first ``int((1 - val_fraction) * n)``
+    for training, the rest for validation. The splitters reuse the base model's split: their
+    training data is its training part and their validation data its validation part.
     """
-    idx = np.arange(len(labels))
-    if dirichlet_alpha is not None:
-        idx = dirichlet_subsample(labels, seed, dirichlet_alpha, dirichlet_min_size)
-    tr, va = train_val_split(len(idx), seed, val_fraction)
-    return idx[tr], idx[va]
+    if dirichlet_alpha is None:
+        return train_val_split(len(labels), seed, val_fraction)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    idx = dirichlet_subsample(labels, seed, dirichlet_alpha, dirichlet_min_size)
+    n_train = int((1.0 - val_fraction) * len(idx))
+    return idx[:n_train], idx[n_train:]
 
 
 def _split_indices(ds: Dataset, cfg: TrainConfig):

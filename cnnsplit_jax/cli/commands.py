@@ -10,6 +10,8 @@ from .. import checkpoint as ckpt
 from .. import pipeline
 from ..models import ARCHITECTURES, mask_points
 from ..pipeline import DemoConfig, RunWarning
+from ..splitters.cnnsplitter import PRESETS as GA_PRESETS
+from ..splitters.cnnsplitter import preset_for
 from ..splitters.gradsplitter import PRESETS, round_modularity_epochs
 from ..train import RECIPES, TrainConfig, summary
 from . import plots
@@ -75,10 +77,25 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _ga_preset(args) -> dict:
+    name = args.recipe or "auto"
+    if name == "auto":
+        meta = ckpt.read_json(Path(args.model_dir) / "model.json") if (Path(args.model_dir) / "model.json").is_file() else {}
+        name = preset_for(meta.get("arch", ""), str(meta.get("dataset", "")))
+        if name is None:
+            return {}
+        log(f"CNNSplitter settings: the reference's {name} configuration")
+    if name not in GA_PRESETS:
+        raise ValueError(f"--recipe {name} is not a CNNSplitter preset; expected auto or one of {sorted(GA_PRESETS)}")
+    return GA_PRESETS[name]
+
+
 def _split_config(args):
     cls, fields = METHOD_CONFIGS[args.method]
     if args.method == "grad":
-        preset = PRESETS[args.recipe]
+        if (args.recipe or "reference") not in PRESETS:
+            raise ValueError(f"--recipe {args.recipe} is not a GradSplitter preset; expected one of {sorted(PRESETS)}")
+        preset = PRESETS[args.recipe or "reference"]
         epochs = args.modularity_epochs if args.modularity_epochs is not None else \
             preset.get("modularity_epochs", cls().modularity_epochs)
         rounded = round_modularity_epochs(epochs)
@@ -87,9 +104,12 @@ def _split_config(args):
                   f"2 head); running {rounded}")
         return config_from(cls, args, fields, preset, modularity_epochs=rounded)
     if args.method == "ga":
-        pop = args.population or cls().population
-        return config_from(cls, args, fields, num_parents=min(cls().num_parents, pop),
+        preset = _ga_preset(args)
+        pop = args.population or preset.get("population", cls().population)
+        return config_from(cls, args, fields, preset, num_parents=min(cls().num_parents, pop),
                            keep_parents=min(cls().keep_parents, pop))
+    if args.recipe:
+        raise ValueError("--recipe applies to --method grad and ga")
     return config_from(cls, args, fields)
 
 

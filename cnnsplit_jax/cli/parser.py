@@ -14,6 +14,7 @@ from ..data import DATASETS
 from ..models import ARCHITECTURES
 from ..pipeline import DemoConfig
 from ..splitters import CNNSplitterConfig, ConcernConfig, GradSplitterConfig
+from ..splitters.cnnsplitter import PRESETS as GA_PRESETS
 from ..splitters.gradsplitter import PRESETS
 from ..train import RECIPES, TrainConfig
 
@@ -28,7 +29,7 @@ METHOD_CONFIGS = {
                                   "batch_size", "init", "seed", "select_tolerance")),
     "ga": (CNNSplitterConfig, ("population", "generations", "groups", "mutation_percent", "eval_images",
                                "sensitivity_images", "early_stop", "sensitive", "algorithm", "sensitive_ratios",
-                               "other_ratios", "seed")),
+                               "other_ratios", "thresholds", "shared_initial_population", "seed")),
     "concern": (ConcernConfig, ("negative_ratio", "backtrack", "delta", "concerned_per_class", "seed")),
 }
 
@@ -74,6 +75,13 @@ def _names(s: str) -> tuple[str, ...]:
 
 def _floats(s: str) -> tuple[float, ...]:
     return tuple(float(v) for v in s.split(",") if v)
+
+
+def _thresholds(s: str) -> tuple[tuple[int, float], ...]:
+    try:
+        return tuple((int(a), float(b)) for a, b in (item.split(":") for item in s.split(",") if item))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE:ACCURACY,... (e.g. 2:.95,4:.95,8:.85,10:.8), got {s!r}")
 
 
 def _train_parser(sub, common) -> None:
@@ -125,10 +133,13 @@ def _split_parser(sub, common) -> None:
     sp.add_argument("--train-subset", type=int, default=None,
                     help="use only the first N images of the training split (CPU budgets; default all)")
     config_flag(sp, GradSplitterConfig, "seed", "seed of the search", type=int)
+    sp.add_argument("--recipe", default=None, choices=sorted(set(PRESETS) | set(GA_PRESETS) | {"auto"}),
+                    help="preset of the method's settings (the flags below override it). grad: reference "
+                         "(default) or quick, a short run that removes kernels in a few hundred steps (the "
+                         "demo's). ga: auto (default: the reference's configuration for the model and dataset, "
+                         f"when it has one: {', '.join(n for n in GA_PRESETS if n != 'narrow')}), one of those, "
+                         "or narrow (raised initial ratios and a CPU budget for narrow models)")
     gs = sp.add_argument_group("GradSplitter (--method grad)")
-    gs.add_argument("--recipe", default="reference", choices=sorted(PRESETS),
-                    help="preset: the reference's settings, or quick: a short run that removes kernels in "
-                         "a few hundred steps (the demo's) (default reference)")
     for field, kind, help_ in (("alpha", float, "weight of the kept-kernel term"),
                                ("head_epochs", int, "leading head-only epochs"),
                                ("modularity_epochs", int, "epochs in whole cycles of 5 modularization + 2 head "
@@ -166,6 +177,11 @@ def _split_parser(sub, common) -> None:
     config_flag(ga, CNNSplitterConfig, "sensitive_ratios", "initial kept-group ratios of sensitive layers",
                 type=_floats)
     config_flag(ga, CNNSplitterConfig, "other_ratios", "initial kept-group ratios of other layers", type=_floats)
+    config_flag(ga, CNNSplitterConfig, "thresholds", "the joint fitness's accuracy thresholds per composition size, "
+                "SIZE:ACC,... (None: the reference's for the class count)", type=_thresholds)
+    config_flag(ga, CNNSplitterConfig, "shared_initial_population", "False: draw each class's initial population "
+                "on its own (the reference: one draw for all classes)", flag="--per-class-initial-population",
+                action="store_false")
 
 
 def _reuse_parsers(sub, common) -> None:

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["Dataset", "DatasetInfo", "DatasetError", "DATASETS", "load_dataset", "read_idx",
-           "image_stats"]
+           "image_stats", "file_order"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -289,15 +289,37 @@ def _load_svhn(name: str, data_dir=None) -> Dataset:
         "then copy its data_dir and pass --data-dir or set TFDS_DATA_DIR).")
 
 
+def file_order(ids) -> np.ndarray | None:
+    """The permutation that restores the original file order of TFDS records from their
+    ``id`` feature (CIFAR: ``"train_16399"``, the index in the original file); None when the
+    ids are missing or do not all end in ``_<number>``."""
+    nums = []
+    for i in ids:
+        i = i.decode() if isinstance(i, bytes) else str(i)
+        head, _, tail = i.rpartition("_")
+        if not head or not tail.isdigit():
+            return None
+        nums.append(int(tail))
+    if len(set(nums)) != len(nums):
+        return None
+    return np.argsort(np.asarray(nums), kind="stable")
+
+
 def _load_tfds(name: str, data_dir=None) -> Dataset:
-    """Read a prepared TFDS dataset with ``tfds.data_source`` (no TensorFlow)."""
+    """Read a prepared TFDS dataset with ``tfds.data_source`` (no TensorFlow).
+
+    TFDS shuffles records when it prepares a dataset. Where records carry an ``id`` with the
+    original file index (CIFAR-10 / CIFAR-100), the original order is restored, so "the first
+    20% of the test set" and seeded subsamples match the reference; SVHN and MNIST records carry
+    no such id and stay in TFDS's order (``DatasetInfo.source`` says ``tfds`` or
+    ``tfds, file order``)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - tfds is a dependency
         raise DatasetError(f"tensorflow-datasets is not installed ({e})") from None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        out = {}
+        out, orders = {}, []
         for split in ("train", "test"):
             src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
             try:  # batched read (array_record); mocked sources only support indexing
@@ -306,6 +328,10 @@ def _load_tfds(name: str, data_dir=None) -> Dataset:
                 items = [src[i] for i in range(len(src))]
             x = np.stack([np.asarray(it["image"]) for it in items])
             y = np.asarray([int(it["label"]) for it in items], dtype=np.int32)
+            order = file_order([it["id"] for it in items]) if items and "id" in items[0] else None
+            if order is not None:
+                x, y = x[order], y[order]
+            orders.append(order is not None)
             out[split] = (x, y)
         names = tuple(builder.info.features["label"].names)
     except Exception as e:  # tfds raises many types for "not prepared"
@@ -319,7 +345,7 @@ def _load_tfds(name: str, data_dir=None) -> Dataset:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         mean, std = image_stats(xtr)
-    info = DatasetInfo(name, names, ch, mean, std, "tfds")
+    info = DatasetInfo(name, names, ch, mean, std, "tfds, file order" if all(orders) else "tfds")
     return Dataset(xtr, ytr, xte, yte, info)
 
 

@@ -1,4 +1,5 @@
-"""The papers' CNNs: SimCNN, ResCNN, InceCNN (GradSplitter / CNNSplitter) and CNNSplitter's weak
+"""The papers' CNNs: SimCNN, ResCNN, InceCNN (GradSplitter's models), CNNSplitter's own SimCNN /
+ResCNN (no BatchNorm; ``simcnn_cnnsplitter``, ``rescnn_cnnsplitter``), and CNNSplitter's weak
 SimCNN / ResCNN used in the patching experiments.
 
 Each class only states its topology (``_base_topology``), its FC head and its forward order;
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 from .base import ConvSpec, Dense, MaskedCNN, dropout, scaled
 from .conv import max_pool_2x2
 
-__all__ = ["SimCNN", "ResCNN", "InceCNN", "SimCNNWeak", "ResCNNWeak", "CNNS"]
+__all__ = ["SimCNN", "ResCNN", "InceCNN", "SimCNNCNNSplitter", "ResCNNCNNSplitter", "SimCNNWeak", "ResCNNWeak",
+           "CNNS"]
 
 
 class SimCNN(MaskedCNN):
@@ -108,10 +110,33 @@ class ResCNN(MaskedCNN):
             R(f"conv_{i}", x)  # the tied pair (conv_i, conv_{i+2}): the residual sum
         return x.reshape(x.shape[0], -1)
 
+    head_dropout = 0.5
+
     def _head(self, h, train, key):
         if train:
-            h = dropout(h, 0.5, key)
+            h = dropout(h, self.head_dropout, key)
         return self.fc_12(h)
+
+
+class SimCNNCNNSplitter(SimCNN):
+    """CNNSplitter's SimCNN (ASE 2022): SimCNN's 13 convs without BatchNorm, FC 512 -> 512 -> N
+    (``fc_hidden`` defaults to ``scaled(512, width)``), dropout 0.5 before fc_13 and fc_14."""
+
+    arch = "simcnn_cnnsplitter"
+    batch_norm = False
+
+    def __init__(self, num_classes=10, in_channels=3, width=1.0, *, fc_hidden=None, channels=None, rngs):
+        super().__init__(num_classes, in_channels, width, fc_hidden=fc_hidden or scaled(512, width),
+                         channels=channels, rngs=rngs)
+
+
+class ResCNNCNNSplitter(ResCNN):
+    """CNNSplitter's ResCNN (ASE 2022): ResCNN's 12 convs without BatchNorm, dropout 0.4 before
+    the FC layer."""
+
+    arch = "rescnn_cnnsplitter"
+    batch_norm = False
+    head_dropout = 0.4
 
 
 class InceCNN(MaskedCNN):
@@ -229,5 +254,5 @@ class ResCNNWeak(_WeakCNN):
 
 
 CNNS: dict[str, type[MaskedCNN]] = {
-    c.arch: c for c in (SimCNN, ResCNN, InceCNN, SimCNNWeak, ResCNNWeak)
+    c.arch: c for c in (SimCNN, ResCNN, InceCNN, SimCNNCNNSplitter, ResCNNCNNSplitter, SimCNNWeak, ResCNNWeak)
 }

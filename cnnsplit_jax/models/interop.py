@@ -1,12 +1,17 @@
-"""PyTorch interop (optional ``torch`` extra): the reference SimCNN / ResCNN / InceCNN layouts.
+"""PyTorch interop (optional ``torch`` extra): the reference implementations' state-dict layouts.
 
-``load_torch_state_dict`` turns a state dict of the reference implementations (keys
-``conv_{i}.0.weight|bias`` for the conv, ``conv_{i}.1.weight|bias|running_mean|running_var``
-for its BatchNorm, ``fc_{j}.weight|bias`` for the linear layers) into one of our models:
-OIHW -> HWIO, Linear (out, in) -> (in, out). Architecture sizes (classes, input channels,
-width, SimCNN's FC width) are read off the tensor shapes. A path is read with
-``torch.load(path, map_location="cpu", weights_only=True)``; a mapping of NumPy arrays needs
-no torch at all.
+``load_torch_state_dict`` turns a state dict of the authors' models into one of ours (OIHW ->
+HWIO, Linear (out, in) -> (in, out)); architecture sizes (classes, input channels, width,
+SimCNN's FC width) are read off the tensor shapes. Layouts (``LAYOUTS``):
+
+* GradSplitter's ``simcnn`` / ``rescnn`` / ``incecnn``: ``conv_{i}.0.weight|bias`` (the conv),
+  ``conv_{i}.1.weight|bias|running_mean|running_var`` (its BatchNorm), ``fc_{j}.weight|bias``;
+* CNNSplitter's ``simcnn_cnnsplitter``: ``conv_{i}.weight|bias`` (no BatchNorm), ``fc_13`` /
+  ``fc_14`` / ``fc_15``; ``rescnn_cnnsplitter``: ``conv_{i}.0.weight|bias`` (conv, ReLU and pool
+  in one block, no BatchNorm), ``classifier.2.weight|bias`` (Flatten, Dropout, Linear).
+
+A path is read with ``torch.load(path, map_location="cpu", weights_only=True)``; a mapping of
+NumPy arrays needs no torch at all.
 
 ``torch_model`` builds a PyTorch model of the same architecture and layout (used by the
 interop tests and as the baseline in ``benchmarks/``). Its ``forward(x, masks=None)`` takes
@@ -24,14 +29,21 @@ from .base import MaskedCNN
 
 __all__ = ["load_torch_state_dict", "to_torch_state_dict", "torch_model"]
 
-_FC_NAMES = {"simcnn": ("fc_13", "fc_14", "fc_15"), "rescnn": ("fc_12",), "incecnn": ("fc_12",)}
+_SIM_FC = {"fc_13": "fc_13", "fc_14": "fc_14", "fc_15": "fc_15"}
+
+#: per architecture: (the conv's key prefix, its BatchNorm's prefix or None, {our FC: theirs})
+LAYOUTS = {
+    "simcnn": ("{}.0", "{}.1", _SIM_FC),
+    "rescnn": ("{}.0", "{}.1", {"fc_12": "fc_12"}),
+    "incecnn": ("{}.0", "{}.1", {"fc_12": "fc_12"}),
+    "simcnn_cnnsplitter": ("{}", None, _SIM_FC),
+    "rescnn_cnnsplitter": ("{}.0", None, {"fc_12": "classifier.2"}),
+}
 
 
 def _check_arch(arch: str) -> None:
-    if arch not in _FC_NAMES:
-        raise ValueError(
-            f"no PyTorch layout for model {arch!r}; interop covers {sorted(_FC_NAMES)}"
-        )
+    if arch not in LAYOUTS:
+        raise ValueError(f"no PyTorch layout for model {arch!r}; interop covers {sorted(LAYOUTS)}")
 
 
 def _as_numpy(sd) -> dict[str, np.ndarray]:
@@ -60,7 +72,7 @@ def _read(path_or_sd) -> dict[str, np.ndarray]:
 
 
 def load_torch_state_dict(arch: str, path_or_state_dict) -> MaskedCNN:
-    """Build ``arch`` with the weights of a reference PyTorch state dict.
+    """Build ``arch`` with the weights of a reference PyTorch state dict (``LAYOUTS``).
 
     Raises:
       ValueError: unknown architecture, missing or unexpected keys, or shapes that do not
@@ -69,39 +81,23 @@ def load_torch_state_dict(arch: str, path_or_state_dict) -> MaskedCNN:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     _check_arch(arch)
+    conv, bn, fcs = LAYOUTS[arch]
     sd = {k: v for k, v in _read(path_or_state_dict).items() if not k.endswith("num_batches_tracked")}
-    fcs = _FC_NAMES[arch]
     try:
-        w0 = sd["conv_0.0.weight"]
-        last_fc = sd[f"{fcs[-1]}.weight"]
+        w0 = sd[conv.format("conv_0") + ".weight"]
+        last_fc = sd[list(fcs.values())[-1] + ".weight"]
     except KeyError as e:
         raise ValueError(f"not a reference {arch} state dict: missing key {e}") from None
     base0 = ARCHITECTURES[arch]._base_topology()[0].out_channels
-    width = w0.shape[0] / base0
-    kwargs = dict(num_classes=int(last_fc.shape[0]), in_channels=int(w0.shape[1]), width=width)
-    if arch == "simcnn":
-        kwargs["fc_hidden"] = int(sd["fc_13.weight"].shape[0])
+    kwargs = dict(num_classes=int(last_fc.shape[0]), in_channels=int(w0.shape[1]), width=w0.shape[0] / base0)
+    if "fc_13" in fcs:
+        kwargs["fc_hidden"] = int(sd[fcs["fc_13"] + ".weight"].shape[0])
     model = build_model(arch, **kwargs)
     expected = set()
-    for spec in model.topology:
-        layer = getattr(model, spec.name)
-        pre = spec.name
-        pairs = {
-            f"{pre}.0.weight": (layer.kernel, lambda a: a.transpose(2, 3, 1, 0)),
-            f"{pre}.0.bias": (layer.bias, None),
-            f"{pre}.1.weight": (layer.scale, None),
-            f"{pre}.1.bias": (layer.offset, None),
-            f"{pre}.1.running_mean": (layer.mean, None),
-            f"{pre}.1.running_var": (layer.var, None),
-        }
+    for spec, layer, pairs in _pairs(model):
         for k, (var, fn) in pairs.items():
             _assign(sd, k, var, fn, arch)
             expected.add(k)
-    for name in fcs:
-        layer = getattr(model, name)
-        _assign(sd, f"{name}.weight", layer.kernel, lambda a: a.T, arch)
-        _assign(sd, f"{name}.bias", layer.bias, None, arch)
-        expected |= {f"{name}.weight", f"{name}.bias"}
     extra = set(sd) - expected
     if extra:
         raise ValueError(
@@ -109,6 +105,23 @@ def load_torch_state_dict(arch: str, path_or_state_dict) -> MaskedCNN:
             + (" (a module checkpoint? load the base model's state dict)" if any("module_head" in k for k in extra) else "")
         )
     return model
+
+
+def _pairs(model: MaskedCNN):
+    """(spec or FC name, layer, {state-dict key: (our variable, torch -> ours)}) of every layer."""
+    conv, bn, fcs = LAYOUTS[model.arch]
+    for spec in model.topology:
+        layer = getattr(model, spec.name)
+        c = conv.format(spec.name)
+        pairs = {f"{c}.weight": (layer.kernel, lambda a: a.transpose(2, 3, 1, 0)), f"{c}.bias": (layer.bias, None)}
+        if bn:
+            b = bn.format(spec.name)
+            pairs.update({f"{b}.weight": (layer.scale, None), f"{b}.bias": (layer.offset, None),
+                          f"{b}.running_mean": (layer.mean, None), f"{b}.running_var": (layer.var, None)})
+        yield spec, layer, pairs
+    for ours, theirs in fcs.items():
+        layer = getattr(model, ours)
+        yield ours, layer, {f"{theirs}.weight": (layer.kernel, lambda a: a.T), f"{theirs}.bias": (layer.bias, None)}
 
 
 def _assign(sd, key, var, fn, arch):
@@ -126,18 +139,11 @@ def to_torch_state_dict(model: MaskedCNN) -> dict[str, np.ndarray]:
     """The reference-layout state dict (NumPy arrays) of ``model``; inverse of the loader."""
     _check_arch(model.arch)
     out = {}
-    for spec in model.topology:
-        layer = getattr(model, spec.name)
-        out[f"{spec.name}.0.weight"] = np.asarray(layer.kernel[...]).transpose(3, 2, 0, 1)
-        out[f"{spec.name}.0.bias"] = np.asarray(layer.bias[...])
-        out[f"{spec.name}.1.weight"] = np.asarray(layer.scale[...])
-        out[f"{spec.name}.1.bias"] = np.asarray(layer.offset[...])
-        out[f"{spec.name}.1.running_mean"] = np.asarray(layer.mean[...])
-        out[f"{spec.name}.1.running_var"] = np.asarray(layer.var[...])
-    for name in _FC_NAMES[model.arch]:
-        layer = getattr(model, name)
-        out[f"{name}.weight"] = np.asarray(layer.kernel[...]).T
-        out[f"{name}.bias"] = np.asarray(layer.bias[...])
+    for _, _, pairs in _pairs(model):
+        for k, (var, fn) in pairs.items():
+            a = np.asarray(var[...])
+            # the inverse of torch -> ours: kernels HWIO -> OIHW, FC (in, out) -> (out, in)
+            out[k] = a if fn is None else (a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T)
     return out
 
 
@@ -152,7 +158,8 @@ def torch_model(model_or_arch, **kwargs):
 
     src = model_or_arch if isinstance(model_or_arch, MaskedCNN) else build_model(model_or_arch, **kwargs)
     arch = src.arch
-    _check_arch(arch)
+    if arch not in ("simcnn", "rescnn", "incecnn"):
+        raise ValueError(f"torch_model builds GradSplitter's layouts (simcnn, rescnn, incecnn), not {arch!r}")
     out_ch = {s.name: s.out_channels for s in src.topology}
 
     class Ref(nn.Module):

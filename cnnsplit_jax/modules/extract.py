@@ -125,10 +125,11 @@ def extract_module(
         i, iv = _input_slots(model, s.inputs, kept, sizes)
         w = np.asarray(src.kernel[...])[:, :, i][..., o] * (iv[:, None] & ov[None, :])
         dst.kernel.set_value(jnp.asarray(w, jnp.float32))
-        for f in ("bias", "scale", "offset", "mean"):
+        for f in ("bias", "scale", "offset", "mean") if src.bn else ("bias",):
             dst_v = np.asarray(getattr(src, f)[...])[o] * ov
             getattr(dst, f).set_value(jnp.asarray(dst_v, jnp.float32))
-        dst.var.set_value(jnp.asarray(np.where(ov, np.asarray(src.var[...])[o], 1.0), jnp.float32))
+        if src.bn:
+            dst.var.set_value(jnp.asarray(np.where(ov, np.asarray(src.var[...])[o], 1.0), jnp.float32))
     rows, rv = _fc_rows(model, kept, sizes)
     for j, n in enumerate(model.fc_layers):
         src, dst = getattr(model, n), getattr(small, n)

@@ -29,7 +29,7 @@ module's own base model statistics; ``"normalized"``: already normalised.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ from .extract import ExtractedModule, effective_masks, extract_module, kept_indi
 from .heads import Heads, scores_from_logits
 
 __all__ = ["Pick", "Kind", "KINDS", "MaskedGroup", "ExtractedGroup", "ConcernGroup", "default_chunk",
-           "masked_logits", "node_logits", "positive_probability", "vote_scores", "prepare",
+           "PerUse", "masked_logits", "node_logits", "positive_probability", "vote_scores", "prepare",
            "group_outputs", "module_outputs", "extracted_scores"]
 
 INPUTS = ("raw", "normalized")
@@ -74,16 +74,38 @@ def prepare(x, mean, std, input: str):
 
 
 # ------------------------------------------------------------------------------ cores
-def masked_logits(model, masks, x, chunk: int | None = None, loop: str = "unroll") -> jax.Array:
+class PerUse(Mapping):
+    """Masks that apply ``fn`` at every use: ``PerUse(masks, fn)[point]`` is ``fn(masks[point])``,
+    computed again at each access. A model reads a mask once per conv it gates, so with a
+    straight-through ``fn`` each use gets its own backward (ResCNN's tied pairs: the gradient
+    of each conv is clipped on its own, and the clipped gradients add up, as the reference)."""
+
+    def __init__(self, masks: Mapping, fn: Callable):
+        self._masks, self._fn = masks, fn
+
+    def __getitem__(self, k):
+        return self._fn(self._masks[k])
+
+    def __iter__(self):
+        return iter(self._masks)
+
+    def __len__(self):
+        return len(self._masks)
+
+
+def masked_logits(model, masks, x, chunk: int | None = None, loop: str = "unroll",
+                  mask_fn: Callable | None = None) -> jax.Array:
     """[N, B, K]: ``model``'s logits under each of N masks ``{point: [N, C]}`` on normalised x.
 
     chunk: modules per vmapped group (None: one vmap over all N). loop: ``"unroll"``: the
     groups are separate vmaps in one traced program (fastest forward+backward on the CPU);
     ``"map"``: ``lax.map`` over groups (N padded to a multiple of ``chunk``): compile time
     and memory independent of N, for hundreds of modules (CNNSplitter's populations).
+    mask_fn: applied to a mask at each use (``PerUse``), e.g. GradSplitter's straight-through
+    step; None: the masks as given.
     """
     n = next(iter(masks.values())).shape[0]
-    f = jax.vmap(lambda m: model(x, m))
+    f = jax.vmap(lambda m: model(x, m if mask_fn is None else PerUse(m, mask_fn)))
     if chunk is None or chunk >= n:
         return f(masks)
     if loop == "unroll":

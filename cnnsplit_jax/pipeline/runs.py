@@ -15,14 +15,11 @@ import numpy as np
 from .. import checkpoint as ckpt
 from ..data import Dataset, is_task_spec, load_dataset, load_task, test_splits
 from ..models import build_model
+from ..progress import RunWarning
 from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, split_indices, summary
 
 __all__ = ["RunWarning", "ARTIFACTS", "artifact_kind", "prepare_out", "RunData", "train_data", "run_data",
            "train_run"]
-
-
-class RunWarning(UserWarning):
-    """A run will not do what it is run for (too short a schedule, a rounded setting, ...)."""
 
 
 #: artefact kinds: (files that identify one, every top-level entry it writes)

@@ -187,3 +187,54 @@ def test_task_specs_and_class_selection(digits):
     assert (sub.y_train == 0).sum() == (digits.y_train == 7).sum()
     with pytest.raises(ValueError, match="unknown class index"):
         select_classes(digits, [3, 11])
+
+
+#: class counts and train / validation sizes of the subsample below (seed 3, alpha 1, min 100)
+PINNED_DIRICHLET_COUNTS = [353, 277, 434, 458, 407, 136, 131, 500, 463, 407]
+PINNED_DIRICHLET_SPLIT = (2852, 714)
+
+
+def _reference_style_dirichlet(labels, n_classes, seed, min_size, alpha):
+    """The reference's procedure, as it is written there: numpy's *global* legacy RNG seeded
+    once, per class a shuffled Python list cut at int(p_c * n_c) until every class keeps
+    min_size, then the concatenation shuffled."""
+    np.random.seed(seed)
+    while True:
+        p = np.random.dirichlet(np.repeat(alpha, n_classes))
+        p = p / np.max(p)
+        per_class = []
+        for c in range(n_classes):
+            idx = np.where(np.asarray(labels) == c)[0].tolist()
+            np.random.shuffle(idx)
+            per_class.append(idx[: int(p[c] * len(idx))])
+        if min(len(k) for k in per_class) >= min_size:
+            break
+    out = [i for k in per_class for i in k]
+    np.random.shuffle(out)
+    return out
+
+
+def test_dirichlet_subsample_and_its_in_order_split_match_the_reference():
+    from cnnsplit_jax.train import split_indices
+
+    labels = np.random.RandomState(0).permutation(np.repeat(np.arange(10), 500))
+    saved = np.random.get_state()
+    try:
+        ref = _reference_style_dirichlet(labels, 10, seed=3, min_size=100, alpha=1.0)
+    finally:
+        np.random.set_state(saved)
+    tr, va = split_indices(labels, 3, 0.2, dirichlet_alpha=1.0, dirichlet_min_size=100)
+    cut = int(0.8 * len(ref))
+    np.testing.assert_array_equal(tr, ref[:cut])  # the first 80% of the subsample, in its order
+    np.testing.assert_array_equal(va, ref[cut:])
+    # pinned: the subsample's class counts and sizes for this seed
+    assert np.bincount(labels[np.concatenate([tr, va])], minlength=10).tolist() == PINNED_DIRICHLET_COUNTS
+    assert (len(tr), len(va)) == PINNED_DIRICHLET_SPLIT
+
+
+def test_tfds_file_order_from_record_ids():
+    from cnnsplit_jax.data.sources import file_order
+
+    np.testing.assert_array_equal(file_order([b"test_00002", b"test_00000", b"test_00001"]), [1, 2, 0])
+    assert file_order(["train_3", "train_x"]) is None  # not all numbered: order kept
+    assert file_order(["a_1", "a_1"]) is None and file_order(["nounderscore"]) is None

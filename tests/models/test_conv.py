@@ -63,3 +63,24 @@ def test_max_pool_equals_reduce_window():
     np.testing.assert_array_equal(max_pool_2x2(x), ref)
     with pytest.raises(ValueError, match="even"):
         max_pool_2x2(jnp.ones((1, 3, 4, 1)))
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_as_torch():
+    """Ties are common (a dropped kernel's windows are all zeros): the whole gradient of a
+    window goes to its first maximum in row-major order, as torch's max_pool2d (the oracle)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (2, 6, 8, 3)).astype(np.float32)  # values 0..2: ties in most windows
+    x[0, :, :, 1] = 0.0  # a whole channel of zeros: every window tied four ways
+    x[1, 2:4, 2:4, 0] = [[1.0, 2.0], [2.0, 2.0]]  # three-way tie after a smaller first entry
+    w = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+    got = jax.jit(jax.grad(lambda a: (max_pool_2x2(a) * w).sum()))(jnp.asarray(x))
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    (torch.nn.functional.max_pool2d(xt, 2) * torch.tensor(w.transpose(0, 3, 1, 2))).sum().backward()
+    np.testing.assert_array_equal(np.asarray(got), xt.grad.numpy().transpose(0, 2, 3, 1))
+    # by hand for the two special windows: all of the gradient on the first entry
+    assert got[0, 0, 0, 1] == w[0, 0, 0, 1] and (got[0, :2, :2, 1].sum() == got[0, 0, 0, 1])
+    np.testing.assert_array_equal(got[1, 2:4, 2:4, 0], [[0.0, w[1, 1, 1, 0]], [0.0, 0.0]])
+    # and it is vmap-safe (modules are vmapped)
+    vg = jax.vmap(jax.grad(lambda a, v: (max_pool_2x2(a) * v).sum()))(jnp.stack([x, x]), jnp.stack([w, w]))
+    np.testing.assert_array_equal(vg[1], got)

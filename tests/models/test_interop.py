@@ -75,3 +75,101 @@ def test_bad_state_dicts():
         load_torch_state_dict("simcnn", extra)
     with pytest.raises(ValueError, match="not a reference rescnn"):
         load_torch_state_dict("rescnn", sd)
+
+
+@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn"])
+def test_mask_gradients_equal_torch_including_dropped_kernels(arch):
+    """The gradient of the loss w.r.t. every module mask entry, dropped (0) entries included,
+    equals torch's autograd on the same weights and masks (max-pool ties follow torch)."""
+    torch.manual_seed(3)
+    tm = torch_model(arch, num_classes=5, in_channels=3, width=0.125)
+    _randomize(tm, 4)
+    model = load_torch_state_dict(arch, tm.state_dict())
+    rng = np.random.default_rng(5)
+    masks = {k: (rng.random(v.shape) > 0.4).astype(np.float32) for k, v in ones_masks(model).items()}
+    x = rng.normal(size=(4, 3, 32, 32)).astype(np.float32)
+    y = np.array([0, 1, 2, 4])
+    tmasks = {k: torch.tensor(v, requires_grad=True) for k, v in masks.items()}
+    loss = torch.nn.functional.cross_entropy(tm(torch.from_numpy(x), tmasks), torch.from_numpy(y), reduction="sum")
+    loss.backward()
+    import jax
+    import optax
+
+    def f(m):
+        logits = model(jnp.asarray(x.transpose(0, 2, 3, 1)), m)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).sum()
+
+    grads = jax.grad(f)({k: jnp.asarray(v) for k, v in masks.items()})
+    dropped = 0
+    for k, v in masks.items():
+        ref = tmasks[k].grad.numpy()
+        scale = max(np.abs(ref).max(), 1e-6)
+        np.testing.assert_allclose(np.asarray(grads[k]) / scale, ref / scale, atol=1e-4, err_msg=k)
+        dropped += int(((v == 0) & (np.abs(ref) > 1e-3 * scale)).sum())
+    assert dropped > 10  # dropped entries with real gradients were compared
+
+
+def _cnnsplitter_torch(arch, num_classes, seed):
+    """CNNSplitter's own PyTorch models as its paper and code define them (no BatchNorm;
+    SimCNN: conv_i = Conv2d, FC 512; ResCNN: conv_i = Conv2d + ReLU (+ MaxPool), classifier =
+    Flatten, Dropout(0.4), Linear), at full width, written here independently of our models."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    if arch == "simcnn_cnnsplitter":
+        ch = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512)] + [(512, 512)] * 5
+
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                for i, (a, b) in enumerate(ch):
+                    setattr(self, f"conv_{i}", nn.Conv2d(a, b, 3, padding=1))
+                self.fc_13, self.fc_14, self.fc_15 = nn.Linear(512, 512), nn.Linear(512, 512), nn.Linear(512, num_classes)
+
+            def forward(self, x):
+                for i in range(13):
+                    x = torch.relu(getattr(self, f"conv_{i}")(x))
+                    if i in (1, 3, 6, 9, 12):
+                        x = torch.max_pool2d(x, 2)
+                x = torch.relu(self.fc_13(x.flatten(1)))
+                return self.fc_15(torch.relu(self.fc_14(x)))
+    else:
+        cfg = [(3, 64, False), (64, 128, True), (128, 128, False), (128, 128, False), (128, 256, True),
+               (256, 512, True), (512, 512, False), (512, 512, False), (512, 512, True), (512, 512, True),
+               (512, 512, False), (512, 512, False)]
+
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                for i, (a, b, pool) in enumerate(cfg):
+                    layers = [nn.Conv2d(a, b, 3, padding=1), nn.ReLU()] + ([nn.MaxPool2d(2)] if pool else [])
+                    setattr(self, f"conv_{i}", nn.Sequential(*layers))
+                self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.4), nn.Linear(512, num_classes))
+
+            def forward(self, x):
+                x = self.conv_1(self.conv_0(x))
+                for a in (2, 6, 10):
+                    x = getattr(self, f"conv_{a + 1}")(getattr(self, f"conv_{a}")(x)) + x
+                    if a < 10:
+                        x = getattr(self, f"conv_{a + 3}")(getattr(self, f"conv_{a + 2}")(x))
+                return self.classifier(x)
+    return M().eval()
+
+
+@pytest.mark.parametrize("arch", ["simcnn_cnnsplitter", "rescnn_cnnsplitter"])
+def test_cnnsplitter_state_dicts_load_and_agree(arch):
+    tm = _cnnsplitter_torch(arch, 10, seed=7)
+    model = load_torch_state_dict(arch, tm.state_dict())
+    assert model.arch == arch and model.width == 1.0 and not model.batch_norm
+    assert getattr(model, "fc_hidden", 512) == 512
+    x = np.random.RandomState(1).randn(2, 3, 32, 32).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x)).numpy()
+    got = np.asarray(model(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
+    back = to_torch_state_dict(model)
+    assert set(back) == set(tm.state_dict())
+    # a GradSplitter state dict is not a CNNSplitter one
+    with pytest.raises(ValueError, match="not a reference"):
+        load_torch_state_dict(arch, to_torch_state_dict(load_torch_state_dict(
+            "rescnn", torch_model("rescnn", num_classes=10, width=0.125).state_dict())))

@@ -103,7 +103,7 @@ def test_vmapped_step_equals_per_module_loop(arch):
         return ce + cfg.alpha * flatten_masks(model, b, tied=True).mean()
 
     params = {"masks": state.masks, "heads": state.heads}
-    loss, g = jax.value_and_grad(loop_loss)(params)
+    loss, g = jax.jit(jax.value_and_grad(loop_loss))(params)  # the same loop, compiled
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
     tx = optax.adam(cfg.lr_head)  # the state's fresh Adam at lr 0.01
     upd, _ = tx.update(g, tx.init(params), params)
@@ -262,3 +262,60 @@ def test_module_groups_equal_one_vmap():
         np.testing.assert_allclose(full.masks[k], grouped.masks[k], rtol=1e-6, atol=1e-7)
     assert default_chunk(4, gs.GradSplitterConfig(module_chunk=5).module_chunk) == 4
     assert default_chunk(10, gs.GradSplitterConfig().module_chunk) == (2 if jax.default_backend() == "cpu" else 10)
+
+
+class _Uses(dict):
+    """A masks mapping that hands out a fresh copy at every read, so the gradient w.r.t. each
+    read (each use of a mask) can be taken on its own: ``copies[k][i]`` is the i-th read of k."""
+
+    def __init__(self, copies):
+        super().__init__({k: v[0] for k, v in copies.items()})
+        self.copies, self.reads = copies, {k: 0 for k in copies}
+
+    def __getitem__(self, k):
+        i = self.reads[k]
+        self.reads[k] += 1
+        return self.copies[k][i]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+
+def test_tied_mask_gets_the_sum_of_clipped_per_use_gradients():
+    """ResCNN's conv_1 mask gates conv_1 and conv_3 (and counts twice in the kernel term); the
+    reference calls its sign at every use, so the mask receives clip(g_conv1) + clip(g_conv3) +
+    the clipped kernel-term gradients, not clip(the sum). Oracle: plain autodiff w.r.t. one copy
+    of the binary mask per read, clipped per use by hand."""
+    model = build_model("rescnn", num_classes=3, in_channels=1, width=0.0625, key=2)
+    rng = np.random.default_rng(0)
+    n = 3
+    masks = {p.name: jnp.asarray(rng.normal(size=(n, p.size)) + 0.5, jnp.float32) for p in model.mask_points()}
+    heads = gs.init_heads(jax.random.key(1), n, n)
+    x = jax.random.normal(jax.random.key(2), (4, 32, 32, 1))
+    y = jnp.array([0, 1, 2, 0])
+    ratio = 2000.0  # the kernel term's per-use gradient ratio / (N * kernels) = 2.5 > 1
+    got = jax.grad(lambda m: gs.loss_fn({"masks": m, "heads": heads}, model, x, y, ratio)[0])(masks)
+    binary = {k: (v > 0).astype(jnp.float32) for k, v in masks.items()}
+    reads = 6
+
+    def ce_of_copies(copies):
+        cols = []
+        for i in range(n):
+            logits = model(x, _Uses({k: [c[i] for c in v] for k, v in copies.items()}))
+            cols.append(gs.head_scores(gs.Heads(*(h[i:i + 1] for h in heads)), logits[:, None, :])[:, 0])
+        return optax.softmax_cross_entropy_with_integer_labels(jnp.stack(cols, 1), y).mean()
+
+    per_read = jax.grad(ce_of_copies)({k: [v] * reads for k, v in binary.items()})
+    kernels = sum(p.size * len(p.layers) for p in model.mask_points())
+    kern_use = ratio / (n * kernels)  # d(ratio * mean)/d(entry), once per gated conv
+    assert kern_use > 1
+    for p in model.mask_points():
+        uses = np.stack([np.asarray(g) for g in per_read[p.name]])  # [reads, N, C]; unused reads are 0
+        want = np.clip(uses, -1, 1).sum(0) + len(p.layers) * np.clip(kern_use, -1, 1)
+        np.testing.assert_allclose(np.asarray(got[p.name]), want, rtol=1e-5, atol=1e-6, err_msg=p.name)
+        if len(p.layers) > 1:  # a tied point: two clipped uses (~2) where clip(sum) gives at most 1
+            clip_of_sum = np.clip(uses.sum(0) + len(p.layers) * kern_use, -1, 1)  # the rule this replaces
+            assert np.abs(np.asarray(got[p.name]) - clip_of_sum).min() > 0.9, p.name
+    tied = np.stack([np.asarray(g) for g in per_read["conv_1"]])
+    assert ((np.abs(tied) > 1e-9).sum(0) == 2).any()  # conv_1's mask is used by two convs
+    np.testing.assert_allclose(np.asarray(got["conv_1"]), np.clip(tied, -1, 1).sum(0) + 2.0, rtol=1e-5, atol=1e-6)

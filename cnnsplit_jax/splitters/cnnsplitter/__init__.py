@@ -8,7 +8,7 @@ advanced together with vmap), ``fitness`` (the joint fitness: the reference's re
 ``init`` / ``step`` per generation, and ``split``: the whole checkpointed search).
 """
 
-from .config import ALGORITHMS, CNNSplitterConfig
+from .config import ALGORITHMS, PRESETS, CNNSplitterConfig, preset_for
 from .fitness import FitnessConfig, FitnessResult, jaccard_distance_table, joint_fitness, reference_thresholds
 from .ga import CNNSplitterGA, mutation_genes
 from .genome import GenomeLayout, decode, genome_layout, heuristic_population
@@ -18,7 +18,7 @@ from .search import CNNSplitterState, Prepared, Problem, init, prepare, problem,
 from .sensitivity import RATIOS, layer_sensitivity, sensitive_layers
 
 __all__ = [
-    "ALGORITHMS", "CNNSplitterConfig", "CNNSplitterGA", "CNNSplitterState", "FitnessConfig", "FitnessResult",
+    "ALGORITHMS", "PRESETS", "preset_for", "CNNSplitterConfig", "CNNSplitterGA", "CNNSplitterState", "FitnessConfig", "FitnessResult",
     "GenomeLayout", "Importance", "LogitCache", "Prepared", "Problem", "RATIOS", "cached_module_logits",
     "decode", "genome_layout", "heuristic_population", "importance_order", "init", "jaccard_distance_table",
     "joint_fitness", "kernel_importance", "layer_sensitivity", "module_logits", "mutation_genes", "prepare",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-__all__ = ["CNNSplitterConfig", "ALGORITHMS"]
+__all__ = ["CNNSplitterConfig", "ALGORITHMS", "PRESETS", "preset_for"]
 
 ALGORITHMS = get_args(Literal["cnnsplitter", "simple_ga"])
 
@@ -22,8 +22,13 @@ class CNNSplitterConfig:
     the search split used for fitness / the sensitivity analysis (None or 0: all; CPU budgets).
     early_stop: generations without a better validation fitness before stopping (None or 0:
     off).
-    min_keep / max_keep: compositions kept per level of the joint fitness. module_group:
-    modules per vmapped group of the fitness forward (``lax.map`` over groups).
+    min_keep / max_keep: compositions kept per level of the joint fitness. thresholds:
+    ``((composition size, minimum accuracy), ...)`` of that pruning (None: the reference's for
+    the class count, ``fitness.reference_thresholds``). module_group: modules per vmapped group
+    of the fitness forward (``lax.map`` over groups). shared_initial_population: every class's
+    GA starts from the same genome bits (the reference seeds its initializer once; the genes
+    are importance ranks, so the decoded masks still differ per class); False: one draw per
+    class.
     algorithm: ``"cnnsplitter"`` (the paper's operators, ``ga.CNNSplitterGA``) or
     ``"simple_ga"``: evosax's stock SimpleGA on a continuous genome thresholded at 0 (std
     0.5, crossover rate 0.5; no elitism) -- a fast alternative, not the paper's algorithm.
@@ -44,12 +49,14 @@ class CNNSplitterConfig:
     eval_images: int | None = None
     min_keep: int = 50
     max_keep: int = 500
+    thresholds: tuple[tuple[int, float], ...] | None = None
     module_group: int = 10
     # the genome and the initial population
     groups: int | None = None
     sensitive: tuple[str, ...] | None = None
     sensitive_ratios: tuple[float, ...] = (0.6, 0.7, 0.8)
     other_ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
+    shared_initial_population: bool = True
     # preprocessing: importance and sensitivity
     importance_threshold: float = 0.9
     sensitivity_drop: float = 0.05
@@ -59,5 +66,48 @@ class CNNSplitterConfig:
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be 'cnnsplitter' or 'simple_ga', got {self.algorithm!r}")
+        if self.thresholds is not None and any(not 0 <= a <= 1 for _, a in self.thresholds):
+            raise ValueError(f"thresholds must be accuracies in [0, 1], got {self.thresholds}")
         if self.population < 1 or self.generations < 0:
             raise ValueError("population must be >= 1 and generations >= 0")
+        if self.algorithm == "cnnsplitter" and not 0 < self.keep_parents <= self.num_parents <= self.population:
+            raise ValueError(f"need 0 < keep_parents ({self.keep_parents}) <= num_parents ({self.num_parents}) <= "
+                             f"population ({self.population})")
+
+
+_REF_THRESHOLDS_10 = ((2, 0.95), (4, 0.95), (8, 0.85), (10, 0.80))
+_SIM_SENSITIVE = tuple(f"conv_{i}" for i in range(7))
+
+#: the reference's configurations per (model, dataset) (its ``configures/*.py``; sensitive layers
+#: as mask points), and ``narrow``: the raised initial ratios and CPU budget that a narrow model
+#: (width 0.125) needs, where the reference's ratios leave it at chance accuracy
+PRESETS: dict[str, dict] = {
+    "simcnn_cifar10": dict(population=100, generations=200, mutation_percent=5.0, gamma=0.9,
+                           sensitive=_SIM_SENSITIVE, sensitive_ratios=(0.6, 0.7, 0.8),
+                           other_ratios=(0.4, 0.5, 0.6, 0.7), thresholds=_REF_THRESHOLDS_10),
+    "simcnn_svhn": dict(population=100, generations=200, mutation_percent=10.0, gamma=0.95,
+                        sensitive=_SIM_SENSITIVE, sensitive_ratios=(0.4, 0.5, 0.6),
+                        other_ratios=(0.1, 0.2, 0.3, 0.4), thresholds=_REF_THRESHOLDS_10),
+    "simcnn_svhn_5": dict(population=50, generations=100, mutation_percent=10.0, gamma=0.95,
+                          sensitive=_SIM_SENSITIVE[:5], sensitive_ratios=(0.4, 0.5, 0.6, 0.7),
+                          other_ratios=(0.3, 0.4), thresholds=((2, 0.95), (4, 0.90), (5, 0.85))),
+    "rescnn_cifar10": dict(population=100, generations=200, mutation_percent=5.0, gamma=0.9,
+                           sensitive=("conv_0", "conv_1", "conv_4", "conv_5"), sensitive_ratios=(0.5, 0.6, 0.7),
+                           other_ratios=(0.2, 0.3, 0.4), thresholds=_REF_THRESHOLDS_10),
+    "rescnn_svhn": dict(population=100, generations=200, mutation_percent=10.0, gamma=0.9,
+                        sensitive=("conv_1", "conv_4", "conv_5"), sensitive_ratios=(0.3, 0.4, 0.5),
+                        other_ratios=(0.2, 0.3), thresholds=((2, 0.95), (4, 0.95), (8, 0.90), (10, 0.85))),
+    "rescnn_svhn_5": dict(population=50, generations=100, mutation_percent=10.0, gamma=0.9,
+                          sensitive=("conv_4", "conv_5"), sensitive_ratios=(0.3, 0.4, 0.5),
+                          other_ratios=(0.2, 0.3), thresholds=((2, 0.95), (4, 0.90), (5, 0.85))),
+    "narrow": dict(population=30, generations=30, num_parents=30, keep_parents=20, eval_images=500,
+                   sensitivity_images=1000,
+                   sensitive_ratios=(0.8, 0.9, 1.0), other_ratios=(0.6, 0.7, 0.8, 0.9)),
+}
+
+
+def preset_for(arch: str, dataset: str) -> str | None:
+    """The reference's preset for a model trained on ``dataset`` (``svhn_cropped`` is SVHN),
+    or None when it has none."""
+    name = f"{arch}_{dataset.replace('svhn_cropped', 'svhn')}"
+    return name if name in PRESETS else None

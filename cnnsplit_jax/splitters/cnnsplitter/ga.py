@@ -4,7 +4,8 @@ runs under ``jit``, ``lax.scan`` and ``vmap`` (one GA per class, all classes tog
 
 Operators of the reference (pygad configuration):
 
-* steady-state selection: parents = the ``num_parents`` fittest (50);
+* steady-state selection: parents = the ``num_parents`` fittest (50), ranked as pygad ranks
+  them (a stable ascending sort, reversed: equal fitness ranks by *descending* index);
 * elitism: the next population starts with the ``keep_parents`` fittest (20), best first, so
   row 0 is always the previous generation's best;
 * single-point crossover, no crossover probability: offspring k takes parent ``k mod 50`` for
@@ -41,8 +42,11 @@ class GAParams(BaseParams):
 
 
 def mutation_genes(num_genes: int, mutation_percent: float) -> int:
-    """pygad's count: ``floor(mutation_percent * G / 100)`` (SimCNN 940 genes: 5% -> 47)."""
-    return int(mutation_percent * num_genes // 100)
+    """pygad's count: ``floor(mutation_percent * G / 100)``, at least 1 when the rate is positive
+    (SimCNN 940 genes: 5% -> 47; 20 genes at 1% -> 1); a rate of 0 mutates nothing."""
+    if mutation_percent <= 0:
+        return 0
+    return max(1, int(mutation_percent * num_genes // 100))
 
 
 class CNNSplitterGA(PopulationBasedAlgorithm):
@@ -73,7 +77,9 @@ class CNNSplitterGA(PopulationBasedAlgorithm):
         )
 
     def _ask(self, key: jax.Array, state: GAState, params: GAParams):
-        order = jnp.argsort(state.fitness)  # stable: ties keep population order
+        # pygad: sorted(range(P), key=fitness) then reversed, on the maximised fitness (here
+        # -state.fitness): best first, equal fitness by descending index
+        order = jnp.argsort(-state.fitness, stable=True)[::-1]
         ranked = state.population[order]
         parents = ranked[: self.num_parents]
         n_off = self.population_size - self.keep_parents

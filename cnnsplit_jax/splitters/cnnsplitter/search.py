@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -18,10 +19,10 @@ import numpy as np
 
 from ... import checkpoint as ckpt
 from ...data import normalize
-from ...models import MaskedCNN, flatten_masks, mask_points
+from ...models import MaskedCNN, flatten_masks, kernel_multiplicity, mask_points
 from ...modules.extract import effective_masks
 from ...modules.module_set import ModuleSet
-from ...progress import Progress, callbacks_of, notify
+from ...progress import Progress, RunWarning, callbacks_of, notify
 from ..base import SplitData, SplitResult, check_labels
 from .config import CNNSplitterConfig
 from .fitness import FitnessConfig, jaccard_distance_table, joint_fitness
@@ -106,7 +107,8 @@ def problem(model: MaskedCNN, cfg: CNNSplitterConfig, prepared: Prepared, x_u8: 
     decode_all = jax.jit(jax.vmap(jax.vmap(lambda g, o: decode(layout, g, o), in_axes=(0, None)),
                                   in_axes=(0, 0)))
     return Problem(model, cfg, prepared, layout, ga, params,
-                   FitnessConfig(cfg.alpha, None, cfg.min_keep, cfg.max_keep),
+                   FitnessConfig(cfg.alpha, dict(cfg.thresholds) if cfg.thresholds else None, cfg.min_keep,
+                                 cfg.max_keep),
                    {k2: jnp.asarray(v) for k2, v in prepared.order.items()}, x_fit, np.asarray(y[:k]),
                    decode_all)
 
@@ -135,11 +137,13 @@ class CNNSplitterState(NamedTuple):
 
 
 def init(key: jax.Array, pb: Problem) -> CNNSplitterState:
-    """The importance-weighted initial population of every class and fresh GA states."""
+    """The importance-weighted initial population of every class (one draw shared by all
+    classes unless ``cfg.shared_initial_population`` is False) and fresh GA states."""
     cfg, n = pb.cfg, pb.model.num_classes
+    k_pop = jax.random.fold_in(key, 1)
+    keys = (jnp.broadcast_to(k_pop, (n,)) if cfg.shared_initial_population else jax.random.split(k_pop, n))
     pops = jax.vmap(lambda k: heuristic_population(k, pb.layout, cfg.population, pb.prepared.sensitive,
-                                                   cfg.sensitive_ratios, cfg.other_ratios))(
-        jax.random.split(jax.random.fold_in(key, 1), n))
+                                                   cfg.sensitive_ratios, cfg.other_ratios))(keys)
     if cfg.algorithm == "simple_ga":  # continuous genome: gene kept where > 0
         pops = pops - 0.5
     states = jax.vmap(pb.ga.init, in_axes=(0, 0, 0, None))(
@@ -189,7 +193,8 @@ def step(key: jax.Array, pb: Problem, state: CNNSplitterState) -> tuple[CNNSplit
     ensemble = fit.argmax(1)
     valid_acc = float((L[np.arange(n), ensemble].argmax(0) == pb.y_fit).mean())
     valid_fitness = cfg.alpha * valid_acc + (1 - cfg.alpha) * float(res.best_diff) if g > 0 else 0.0
-    kept = np.mean([sum(eff[k][c, ensemble[c]].sum() for k in eff) for c in range(n)])
+    mult = kernel_multiplicity(pb.model)  # a tied point's kernels once per gated conv
+    kept = np.mean([sum(eff[k][c, ensemble[c]].sum() * mult[k] for k in eff) for c in range(n)])
     rec = {"generation": g, "best_fitness": float(res.best_fitness), "accuracy": float(res.best_accuracy),
            "diff": float(res.best_diff), "valid_accuracy": valid_acc, "valid_fitness": valid_fitness,
            "acc_ratio": acc_ratio, "mean_kept_kernels": float(kept), "ensemble": ensemble.tolist(),
@@ -250,6 +255,12 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
             ckpt.save_progress(ckpt_dir, CKPT, _tree(state), {
                 "history": history, "seconds": seconds, "config": config,
                 **{c: getattr(state, c) for c in _COUNTERS}})
+        chance = 1.0 / model.num_classes
+        if rec["generation"] == 0 and rec["accuracy"] < chance + 0.25 * (1.0 - chance):
+            warnings.warn(
+                f"the initial population composes to accuracy {rec['accuracy']:.3f} (chance {chance:.3f}): "
+                "its kept ratios remove too much of this model; raise the initial ratios (sensitive_ratios / "
+                "other_ratios) or use the 'narrow' preset", RunWarning, stacklevel=2)
         notify(cbs, Progress("generation", rec["generation"], cfg.generations + 1, metrics=rec))
         if cfg.early_stop and rec["generation"] > 0 and state.flat >= cfg.early_stop:
             break

@@ -7,6 +7,10 @@ with ``ratio = alpha`` in modularization phases and 0 in head phases. The module
 module i's binary masks (``modules.forward.masked_logits``: all modules in one vmapped call).
 The kernel term averages every conv layer's binary masks (ResCNN's tied layers counted once
 per gated conv).
+
+As the reference, the step is applied at every *use* of a mask (each conv it gates, and each
+layer's entry in the kernel term), so each use's gradient is clipped to [-1, 1] on its own and
+a mask receives the sum of its clipped gradients.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ...models import flatten_masks
 from ...modules.forward import masked_logits
 from ...modules.heads import head_scores
 
@@ -42,11 +45,12 @@ binarize.defvjp(_binarize_fwd, _binarize_bwd)
 def loss_fn(params, model, x, y, ratio, chunk=None):
     """(loss, (ce, kernel_term, scores [B, N])) for ``params = {"masks", "heads"}`` on
     normalised images x [B, 32, 32, C] and labels y [B]."""
-    b = {k: binarize(v) for k, v in params["masks"].items()}
-    logits = masked_logits(model, b, x, chunk)  # [N, B, K]
+    masks = params["masks"]
+    logits = masked_logits(model, masks, x, chunk, mask_fn=binarize)  # [N, B, K], the step at every use
     scores = head_scores(params["heads"], jnp.swapaxes(logits, 0, 1))
     ce = optax.softmax_cross_entropy_with_integer_labels(scores, y).mean()
-    kern = flatten_masks(model, b, tied=True).mean()
+    # every conv layer's binary mask (a tied point once per gated conv), each its own step
+    kern = jnp.concatenate([binarize(masks[s.mask]) for s in model.topology], axis=-1).mean()
     return ce + ratio * kern, (ce, kern, scores)
 
 
