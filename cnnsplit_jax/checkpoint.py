@@ -241,6 +241,23 @@ def progress_exists(directory: str | os.PathLike, name: str) -> bool:
     return (directory / f"{name}.json").exists() or (directory / name / PROGRESS_JSON).exists()
 
 
+def read_progress(directory: str | os.PathLike, name: str, config: dict) -> dict:
+    """The progress record of the loop ``name`` saved by ``save_progress`` (the copy inside the
+    atomic checkpoint when there is one), checked to come from a run with ``config``.
+
+    Raises:
+      CheckpointError: nothing to resume, corrupt JSON, or a run made with another config
+        (resuming it would silently mix two runs).
+    """
+    directory = Path(directory)
+    inner = directory / name / PROGRESS_JSON
+    progress = read_json(inner if inner.is_file() else directory / f"{name}.json")
+    if progress.get("config") != config:
+        raise CheckpointError(
+            f"cannot resume {directory}: it ran with config {progress.get('config')}, now {config}")
+    return progress
+
+
 def load_progress(directory: str | os.PathLike, name: str, template: Any, config: dict) -> tuple[Any, dict]:
     """Restore ``(tree, progress)`` saved by ``save_progress``. ``template`` is the tree's
     structure, or a function of the progress record returning it (trees that grow with the
@@ -251,11 +268,7 @@ def load_progress(directory: str | os.PathLike, name: str, template: Any, config
         config (resuming it would silently mix two runs).
     """
     directory = Path(directory)
-    inner = directory / name / PROGRESS_JSON
-    progress = read_json(inner if inner.is_file() else directory / f"{name}.json")
-    if progress.get("config") != config:
-        raise CheckpointError(
-            f"cannot resume {directory}: it ran with config {progress.get('config')}, now {config}")
+    progress = read_progress(directory, name, config)
     if callable(template):
         template = template(progress)
     return load_tree(directory / name, template), progress

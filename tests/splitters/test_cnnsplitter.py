@@ -1,6 +1,7 @@
 """CNNSplitter genome and GA operators: decode, initial population, evosax GA statistics."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -265,15 +266,17 @@ def _search_data(digits_run):
                             norm["mean"], norm["std"])
 
 
-def test_cnnsplitter_search_improves_and_resumes_bit_identically(digits_run, tmp_path):
+def test_cnnsplitter_search_improves_and_resumes_bit_identically(digits_run, tmp_path, monkeypatch):
     from cnnsplit_jax import checkpoint as ckpt
-    from cnnsplit_jax.splitters.cnnsplitter import CNNSplitterConfig, split
+    from cnnsplit_jax.splitters.cnnsplitter import CNNSplitterConfig, search, split
 
     model, data = _search_data(digits_run)
     cfg = CNNSplitterConfig(population=12, generations=4, num_parents=6, keep_parents=3, min_keep=6,
-                            max_keep=30, groups=4, sensitive=(), other_ratios=(0.75, 1.0), eval_images=160)
-    key = jax.random.key(cfg.seed)
-    full = split(key, model, data, cfg, ckpt_dir=tmp_path / "full")
+                            max_keep=30, groups=4, sensitive_ratios=(0.75, 1.0), other_ratios=(0.75, 1.0),
+                            eval_images=160, sensitivity_images=64)
+    key, ratios = jax.random.key(cfg.seed), (0.5, 1.0)
+    full = split(key, model, data, cfg, ckpt_dir=tmp_path / "full", sensitivity_ratios=ratios)
+    assert set(full.details["sensitivity"]) == {p.name for p in model.mask_points()}
     h = full.history
     assert [r["generation"] for r in h] == [0, 1, 2, 3, 4]
     # measured: composed search accuracy 0.56 at generation 0, 0.94 at generation 4
@@ -293,14 +296,27 @@ def test_cnnsplitter_search_improves_and_resumes_bit_identically(digits_run, tmp
             raise Stop
 
     with pytest.raises(Stop):
-        split(key, model, data, cfg, ckpt_dir=tmp_path / "part", callbacks=interrupt)
-    resumed = split(key, model, data, cfg, ckpt_dir=tmp_path / "part", resume=True)
+        split(key, model, data, cfg, ckpt_dir=tmp_path / "part", callbacks=interrupt, sensitivity_ratios=ratios)
+    before = json.loads((tmp_path / "part" / "ga.json").read_text())
+    assert before["prepare"]["sensitivity"] == full.details["sensitivity"]
+
+    def no_recompute(*a, **k):
+        raise AssertionError("sensitivity recomputed on resume")
+
+    # the sensitivity table comes back from the checkpoint, not from a second analysis
+    monkeypatch.setattr(search, "layer_sensitivity", no_recompute)
+    resumed = split(key, model, data, cfg, ckpt_dir=tmp_path / "part", resume=True, sensitivity_ratios=ratios)
     strip = lambda hist: [{k: v for k, v in r.items() if k != "seconds"} for r in hist]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
     for k in masks:
         np.testing.assert_array_equal(resumed.module_set.masks[k], masks[k])
+    assert resumed.details["sensitive"] == full.details["sensitive"]
+    assert resumed.seconds >= before["search_seconds"]  # cumulative over both calls
+    assert resumed.details["phase_seconds"]["sensitivity"] == pytest.approx(
+        before["prepare"]["seconds"]["sensitivity"], abs=1e-3)
     with pytest.raises(ckpt.CheckpointError, match="config"):
-        split(key, model, data, dataclasses.replace(cfg, population=10), ckpt_dir=tmp_path / "part", resume=True)
+        split(key, model, data, dataclasses.replace(cfg, population=10), ckpt_dir=tmp_path / "part", resume=True,
+              sensitivity_ratios=ratios)
 
 
 def test_stock_simple_ga_option_runs_on_the_same_pipeline(digits_run):

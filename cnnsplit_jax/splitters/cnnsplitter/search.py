@@ -50,14 +50,18 @@ class Prepared(NamedTuple):
 
 
 def prepare(model: MaskedCNN, x_u8: np.ndarray, y: np.ndarray, mean, std, cfg: CNNSplitterConfig,
-            ratios: Sequence[float] = RATIOS) -> Prepared:
+            ratios: Sequence[float] = RATIOS, sensitivity: dict | None = None) -> Prepared:
     """Kernel importance on ``x_u8``, then (unless ``cfg.sensitive`` is given) layer sensitivity on
-    its first ``cfg.sensitivity_images`` images and the automatic rule."""
+    its first ``cfg.sensitivity_images`` images and the automatic rule. A ``sensitivity`` table
+    computed before (``{point: [accuracy per ratio]}``, e.g. from a checkpoint) is used as is."""
     t0 = time.perf_counter()
     imp = kernel_importance(model, x_u8, y, mean, std, threshold=cfg.importance_threshold)
     order = importance_order(imp)
     t1 = time.perf_counter()
-    if cfg.sensitive is None:
+    if cfg.sensitive is None and sensitivity is not None:
+        sens = {p: [float(a) for a in accs] for p, accs in sensitivity.items()}
+        sensitive = sensitive_layers(sens, ratios, cfg.sensitivity_drop)
+    elif cfg.sensitive is None:
         k = cfg.sensitivity_images or len(y)
         x_norm = normalize(jnp.asarray(x_u8[:k]), jnp.asarray(mean), jnp.asarray(std))
         sens = layer_sensitivity(model, order, x_norm, y[:k], ratios)
@@ -219,8 +223,9 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
     """The whole search on ``data``'s validation split (the reference's 20% of the training
     set: importance, sensitivity and fitness alike).
 
-    Checkpoints every generation to ``ckpt_dir`` (``ga/`` + ``ga.json``); ``resume`` continues
-    bit-identically. Callbacks get a ``Progress("generation", ...)`` per generation. Returns a
+    Checkpoints every generation to ``ckpt_dir`` (``ga/`` + ``ga.json``, with the sensitivity
+    table); ``resume`` continues bit-identically without repeating the sensitivity analysis, and
+    ``seconds`` / ``phase_seconds`` add up over the interrupted and the resumed calls. Callbacks get a ``Progress("generation", ...)`` per generation. Returns a
     ``ModuleSet`` without heads (module c scored by its class logit) of the best validation
     generation; details: ``importance``, ``sensitivity``, ``sensitive``, ``best_generation``,
     ``phase_seconds``. Raises ``FloatingPointError`` on NaN module logits.
@@ -234,26 +239,36 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
     check_labels(model.num_classes, y)
     cbs = callbacks_of(callbacks)
     t_start = time.perf_counter()
-    prep = prepare(model, x_u8, y, data.mean, data.std, cfg, sensitivity_ratios)
-    pb = problem(model, cfg, prep, x_u8, y, data.mean, data.std)
-    state = init(key, pb)
     config = ckpt.config_json(cfg)
-    history, seconds = [], 0.0
+    ratios = [float(r) for r in sensitivity_ratios]
+    known, prep_before = None, {}
     if resume:
         if ckpt_dir is None:
             raise ValueError("resume=True needs ckpt_dir")
+        # the sensitivity table is checkpointed with the GA (minutes of work on a large model)
+        prep_before = ckpt.read_progress(ckpt_dir, CKPT, config).get("prepare", {})
+        if prep_before.get("ratios") == ratios:
+            known = prep_before.get("sensitivity")
+    prep = prepare(model, x_u8, y, data.mean, data.std, cfg, sensitivity_ratios, sensitivity=known)
+    prep_seconds = {k: v + prep_before.get("seconds", {}).get(k, 0.0) for k, v in prep.seconds.items()}
+    prep_record = {"ratios": ratios, "sensitivity": prep.sensitivity, "seconds": prep_seconds}
+    pb = problem(model, cfg, prep, x_u8, y, data.mean, data.std)
+    state = init(key, pb)
+    history, seconds = [], 0.0
+    if resume:
         tree, prog = ckpt.load_progress(ckpt_dir, CKPT, _tree(state), config)
         state = state._replace(ga=tree["states"], population=tree["pops"], acc_ratio=tree["acc_ratio"],
                                best_masks=tree["best_masks"], **{c: prog[c] for c in _COUNTERS})
         history, seconds = prog["history"], prog["seconds"]
-    t_ga = time.perf_counter()
+        t_start -= prog.get("search_seconds", 0.0)  # wall time is cumulative over resumes
     while state.generation <= cfg.generations:
         state, rec = step(key, pb, state)
         history.append(rec)
         seconds += rec["seconds"]
         if ckpt_dir is not None:
             ckpt.save_progress(ckpt_dir, CKPT, _tree(state), {
-                "history": history, "seconds": seconds, "config": config,
+                "history": history, "seconds": seconds, "config": config, "prepare": prep_record,
+                "search_seconds": time.perf_counter() - t_start,
                 **{c: getattr(state, c) for c in _COUNTERS}})
         chance = 1.0 / model.num_classes
         if rec["generation"] == 0 and rec["accuracy"] < chance + 0.25 * (1.0 - chance):
@@ -264,7 +279,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
         notify(cbs, Progress("generation", rec["generation"], cfg.generations + 1, metrics=rec))
         if cfg.early_stop and rec["generation"] > 0 and state.flat >= cfg.early_stop:
             break
-    phase_seconds = {**prep.seconds, "ga": time.perf_counter() - t_ga}
+    phase_seconds = {**prep_seconds, "ga": seconds}
     best = state.best_generation
     if best < 0:  # only generation 0 ran: take its ensemble
         eff, _, _, _ = _evaluate(pb, state.population, None)
