@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Sequence
 
 import jax
@@ -33,6 +34,7 @@ from .compose import Pick, compose, predict_scores
 from .data import DatasetInfo, Task
 from .evaluate import binary_metrics, classification_report, module_f1
 from .modules.module_set import ModuleSet
+from .progress import RunWarning
 from .splitters.concern import retangle
 from .train import predict
 
@@ -108,8 +110,10 @@ def candidate_f1(sources: Sequence[Source], task: Task) -> dict[tuple[int, int],
 
 def select_picks(sources: Sequence[Source], task: Task, f1: dict | None = None) -> tuple[list[Pick], list[int]]:
     """Best-F1 module per task class, as the reference's ``nanargmax``: undefined F1s are
-    skipped, ties go to the earlier source. Returns (picks, source index per class). Raises
-    ValueError when a class has no candidate module, or only candidates with undefined F1."""
+    skipped, ties go to the earlier source. Where every candidate's F1 is undefined (none says
+    "positive" on the evaluation images) the earliest source's module is taken, with a
+    ``RunWarning``. Returns (picks, source index per class). Raises ValueError when a class has
+    no candidate module."""
     f1 = candidate_f1(sources, task) if f1 is None else f1
     picks, chosen = [], []
     for t, (d, c) in enumerate(task.sources):
@@ -119,9 +123,11 @@ def select_picks(sources: Sequence[Source], task: Task, f1: dict | None = None) 
                              f"(dataset {d!r}, class {c}) among the given module sets")
         cands = [(f1[(si, t)], -si) for si in offered if not np.isnan(f1[(si, t)])]
         if not cands:
-            raise ValueError(f"every module for class {task.ds.info.class_names[t]!r} has an undefined F1 on "
-                             f"the {len(task.y_eval)} evaluation images (none says 'positive' on any of them, "
-                             "or the class has no evaluation image)")
+            warnings.warn(f"every module for class {task.ds.info.class_names[t]!r} has an undefined F1 on the "
+                          f"{len(task.y_eval)} evaluation images (none says 'positive' on any of them, or the "
+                          f"class has no evaluation image): taking source {sources[offered[0]].label!r}'s",
+                          RunWarning, stacklevel=2)
+            cands = [(0.0, -offered[0])]
         si = -max(cands)[1]
         module = sources[si].origins.index((d, c))
         picks.append(Pick(sources[si].module_set, module, sources[si].label, task.ds.info.class_names[t]))

@@ -128,15 +128,19 @@ def test_cross_model_reuse_with_continuous_learning(tmp_path):
 
 def test_undefined_f1_is_skipped_when_choosing_modules(digits):
     """A module that never says "positive" has an undefined F1: the reference's nanargmax
-    skips it rather than counting it as 0; with only such modules the choice is refused."""
+    skips it rather than counting it as 0; with only such modules the earliest source's is
+    taken, with a warning (a single module set must still compose)."""
     a, b = _random_set("simcnn", 11), _random_set("simcnn", 12)
     task = make_task([(digits, [0, 1])])
     f1 = {(0, 0): float("nan"), (1, 0): 0.0, (0, 1): 0.5, (1, 1): float("nan")}
     picks, chosen = select_picks([Source("A", a), Source("B", b)], task, f1)
     assert chosen == [1, 0]  # class 0: B's defined 0.0 beats A's undefined; class 1: A
-    with pytest.raises(ValueError, match="undefined F1"):
-        select_picks([Source("A", a), Source("B", b)], task, {(0, 0): float("nan"), (1, 0): float("nan"),
-                                                              (0, 1): 0.5, (1, 1): 0.5})
+    from cnnsplit_jax.progress import RunWarning
+
+    with pytest.warns(RunWarning, match="undefined F1.*'A'"):
+        _, chosen = select_picks([Source("A", a), Source("B", b)], task, {
+            (0, 0): float("nan"), (1, 0): float("nan"), (0, 1): 0.5, (1, 1): 0.5})
+    assert chosen == [0, 0]  # class 0: both undefined, the earlier source; class 1: tie, the earlier
     from cnnsplit_jax.evaluate import binary_metrics
 
     p, r, f = binary_metrics(np.zeros(4, bool), np.array([1, 0, 1, 0], bool), undefined=float("nan"))

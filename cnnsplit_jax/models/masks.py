@@ -8,7 +8,7 @@ the physical kernels of an extracted module.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ __all__ = [
     "kernel_multiplicity",
     "flatten_masks",
     "count_params",
+    "PerUse",
 ]
 
 
@@ -76,3 +77,22 @@ def count_params(model: MaskedCNN) -> int:
     from flax import nnx
 
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+class PerUse(Mapping):
+    """Masks that apply ``fn`` at every use: ``PerUse(masks, fn)[point]`` is ``fn(masks[point])``,
+    computed again at each access. A model reads a mask once per conv it gates, so with a
+    straight-through ``fn`` each use gets its own backward (ResCNN's tied pairs: the gradient
+    of each conv is clipped on its own, and the clipped gradients add up, as the reference)."""
+
+    def __init__(self, masks: Mapping, fn: Callable):
+        self._masks, self._fn = masks, fn
+
+    def __getitem__(self, k):
+        return self._fn(self._masks[k])
+
+    def __iter__(self):
+        return iter(self._masks)
+
+    def __len__(self):
+        return len(self._masks)

@@ -29,7 +29,7 @@ module's own base model statistics; ``"normalized"``: already normalised.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +38,12 @@ from flax import nnx
 
 from ..data import map_batches
 from ..models import mask_points
+from ..models.masks import PerUse
 from .extract import ExtractedModule, effective_masks, extract_module, kept_indices
 from .heads import Heads, scores_from_logits
 
 __all__ = ["Pick", "Kind", "KINDS", "MaskedGroup", "ExtractedGroup", "ConcernGroup", "default_chunk",
-           "PerUse", "masked_logits", "node_logits", "positive_probability", "vote_scores", "prepare",
+           "masked_logits", "node_logits", "positive_probability", "vote_scores", "prepare",
            "group_outputs", "module_outputs", "extracted_scores"]
 
 INPUTS = ("raw", "normalized")
@@ -74,25 +75,6 @@ def prepare(x, mean, std, input: str):
 
 
 # ------------------------------------------------------------------------------ cores
-class PerUse(Mapping):
-    """Masks that apply ``fn`` at every use: ``PerUse(masks, fn)[point]`` is ``fn(masks[point])``,
-    computed again at each access. A model reads a mask once per conv it gates, so with a
-    straight-through ``fn`` each use gets its own backward (ResCNN's tied pairs: the gradient
-    of each conv is clipped on its own, and the clipped gradients add up, as the reference)."""
-
-    def __init__(self, masks: Mapping, fn: Callable):
-        self._masks, self._fn = masks, fn
-
-    def __getitem__(self, k):
-        return self._fn(self._masks[k])
-
-    def __iter__(self):
-        return iter(self._masks)
-
-    def __len__(self):
-        return len(self._masks)
-
-
 def masked_logits(model, masks, x, chunk: int | None = None, loop: str = "unroll",
                   mask_fn: Callable | None = None) -> jax.Array:
     """[N, B, K]: ``model``'s logits under each of N masks ``{point: [N, C]}`` on normalised x.
