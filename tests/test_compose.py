@@ -11,7 +11,8 @@ from cnnsplit_jax.compose import ClassRef, Composition, Pick, apply, compose, pr
 from cnnsplit_jax.models import build_model, mask_points
 from cnnsplit_jax.modules.extract import extract_module
 from cnnsplit_jax.modules.forward import extracted_scores as module_scores
-from cnnsplit_jax.modules.forward import module_outputs, vote_scores
+from cnnsplit_jax.modules.forward import module_outputs
+from cnnsplit_jax.modules.heads import vote_scores
 from cnnsplit_jax.modules.heads import init_heads
 from cnnsplit_jax.modules.module_set import ModuleSet, load_module_set
 from cnnsplit_jax.reuse import Source

@@ -30,7 +30,8 @@ METHOD_CONFIGS = {
     "ga": (CNNSplitterConfig, ("population", "generations", "groups", "mutation_percent", "eval_images",
                                "sensitivity_images", "early_stop", "sensitive", "algorithm", "sensitive_ratios",
                                "other_ratios", "thresholds", "shared_initial_population", "seed")),
-    "concern": (ConcernConfig, ("negative_ratio", "backtrack", "delta", "concerned_per_class", "seed")),
+    "concern": (ConcernConfig, ("negative_ratio", "backtrack", "delta", "concerned_per_class", "min_confidence",
+                                "seed")),
 }
 
 
@@ -65,8 +66,26 @@ def config_from(cls, args: argparse.Namespace, fields, preset: dict | None = Non
     """``cls(**{**preset, **given flags among fields, **fixed})``."""
     values = dict(preset or {})
     values.update({f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})
+    values = {k: None if v is NONE_GIVEN else v for k, v in values.items()}
     values.update(fixed)
     return cls(**values)
+
+
+class _NoneGiven:
+    """``--flag none``: the config field set to None (a flag left out keeps the default)."""
+
+    def __repr__(self):
+        return "none"
+
+
+NONE_GIVEN = _NoneGiven()
+
+
+def _optional(conv):
+    def parse(s: str):
+        return NONE_GIVEN if s.strip().lower() == "none" else conv(s)
+    parse.__name__ = conv.__name__
+    return parse
 
 
 def _names(s: str) -> tuple[str, ...]:
@@ -157,8 +176,10 @@ def _split_parser(sub, common) -> None:
     config_flag(cc, ConcernConfig, "backtrack", "bln: backtrack to the last conv layer (MC-BLN); none: "
                 "CI+TI+MC")
     config_flag(cc, ConcernConfig, "delta", "MC-BLN's strong-edge threshold", type=float)
-    config_flag(cc, ConcernConfig, "concerned_per_class", "class-c training inputs used per module (None: all)",
-                type=int)
+    config_flag(cc, ConcernConfig, "concerned_per_class", "class-c training inputs used per module (none: all)",
+                type=_optional(int))
+    config_flag(cc, ConcernConfig, "min_confidence", "only inputs the model predicts as their class above this "
+                "softmax probability are concerned inputs (none: no filter)", type=_optional(float))
     ga = sp.add_argument_group("CNNSplitter (--method ga)")
     for field, kind, help_ in (("population", int, "individuals per class"), ("generations", int, "generations"),
                                ("groups", int, "genes per layer (None: 10 below 256 kernels, else 100)"),

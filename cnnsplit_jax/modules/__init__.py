@@ -3,9 +3,9 @@ extraction (``extract``) and THE forward pass of modules of every kind (``forwar
 
 from .extract import ExtractedModule, effective_masks, extract_all, extract_module, forward_flops, kept_indices
 from .forward import (KINDS, ConcernGroup, ExtractedGroup, Kind, MaskedGroup, Pick, default_chunk,
-                      extracted_scores, group_outputs, masked_logits, module_outputs, node_logits,
-                      positive_probability, vote_scores)
-from .heads import Heads, head_scores, init_heads, scores_from_logits
+                      extracted_scores, group_outputs, masked_logits, module_outputs, node_logits)
+from .heads import (Heads, concern_positive, head_scores, init_heads, positive_probability, scores_from_logits,
+                    vote_scores)
 from .module_set import ConcernModuleSet, ModuleSet, load_module_set, save_module_set
 
 __all__ = [
@@ -13,5 +13,5 @@ __all__ = [
     "MaskedGroup", "ModuleSet", "Pick", "default_chunk", "effective_masks", "extract_all",
     "extract_module", "extracted_scores", "forward_flops", "group_outputs", "head_scores", "init_heads",
     "kept_indices", "load_module_set", "masked_logits", "module_outputs", "node_logits",
-    "positive_probability", "save_module_set", "scores_from_logits", "vote_scores",
+    "positive_probability", "concern_positive", "save_module_set", "scores_from_logits", "vote_scores",
 ]

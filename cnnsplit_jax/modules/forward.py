@@ -6,7 +6,7 @@ A *module* is module ``c`` of a module set. What computing it means depends on i
 |---|---|---|---|
 | ``masked`` | the base model under module c's binary kernel masks (keep-one rule) | head sigmoid (GradSplitter), else logit c (CNNSplitter) | score > 0.5 / argmax of its logits is c |
 | ``extracted`` | the physically pruned model (``extract.extract_module``) | as ``masked`` | as ``masked`` |
-| ``concern`` | the base ResNet under module c's position maps, then its 2-column head | ``softmax([l_c, l_uc, 0, ...])[0]`` | ``l_c > l_uc`` |
+| ``concern`` | the base ResNet under module c's position maps, then its 2-column head | ``softmax([l_c, l_uc, 0, ...])[0]`` | argmax of ``[l_c, l_uc, 0, ...]`` is l_c |
 
 Every kind is a ``Kind`` of pure functions over a *group* (the picked modules stacked into one
 pytree; jit- and vmap-safe)::
@@ -40,10 +40,10 @@ from ..data import map_batches
 from ..models import mask_points
 from ..models.masks import PerUse
 from .extract import ExtractedModule, effective_masks, extract_module, kept_indices
-from .heads import Heads, scores_from_logits
+from .heads import Heads, concern_positive, positive_probability, scores_from_logits, vote_scores
 
 __all__ = ["Pick", "Kind", "KINDS", "MaskedGroup", "ExtractedGroup", "ConcernGroup", "default_chunk",
-           "masked_logits", "node_logits", "positive_probability", "vote_scores", "prepare",
+           "masked_logits", "node_logits", "prepare",
            "group_outputs", "module_outputs", "extracted_scores"]
 
 INPUTS = ("raw", "normalized")
@@ -116,24 +116,6 @@ def node_logits(model, keep, head_w, head_b, x, chunk: int | None = None) -> jax
     else:
         out = jax.lax.map(one, (keep, head_w, head_b), batch_size=chunk)
     return jnp.swapaxes(out, 0, 1)
-
-
-def positive_probability(logits2: jax.Array, num_classes: int) -> jax.Array:
-    """Probability of the concerned class from binary logits [..., 2] of a channeled K-column
-    output whose other K - 2 columns are zero (the lab's evaluation): softmax over
-    ``[l_c, l_uc, 0 x (K - 2)]``, first entry."""
-    lc, luc = logits2[..., 0], logits2[..., 1]
-    m = jnp.maximum(jnp.maximum(lc, luc), 0.0)
-    num = jnp.exp(lc - m)
-    return num / (num + jnp.exp(luc - m) + (num_classes - 2) * jnp.exp(-m))
-
-
-def vote_scores(prob: jax.Array, positive: jax.Array) -> jax.Array:
-    """Pan & Rajan's vote as scores [B, K]: a module that is the only positive one gets
-    ``prob + 1`` (ahead of all), others ``prob``; argmax = the single positive module, else the
-    most confident; the order ranks top-k."""
-    only = positive & (positive.sum(-1, keepdims=True) == 1)
-    return prob + only.astype(prob.dtype)
 
 
 # ------------------------------------------------------------------------------ groups
@@ -418,7 +400,7 @@ KINDS: dict[str, Kind] = {
     "extracted": Kind("extracted", _stack_extracted, _extracted_logits, _kernel_scores, _kernel_positive),
     "concern": Kind("concern", _stack_concern, _concern_logits,
                     lambda g, lg: positive_probability(lg, g.num_classes),
-                    lambda g, lg: lg[..., 0] > lg[..., 1], vote_scores),
+                    lambda g, lg: concern_positive(lg, g.num_classes), vote_scores),
 }
 
 

@@ -4,7 +4,10 @@ A module is the base model under the module's masks. Its score for images ``x`` 
 
 * GradSplitter: ``sigmoid(head(relu(logits)))``, where ``head`` is that module's own
   ``Linear(K, 10) -> ReLU -> Linear(10, 1)`` (``Heads``, stacked over modules);
-* CNNSplitter (no heads): the raw logit of the module's class, ``logits[:, class]``.
+* CNNSplitter (no heads): the raw logit of the module's class, ``logits[:, class]``;
+* concern modules (Pan & Rajan): the lab's channeled K-column output ``[l_c, l_uc, 0, ...]``:
+  score ``softmax(...)[0]`` (``positive_probability``), "positive" when its argmax is l_c
+  (``concern_positive``), composed by the lab's vote (``vote_scores``).
 
 ``scores_from_logits`` applies either rule to stacked per-module logits, so composition and
 evaluation treat both kinds of module sets alike.
@@ -18,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Heads", "init_heads", "head_scores", "scores_from_logits"]
+__all__ = ["Heads", "init_heads", "head_scores", "scores_from_logits", "positive_probability",
+           "concern_positive", "vote_scores"]
 
 
 class Heads(NamedTuple):
@@ -57,3 +61,30 @@ def scores_from_logits(heads: Heads | None, classes: jax.Array, feats: jax.Array
     if heads is not None:
         return head_scores(heads, feats)
     return jnp.take_along_axis(feats, jnp.asarray(classes)[None, :, None], axis=-1)[..., 0]
+
+
+def positive_probability(logits2: jax.Array, num_classes: int) -> jax.Array:
+    """Probability of the concerned class from binary logits [..., 2] of a channeled K-column
+    output whose other K - 2 columns are zero (the lab's evaluation): softmax over
+    ``[l_c, l_uc, 0 x (K - 2)]``, first entry."""
+    lc, luc = logits2[..., 0], logits2[..., 1]
+    m = jnp.maximum(jnp.maximum(lc, luc), 0.0)
+    num = jnp.exp(lc - m)
+    return num / (num + jnp.exp(luc - m) + (num_classes - 2) * jnp.exp(-m))
+
+
+def concern_positive(logits2: jax.Array, num_classes: int) -> jax.Array:
+    """bool [...]: a concern module says "my class" when the argmax of its channeled K-column
+    output ``[l_c, l_uc, 0 x (K - 2)]`` is the concerned column (the lab's decision):
+    ``l_c > l_uc`` and, when K > 2, ``l_c > 0`` (exact ties count as negative)."""
+    lc, luc = logits2[..., 0], logits2[..., 1]
+    pos = lc > luc
+    return pos & (lc > 0) if num_classes > 2 else pos
+
+
+def vote_scores(prob: jax.Array, positive: jax.Array) -> jax.Array:
+    """Pan & Rajan's vote (the lab's composition) as scores [B, K]: positive modules get
+    ``prob + 1``, the others ``prob``. Argmax: the only positive module; with several, the most
+    confident *among the positive ones*; with none, the most confident of all. The order ranks
+    top-k (positive modules first)."""
+    return prob + positive.astype(prob.dtype)

@@ -9,7 +9,9 @@ reports this.
 Steps (spec field-survey.md §1.3-1.5), all classes at once:
 
 1. **Concern identification (CI)**: a position is deactivated for module c when its
-   pre-activation is <= 0 for *every* class-c training input (logical AND over inputs).
+   pre-activation is <= 0 for *every* concerned input (logical AND over inputs). The lab's
+   concerned inputs: at most ``concerned_per_class`` (1000) class-c training inputs that the
+   model predicts as c with probability > ``min_confidence`` (0.9), in a seeded random order.
 2. **Tangling identification (TI)**: negative inputs (``negative_ratio`` x the concerned
    count, 1:1 as the paper, spread evenly over the other classes) restore every position
    they activate.
@@ -31,9 +33,10 @@ input), not conv2's output before the add; this is exact on concerned inputs (CI
 changes a concerned input's forward pass) and equals the paper's MC-BLN update of both
 merged layers. The paper's listing maps conv2's output instead (see the README).
 
-How a concern module scores and votes (the lab's K-column output, ``softmax([l_c, l_uc, 0,
-..., 0])[0]``; positive when ``l_c > l_uc``; one positive wins, else the most confident) is the
-``concern`` kind of ``modules.forward``.
+How a concern module scores and votes (the lab's K-column output ``[l_c, l_uc, 0, ..., 0]``:
+score ``softmax(...)[0]``, positive when its argmax is l_c; one positive wins, several go to
+the most confident positive, none to the most confident module) is the ``concern`` kind of
+``modules.forward``.
 
 Entry point: ``split(key, model, data, cfg)`` -> ``SplitResult`` with a ``ConcernModuleSet``.
 """
@@ -43,7 +46,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Literal, Mapping, Sequence, get_args
+import warnings
+from typing import Callable, Literal, Mapping, Sequence, get_args
 
 import jax
 import jax.numpy as jnp
@@ -51,16 +55,17 @@ import numpy as np
 from flax import nnx
 
 from .. import checkpoint as ckpt
-from ..data import normalize, sum_batches
+from ..data import map_batches, normalize, sum_batches
 from ..models import MaskedCNN
 from ..modules.module_set import ConcernModuleSet
-from ..progress import Progress, callbacks_of, notify
+from ..progress import Progress, RunWarning, callbacks_of, notify
 from .base import SplitData, SplitResult, check_labels
 
 __all__ = [
     "ConcernConfig",
     "Decomposition",
     "sample_sets",
+    "confidence_filter",
     "membership",
     "activity_counts",
     "channel",
@@ -79,14 +84,18 @@ BACKTRACK = get_args(Literal["none", "bln"])
 class ConcernConfig:
     """Hyper-parameters of the decomposition.
 
-    concerned_per_class: class-c training inputs used for CI (``None``: all of them).
+    concerned_per_class: class-c training inputs used for CI (the lab's 1000; ``None``: all).
+    min_confidence: only inputs the model predicts as their class with a softmax probability
+      above this are concerned inputs (the lab's 0.9; ``None``: no filter). A class with no
+      such input falls back to its unfiltered inputs, with a ``RunWarning``.
     negative_ratio: negatives per concerned input for TI (paper: 1.0).
     backtrack: ``"bln"`` (MC-BLN, the paper's choice) or ``"none"`` (CI+TI+MC).
     delta: MC-BLN's threshold for a "strong" edge, relative to the column's largest |w|.
     batch_size: images per forward pass. seed: negative sampling.
     """
 
-    concerned_per_class: int | None = None
+    concerned_per_class: int | None = 1000
+    min_confidence: float | None = 0.9
     negative_ratio: float = 1.0
     backtrack: Literal["none", "bln"] = "bln"
     delta: float = 0.5
@@ -102,6 +111,8 @@ class ConcernConfig:
             raise ValueError(f"delta must lie in [0, 1], got {self.delta}")
         if self.concerned_per_class is not None and self.concerned_per_class < 1:
             raise ValueError(f"concerned_per_class must be >= 1, got {self.concerned_per_class}")
+        if self.min_confidence is not None and not 0 <= self.min_confidence < 1:
+            raise ValueError(f"min_confidence must lie in [0, 1), got {self.min_confidence}")
 
 
 @dataclasses.dataclass
@@ -128,11 +139,16 @@ def _check_model(model) -> None:
                          f"got {getattr(model, 'arch', type(model).__name__)!r}")
 
 
-def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Array):
+def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Array,
+                confident: Callable[[np.ndarray], np.ndarray] | None = None):
     """Per class: (concerned indices, negative indices) into ``y``.
 
-    Negatives for class c: ``round(negative_ratio * n_c)`` inputs spread evenly over the other
-    classes (the remainder to randomly chosen classes), sampled without replacement.
+    Concerned inputs of class c: its inputs in a seeded random order, those for which
+    ``confident(indices) -> bool`` holds (all when ``confident`` is None or
+    ``cfg.min_confidence`` is None), the first ``cfg.concerned_per_class`` of them;
+    ``confident`` is asked in rounds, only for as many candidates as still needed. Negatives
+    for class c: ``round(negative_ratio * n_c)`` inputs spread evenly over the other classes
+    (the remainder to randomly chosen classes), sampled without replacement.
     """
     y = np.asarray(y)
     by_class = [np.flatnonzero(y == c) for c in range(num_classes)]
@@ -141,7 +157,11 @@ def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Ar
         raise ValueError(f"no training inputs for class(es) {missing}")
     keys = jax.random.split(key, 2 * num_classes)
     perm = [np.asarray(jax.random.permutation(keys[c], idx)) for c, idx in enumerate(by_class)]
-    concerned = [p if cfg.concerned_per_class is None else p[: cfg.concerned_per_class] for p in perm]
+    budget = cfg.concerned_per_class
+    if confident is None or cfg.min_confidence is None:
+        concerned = [p if budget is None else p[:budget] for p in perm]
+    else:
+        concerned = _confident_first(perm, budget, confident)
     negatives = []
     for c in range(num_classes):
         others = [q for q in range(num_classes) if q != c]
@@ -157,6 +177,35 @@ def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Ar
     return concerned, negatives
 
 
+def _confident_first(perm: list, budget: int | None, confident: Callable) -> list:
+    """Per class, the first ``budget`` indices of ``perm[c]`` that ``confident`` accepts."""
+    chosen = [[] for _ in perm]
+    seen = [0] * len(perm)
+    while True:
+        ask = {}
+        for c, p in enumerate(perm):
+            need = len(p) if budget is None else budget - len(chosen[c])
+            if need > 0 and seen[c] < len(p):
+                ask[c] = p[seen[c]: seen[c] + 2 * need]  # twice the need: few rounds at a high accept rate
+                seen[c] += len(ask[c])
+        if not ask:
+            break
+        ok = np.asarray(confident(np.concatenate(list(ask.values()))), bool)
+        at = 0
+        for c, idx in ask.items():
+            keep = idx[ok[at: at + len(idx)]]
+            at += len(idx)
+            chosen[c].extend(keep[: None if budget is None else budget - len(chosen[c])].tolist())
+    out = []
+    for c, p in enumerate(perm):
+        if not chosen[c]:
+            warnings.warn(f"class {c}: the model predicts none of its {len(p)} training inputs confidently "
+                          "(min_confidence); using them unfiltered", RunWarning, stacklevel=3)
+            chosen[c] = p[:budget].tolist()
+        out.append(np.asarray(chosen[c], np.int64))
+    return out
+
+
 def membership(sets: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
     """float32 [N, S]: 1 where ``index[s]`` belongs to ``sets[n]`` (``index`` sorted, unique,
     and holding every member of every set)."""
@@ -168,6 +217,29 @@ def membership(sets: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
             raise ValueError(f"set {n} has members missing from the index")
         m[n, cols] = 1.0
     return m
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _confident(graphdef, state, x, y, threshold):
+    """bool [B]: the model predicts label y with softmax probability > threshold."""
+    model = nnx.merge(graphdef, state)
+    logits = model.fc(model.node_forward(x))
+    prob = jax.nn.softmax(logits, -1)
+    return (logits.argmax(-1) == y) & (jnp.take_along_axis(prob, y[:, None], -1)[:, 0] > threshold)
+
+
+def confidence_filter(model: MaskedCNN, x_u8: np.ndarray, y: np.ndarray, mean, std, threshold: float,
+                      batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
+    """``indices -> bool``: whether the model predicts ``y[i]`` for image ``x_u8[i]`` with a
+    softmax probability above ``threshold`` (the lab's choice of concerned inputs)."""
+    graphdef, state = nnx.split(model)
+    y = np.asarray(y, np.int32)
+
+    def run(idx):
+        return map_batches(lambda xb, yb: _confident(graphdef, state, jnp.asarray(normalize(xb, mean, std)),
+                                                     jnp.asarray(yb), threshold),
+                           [x_u8[idx], y[idx]], batch_size)
+    return run
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -280,7 +352,9 @@ def decompose(
         raise ValueError(f"labels must lie in [0, {k}); got [{y_train.min()}, {y_train.max()}]")
     key = jax.random.key(cfg.seed) if key is None else key
     t0 = time.perf_counter()
-    concerned, negatives = sample_sets(y_train, k, cfg, key)
+    confident = (None if cfg.min_confidence is None else
+                 confidence_filter(model, x_train, y_train, mean, std, cfg.min_confidence, cfg.batch_size))
+    concerned, negatives = sample_sets(y_train, k, cfg, key, confident)
     index = np.unique(np.concatenate(concerned + negatives))
     mem = np.concatenate([membership(concerned, index), membership(negatives, index)])
     counts = activity_counts(model, x_train[index], mean, std, mem, batch_size=cfg.batch_size,

@@ -123,7 +123,7 @@ def test_every_config_flag_has_its_default_once_and_help_shows_it():
         sp = parser._subparsers._group_actions[0].choices[sub]
         help_text = " ".join(sp.format_help().split())
         declared = [a for a in sp._actions if hasattr(a, "config_field")]
-        assert len(declared) == {"train": 12, "split": 26, "demo": 2}[sub]
+        assert len(declared) == {"train": 12, "split": 27, "demo": 2}[sub]
         for action in declared:
             assert action.default is None, action.dest  # "not given": the config's default applies
             cls, field = action.config_field
@@ -247,3 +247,18 @@ def test_new_task_from_fashion_and_digits_modules(digits_modules, tmp_path, caps
     assert res["chosen"][1]["module"] == 2 and res["chosen"][1]["dataset_class"] == 7
     assert res["accuracy"] > 0.8 and res["baseline"]["accuracy"] > 0.8
     assert res["baseline"]["train_seconds"] > 0 and "training_seconds_saved" in res
+
+
+def test_optional_config_flags_take_none():
+    from cnnsplit_jax.cli.parser import config_from
+    from cnnsplit_jax.splitters import ConcernConfig
+
+    base = ["split", "--method", "concern", "--model-dir", "m", "--out", "o"]
+    fields = ("concerned_per_class", "min_confidence")
+    args = build_parser().parse_args(base + ["--min-confidence", "none", "--concerned-per-class", "500"])
+    cfg = config_from(ConcernConfig, args, fields)
+    assert cfg.min_confidence is None and cfg.concerned_per_class == 500
+    cfg = config_from(ConcernConfig, build_parser().parse_args(base), fields)
+    assert cfg.min_confidence == 0.9 and cfg.concerned_per_class == 1000  # the lab's defaults
+    cfg = config_from(ConcernConfig, build_parser().parse_args(base + ["--concerned-per-class", "None"]), fields)
+    assert cfg.concerned_per_class is None

@@ -10,9 +10,8 @@ import pytest
 from cnnsplit_jax.data import normalize
 from cnnsplit_jax.models import build_model, mask_points
 from cnnsplit_jax.modules.extract import effective_masks
-from cnnsplit_jax.modules.forward import (KINDS, Pick, default_chunk, masked_logits, module_outputs,
-                                          node_logits, positive_probability, vote_scores)
-from cnnsplit_jax.modules.heads import head_scores, init_heads
+from cnnsplit_jax.modules.forward import KINDS, Pick, default_chunk, masked_logits, module_outputs, node_logits
+from cnnsplit_jax.modules.heads import concern_positive, head_scores, init_heads, positive_probability, vote_scores
 from cnnsplit_jax.modules.module_set import ConcernModuleSet, ModuleSet
 
 
@@ -57,6 +56,7 @@ def test_concern_kind_equals_node_forward_per_module():
     inactive = {nd.name: rng.random((3, *nd.shape)) > 0.7 for nd in model.nodes()}
     hw = rng.normal(size=(3, model.fc_in, 2)).astype(np.float32)
     hb = rng.normal(size=(3, 2)).astype(np.float32)
+    hb[:, 0] += np.asarray([2.0, 0.0, -2.0], np.float32)  # positive and negative decisions both occur
     ms = ConcernModuleSet(model, inactive, hw, hb, np.zeros((3, model.fc_in), bool),
                           {"normalization": {"mean": [0.5], "std": [0.25]}})
     x = rng.integers(0, 256, (4, 32, 32, 1)).astype(np.uint8)
@@ -69,10 +69,11 @@ def test_concern_kind_equals_node_forward_per_module():
         # the lab's K-column output: [l_c, l_uc, 0, ...] through a softmax, first entry
         full = np.concatenate([l2, np.zeros((4, 1))], 1)
         probs.append(np.exp(full[:, 0]) / np.exp(full).sum(1))
-        poss.append(l2[:, 0] > l2[:, 1])
+        poss.append(full.argmax(1) == 0)  # the lab: positive when the concerned column is the argmax
     scores, pos = module_outputs(ms, x, form="extracted")  # concern sets have one form only
     np.testing.assert_allclose(scores, np.stack(probs, 1), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(pos, np.stack(poss, 1))
+    assert 0 < np.mean(poss) < 1
     # node_logits in vmapped groups equals one vmap
     keep = {k: jnp.asarray(1.0 - v) for k, v in inactive.items()}
     np.testing.assert_allclose(node_logits(model, keep, hw, hb, xn, chunk=2), node_logits(model, keep, hw, hb, xn),
@@ -90,27 +91,54 @@ def test_masked_logits_loops_agree():
     assert default_chunk(7, 3) == 3 and default_chunk(2, 5) == 2
 
 
-def _vote_by_hand(prob, positive):
-    """Pan & Rajan's composition, as stated: the single positive module wins; otherwise the
-    module with the highest positive-class probability."""
-    out = []
-    for p, q in zip(prob, positive):
-        idx = [i for i, b in enumerate(q) if b]
-        out.append(idx[0] if len(idx) == 1 else int(np.argmax(p)))
-    return np.asarray(out)
+def _lab_composition(l2, k):
+    """The lab's composition, written the way its reuse script runs it: module c's output is
+    K columns (concerned column c, the unconcerned column in another slot, zeros elsewhere);
+    it votes for c when the argmax over the K columns is c; one vote wins, several go to the
+    most confident voter, none to the most confident module."""
+    preds = []
+    for row in np.asarray(l2, np.float64):  # [n, 2]
+        probs, votes = [], []
+        for c, (lc, luc) in enumerate(row):
+            out = np.zeros(k)
+            out[c], out[(c + 1) % k] = lc, luc
+            e = np.exp(out - out.max())
+            probs.append(e[c] / e.sum())
+            votes.append(int(np.argmax(out)) == c)
+        idx = [c for c in range(len(row)) if votes[c]]
+        if len(idx) == 1:
+            preds.append(idx[0])
+        elif idx:
+            preds.append(max(idx, key=lambda c: probs[c]))
+        else:
+            preds.append(int(np.argmax(probs)))
+    return np.asarray(preds)
 
 
-def test_positive_probability_and_voting_rule():
+def test_positive_probability_decision_and_vote_follow_the_lab():
     l2 = jnp.asarray([[2.0, -1.0], [0.5, 3.0]])
     want = jax.nn.softmax(jnp.asarray([[2.0, -1.0, 0, 0, 0], [0.5, 3.0, 0, 0, 0]]), -1)[:, 0]
     np.testing.assert_allclose(positive_probability(l2, 5), want, rtol=1e-6)
-    prob = np.array([[0.2, 0.9, 0.6], [0.2, 0.9, 0.6], [0.2, 0.9, 0.6]])
-    pos = np.array([[True, False, False], [True, True, False], [False, False, False]])
-    np.testing.assert_array_equal(np.asarray(vote_scores(prob, pos)).argmax(-1), [0, 1, 1])
+    # l_c > l_uc is not enough: a negative l_c loses to the zero columns (unless K == 2)
+    neg = jnp.asarray([[-0.5, -2.0], [1.0, 0.5], [0.3, 0.7]])
+    np.testing.assert_array_equal(concern_positive(neg, 5), [False, True, False])
+    np.testing.assert_array_equal(concern_positive(neg, 2), [True, True, False])
+    # several positives and a more confident negative module: the lab picks among the positives
+    prob = jnp.asarray([[0.2, 0.9, 0.6]])
+    assert int(np.asarray(vote_scores(prob, jnp.asarray([[True, False, True]]))).argmax(-1)[0]) == 2
+    assert int(np.asarray(vote_scores(prob, jnp.asarray([[False, False, False]]))).argmax(-1)[0]) == 1
+    assert int(np.asarray(vote_scores(prob, jnp.asarray([[True, False, False]]))).argmax(-1)[0]) == 0
     rng = np.random.default_rng(0)
-    p, q = rng.random((200, 7)), rng.random((200, 7)) > 0.8
-    np.testing.assert_array_equal(np.asarray(vote_scores(jnp.asarray(p), jnp.asarray(q))).argmax(-1),
-                                  _vote_by_hand(p, q))
+    for k in (2, 7):
+        l2 = jnp.asarray(rng.normal(size=(2000, k, 2)), jnp.float32)
+        pos = concern_positive(l2, k)
+        assert 0 < float(pos.mean()) < 1
+        if k > 2:  # several voters with a more confident non-voter happen here
+            p = np.asarray(positive_probability(l2, k))
+            several = (np.asarray(pos).sum(-1) > 1) & (p.argmax(-1) != np.where(pos, p, -1).argmax(-1))
+            assert several.sum() > 5
+        got = np.asarray(vote_scores(positive_probability(l2, k), pos)).argmax(-1)
+        np.testing.assert_array_equal(got, _lab_composition(l2, k))
     assert KINDS["concern"].combine is vote_scores and KINDS["masked"].combine is None
 
 

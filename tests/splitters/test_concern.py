@@ -31,7 +31,7 @@ def test_ci_and_ti_on_hand_checkable_inputs():
     imgs[0, 3, 4] = imgs[1, 10, 20] = 255  # class 0
     imgs[2, 7, 7] = imgs[3, 0, 31] = 255  # class 1
     y = np.array([0, 0, 1, 1])
-    d = C.decompose(model, imgs, y, (0.5,), (1.0,), C.ConcernConfig(backtrack="none"))
+    d = C.decompose(model, imgs, y, (0.5,), (1.0,), C.ConcernConfig(backtrack="none", min_confidence=None))
     expect = np.ones((32, 32), bool)
     expect[3, 4] = expect[10, 20] = False  # active for one concerned input: kept
     np.testing.assert_array_equal(d.ci_inactive["conv_0"][0, ..., 0], expect)
@@ -40,7 +40,7 @@ def test_ci_and_ti_on_hand_checkable_inputs():
     assert d.stats["negatives"] == [2, 2] and d.stats["concerned"] == [2, 2]
     assert d.stats["ti_restored"][0] >= 2
     # without negatives nothing is restored
-    d0 = C.decompose(model, imgs, y, (0.5,), (1.0,), C.ConcernConfig(backtrack="none", negative_ratio=0.0))
+    d0 = C.decompose(model, imgs, y, (0.5,), (1.0,), C.ConcernConfig(backtrack="none", negative_ratio=0.0, min_confidence=None))
     for k in d0.inactive:
         np.testing.assert_array_equal(d0.inactive[k], d0.ci_inactive[k])
 
@@ -50,7 +50,7 @@ def test_vectorised_counts_equal_a_per_class_loop():
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (36, 32, 32, 1), dtype=np.uint8)
     y = np.arange(36) % 3
-    cfg = C.ConcernConfig(backtrack="none", batch_size=16)
+    cfg = C.ConcernConfig(backtrack="none", batch_size=16, min_confidence=None)
     key = jax.random.key(5)
     d = C.decompose(model, imgs, y, (0.4,), (0.3,), cfg, key=key)
     concerned, negatives = C.sample_sets(y, 3, cfg, key)
@@ -64,6 +64,49 @@ def test_vectorised_counts_equal_a_per_class_loop():
             ci = np.all(np.asarray(pos[k]) <= 0, axis=0)
             np.testing.assert_array_equal(d.ci_inactive[k][c], ci)
             np.testing.assert_array_equal(d.inactive[k][c], ci & np.all(np.asarray(neg[k]) <= 0, axis=0))
+
+
+def test_concerned_inputs_are_the_first_confident_ones_within_the_budget():
+    y = np.arange(60) % 3
+    key = jax.random.key(2)
+    full, _ = C.sample_sets(y, 3, C.ConcernConfig(concerned_per_class=None, min_confidence=None), key)
+    asked = []
+
+    def odd_only(idx):  # a stand-in filter: accepts odd image indices
+        asked.append(len(idx))
+        return idx % 2 == 1
+
+    cfg = C.ConcernConfig(concerned_per_class=3)
+    concerned, negatives = C.sample_sets(y, 3, cfg, key, odd_only)
+    for c in range(3):
+        np.testing.assert_array_equal(concerned[c], [i for i in full[c] if i % 2 == 1][:3])
+        assert len(negatives[c]) == 3  # 1:1 with the concerned inputs actually used
+    assert sum(asked) < 60  # asked in rounds, only for candidates still needed
+    # no budget: every confident input; a class with none falls back, with a warning
+    from cnnsplit_jax.progress import RunWarning
+
+    with pytest.warns(RunWarning, match="class 1"):
+        concerned, _ = C.sample_sets(y, 3, C.ConcernConfig(concerned_per_class=None), key,
+                                     lambda idx: (idx % 2 == 1) & (y[idx] != 1))
+    np.testing.assert_array_equal(np.sort(concerned[0]), [i for i in range(60) if y[i] == 0 and i % 2])
+    np.testing.assert_array_equal(concerned[1], full[1])
+
+
+def test_confidence_filter_equals_the_softmax_of_the_models_logits():
+    model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=3)
+    rng = np.random.default_rng(4)
+    imgs = rng.integers(0, 256, (40, 32, 32, 1), dtype=np.uint8)
+    feats = np.asarray(model.node_forward(jnp.asarray(normalize(imgs, (0.4,), (0.3,)))), np.float64)
+    logits = feats @ np.asarray(model.fc.kernel[...], np.float64) + np.asarray(model.fc.bias[...], np.float64)
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    y = logits.argmax(1).copy()
+    y[::4] = (y[::4] + 1) % 3  # a quarter labelled against the model
+    thr = float(np.median(prob.max(1)))
+    want = (logits.argmax(1) == y) & (prob[np.arange(40), y] > thr)
+    assert 5 < want.sum() < 35
+    got = C.confidence_filter(model, imgs, y, (0.4,), (0.3,), thr, batch_size=16)(np.arange(40))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_channeling_averages_the_unconcerned_columns():
@@ -84,7 +127,7 @@ def test_backtrack_bln_removes_features_serving_only_the_unconcerned_output():
     # in a decomposition, a removed feature deactivates its whole channel of the last node
     model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=2)
     imgs = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 1), dtype=np.uint8)
-    d = C.decompose(model, imgs, np.arange(12) % 3, (0.5,), (0.5,), C.ConcernConfig(backtrack="bln"))
+    d = C.decompose(model, imgs, np.arange(12) % 3, (0.5,), (0.5,), C.ConcernConfig(backtrack="bln", min_confidence=None))
     last = model.nodes()[-1].name
     assert d.removed_features.any()
     for c, f in zip(*np.nonzero(d.removed_features)):
