@@ -30,8 +30,8 @@ METHOD_CONFIGS = {
     "ga": (CNNSplitterConfig, ("population", "generations", "groups", "mutation_percent", "eval_images",
                                "sensitivity_images", "early_stop", "sensitive", "algorithm", "sensitive_ratios",
                                "other_ratios", "thresholds", "shared_initial_population", "seed")),
-    "concern": (ConcernConfig, ("negative_ratio", "backtrack", "delta", "concerned_per_class", "min_confidence",
-                                "seed")),
+    "concern": (ConcernConfig, ("negative_ratio", "backtrack", "delta", "bln_rule", "concerned_per_class",
+                                "min_confidence", "seed")),
 }
 
 
@@ -176,6 +176,8 @@ def _split_parser(sub, common) -> None:
     config_flag(cc, ConcernConfig, "backtrack", "bln: backtrack to the last conv layer (MC-BLN); none: "
                 "CI+TI+MC")
     config_flag(cc, ConcernConfig, "delta", "MC-BLN's strong-edge threshold", type=float)
+    config_flag(cc, ConcernConfig, "bln_rule", "relative: |w| >= delta x the column's largest |w|; absolute: "
+                "the signed w > delta")
     config_flag(cc, ConcernConfig, "concerned_per_class", "class-c training inputs used per module (none: all)",
                 type=_optional(int))
     config_flag(cc, ConcernConfig, "min_confidence", "only inputs the model predicts as their class above this "

@@ -18,8 +18,9 @@ Steps (spec field-survey.md §1.3-1.5), all classes at once:
 3. **Channeling**: the output layer becomes binary: the concerned column unchanged, the
    unconcerned column the mean of the other columns' weights and biases.
 4. **Backtracking to the last conv layer (MC-BLN)** with delta = 0.5: a pooled feature whose
-   channeled edge to the unconcerned output is strong (|w| >= delta x the column's largest
-   |w|) while its edge to the concerned output is not, serves only the unconcerned output;
+   channeled edge to the unconcerned output is strong (``bln_rule``: |w| >= delta x the
+   column's largest |w|, or the signed w > delta) while its edge to the concerned output is
+   not, serves only the unconcerned output;
    it is removed, which deactivates all its positions in the last residual sum (the
    average pool maps one flattened node to H x W positions; deactivating the sum's position
    is the same as updating "both merged conv layers" of the Add).
@@ -78,6 +79,7 @@ __all__ = [
 ]
 
 BACKTRACK = get_args(Literal["none", "bln"])
+BLN_RULES = ("relative", "absolute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,10 @@ class ConcernConfig:
       such input falls back to its unfiltered inputs, with a ``RunWarning``.
     negative_ratio: negatives per concerned input for TI (paper: 1.0).
     backtrack: ``"bln"`` (MC-BLN, the paper's choice) or ``"none"`` (CI+TI+MC).
-    delta: MC-BLN's threshold for a "strong" edge, relative to the column's largest |w|.
+    delta: MC-BLN's threshold for a "strong" edge.
+    bln_rule: how ``delta`` reads (``backtrack_bln``): ``"relative"``: ``|w| >= delta x`` the
+      column's largest ``|w|``; ``"absolute"``: the signed ``w > delta`` (the prose's "nodes
+      connected only to the unconcerned node", a strong *positive* edge).
     batch_size: images per forward pass. seed: negative sampling.
     """
 
@@ -99,6 +104,7 @@ class ConcernConfig:
     negative_ratio: float = 1.0
     backtrack: Literal["none", "bln"] = "bln"
     delta: float = 0.5
+    bln_rule: Literal["relative", "absolute"] = "relative"
     batch_size: int = 256
     seed: int = 0
 
@@ -107,6 +113,8 @@ class ConcernConfig:
             raise ValueError(f"backtrack must be one of {BACKTRACK}, got {self.backtrack!r}")
         if not self.negative_ratio >= 0:
             raise ValueError(f"negative_ratio must be >= 0, got {self.negative_ratio}")
+        if self.bln_rule not in BLN_RULES:
+            raise ValueError(f"bln_rule must be one of {BLN_RULES}, got {self.bln_rule!r}")
         if not 0 <= self.delta <= 1:
             raise ValueError(f"delta must lie in [0, 1], got {self.delta}")
         if self.concerned_per_class is not None and self.concerned_per_class < 1:
@@ -302,14 +310,23 @@ def channel(fc_w: np.ndarray, fc_b: np.ndarray, classes: Sequence[int] | None = 
     return head_w.astype(np.float32), head_b.astype(np.float32)
 
 
-def backtrack_bln(head_w: np.ndarray, delta: float = 0.5) -> np.ndarray:
-    """bool [N, F]: pooled features that serve only the unconcerned output (MC-BLN).
+def backtrack_bln(head_w: np.ndarray, delta: float = 0.5, rule: str = "relative") -> np.ndarray:
+    """bool [N, F]: pooled features that serve only the unconcerned output (MC-BLN): a feature
+    is removed when its edge to the unconcerned output is strong and its edge to the concerned
+    output is not.
 
-    An edge is strong when ``|w| >= delta * max |w|`` over its output column; a feature is
-    removed when its unconcerned edge is strong and its concerned edge is not.
+    rule ``"relative"``: an edge is strong when ``|w| >= delta * max |w|`` over its output
+    column (either sign); ``"absolute"``: when ``w > delta`` (signed: a strongly *negative*
+    unconcerned edge, evidence for the class, never removes a feature).
     """
-    a = np.abs(np.asarray(head_w))  # [N, F, 2]
-    strong = a >= delta * a.max(axis=1, keepdims=True)
+    w = np.asarray(head_w)  # [N, F, 2]
+    if rule == "relative":
+        a = np.abs(w)
+        strong = a >= delta * a.max(axis=1, keepdims=True)
+    elif rule == "absolute":
+        strong = w > delta
+    else:
+        raise ValueError(f"rule must be one of {BLN_RULES}, got {rule!r}")
     return strong[..., 1] & ~strong[..., 0]
 
 
@@ -362,7 +379,7 @@ def decompose(
     ci = {n: v[:k] == 0 for n, v in counts.items()}
     inactive = {n: ci[n] & (v[k:] == 0) for n, v in counts.items()}
     head_w, head_b = channel(model.fc.kernel[...], model.fc.bias[...])
-    removed = backtrack_bln(head_w, cfg.delta) if cfg.backtrack == "bln" else np.zeros(head_w.shape[:2], bool)
+    removed = backtrack_bln(head_w, cfg.delta, cfg.bln_rule) if cfg.backtrack == "bln" else np.zeros(head_w.shape[:2], bool)
     final = _apply_backtrack(model, inactive, removed)
     seconds = time.perf_counter() - t0
     total = sum(nd.size for nd in model.nodes())

@@ -124,6 +124,13 @@ def test_backtrack_bln_removes_features_serving_only_the_unconcerned_output():
     hw = np.array([[[1.0, 0.1], [0.1, -1.0], [0.8, 0.9], [0.2, 0.3]]])  # [1, F=4, 2]
     np.testing.assert_array_equal(C.backtrack_bln(hw, 0.5), [[False, True, False, False]])
     np.testing.assert_array_equal(C.backtrack_bln(hw, 0.25), [[False, True, False, True]])
+    # the absolute, signed reading: only a strong positive unconcerned edge counts
+    hw2 = np.array([[[1.0, 0.1], [0.1, -1.0], [0.2, 0.9], [0.6, 0.7]]])
+    np.testing.assert_array_equal(C.backtrack_bln(hw2, 0.5, "absolute"), [[False, False, True, False]])
+    np.testing.assert_array_equal(C.backtrack_bln(hw2, 0.5), [[False, True, True, False]])
+    np.testing.assert_array_equal(C.backtrack_bln(hw2, 0.95, "absolute"), [[False, False, False, False]])
+    with pytest.raises(ValueError, match="bln_rule"):
+        C.ConcernConfig(bln_rule="signed")
     # in a decomposition, a removed feature deactivates its whole channel of the last node
     model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=2)
     imgs = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 1), dtype=np.uint8)

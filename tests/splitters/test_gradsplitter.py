@@ -294,7 +294,7 @@ def test_tied_mask_gets_the_sum_of_clipped_per_use_gradients():
     x = jax.random.normal(jax.random.key(2), (4, 32, 32, 1))
     y = jnp.array([0, 1, 2, 0])
     ratio = 2000.0  # the kernel term's per-use gradient ratio / (N * kernels) = 2.5 > 1
-    got = jax.grad(lambda m: gs.loss_fn({"masks": m, "heads": heads}, model, x, y, ratio)[0])(masks)
+    got = jax.jit(jax.grad(lambda m: gs.loss_fn({"masks": m, "heads": heads}, model, x, y, ratio)[0]))(masks)
     binary = {k: (v > 0).astype(jnp.float32) for k, v in masks.items()}
     reads = 6
 
@@ -305,7 +305,7 @@ def test_tied_mask_gets_the_sum_of_clipped_per_use_gradients():
             cols.append(gs.head_scores(gs.Heads(*(h[i:i + 1] for h in heads)), logits[:, None, :])[:, 0])
         return optax.softmax_cross_entropy_with_integer_labels(jnp.stack(cols, 1), y).mean()
 
-    per_read = jax.grad(ce_of_copies)({k: [v] * reads for k, v in binary.items()})
+    per_read = jax.jit(jax.grad(ce_of_copies))({k: [v] * reads for k, v in binary.items()})
     kernels = sum(p.size * len(p.layers) for p in model.mask_points())
     kern_use = ratio / (n * kernels)  # d(ratio * mean)/d(entry), once per gated conv
     assert kern_use > 1
