@@ -1,10 +1,8 @@
 """Reuse scenarios on their own: best-F1 selection across models and datasets, the patching
 rule, replacing one class's module, and continuous learning of concern modules across models."""
 
-import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,0 +1,52 @@
+"""Concern identification's settings (``ConcernConfig``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, get_args
+
+__all__ = ["ConcernConfig", "BACKTRACK", "BLN_RULES"]
+
+BACKTRACK = get_args(Literal["none", "bln"])
+BLN_RULES = ("relative", "absolute")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConcernConfig:
+    """Hyper-parameters of the decomposition.
+
+    concerned_per_class: class-c training inputs used for CI (the lab's 1000; ``None``: all).
+    min_confidence: only inputs the model predicts as their class with a softmax probability
+      above this are concerned inputs (the lab's 0.9; ``None``: no filter). A class with no
+      such input falls back to its unfiltered inputs, with a ``RunWarning``.
+    negative_ratio: negatives per concerned input for TI (paper: 1.0).
+    backtrack: ``"bln"`` (MC-BLN, the paper's choice) or ``"none"`` (CI+TI+MC).
+    delta: MC-BLN's threshold for a "strong" edge.
+    bln_rule: how ``delta`` reads (``backtrack_bln``): ``"relative"``: ``|w| >= delta x`` the
+      column's largest ``|w|``; ``"absolute"``: the signed ``w > delta`` (the prose's "nodes
+      connected only to the unconcerned node", a strong *positive* edge).
+    batch_size: images per forward pass. seed: negative sampling.
+    """
+
+    concerned_per_class: int | None = 1000
+    min_confidence: float | None = 0.9
+    negative_ratio: float = 1.0
+    backtrack: Literal["none", "bln"] = "bln"
+    delta: float = 0.5
+    bln_rule: Literal["relative", "absolute"] = "relative"
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.backtrack not in BACKTRACK:
+            raise ValueError(f"backtrack must be one of {BACKTRACK}, got {self.backtrack!r}")
+        if not self.negative_ratio >= 0:
+            raise ValueError(f"negative_ratio must be >= 0, got {self.negative_ratio}")
+        if self.bln_rule not in BLN_RULES:
+            raise ValueError(f"bln_rule must be one of {BLN_RULES}, got {self.bln_rule!r}")
+        if not 0 <= self.delta <= 1:
+            raise ValueError(f"delta must lie in [0, 1], got {self.delta}")
+        if self.concerned_per_class is not None and self.concerned_per_class < 1:
+            raise ValueError(f"concerned_per_class must be >= 1, got {self.concerned_per_class}")
+        if self.min_confidence is not None and not 0 <= self.min_confidence < 1:
+            raise ValueError(f"min_confidence must lie in [0, 1), got {self.min_confidence}")
