@@ -76,11 +76,12 @@ def resnet_digits(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def concern_modules(resnet_digits, tmp_path_factory):
-    """Concern-identification module sets of ``resnet_digits``: {"none": dir, "bln": dir}."""
+    """Concern-identification module sets of ``resnet_digits``: {"none": dir, "bln": dir}:
+    CI+TI+MC with the exact ``sum`` mapping, and the defaults (MC-BLN, the paper's mapping)."""
     from cnnsplit_jax.pipeline import split_run
     from cnnsplit_jax.splitters import ConcernConfig
 
     d = tmp_path_factory.mktemp("concern")
-    for bt in ("none", "bln"):
-        split_run(resnet_digits, d / bt, "concern", ConcernConfig(backtrack=bt))
+    for bt, cfg in (("none", ConcernConfig(backtrack="none", residual="sum")), ("bln", ConcernConfig())):
+        split_run(resnet_digits, d / bt, "concern", cfg)
     return {"none": d / "none", "bln": d / "bln"}

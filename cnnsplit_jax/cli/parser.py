@@ -30,7 +30,7 @@ METHOD_CONFIGS = {
     "ga": (CNNSplitterConfig, ("population", "generations", "groups", "mutation_percent", "eval_images",
                                "sensitivity_images", "early_stop", "sensitive", "algorithm", "sensitive_ratios",
                                "other_ratios", "thresholds", "shared_initial_population", "seed")),
-    "concern": (ConcernConfig, ("negative_ratio", "backtrack", "delta", "bln_rule", "concerned_per_class",
+    "concern": (ConcernConfig, ("negative_ratio", "backtrack", "residual", "delta", "bln_rule", "concerned_per_class",
                                 "min_confidence", "seed")),
 }
 
@@ -173,11 +173,13 @@ def _split_parser(sub, common) -> None:
     cc = sp.add_argument_group("concern identification (--method concern, ResNets)")
     config_flag(cc, ConcernConfig, "negative_ratio", "negative inputs per concerned input for tangling "
                 "identification", type=float)
-    config_flag(cc, ConcernConfig, "backtrack", "bln: backtrack to the last conv layer (MC-BLN); none: "
-                "CI+TI+MC")
+    config_flag(cc, ConcernConfig, "backtrack", "bln: backtrack to the last conv layer (MC-BLN); bi: MC-BLN, then "
+                "back to the input (MC-BI); none: CI+TI+MC")
+    config_flag(cc, ConcernConfig, "residual", "conv: mask conv2's output and the shortcut before each Add (the "
+                "paper's mapping); sum: mask the sum at its ReLU (exact on concerned inputs)")
     config_flag(cc, ConcernConfig, "delta", "MC-BLN's strong-edge threshold", type=float)
-    config_flag(cc, ConcernConfig, "bln_rule", "relative: |w| >= delta x the column's largest |w|; absolute: "
-                "the signed w > delta")
+    config_flag(cc, ConcernConfig, "bln_rule", "absolute: an edge is strong when w > delta (the paper's prose); "
+                "negative: w < -delta; relative: |w| >= delta x the column's largest |w|")
     config_flag(cc, ConcernConfig, "concerned_per_class", "class-c training inputs used per module (none: all)",
                 type=_optional(int))
     config_flag(cc, ConcernConfig, "min_confidence", "only inputs the model predicts as their class above this "

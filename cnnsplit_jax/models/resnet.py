@@ -11,9 +11,13 @@ trainable, every block's conv2 starts at He init / sqrt(blocks) (Fixup-style).
 pre-activation values that a ReLU reads, one per output position ``(row, col, channel)``.
 ``ResNet.nodes()`` lists them in forward order: the stem conv, every block's ``conv1`` and
 every block's residual sum ``add`` (conv2 + shortcut; the paper's "Add" layer, whose ReLU
-decides whether the position is active). ``node_forward(x, keep)`` runs the model with
-``keep = {node: float [H, W, C]}`` multipliers (0 = position deactivated, the module's map)
-and can record every node's pre-activation values.
+decides whether the position is active). That is ``nodes("sum")``, exact on concerned inputs.
+``nodes("conv")`` is the paper's mapping instead: every conv output is a node, so a block's
+Add is fed by two *branch* nodes, ``conv2`` (conv2's output before the Add) and ``short``
+(the shortcut branch: the projection's output, or the identity input), each masked before
+the sum. ``node_forward(x, keep)`` runs the model with ``keep = {node: float [H, W, C]}``
+multipliers (0 = position deactivated, the module's map; the names say which mapping) and
+can record every node's pre-activation values of both mappings.
 
 Kernel-mask methods (GradSplitter, CNNSplitter) do not apply to these models (``mask_kind`` is
 ``"node"``): ``__call__`` refuses kernel masks, and ``cnnsplit split`` points to
@@ -23,20 +27,29 @@ Kernel-mask methods (GradSplitter, CNNSplitter) do not apply to these models (``
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Literal, Mapping
 
 import jax
 
 from .base import ConvSpec, Dense, MaskedCNN
 
-__all__ = ["Node", "ResNet", "ResNet20", "ResNet32", "ResNet56", "RESNETS"]
+__all__ = ["Node", "ResNet", "ResNet20", "ResNet32", "ResNet56", "RESNETS", "RESIDUAL_MAPPINGS", "residual_of"]
+
+#: how a residual block's Add is mapped to nodes (see the module docstring)
+RESIDUAL_MAPPINGS = ("conv", "sum")
+
+
+def residual_of(names) -> str:
+    """The residual mapping (``"conv"`` or ``"sum"``) that a set of node names belongs to."""
+    return "conv" if any(n.endswith("_conv2") for n in names) else "sum"
 
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-    """A layer of ReLU inputs: ``name``, ``shape`` (H, W, C) for 32x32 images, ``kind``
-    (``"conv"``: a conv followed by ReLU; ``"add"``: a residual sum followed by ReLU) and the
-    convs that produce it."""
+    """A layer of positions a module may deactivate: ``name``, ``shape`` (H, W, C) for 32x32
+    images, ``kind`` (``"conv"``: a conv followed by ReLU; ``"add"``: a residual sum followed
+    by ReLU; ``"branch"``: one input of a residual sum, before the Add) and the convs that
+    produce it (none for an identity shortcut)."""
 
     name: str
     shape: tuple[int, int, int]
@@ -93,8 +106,10 @@ class ResNet(MaskedCNN):
     def _build_head(self, rngs):
         self.fc = Dense(self.fc_in, self.num_classes, rngs=rngs)
 
-    def nodes(self) -> tuple[Node, ...]:
-        """ReLU-input nodes in forward order (see the module docstring)."""
+    def nodes(self, residual: Literal["conv", "sum"] = "sum") -> tuple[Node, ...]:
+        """Nodes in forward order under a residual mapping (see the module docstring)."""
+        if residual not in RESIDUAL_MAPPINGS:
+            raise ValueError(f"residual must be one of {RESIDUAL_MAPPINGS}, got {residual!r}")
         out = {s.name: s.out_channels for s in self.topology}
         nodes = [Node("conv_0", (32, 32, out["conv_0"]), "conv", ("conv_0",))]
         hw = 32
@@ -103,14 +118,27 @@ class ResNet(MaskedCNN):
                 p = f"s{s}b{b}"
                 down = s > 0 and b == 0
                 hw //= 2 if down else 1
-                c = out[f"{p}_conv2"]
+                shape = (hw, hw, out[f"{p}_conv2"])
                 nodes.append(Node(f"{p}_conv1", (hw, hw, out[f"{p}_conv1"]), "conv", (f"{p}_conv1",)))
-                convs = (f"{p}_conv2", f"{p}_short") if down else (f"{p}_conv2",)
-                nodes.append(Node(f"{p}_add", (hw, hw, c), "add", convs))
+                if residual == "sum":
+                    convs = (f"{p}_conv2", f"{p}_short") if down else (f"{p}_conv2",)
+                    nodes.append(Node(f"{p}_add", shape, "add", convs))
+                else:
+                    nodes.append(Node(f"{p}_conv2", shape, "branch", (f"{p}_conv2",)))
+                    nodes.append(Node(f"{p}_short", shape, "branch", (f"{p}_short",) if down else ()))
         return tuple(nodes)
 
+    def feature_nodes(self, residual: Literal["conv", "sum"] = "sum") -> tuple[str, ...]:
+        """The nodes whose positions the pooled features average (the last block's Add, or its
+        two branches under ``"conv"``): MC-BLN deactivates a removed feature in all of them."""
+        p = f"s2b{self.blocks - 1}"
+        return (f"{p}_add",) if residual == "sum" else (f"{p}_conv2", f"{p}_short")
+
     def _check_keep(self, keep):
-        self.check_named(keep, {n.name: n.shape for n in self.nodes()}, "node", "node mask")
+        shapes = {n.name: n.shape for r in RESIDUAL_MAPPINGS for n in self.nodes(r)}
+        self.check_named(keep, shapes, "node", "node mask")
+        if keep is not None and len({residual_of([k]) for k in keep if k.endswith(("_conv2", "_add"))}) > 1:
+            raise ValueError("node masks mix the two residual mappings (both '_add' and '_conv2' nodes)")
 
     def _run(self, x, keep, train, record):
         """Pooled features [B, F] (and the recorded pre-activations when ``record`` is a dict)."""
@@ -122,14 +150,19 @@ class ResNet(MaskedCNN):
                 pre = pre * keep[name].astype(pre.dtype)
             return jax.nn.relu(pre)
 
+        def branch(name, v):  # an input of a residual sum (the "conv" mapping's nodes)
+            if record is not None:
+                record[name] = v
+            return v * keep[name].astype(v.dtype) if keep is not None and name in keep else v
+
         conv = lambda n, h: getattr(self, n)(h, train=train)  # noqa: E731
         h = node("conv_0", conv("conv_0", x))
         for s in range(3):
             for b in range(self.blocks):
                 p = f"s{s}b{b}"
                 a = node(f"{p}_conv1", conv(f"{p}_conv1", h))
-                short = conv(f"{p}_short", h) if s > 0 and b == 0 else h
-                h = node(f"{p}_add", conv(f"{p}_conv2", a) + short)
+                short = branch(f"{p}_short", conv(f"{p}_short", h) if s > 0 and b == 0 else h)
+                h = node(f"{p}_add", branch(f"{p}_conv2", conv(f"{p}_conv2", a)) + short)
         return h.mean(axis=(1, 2))
 
     def _body(self, x, masks, train, rec=None):
@@ -154,8 +187,10 @@ class ResNet(MaskedCNN):
         Args:
           x: normalised images [B, 32, 32, C].
           keep: optional ``{node: float [H, W, C]}`` multipliers of the pre-activations
-            (0 deactivates a position); missing nodes are kept whole.
-          record: also return ``{node: pre-activation [B, H, W, C]}`` (before ``keep``).
+            (0 deactivates a position), nodes of either residual mapping (not both); missing
+            nodes are kept whole.
+          record: also return ``{node: pre-activation [B, H, W, C]}`` (before ``keep``) for the
+            nodes of both mappings.
 
         Returns:
           ``features [B, F]`` (the pooled input of ``fc``), plus the records if ``record``.

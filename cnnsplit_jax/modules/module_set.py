@@ -26,8 +26,10 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from ..models import MaskedCNN, count_params, flatten_masks, mask_points, total_kernels
+from ..models.resnet import residual_of
 from .extract import effective_masks, extract_all, forward_flops
 from .heads import Heads
+from .weight_jaccard import weight_jaccard
 
 __all__ = ["ModuleSet", "ConcernModuleSet", "save_module_set", "load_module_set", "MODULE_SET_KINDS"]
 
@@ -176,6 +178,11 @@ class ConcernModuleSet(_Common):
     def num_modules(self) -> int:
         return int(self.head_w.shape[0])
 
+    @property
+    def residual(self) -> str:
+        """The residual mapping of the node maps (``"conv"``: the paper's, ``"sum"``)."""
+        return residual_of(self.inactive)
+
     def forward_form(self, form: str) -> str:
         """Always ``"concern"``: these modules keep every weight and have no pruned form."""
         return "concern"
@@ -191,25 +198,31 @@ class ConcernModuleSet(_Common):
 
     def structure(self, flops: bool = True) -> dict:
         """Honest module size (parameters equal the model's but for the 2-column head: no
-        weight is removed), the fraction of node positions each module keeps active, and the
-        Jaccard index of each module's active positions with the model's (= that fraction,
-        since the model keeps every position). ``flops`` is ignored (modules run the whole
-        model)."""
+        weight is removed), the fraction of node positions each module keeps active (=
+        ``position_jaccard_vs_model``, since the model keeps every position), and the paper's
+        Jaccard index of each module's effective weights and biases with the model's
+        (``jaccard_vs_model``, ``weight_jaccard``: distinct values, and by position).
+        ``flops`` is ignored (modules run the whole model)."""
         del flops
         active = self.active_sets().mean(-1)
+        ji_values, ji_positions = weight_jaccard(self, "values"), weight_jaccard(self, "positions")
         params = count_params(self.base)
         f = self.base.fc_in
         size = {"model_params": params,
                 "module_params": params - (f * self.base.num_classes + self.base.num_classes) + 2 * f + 2,
                 "positions": int(self.active_sets().shape[1]),
                 "active_fraction": active.tolist(), "mean_active_fraction": float(active.mean())}
-        return {"module_size": size, "jaccard_vs_model": active.tolist(),
-                "mean_jaccard_vs_model": float(active.mean())}
+        return {"module_size": size, "jaccard_vs_model": ji_values.tolist(),
+                "mean_jaccard_vs_model": float(ji_values.mean()),
+                "weight_position_jaccard_vs_model": ji_positions.tolist(),
+                "mean_weight_position_jaccard_vs_model": float(ji_positions.mean()),
+                "position_jaccard_vs_model": active.tolist(),
+                "mean_position_jaccard_vs_model": float(active.mean())}
 
     def __post_init__(self):
         if self.base.mask_kind != "node":
             raise ValueError(f"concern module sets need a ResNet base model, got {self.base.arch!r}")
-        shapes = {nd.name: nd.shape for nd in self.base.nodes()}
+        shapes = {nd.name: nd.shape for nd in self.base.nodes(self.residual)}
         if set(shapes) != set(self.inactive):
             raise ValueError(f"node maps {sorted(self.inactive)} do not match the model's nodes {sorted(shapes)}")
         n = {v.shape[0] for v in self.inactive.values()} | {self.head_w.shape[0], self.head_b.shape[0]}
@@ -234,7 +247,8 @@ class ConcernModuleSet(_Common):
         if base.mask_kind != "node":
             raise ckpt.CheckpointError(f"a concern module set needs a ResNet base, found {base.arch!r}")
         f = base.fc_in
-        return {"inactive": {nd.name: np.zeros((n, *nd.shape), np.uint8) for nd in base.nodes()},
+        residual = (meta.get("config") or {}).get("residual", "sum")  # "sum": sets saved before the option
+        return {"inactive": {nd.name: np.zeros((n, *nd.shape), np.uint8) for nd in base.nodes(residual)},
                 "head_w": np.zeros((n, f, 2), np.float32), "head_b": np.zeros((n, 2), np.float32),
                 "removed": np.zeros((n, f), np.uint8)}
 

@@ -21,10 +21,13 @@ def test_resnet_depths_and_nodes():
         nodes = m.nodes()
         assert len(nodes) == 1 + 6 * blocks
         assert nodes[-1].shape == (8, 8, 16) and nodes[0].shape == (32, 32, 4)
+        conv = m.nodes("conv")  # conv1, conv2 and the shortcut branch per block
+        assert len(conv) == 1 + 9 * blocks and [n.kind for n in conv[-2:]] == ["branch", "branch"]
+        assert conv[-1].convs == () and m.nodes("conv")[1 + 3 * blocks + 2].convs == ("s1b0_short",)
         x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
         feats, rec = m.node_forward(x, record=True)
         np.testing.assert_allclose(m.fc(feats), m(x), atol=1e-5)
-        assert {k: v.shape[1:] for k, v in rec.items()} == {n.name: n.shape for n in nodes}
+        assert {k: v.shape[1:] for k, v in rec.items()} == {n.name: n.shape for n in nodes + conv}
     full = build_model("resnet20", num_classes=10, in_channels=3)
     assert sum(p.size for p in jax.tree.leaves(nnx_params(full))) == 271690  # Keras resnet_v1 20, no BN
     with pytest.raises(ValueError, match="concern"):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-__all__ = ["ConcernConfig", "BACKTRACK", "BLN_RULES"]
+__all__ = ["ConcernConfig", "BACKTRACK", "BLN_RULES", "RESIDUAL_MAPPINGS"]
 
-BACKTRACK = get_args(Literal["none", "bln"])
-BLN_RULES = ("relative", "absolute")
+BACKTRACK = get_args(Literal["none", "bln", "bi"])
+BLN_RULES = ("absolute", "negative", "relative")
+RESIDUAL_MAPPINGS = ("conv", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,20 +21,28 @@ class ConcernConfig:
       above this are concerned inputs (the lab's 0.9; ``None``: no filter). A class with no
       such input falls back to its unfiltered inputs, with a ``RunWarning``.
     negative_ratio: negatives per concerned input for TI (paper: 1.0).
-    backtrack: ``"bln"`` (MC-BLN, the paper's choice) or ``"none"`` (CI+TI+MC).
+    backtrack: ``"bln"`` (MC-BLN, the paper's choice), ``"bi"`` (MC-BLN then MC-BI, back to the
+      input) or ``"none"`` (CI+TI+MC): the three columns of the paper's Table 1.
+    residual: how a residual block's Add maps to nodes (``models.resnet``): ``"conv"``, the
+      paper's (conv2's output and the shortcut branch are masked before the Add; this is what
+      costs accuracy after CI+TI), or ``"sum"`` (the sum is masked at its ReLU: exact on the
+      concerned inputs).
     delta: MC-BLN's threshold for a "strong" edge.
-    bln_rule: how ``delta`` reads (``backtrack_bln``): ``"relative"``: ``|w| >= delta x`` the
-      column's largest ``|w|``; ``"absolute"``: the signed ``w > delta`` (the prose's "nodes
-      connected only to the unconcerned node", a strong *positive* edge).
+    bln_rule: how ``delta`` reads (``backtrack.backtrack_bln``): ``"absolute"`` (default: the
+      paper's absolute threshold with the prose's sign, "nodes connected only to the
+      unconcerned node": a strong edge is ``w > delta``); ``"negative"`` (the same threshold
+      with the opposite sign, ``w < -delta``); ``"relative"`` (``|w| >= delta x`` the column's
+      largest ``|w|``, either sign: this library's earlier rule).
     batch_size: images per forward pass. seed: negative sampling.
     """
 
     concerned_per_class: int | None = 1000
     min_confidence: float | None = 0.9
     negative_ratio: float = 1.0
-    backtrack: Literal["none", "bln"] = "bln"
+    backtrack: Literal["none", "bln", "bi"] = "bln"
+    residual: Literal["conv", "sum"] = "conv"
     delta: float = 0.5
-    bln_rule: Literal["relative", "absolute"] = "relative"
+    bln_rule: Literal["absolute", "negative", "relative"] = "absolute"
     batch_size: int = 256
     seed: int = 0
 
@@ -42,6 +51,8 @@ class ConcernConfig:
             raise ValueError(f"backtrack must be one of {BACKTRACK}, got {self.backtrack!r}")
         if not self.negative_ratio >= 0:
             raise ValueError(f"negative_ratio must be >= 0, got {self.negative_ratio}")
+        if self.residual not in RESIDUAL_MAPPINGS:
+            raise ValueError(f"residual must be one of {RESIDUAL_MAPPINGS}, got {self.residual!r}")
         if self.bln_rule not in BLN_RULES:
             raise ValueError(f"bln_rule must be one of {BLN_RULES}, got {self.bln_rule!r}")
         if not 0 <= self.delta <= 1:

@@ -17,22 +17,22 @@ Steps (spec field-survey.md §1.3-1.5), all classes at once:
    they activate.
 3. **Channeling**: the output layer becomes binary: the concerned column unchanged, the
    unconcerned column the mean of the other columns' weights and biases.
-4. **Backtracking to the last conv layer (MC-BLN)** with delta = 0.5: a pooled feature whose
+4. **Backtracking** (``backtrack``): MC-BLN with delta = 0.5: a pooled feature whose
    channeled edge to the unconcerned output is strong (``bln_rule``: |w| >= delta x the
    column's largest |w|, or the signed w > delta) while its edge to the concerned output is
-   not, serves only the unconcerned output;
-   it is removed, which deactivates all its positions in the last residual sum (the
-   average pool maps one flattened node to H x W positions; deactivating the sum's position
-   is the same as updating "both merged conv layers" of the Add).
+   not, serves only the unconcerned output; it is removed, which deactivates all its
+   positions in the nodes the average pool reads (the last Add, or both branches it
+   merges). MC-BI (``backtrack="bi"``) then walks back to the input.
 
 Vectorised over classes: each training input runs through the model once; a node is
 active for a set of inputs when ``membership [N, B] @ (pre > 0) [B, P]`` is non-zero, one
 matmul per node for all N modules (vs. a forward pass per class and input in the reference).
 
-Residual sums are nodes of their own: the position deactivated is the sum's (the ReLU's
-input), not conv2's output before the add; this is exact on concerned inputs (CI never
-changes a concerned input's forward pass) and equals the paper's MC-BLN update of both
-merged layers. The paper's listing maps conv2's output instead (see the README).
+Residual blocks (``residual``): the paper's mapping (``"conv"``, default) treats conv2's
+output and the shortcut branch as conv layers of their own, deactivated *before* the Add
+where their value is <= 0 for every concerned input; a negative branch value that the Add
+needed is then lost, which is the decomposition's cost. ``"sum"`` deactivates the sum at
+its ReLU instead, which never changes a concerned input's forward pass.
 
 How a concern module scores and votes (the lab's K-column output ``[l_c, l_uc, 0, ..., 0]``:
 score ``softmax(...)[0]``, positive when its argmax is l_c; one positive wins, several go to
@@ -57,21 +57,23 @@ from flax import nnx
 from ... import checkpoint as ckpt
 from ...data import normalize, sum_batches
 from ...models import MaskedCNN
+from ...models.resnet import residual_of
 from ...modules.module_set import ConcernModuleSet
 from ...progress import Progress, callbacks_of, notify
 from ..base import SplitData, SplitResult, check_labels
-from .config import BLN_RULES, ConcernConfig
+from .backtrack import apply_feature_removal, backtrack_bln, backtrack_input
+from .config import ConcernConfig
 from .inputs import confidence_filter, membership, sample_sets
 
-__all__ = ["Decomposition", "activity_counts", "channel", "backtrack_bln", "decompose", "split", "report",
-           "retangle", "energy_estimate"]
+__all__ = ["Decomposition", "activity_counts", "channel", "backtrack_bln", "backtrack_input", "decompose",
+           "split", "report", "retangle", "energy_estimate"]
 
 
 @dataclasses.dataclass
 class Decomposition:
     """Result of ``decompose`` for N modules.
 
-    inactive: ``{node: bool [N, H, W, C]}`` final deactivation maps (CI & TI, then MC-BLN);
+    inactive: ``{node: bool [N, H, W, C]}`` final deactivation maps (CI & TI, then backtracking);
     ci_inactive: the maps after CI alone; head_w [N, F, 2] / head_b [N, 2]: channeled output
     layers (column 0 concerned, 1 unconcerned); removed_features: bool [N, F] (MC-BLN);
     stats: counts and seconds.
@@ -91,13 +93,13 @@ def _check_model(model) -> None:
                          f"got {getattr(model, 'arch', type(model).__name__)!r}")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _counts(graphdef, state, x, mem):
-    """x [B, ...] normalised; mem [G, B] -> {node: [G, P]} active-input counts (compiled once
-    per model structure and shape)."""
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _counts(graphdef, state, x, mem, names):
+    """x [B, ...] normalised; mem [G, B] -> {node: [G, P]} active-input counts for the nodes
+    ``names`` (compiled once per model structure, shape and mapping)."""
     _, rec = nnx.merge(graphdef, state).node_forward(x, record=True)
     b = x.shape[0]
-    return {k: mem @ (v.reshape(b, -1) > 0).astype(jnp.float32) for k, v in rec.items()}
+    return {k: mem @ (rec[k].reshape(b, -1) > 0).astype(jnp.float32) for k in names}
 
 
 def activity_counts(
@@ -108,10 +110,12 @@ def activity_counts(
     mem: np.ndarray,
     *,
     batch_size: int = 256,
+    residual: str = "sum",
     callbacks=None,
 ) -> dict:
     """``{node: int32 [G, H, W, C]}``: for each of G input sets (rows of ``mem`` [G, n]) how
-    many of its inputs make each position active (pre-activation > 0).
+    many of its inputs make each position active (pre-activation > 0), for the nodes of the
+    ``residual`` mapping (``ResNet.nodes``).
 
     Every image runs once; the count is one matmul per node per batch (padded rows have
     zero membership). Callbacks get ``Progress("batch", ...)`` per batch.
@@ -121,12 +125,12 @@ def activity_counts(
     if mem.shape[1] != n:
         raise ValueError(f"membership has {mem.shape[1]} columns for {n} images")
     graphdef, state = nnx.split(model)
-    shapes = {nd.name: nd.shape for nd in model.nodes()}
+    shapes = {nd.name: nd.shape for nd in model.nodes(residual)}
     cbs = callbacks_of(callbacks)
 
     def batch(xb, mb, valid):
         mb = jnp.asarray(mb * valid[:, None]).T
-        return _counts(graphdef, state, jnp.asarray(normalize(xb, mean, std)), mb)
+        return _counts(graphdef, state, jnp.asarray(normalize(xb, mean, std)), mb, tuple(shapes))
 
     total = sum_batches(batch, [x_u8, np.asarray(mem, np.float32).T], batch_size,
                         on_batch=lambda i, k: notify(cbs, Progress("batch", i - 1, k)))
@@ -149,38 +153,6 @@ def channel(fc_w: np.ndarray, fc_b: np.ndarray, classes: Sequence[int] | None = 
     head_w = np.stack([np.stack([fc_w[:, c], w_other[:, c]], -1) for c in classes])
     head_b = np.stack([np.asarray([fc_b[c], b_other[c]]) for c in classes])
     return head_w.astype(np.float32), head_b.astype(np.float32)
-
-
-def backtrack_bln(head_w: np.ndarray, delta: float = 0.5, rule: str = "relative") -> np.ndarray:
-    """bool [N, F]: pooled features that serve only the unconcerned output (MC-BLN): a feature
-    is removed when its edge to the unconcerned output is strong and its edge to the concerned
-    output is not.
-
-    rule ``"relative"``: an edge is strong when ``|w| >= delta * max |w|`` over its output
-    column (either sign); ``"absolute"``: when ``w > delta`` (signed: a strongly *negative*
-    unconcerned edge, evidence for the class, never removes a feature).
-    """
-    w = np.asarray(head_w)  # [N, F, 2]
-    if rule == "relative":
-        a = np.abs(w)
-        strong = a >= delta * a.max(axis=1, keepdims=True)
-    elif rule == "absolute":
-        strong = w > delta
-    else:
-        raise ValueError(f"rule must be one of {BLN_RULES}, got {rule!r}")
-    return strong[..., 1] & ~strong[..., 0]
-
-
-def _last_node(model: MaskedCNN):
-    return model.nodes()[-1]
-
-
-def _apply_backtrack(model: MaskedCNN, inactive: dict, removed: np.ndarray) -> dict:
-    last = _last_node(model)
-    h, w, _ = last.shape
-    out = dict(inactive)
-    out[last.name] = inactive[last.name] | np.broadcast_to(removed[:, None, None, :], (removed.shape[0], h, w, removed.shape[1]))
-    return out
 
 
 def decompose(
@@ -216,14 +188,18 @@ def decompose(
     index = np.unique(np.concatenate(concerned + negatives))
     mem = np.concatenate([membership(concerned, index), membership(negatives, index)])
     counts = activity_counts(model, x_train[index], mean, std, mem, batch_size=cfg.batch_size,
-                             callbacks=callbacks)
+                             residual=cfg.residual, callbacks=callbacks)
     ci = {n: v[:k] == 0 for n, v in counts.items()}
     inactive = {n: ci[n] & (v[k:] == 0) for n, v in counts.items()}
     head_w, head_b = channel(model.fc.kernel[...], model.fc.bias[...])
-    removed = backtrack_bln(head_w, cfg.delta, cfg.bln_rule) if cfg.backtrack == "bln" else np.zeros(head_w.shape[:2], bool)
-    final = _apply_backtrack(model, inactive, removed)
+    removed = (np.zeros(head_w.shape[:2], bool) if cfg.backtrack == "none"
+               else backtrack_bln(head_w, cfg.delta, cfg.bln_rule))
+    final = apply_feature_removal(model, inactive, removed, cfg.residual)
+    bln_inactive = [int(sum(v[i].sum() for v in final.values())) for i in range(k)]
+    if cfg.backtrack == "bi":
+        final = backtrack_input(model, final, cfg.residual)
     seconds = time.perf_counter() - t0
-    total = sum(nd.size for nd in model.nodes())
+    total = sum(nd.size for nd in model.nodes(cfg.residual))
     stats = {
         "seconds": seconds,
         "images_forwarded": int(len(index)),
@@ -233,6 +209,7 @@ def decompose(
         "ci_inactive": [int(sum(v[i].sum() for v in ci.values())) for i in range(k)],
         "ti_restored": [int(sum((ci[n][i] & ~inactive[n][i]).sum() for n in ci)) for i in range(k)],
         "bln_removed_features": removed.sum(1).astype(int).tolist(),
+        "bi_deactivated": [int(sum(v[i].sum() for v in final.values())) - bln_inactive[i] for i in range(k)],
         "inactive": [int(sum(v[i].sum() for v in final.values())) for i in range(k)],
     }
     return Decomposition(final, ci, head_w, head_b, removed, stats)
@@ -284,10 +261,11 @@ def retangle(
     if len(x_neg_u8) == 0:
         return dict(inactive)
     n = next(iter(inactive.values())).shape[0]
+    residual = residual_of(inactive)
     counts = activity_counts(model, x_neg_u8, mean, std, np.ones((1, len(x_neg_u8)), np.float32),
-                             batch_size=batch_size)
+                             batch_size=batch_size, residual=residual)
     new = {k: np.asarray(v) & (counts[k][0] == 0)[None] for k, v in inactive.items()}
-    return _apply_backtrack(model, new, np.asarray(removed_features, bool).reshape(n, -1))
+    return apply_feature_removal(model, new, np.asarray(removed_features, bool).reshape(n, -1), residual)
 
 
 def energy_estimate(seconds: float, cpu_watts: float = 65.0, dram_watts: float = 5.0,

@@ -1,0 +1,138 @@
+"""Concern identification's residual mappings, MC-BI and the paper's weight Jaccard index,
+each against hand-computed values."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnsplit_jax.data import normalize
+from cnnsplit_jax.models import build_model, count_params
+from cnnsplit_jax.modules.module_set import ConcernModuleSet
+from cnnsplit_jax.modules.weight_jaccard import weight_jaccard
+from cnnsplit_jax.splitters import concern as C
+
+
+def test_window_reach_follows_same_padding_and_strides():
+    # 3x3 stride 2 on 4x4 -> 2x2; TF SAME pads (0, 1): output (0, 0) reads rows/cols 0..2
+    alive = np.zeros((1, 2, 2), bool)
+    alive[0, 0, 0] = True
+    want = np.zeros((4, 4), bool)
+    want[:3, :3] = True
+    np.testing.assert_array_equal(C.window_reach(alive, (4, 4), 3, 2)[0], want)
+    alive = np.zeros((1, 2, 2), bool)
+    alive[0, 1, 1] = True  # reads rows/cols 2..4; row/col 4 is padding
+    want = np.zeros((4, 4), bool)
+    want[2:, 2:] = True
+    np.testing.assert_array_equal(C.window_reach(alive, (4, 4), 3, 2)[0], want)
+    # 3x3 stride 1 on 4x4: the corner output reads the 2x2 corner (the rest is padding)
+    alive = np.zeros((1, 4, 4), bool)
+    alive[0, 3, 3] = True
+    want = np.zeros((4, 4), bool)
+    want[2:, 2:] = True
+    np.testing.assert_array_equal(C.window_reach(alive, (4, 4), 3, 1)[0], want)
+    # 1x1 stride 2: output (1, 0) reads input (2, 0) only
+    alive = np.zeros((1, 2, 2), bool)
+    alive[0, 1, 0] = True
+    want = np.zeros((4, 4), bool)
+    want[2, 0] = True
+    np.testing.assert_array_equal(C.window_reach(alive, (4, 4), 1, 2)[0], want)
+
+
+@pytest.mark.parametrize("residual", ["sum", "conv"])
+def test_mc_bi_walks_back_from_a_single_live_output_position(residual):
+    model = build_model("resnet20", num_classes=2, in_channels=1, width=1 / 16)  # 1 / 2 / 4 channels
+    nodes = model.nodes(residual)
+    inactive = {nd.name: np.zeros((1, *nd.shape), bool) for nd in nodes}
+    for name in model.feature_nodes(residual):  # the last block keeps one position: (0, 0, ch 0)
+        inactive[name][:] = True
+        inactive[name][0, 0, 0, 0] = False
+    out = C.backtrack_input(model, inactive, residual)
+    # s2b2's conv2 (3x3, stride 1) reads conv1 rows/cols 0..1 for output (0, 0)
+    want = np.ones((8, 8, 4), bool)
+    want[:2, :2, :] = False
+    np.testing.assert_array_equal(out["s2b2_conv1"][0], want)
+    # the block's input (s2b1's output) feeds conv1 over rows/cols 0..2 (from conv1's live
+    # 0..1) and the identity shortcut at (0, 0, ch 0) only
+    want = np.ones((8, 8, 4), bool)
+    want[:3, :3, :] = False
+    prev = ("s2b1_add",) if residual == "sum" else ("s2b1_conv2", "s2b1_short")
+    for name in prev:
+        np.testing.assert_array_equal(out[name][0], want)
+    # nothing is taken back; the stem, which still feeds live positions, loses nothing
+    for k in inactive:
+        assert (out[k] >= inactive[k]).all()
+    assert not out["conv_0"].any()
+
+
+@pytest.mark.parametrize("residual", ["sum", "conv"])
+def test_mc_bi_never_changes_what_a_module_computes(residual):
+    model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=4)
+    rng = np.random.default_rng(3)
+    # arbitrary maps with most positions deactivated, so that whole windows die
+    inactive = {nd.name: rng.random((2, *nd.shape)) < 0.85 for nd in model.nodes(residual)}
+    out = C.backtrack_input(model, inactive, residual)
+    assert sum(int((out[k] & ~inactive[k]).sum()) for k in out) > 300
+    x = jnp.asarray(normalize(rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8), (0.4,), (0.3,)))
+    for c in range(2):
+        keep = lambda m: {k: jnp.asarray(1.0 - v[c]) for k, v in m.items()}  # noqa: E731
+        np.testing.assert_allclose(model.node_forward(x, keep(out)), model.node_forward(x, keep(inactive)),
+                                   rtol=0, atol=1e-6)
+    # in a decomposition MC-BI only adds to MC-BLN's maps, and the counts say by how much
+    imgs = rng.integers(0, 256, (24, 32, 32, 1), dtype=np.uint8)
+    cfg = dict(min_confidence=None, residual=residual)
+    y = np.arange(24) % 3
+    bln = C.decompose(model, imgs, y, (0.4,), (0.3,), C.ConcernConfig(backtrack="bln", **cfg))
+    bi = C.decompose(model, imgs, y, (0.4,), (0.3,), C.ConcernConfig(backtrack="bi", **cfg))
+    for k in bln.inactive:
+        assert (bi.inactive[k] >= bln.inactive[k]).all()
+    assert bi.stats["inactive"] == [a + b for a, b in zip(bln.stats["inactive"], bi.stats["bi_deactivated"])]
+
+
+def test_conv_mapping_masks_a_branch_before_the_add_and_sum_mapping_after():
+    model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=6)
+    x = jnp.asarray(normalize(np.random.default_rng(0).integers(0, 256, (1, 32, 32, 1), dtype=np.uint8),
+                              (0.4,), (0.3,)))
+    feats, rec = model.node_forward(x, record=True)
+    conv2, short = np.asarray(rec["s2b2_conv2"][0]), np.asarray(rec["s2b2_short"][0])
+    np.testing.assert_allclose(np.asarray(rec["s2b2_add"][0]), conv2 + short, rtol=1e-5, atol=1e-5)
+    # a position where conv2 is negative and the sum positive: dropping conv2 there raises
+    # the feature by (relu(short) - relu(conv2 + short)) / 64
+    i, j, ch = np.argwhere((conv2 < 0) & (conv2 + short > 0))[0]
+    keep = {nd.name: np.ones(nd.shape, np.float32) for nd in model.nodes("conv")}
+    keep["s2b2_conv2"][i, j, ch] = 0.0
+    got = np.asarray(model.node_forward(x, {k: jnp.asarray(v) for k, v in keep.items()}))[0]
+    want = np.asarray(feats[0]).copy()
+    want[ch] += (max(short[i, j, ch], 0) - (conv2 + short)[i, j, ch]) / 64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the sum mapping zeroes the position itself
+    keep = {"s2b2_add": np.ones((8, 8, 8), np.float32)}
+    keep["s2b2_add"][i, j, ch] = 0.0
+    got = np.asarray(model.node_forward(x, {k: jnp.asarray(v) for k, v in keep.items()}))[0]
+    want = np.asarray(feats[0]).copy()
+    want[ch] -= (conv2 + short)[i, j, ch] / 64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mix the two residual mappings"):
+        model.node_forward(x, {"s2b2_add": jnp.ones((8, 8, 8)), "s2b2_conv2": jnp.ones((8, 8, 8))})
+
+
+def test_weight_jaccard_counts_dropped_channels_and_the_channeled_head():
+    model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=7)  # 2 / 4 / 8 channels
+    n, k, f = 3, 3, model.fc_in
+    rng = np.random.default_rng(0)
+    for spec in model.topology:  # conv biases start at 0: make every weight a distinct non-zero float
+        layer = getattr(model, spec.name)
+        layer.bias[...] = jnp.asarray(rng.uniform(0.1, 1.0, layer.bias.shape), jnp.float32)
+    inactive = {nd.name: np.zeros((n, *nd.shape), bool) for nd in model.nodes("conv")}
+    inactive["conv_0"][0, ..., 1] = True  # module 0: conv_0's channel 1 deactivated everywhere
+    hw, hb = C.channel(model.fc.kernel[...], model.fc.bias[...])
+    ms = ConcernModuleSet(model, inactive, hw, hb, np.zeros((n, f), bool), {})
+    p = count_params(model)
+    dropped = 9 * 1 + 1  # conv_0 channel 1: a 3x3x1 kernel and a bias
+    changed = (f + 1) * (k - 1)  # the output columns other than the concerned one
+    pos = weight_jaccard(ms, "positions")
+    np.testing.assert_allclose(pos, [(p - dropped - changed) / p, (p - changed) / p, (p - changed) / p])
+    # by distinct values: the module adds 0 and the f + 1 channeled values
+    vals = weight_jaccard(ms, "values")
+    np.testing.assert_allclose(vals, [(p - dropped - changed) / (p + f + 2), (p - changed) / (p + f + 2),
+                                      (p - changed) / (p + f + 2)])
+    assert ms.structure()["mean_jaccard_vs_model"] == pytest.approx(vals.mean())
