@@ -22,7 +22,8 @@ same for ``--weak-epochs`` (the "weak" one), and one on digits. Each experiment 
 * ``intra_replace``: each class's module of the weak model's composition replaced by the
   strong model's (top-1 / top-5 change).
 * ``inter_replace``: one Fashion-MNIST module of the strong composition replaced by a digits
-  module (the new task: 9 Fashion-MNIST classes + one digit).
+  module (the new task: 9 Fashion-MNIST classes + one digit), without and with continuous
+  learning.
 
 Module outputs are computed once per module set and image set (``module_outputs``), and a
 composition is the lab's vote over them (``vote_scores``), which is what ``compose`` runs;
@@ -206,27 +207,37 @@ def inter_replace(a, runs, out, rng, **_):
     fms = load_module_set(_split(runs["strong"], "bln")["dir"])
     dms = load_module_set(_split(runs["digits"], "bln")["dir"])
     res, rows = [], []
+
+    def outs_of(picks, x):
+        return [tuple(np.asarray(v)[:, 0] for v in module_outputs(p.module_set, x, classes=[p.source_class]))
+                for p in picks]
+
     for x, d in zip(rng.choice(10, 3, replace=False).tolist(), rng.choice(10, 3, replace=False).tolist()):
         kept = [c for c in range(10) if c != x]
         task = load_task("fashion_mnist:" + ",".join(map(str, kept)) + f"+digits:{d}")
-        y = task.ds.y_test
-        fo = module_outputs(fms, task.ds.x_test, classes=kept)
-        do = module_outputs(dms, task.ds.x_test, classes=[d])
-        outs = [(np.asarray(fo[0])[:, i], np.asarray(fo[1])[:, i]) for i in range(9)]
-        outs.append((np.asarray(do[0])[:, 0], np.asarray(do[1])[:, 0]))
-        new = _vote(outs, y)
-        fm = y < 9
-        s = np.asarray(vote_scores(np.stack([o[0] for o in outs], 1), np.stack([o[1] for o in outs], 1)))
-        orig = _vote([(np.asarray(fo[0])[:, i][fm], np.asarray(fo[1])[:, i][fm]) for i in range(9)], y[fm])
-        rec = {"replaced": x, "digit": d, **new, "fashion_part_top1": float((s.argmax(1) == y)[fm].mean()),
-               "fashion_part_top1_without_digit_module": orig["top1"],
-               "digit_recall": float((s.argmax(1) == y)[~fm].mean())}
+        y, fm = task.ds.y_test, task.ds.y_test < 9
+        picks = [Pick(fms, c) for c in kept] + [Pick(dms, d)]
+        rec = {"replaced": x, "digit": d}
+        cells = []
+        for tag, ps in (("", picks), ("continuous_learning_", continuous_learning(picks, task, key=jax.random.key(a.seed)))):
+            outs = outs_of(ps, task.ds.x_test)
+            s = np.asarray(vote_scores(np.stack([o[0] for o in outs], 1), np.stack([o[1] for o in outs], 1)))
+            new = _vote(outs, y)
+            rec.update({f"{tag}top1": new["top1"], f"{tag}top5": new["top5"],
+                        f"{tag}fashion_part_top1": float((s.argmax(1) == y)[fm].mean()),
+                        f"{tag}digit_recall": float((s.argmax(1) == y)[~fm].mean())})
+            cells.append(f"{new['top1']:.4f} / {new['top5']:.4f} | {rec[f'{tag}fashion_part_top1']:.4f}")
+        orig = _vote([tuple(v[fm] for v in o) for o in outs_of(picks[:9], task.ds.x_test)], y[fm])
+        rec["fashion_part_top1_without_digit_module"] = orig["top1"]
         res.append(rec)
-        rows.append(f"| fashion {x} -> digit {d} | {new['top1']:.4f} / {new['top5']:.4f} | "
-                    f"{rec['fashion_part_top1']:.4f} ({orig['top1']:.4f} without the digit module) | {rec['digit_recall']:.4f} |")
-    table = ("Inter-dataset replacement: one Fashion-MNIST module of the strong model replaced by a digits module\n\n"
-             "| swap | new task top-1 / top-5 | Fashion-MNIST images top-1 | digit recall |\n|---|---|---|---|\n"
-             + "\n".join(rows) + "\n| paper (CIFAR-10 module -> CIFAR-100 module), vs the trained model | +2.5 / -7.1 pt | | |")
+        rows.append(f"| fashion {x} -> digit {d} | {orig['top1']:.4f} | {cells[0]} | {cells[1]} | "
+                    f"{rec['digit_recall']:.4f} / {rec['continuous_learning_digit_recall']:.4f} |")
+    table = ("Inter-dataset replacement: one Fashion-MNIST module of the strong model replaced by a digits module "
+             "(MC-BLN), without and with continuous learning\n\n"
+             "| swap | 9 Fashion-MNIST modules alone, top-1 on their images | new task top-1 / top-5 | on Fashion-MNIST images "
+             "| + continuous learning: new task top-1 / top-5 | on Fashion-MNIST images | digit recall (plain / CL) |\n"
+             "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+             + "\n| paper (CIFAR-10 module -> CIFAR-100 module), vs the trained model | | +2.5 / -7.1 pt | | | | |")
     _write(out, "inter_replace", {"swaps": res}, table)
 
 
