@@ -5,6 +5,7 @@ The names a JAX user needs, flat (optax style)::
     import cnnsplit_jax as cs
     ds = cs.load_dataset("digits")                               # uint8 [N, 32, 32, C] + info
     model = cs.build_model("simcnn", num_classes=10, in_channels=1, width=0.125)
+    model = cs.adapt(my_linen_cnn, variables, input_shape=(28, 28, 1))  # or your own Flax CNN
     result = cs.gradsplitter.split(key, model, data, cs.GradSplitterConfig())
     comp = cs.compose([cs.Pick(result.module_set, 3), ...])      # a pytree
     scores = jax.jit(cs.apply)(comp, x_uint8)                    # [B, K]
@@ -20,8 +21,8 @@ from .checkpoint import CheckpointError, load_model, save_model
 from .compose import ClassRef, Composition, apply, compose, predict_scores
 from .data import Dataset, DatasetError, DatasetInfo, load_dataset, load_task, normalize
 from .evaluate import evaluate_module_set
-from .models import (ARCHITECTURES, InceCNN, MaskedCNN, ResCNN, ResNet, SimCNN, build_model, count_params,
-                     kept_kernels, mask_points, ones_masks, total_kernels)
+from .models import (ARCHITECTURES, AdaptedCNN, AdapterError, InceCNN, MaskedCNN, ResCNN, ResNet, SimCNN, build_model, count_params,
+                     adapt, kept_kernels, load_variables, mask_points, ones_masks, total_kernels)
 from .modules import ConcernModuleSet, ModuleSet, Pick, load_module_set, module_outputs, save_module_set
 from .progress import Progress
 from .splitters import (CNNSplitterConfig, ConcernConfig, GradSplitterConfig, SearchDivergedError, SplitData,
@@ -31,7 +32,7 @@ from .train import TrainConfig, fit
 __version__ = "0.2.0"
 
 __all__ = [
-    "ARCHITECTURES", "CNNSplitterConfig", "CheckpointError", "ClassRef", "Composition", "ConcernConfig",
+    "ARCHITECTURES", "AdaptedCNN", "AdapterError", "adapt", "load_variables", "CNNSplitterConfig", "CheckpointError", "ClassRef", "Composition", "ConcernConfig",
     "ConcernModuleSet", "Dataset", "DatasetError", "DatasetInfo", "GradSplitterConfig", "InceCNN", "MaskedCNN",
     "ModuleSet", "Pick", "Progress", "ResCNN", "ResNet", "SearchDivergedError", "SimCNN", "SplitData",
     "SplitResult", "TrainConfig", "apply", "build_model", "checkpoint", "cnnsplitter", "compose", "concern",

@@ -190,6 +190,10 @@ def load_tree(path: str | os.PathLike, template: Any) -> Any:
 
 def save_model(run_dir: str | os.PathLike, model: MaskedCNN, meta: dict | None = None) -> None:
     """Write ``model`` (params + BN stats) and ``meta`` to ``run_dir``."""
+    if not getattr(model, "extractable", True):  # an AdaptedCNN: its definition is the user's code
+        raise CheckpointError(f"{model.arch} is an adapted model, which cannot be rebuilt from a checkpoint: "
+                              "save the module set's masks (ModuleSet.tree(), checkpoint.save_tree) and "
+                              "rebuild the model with cnnsplit_jax.adapt")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_tree(run_dir / MODEL_DIR, nnx.state(model))

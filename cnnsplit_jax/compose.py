@@ -68,22 +68,26 @@ def default_execution() -> str:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["groups"],
-                   meta_fields=["order", "labels", "input", "in_channels", "form"])
+                   meta_fields=["order", "labels", "input", "image_shape", "form"])
 @dataclasses.dataclass(frozen=True)
 class Composition:
     """K composed modules. ``apply(comp, x)`` returns scores [B, K] in ``labels`` order.
 
     groups: ``modules.forward`` group pytrees; order: static permutation from the groups'
     concatenated columns to composed columns; labels: ``ClassRef`` per column; input: ``raw``
-    or ``normalized``; in_channels: image channels; form: ``masked`` or ``extracted``.
+    or ``normalized``; image_shape: (H, W, C) of one image; form: ``masked`` or ``extracted``.
     """
 
     groups: tuple
     order: tuple
     labels: tuple
     input: str
-    in_channels: int
+    image_shape: tuple
     form: str
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.image_shape[-1])
 
     @property
     def num_classes(self) -> int:
@@ -94,16 +98,20 @@ class Composition:
         return [c.name for c in self.labels]
 
 
+def _frozen(v):
+    return tuple(_frozen(i) for i in v) if isinstance(v, (list, tuple)) else v
+
+
 def _structure_key(model) -> tuple:
-    return tuple(sorted(model.config().items()))
+    return tuple(sorted((k, _frozen(v)) for k, v in model.config().items()))
 
 
 def _check_picks(picks: Sequence[Pick], input: str) -> None:
     if not picks:
         raise ValueError("compose needs at least one module")
-    chans = {p.module_set.base.in_channels for p in picks}
-    if len(chans) != 1:
-        raise ValueError(f"modules expect different input channels {sorted(chans)}; "
+    shapes = {tuple(p.module_set.base.input_shape) for p in picks}
+    if len(shapes) != 1:
+        raise ValueError(f"modules expect different image shapes (H, W, C) {sorted(shapes)}; "
                          "all modules of a composition must read the same images")
     for k, p in enumerate(picks):
         if not hasattr(p.module_set, "forward_form"):
@@ -167,18 +175,18 @@ def compose(
         groups.append(KINDS[kind].stack([picks[k] for k in idx], execution=execution, chunk=chunk, align=align))
         cols.extend(idx)
     order = tuple(int(i) for i in np.argsort(cols))
-    return Composition(tuple(groups), order, _labels(picks), input, picks[0].module_set.base.in_channels, form)
+    return Composition(tuple(groups), order, _labels(picks), input, tuple(picks[0].module_set.base.input_shape), form)
 
 
 def _check_images(comp: Composition, x) -> None:
-    want = (32, 32, comp.in_channels)
+    want = tuple(comp.image_shape)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
-        raise ValueError(f"the composition expects images [B, 32, 32, {comp.in_channels}] (NHWC), "
+        raise ValueError(f"the composition expects images [B, {', '.join(map(str, want))}] (NHWC), "
                          f"got shape {tuple(x.shape)}")
 
 
 def apply(comp: Composition, x: jax.Array) -> jax.Array:
-    """Scores [B, K] of the K composed modules for images x [B, 32, 32, C].
+    """Scores [B, K] of the K composed modules for images x [B, H, W, C] (``comp.image_shape``).
 
     Pure and jit/vmap-safe; predictions are ``argmax(-1)`` (indices into ``comp.labels``).
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from .adapter import AdaptedCNN, AdapterError, adapt, load_variables
 from .base import IMAGE_SIZE, ConvBN, ConvSpec, Dense, MaskedCNN, MaskPoint, scaled
 from .cnn import CNNS, InceCNN, ResCNN, ResCNNWeak, SimCNN, SimCNNWeak
 from .masks import (count_params, flatten_masks, kept_kernels, kernel_multiplicity, mask_points,
@@ -17,6 +18,7 @@ from .masks import (count_params, flatten_masks, kept_kernels, kernel_multiplici
 from .resnet import RESNETS, Node, ResNet, ResNet20, ResNet32, ResNet56
 
 __all__ = [
+    "AdaptedCNN", "AdapterError", "adapt", "load_variables",
     "ARCHITECTURES", "IMAGE_SIZE", "ConvBN", "ConvSpec", "Dense", "InceCNN", "MaskPoint",
     "MaskedCNN", "Node", "ResCNN", "ResCNNWeak", "ResNet", "ResNet20", "ResNet32", "ResNet56",
     "SimCNN", "SimCNNWeak", "build_model", "count_params", "flatten_masks", "kept_kernels",

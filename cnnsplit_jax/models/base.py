@@ -238,6 +238,11 @@ class MaskedCNN(nnx.Module):
         return {"arch": self.arch, "num_classes": self.num_classes,
                 "in_channels": self.in_channels, "width": self.width}
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one input image."""
+        return (IMAGE_SIZE, IMAGE_SIZE, self.in_channels)
+
     # --- checks ------------------------------------------------------------------------
     def check_input(self, x) -> None:
         """Raise ``ValueError`` unless ``x`` is ``[B, 32, 32, in_channels]``."""

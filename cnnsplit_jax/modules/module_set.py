@@ -106,6 +106,14 @@ class ModuleSet(_Common):
         if self.heads is not None and self.heads.w1.shape[0] != self.num_modules:
             raise ValueError(f"{self.heads.w1.shape[0]} heads for {self.num_modules} modules")
 
+    def forward_form(self, form: str) -> str:
+        """As ``_Common.forward_form``; an adapted model with no known layer graph
+        (``base.extractable`` False) runs masked only."""
+        if form == "extracted" and not getattr(self.base, "extractable", True):
+            raise ValueError(f"{self.base.arch}: physical extraction needs the model's layer graph, which an "
+                             "adapted model does not expose; its modules run in the masked form (form='masked')")
+        return super().forward_form(form)
+
     def module_masks(self, c: int) -> dict:
         """Module c's masks ``{point: [C]}`` as stored (apply ``effective_masks`` to run them)."""
         return {k: np.asarray(v[c]) for k, v in self.masks.items()}
@@ -128,7 +136,9 @@ class ModuleSet(_Common):
                "kernel_retention": per_module.tolist(),
                "layer_retention": {s.name: (eff[s.mask].sum(-1) / s.out_channels).tolist()
                                    for s in self.base.topology}}
-        if flops:
+        if flops and not getattr(self.base, "extractable", True):
+            out["extraction"] = "not available: an adapted model's modules run in the masked form"
+        elif flops:
             base_f = forward_flops(self.base)
             mf = [forward_flops(m.model) for m in extract_all(self.base, self.masks, self.heads)]
             out.update(base_flops=base_f, module_flops=mf, module_flops_ratio=[f / base_f for f in mf])
