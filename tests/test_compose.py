@@ -108,7 +108,7 @@ def test_mismatched_inputs_raise_clear_errors(random_sets):
     rgb = build_model("simcnn", num_classes=10, in_channels=3, width=0.125, key=0)
     rgb_set = ModuleSet(rgb, {p.name: np.ones((10, p.size), np.float32) for p in mask_points(rgb)}, None,
                         {"dataset": "cifar10", "normalization": {"mean": [0.5] * 3, "std": [0.2] * 3}})
-    with pytest.raises(ValueError, match="different input channels"):
+    with pytest.raises(ValueError, match="different image shapes"):
         compose([Pick(s["sim_a"], 0), Pick(rgb_set, 1)])
     comp = compose([Pick(s["sim_a"], 0)])
     with pytest.raises(ValueError, match=r"expects images \[B, 32, 32, 1\]"):
