@@ -1,38 +1,42 @@
 """Bring your own model: a user's Flax CNN (NNX or Linen, any input size) seen through mask
-points, so that the kernel-mask splitters and composition run on it unchanged.
+points (kernel masks) or nodes (position maps), so that the splitters and composition run on
+it unchanged.
 
 ``adapt(model, variables=None, *, input_shape, ...)`` runs the model once on zeros and
-records, in call order, every conv call and every normalisation call (``Conv``,
-``BatchNorm``, ``GroupNorm``, ``LayerNorm`` of Linen or NNX) by intercepting them (Linen:
-``nn.intercept_methods``; NNX: the layer's class is swapped for a subclass that reports its
-call, for the duration of the call only). Each conv gets a *mask point* of its output
-channels, placed where masking a channel equals dropping that kernel:
+records, in call order, every conv, normalisation (``BatchNorm``, ``GroupNorm``,
+``LayerNorm``) and dense call of Linen or NNX (``models.intercept``). Each conv gets a *mask
+point* of its output channels, placed where masking a channel equals dropping that kernel:
 
 * after the normalisation that reads the conv's output directly (``norm(conv(x))``), else
   at the conv's output;
 * before the activation: for ReLU-like activations (``f(0) = 0``, positively homogeneous)
   ``f(m * y) = m * f(y)`` for m in {0, 1}, so a binary mask gates the activated output.
 
-The result, ``AdaptedCNN``, is an ``nnx.Module`` with the zoo's interface for kernel masks
-(``mask_points()``, ``topology``, ``__call__(x, masks)``, ``features`` ...): masks are
-``{point: float [C]}``; a point name is the conv's path (``"Conv_0"``, ``"layer1/0/conv1"``).
+``kind="kernel"`` (default): an ``AdaptedCNN`` with the zoo's interface for kernel masks
+(``mask_points()``, ``topology``, ``__call__(x, masks)``, ``kernel_maps``): masks are
+``{point: float [C]}``, a point name is the conv's path (``"Conv_0"``, ``"blocks/2/proj"``).
 ``ties`` merges points that must share one mask (a residual block's conv and the conv whose
 output its shortcut adds); otherwise every conv has its own point, which is exact for the
 masked forward. Kernels are counted per gated conv as for the zoo.
 
+``kind="node"``: the same places as *nodes* of concern identification, a ``[H, W, C]``
+position map each (every conv output, after its normalisation: the paper's mapping, where a
+residual sum's inputs are masked before the Add), with ``node_forward`` returning the input
+of the final dense layer (which must produce the logits) and ``fc`` that layer. MC-BLN's
+removed features are removed from the channeled head (no pooling is assumed); MC-BI, which
+walks a known graph, is refused.
+
 ``load_variables`` restores a user's parameters from a Flax msgpack file or an Orbax
 checkpoint directory, given the model definition.
 
-Not (yet) available for adapted models, with a clear error: physical extraction (modules keep
-the masked form and say so), concern identification (position nodes), saving a module set
-with the model definition (save the masks; rebuild with ``adapt``).
+Not available for adapted models, with a clear error: physical extraction (modules keep the
+masked form and say so), saving a module set with the model definition (save the masks;
+rebuild with ``adapt``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Literal, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,113 +44,31 @@ from flax import linen as nn
 from flax import nnx
 
 from .base import ConvSpec, MaskPoint
+from .intercept import AdapterError, LayerCall, discover, intercept_nnx, linen_interceptor
+from .resnet import Node
 
-__all__ = ["adapt", "AdaptedCNN", "AdapterError", "LayerCall", "discover", "load_variables"]
-
-_LINEN_CONVS = (nn.Conv,)
-_LINEN_NORMS = (nn.BatchNorm, nn.GroupNorm, nn.LayerNorm)
-_NNX_CONVS = (nnx.Conv,)
-_NNX_NORMS = (nnx.BatchNorm, nnx.GroupNorm, nnx.LayerNorm)
+__all__ = ["adapt", "AdaptedCNN", "AdapterError", "LayerCall", "discover", "load_variables", "DenseHead"]
 
 
-class AdapterError(ValueError):
-    """A model that cannot be adapted as given (the message says what to declare)."""
+class DenseHead(NamedTuple):
+    """The final dense layer of an adapted model: ``feats [B, F] @ kernel [F, K] + bias [K]``."""
 
+    kernel: jax.Array
+    bias: jax.Array
 
-@dataclasses.dataclass(frozen=True)
-class LayerCall:
-    """One intercepted call: ``path`` of the layer, ``kind`` (``"conv"`` / ``"norm"``), the
-    output shape, the kernel's (k_h, k_w) and stride for convs, and whether its input was the
-    previous call's output (a norm reading its conv directly)."""
-
-    path: str
-    kind: str
-    out_shape: tuple[int, ...]
-    ksize: int = 0
-    stride: int = 1
-    reads_previous: bool = False
-
-
-# ------------------------------------------------------------------------ interception
-_NNX_HOOK: dict[str, Callable] = {}
-_NNX_CLASSES: dict[type, type] = {}
-
-
-def _hooked(cls: type) -> type:
-    if cls not in _NNX_CLASSES:
-        def __call__(self, x, *args, **kwargs):
-            out = cls.__call__(self, x, *args, **kwargs)
-            hook = _NNX_HOOK.get("fn")
-            return out if hook is None else hook(self, x, out)
-
-        _NNX_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
-    return _NNX_CLASSES[cls]
-
-
-def _nnx_layers(model) -> dict[int, tuple[str, str, Any]]:
-    out = {}
-    for path, m in nnx.iter_modules(model):
-        kind = "conv" if isinstance(m, _NNX_CONVS) else "norm" if isinstance(m, _NNX_NORMS) else None
-        if kind:
-            out[id(m)] = ("/".join(map(str, path)), kind, m)
-    return out
-
-
-@contextlib.contextmanager
-def _intercept_nnx(model, fn):
-    """Within the block, every conv / norm call of NNX ``model`` returns
-    ``fn(path, kind, layer, x, out)``."""
-    layers = _nnx_layers(model)
-    swapped = []
-    try:
-        for path, kind, m in layers.values():
-            swapped.append((m, m.__class__))
-            object.__setattr__(m, "__class__", _hooked(type(m)))
-        _NNX_HOOK["fn"] = lambda m, x, out: fn(*layers[id(m)][:2], m, x, out)
-        yield
-    finally:
-        _NNX_HOOK.pop("fn", None)
-        for m, cls in swapped:
-            object.__setattr__(m, "__class__", cls)
-
-
-def _linen_interceptor(fn):
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        m = context.module
-        if context.method_name != "__call__":
-            return out
-        kind = "conv" if isinstance(m, _LINEN_CONVS) else "norm" if isinstance(m, _LINEN_NORMS) else None
-        if kind is None:
-            return out
-        return fn("/".join(map(str, m.scope.path)), kind, m, args[0], out)
-
-    return interceptor
-
-
-def _stride(layer) -> int:
-    s = getattr(layer, "strides", None)
-    if s is None:
-        return 1
-    s = (s,) if isinstance(s, int) else tuple(s)
-    return int(s[0])
-
-
-def _ksize(layer) -> int:
-    k = getattr(layer, "kernel_size")
-    k = (k,) if isinstance(k, int) else tuple(k)
-    return int(k[0])
+    def __call__(self, feats):
+        return feats @ self.kernel + self.bias
 
 
 # ---------------------------------------------------------------------------- the model
 class AdaptedCNN(nnx.Module):
-    """A user's Flax CNN with kernel masks (see the module docstring).
+    """A user's Flax CNN with kernel masks or position nodes (see the module docstring).
 
-    Attributes: ``arch`` (``"adapted:<class name>"``), ``num_classes``, ``in_channels``,
-    ``input_shape`` (H, W, C), ``calls`` (the ``LayerCall``s discovered), ``topology`` (one
-    ``ConvSpec`` per conv: path, kernel size, channels, its mask point; ``inputs`` are not
-    known, so extraction is refused), ``fc_in`` (the width of the logits' input is unknown:
-    0).
+    Attributes: ``arch`` (``"adapted:<class name>"``), ``mask_kind`` (``"kernel"`` or
+    ``"node"``), ``num_classes``, ``in_channels``, ``input_shape`` (H, W, C), ``calls`` (the
+    ``LayerCall``s discovered), ``topology`` (one ``ConvSpec`` per conv: path, kernel size,
+    channels, its mask point; ``inputs`` are not known, so extraction is refused), ``fc_in``
+    (the final dense layer's input width; 0 when the logits do not come from one).
     """
 
     mask_kind = "kernel"
@@ -155,18 +77,19 @@ class AdaptedCNN(nnx.Module):
     width = 1.0
     fc_layers: tuple[str, ...] = ()
 
-    def __init__(self, net, variables, *, input_shape, num_classes, points, calls, apply_kwargs, name):
+    def __init__(self, net, variables, *, input_shape, num_classes, points, calls, apply_kwargs, name,
+                 kind="kernel", head=None):
         self.net = net if isinstance(net, nnx.Module) else nnx.static(net)
         self.linen = not isinstance(net, nnx.Module)
         self.variables = nnx.data(_wrap(variables)) if self.linen else None
-        self.apply_kwargs = nnx.static(dict(apply_kwargs))
+        self._kwargs = tuple(sorted(dict(apply_kwargs).items()))  # static and hashable, as the graphdef needs
         self.input_shape = tuple(int(v) for v in input_shape)
         self.in_channels = self.input_shape[-1]
         self.num_classes = int(num_classes)
         self.arch = f"adapted:{name}"
         self.calls = tuple(calls)
         self._points = tuple(points)  # MaskPoint(name, size, conv paths)
-        self._where = {}  # layer path -> point name, for the layer whose output is masked
+        where = {}  # layer path -> point name, for the layer whose output is masked
         by_path = {c.path: c for c in self.calls}
         order = [c.path for c in self.calls]
         for p in self._points:
@@ -174,10 +97,19 @@ class AdaptedCNN(nnx.Module):
                 i = order.index(conv)
                 nxt = self.calls[i + 1] if i + 1 < len(self.calls) else None
                 at = nxt.path if nxt is not None and nxt.kind == "norm" and nxt.reads_previous else conv
-                self._where[at] = p.name
+                where[at] = p.name
+        self._where_items = tuple(where.items())
         self.topology = tuple(ConvSpec(c, by_path[c].ksize, p.size, (), p.name, self.input_shape[0],
                                        by_path[c].stride) for p in self._points for c in p.layers)
-        self.fc_in = 0
+        self.mask_kind = kind
+        self._head = head
+        self._nodes = tuple(Node(name, by_path[at].out_shape, "conv", ()) for at, name in where.items())
+        self.fc_in = int(self.fc.kernel.shape[0]) if head is not None else 0
+
+    @property
+    def _where(self) -> dict[str, str]:
+        """Layer path -> the mask point (node) whose values that layer's output carries."""
+        return dict(self._where_items)
 
     # --- the zoo's interface ------------------------------------------------------------
     def mask_points(self) -> tuple[MaskPoint, ...]:
@@ -210,10 +142,10 @@ class AdaptedCNN(nnx.Module):
     def _run(self, x, fn):
         if self.linen:
             variables = jax.tree.map(lambda v: v[...], self.variables, is_leaf=lambda v: isinstance(v, nnx.Variable))
-            with nn.intercept_methods(_linen_interceptor(fn)):
-                return self.net.apply(variables, x, **self.apply_kwargs)
-        with _intercept_nnx(self.net, fn):
-            return self.net(x, **self.apply_kwargs)
+            with nn.intercept_methods(linen_interceptor(fn)):
+                return self.net.apply(variables, x, **dict(self._kwargs))
+        with intercept_nnx(self.net, fn):
+            return self.net(x, **dict(self._kwargs))
 
     def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None, *, train: bool = False,
                  dropout_key=None, dropout: bool = True) -> jax.Array:
@@ -256,6 +188,59 @@ class AdaptedCNN(nnx.Module):
         self._run(x, fn)
         return rec
 
+    # --- concern identification's interface (kind="node") ---------------------------------
+    def nodes(self, residual: str = "conv") -> tuple[Node, ...]:
+        """One node per mask point's place ([H, W, C] of its output), in call order; an
+        adapted model has one mapping (every conv output: ``residual`` is ignored)."""
+        return self._nodes
+
+    def feature_nodes(self, residual: str = "conv") -> tuple[str, ...]:
+        """None: the pooling before the final dense layer is not known, so MC-BLN removes a
+        feature from the channeled head instead of deactivating its positions."""
+        return ()
+
+    @property
+    def fc(self) -> DenseHead:
+        """The final dense layer (its kernel [F, K] and bias [K])."""
+        if self._head is None:
+            raise AdapterError(f"{self.arch}: the logits do not come from a dense layer (nn.Dense / nnx.Linear) "
+                               "called last, which concern identification channels")
+        if self.linen:
+            tree = self.variables["params"]
+            for part in self._head.split("/"):
+                tree = tree[part]
+            kernel, bias = tree["kernel"][...], tree["bias"][...] if "bias" in tree else None
+        else:
+            layer = dict((("/".join(map(str, p))), m) for p, m in nnx.iter_modules(self.net))[self._head]
+            kernel, bias = layer.kernel[...], layer.bias[...] if layer.bias is not None else None
+        return DenseHead(kernel, jnp.zeros(kernel.shape[1], kernel.dtype) if bias is None else bias)
+
+    def node_forward(self, x: jax.Array, keep: Mapping[str, jax.Array] | None = None, *, record: bool = False):
+        """Input of the final dense layer [B, F] of normalised images x under position maps
+        ``keep`` ``{node: float [H, W, C]}`` (0 deactivates), and with ``record`` every node's
+        values before ``keep`` (as ``ResNet.node_forward``)."""
+        self.check_input(x)
+        self.check_named(keep, {n.name: n.shape for n in self._nodes}, "node", "node mask")
+        if self._head is None:
+            self.fc.kernel  # noqa: B018 - raises the explanation
+        rec = {} if record else None
+        feats = {}
+        where, head = self._where, self._head
+
+        def fn(path, kind, layer, xin, out):
+            if path == head:
+                feats["f"] = xin.reshape(xin.shape[0], -1)
+                return out
+            name = where.get(path)
+            if name is None:
+                return out
+            if rec is not None:
+                rec[name] = out
+            return out * keep[name].astype(out.dtype) if keep is not None and name in keep else out
+
+        self._run(x, fn)
+        return (feats["f"], rec) if record else feats["f"]
+
     def features(self, x, masks=None):
         """The logits (an adapted model's head is not separable): ``fc_chain`` is the identity."""
         return self(x, masks)
@@ -273,33 +258,6 @@ def _wrap(variables):
 
 
 # ------------------------------------------------------------------------------- adapt
-def discover(net, variables=None, *, input_shape: Sequence[int], apply_kwargs: Mapping | None = None):
-    """(``LayerCall`` list in call order, logits shape) of one forward pass on zeros
-    ``[1, *input_shape]``."""
-    calls: list[LayerCall] = []
-    last = {"out": None}
-
-    def fn(path, kind, layer, x, out):
-        calls.append(LayerCall(path, kind, tuple(out.shape[1:]), _ksize(layer) if kind == "conv" else 0,
-                               _stride(layer) if kind == "conv" else 1, x is last["out"]))
-        last["out"] = out
-        return out
-
-    x = jnp.zeros((1, *input_shape), jnp.float32)
-    kw = dict(apply_kwargs or {})
-    try:
-        if isinstance(net, nnx.Module):
-            with _intercept_nnx(net, fn):
-                y = net(x, **kw)
-        else:
-            with nn.intercept_methods(_linen_interceptor(fn)):
-                y = net.apply(variables, x, **kw)
-    except Exception as e:  # a shape error of the user's model, reported with the shape tried
-        raise AdapterError(f"running the model on an input of shape [1, {', '.join(map(str, input_shape))}] "
-                           f"failed: {type(e).__name__}: {e}") from e
-    return calls, tuple(y.shape)
-
-
 def adapt(
     net,
     variables: Mapping | None = None,
@@ -310,6 +268,7 @@ def adapt(
     ties: Sequence[Sequence[str]] = (),
     apply_kwargs: Mapping | None = None,
     name: str | None = None,
+    kind: Literal["kernel", "node"] = "kernel",
 ) -> AdaptedCNN:
     """Adapt a trained Flax CNN for the kernel-mask splitters and composition.
 
@@ -323,6 +282,8 @@ def adapt(
       mask_points: conv paths that get a mask point (default: every conv discovered).
       ties: groups of conv paths sharing one mask point (named after the first).
       name: shown in ``arch`` (default: the class name).
+      kind: ``"kernel"`` (GradSplitter, CNNSplitter) or ``"node"`` (concern identification:
+        needs the logits to come from a final dense layer; no ties).
 
     Raises:
       AdapterError: no conv layer, a declared path that is not a conv, tied convs of different
@@ -333,7 +294,14 @@ def adapt(
         raise AdapterError("pass an NNX module alone, or a Linen module with its variables")
     if len(tuple(input_shape)) != 3:
         raise AdapterError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
-    calls, out = discover(net, variables, input_shape=input_shape, apply_kwargs=apply_kwargs)
+    if kind not in ("kernel", "node"):
+        raise AdapterError(f"kind must be 'kernel' or 'node', got {kind!r}")
+    if kind == "node" and ties:
+        raise AdapterError("ties gate kernels; position nodes (kind='node') are never tied")
+    calls, out, final_dense = discover(net, variables, input_shape=input_shape, apply_kwargs=apply_kwargs)
+    if kind == "node" and final_dense is None:
+        raise AdapterError(f"{type(net).__name__}: concern identification needs the logits to be the output of a "
+                           "dense layer (nn.Dense / nnx.Linear) called last")
     convs = {c.path: c for c in calls if c.kind == "conv"}
     if not convs:
         raise AdapterError(f"{type(net).__name__} has no conv layer that could be intercepted (flax Conv); "
@@ -343,7 +311,7 @@ def adapt(
     if num_classes is not None and out[1] != num_classes:
         raise AdapterError(f"num_classes={num_classes} but the model's logits have {out[1]} columns")
     if len({c.path for c in calls}) != len(calls):
-        raise AdapterError("a conv or norm layer is called more than once per forward pass (weight sharing); "
+        raise AdapterError("a conv, norm or dense layer is called more than once per forward pass (weight sharing); "
                            "declare mask_points explicitly for layers called once")
     chosen = list(convs) if mask_points is None else list(mask_points)
     unknown = [p for p in chosen + [q for g in ties for q in g] if p not in convs]
@@ -360,7 +328,7 @@ def adapt(
             raise AdapterError(f"tied convs {members} have different output channels {sorted(sizes)}")
         points.append(MaskPoint(head, sizes.pop(), tuple(members)))
     return AdaptedCNN(net, variables, input_shape=input_shape, num_classes=out[1], points=points, calls=calls,
-                      apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__)
+                      apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__, kind=kind, head=final_dense)
 
 
 # ------------------------------------------------------------------------------ loading

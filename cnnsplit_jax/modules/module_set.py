@@ -215,7 +215,10 @@ class ConcernModuleSet(_Common):
         ``flops`` is ignored (modules run the whole model)."""
         del flops
         active = self.active_sets().mean(-1)
-        ji_values, ji_positions = weight_jaccard(self, "values"), weight_jaccard(self, "positions")
+        if getattr(self.base, "extractable", True):
+            ji_values, ji_positions = weight_jaccard(self, "values"), weight_jaccard(self, "positions")
+        else:  # an adapted model: which weights feed which node is not known
+            ji_values = ji_positions = np.full(self.num_modules, np.nan)
         params = count_params(self.base)
         f = self.base.fc_in
         size = {"model_params": params,

@@ -275,3 +275,36 @@ def test_load_variables_from_msgpack_and_orbax(tmp_path):
         cs.load_variables(tmp_path / "v.msgpack", other)
     with pytest.raises(cs.AdapterError, match="no checkpoint"):
         cs.load_variables(tmp_path / "missing", fresh)
+
+
+def test_concern_identification_on_an_adapted_nnx_resnet18():
+    from cnnsplit_jax.data import normalize
+    from cnnsplit_jax.splitters import concern
+
+    net = _resnet18()
+    model = cs.adapt(net, input_shape=(64, 64, 3), kind="node")
+    nodes = {n.name: n for n in model.nodes()}
+    # every conv output after its BN: the paper's mapping (a block's branches before its Add)
+    assert len(nodes) == 20 and nodes["stem"].shape == (64, 64, 4) and nodes["blocks/7/conv2"].shape == (8, 8, 16)
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
+    y = np.arange(20) % 5
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    xf = jnp.asarray(normalize(imgs, mean, std))
+    np.testing.assert_allclose(model.fc(model.node_forward(xf)), net(xf), rtol=1e-5, atol=1e-5)
+    cfg = concern.ConcernConfig(min_confidence=None, bln_rule="relative")
+    d = concern.decompose(model, imgs, y, mean, std, cfg)
+    # the oracle: the user's own stem and BN called directly
+    concerned, _ = concern.sample_sets(y, 5, cfg, jax.random.key(cfg.seed))
+    for c in range(5):
+        pre = np.asarray(net.bn(net.stem(xf[concerned[c]])))
+        np.testing.assert_array_equal(d.ci_inactive["stem"][c], (pre <= 0).all(0))
+    # MC-BLN removes features from the channeled head (the pooling is the user's code)
+    assert d.removed_features.any() and (d.head_w[d.removed_features] == 0).all()
+    ms = concern.split(jax.random.key(0), model, cs.SplitData(imgs, y, imgs[:5], y[:5], mean, std), cfg).module_set
+    assert ms.kind == "concern" and ms.num_modules == 5
+    assert predict_scores(compose([Pick(ms, c) for c in range(5)]), imgs).shape == (20, 5)
+    with pytest.raises(ValueError, match="MC-BI walks"):
+        concern.decompose(model, imgs, y, mean, std, concern.ConcernConfig(min_confidence=None, backtrack="bi"))
+    with pytest.raises(cs.AdapterError, match="never tied"):
+        cs.adapt(net, input_shape=(64, 64, 3), kind="node", ties=[("blocks/2/proj", "blocks/2/conv2")])

@@ -99,6 +99,9 @@ def _tensors(model, residual: str):
 def backtrack_input(model, inactive: dict, residual: str) -> dict:
     """MC-BI: extend the deactivation maps ``{node: bool [N, H, W, C]}`` backward from the
     output (see the module docstring); returns a new map dict (a superset of ``inactive``)."""
+    if not hasattr(model, "blocks"):
+        raise ValueError(f"MC-BI walks the zoo's ResNet graph; {model.arch} does not expose its layer graph "
+                         "(use backtrack='bln' or 'none')")
     out = {k: np.asarray(v, bool).copy() for k, v in inactive.items()}
     for own, consumers in reversed(_tensors(model, residual)):
         n, h, w, c = out[own[0]].shape

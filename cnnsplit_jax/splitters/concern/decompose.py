@@ -89,7 +89,8 @@ class Decomposition:
 
 def _check_model(model) -> None:
     if getattr(model, "mask_kind", None) != "node":
-        raise ValueError("concern identification needs a model with ReLU-input nodes (resnet20/32/56), "
+        raise ValueError("concern identification needs a model with position nodes (resnet20/32/56, or your own "
+                         "model adapted with kind='node'), "
                          f"got {getattr(model, 'arch', type(model).__name__)!r}")
 
 
@@ -194,6 +195,8 @@ def decompose(
     head_w, head_b = channel(model.fc.kernel[...], model.fc.bias[...])
     removed = (np.zeros(head_w.shape[:2], bool) if cfg.backtrack == "none"
                else backtrack_bln(head_w, cfg.delta, cfg.bln_rule))
+    if not model.feature_nodes(cfg.residual):  # an adapted model: remove the features from the head
+        head_w = np.where(removed[..., None], 0.0, head_w).astype(np.float32)
     final = apply_feature_removal(model, inactive, removed, cfg.residual)
     bln_inactive = [int(sum(v[i].sum() for v in final.values())) for i in range(k)]
     if cfg.backtrack == "bi":

@@ -1,0 +1,145 @@
+"""Intercepting a user's Flax model (Linen or NNX): every conv, normalisation and dense call
+in call order (``discover``), and the hooks the adapter runs its masks through.
+
+Linen: ``nn.intercept_methods``. NNX: the layer's class is swapped for a subclass that
+reports its call, for the duration of one call only (the graphdef is unchanged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+__all__ = ["AdapterError", "LayerCall", "discover", "intercept_nnx", "linen_interceptor"]
+
+_LINEN = ((nn.Conv, "conv"), ((nn.BatchNorm, nn.GroupNorm, nn.LayerNorm), "norm"), (nn.Dense, "dense"))
+_NNX = ((nnx.Conv, "conv"), ((nnx.BatchNorm, nnx.GroupNorm, nnx.LayerNorm), "norm"), (nnx.Linear, "dense"))
+
+
+def _kind(layer, table) -> str | None:
+    for cls, kind in table:
+        if isinstance(layer, cls):
+            return kind
+    return None
+
+
+class AdapterError(ValueError):
+    """A model that cannot be adapted as given (the message says what to declare)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+    """One intercepted call: ``path`` of the layer, ``kind`` (``"conv"`` / ``"norm"``), the
+    output shape, the kernel's (k_h, k_w) and stride for convs, and whether its input was the
+    previous call's output (a norm reading its conv directly)."""
+
+    path: str
+    kind: str
+    out_shape: tuple[int, ...]
+    ksize: int = 0
+    stride: int = 1
+    reads_previous: bool = False
+
+
+# ------------------------------------------------------------------------ interception
+_NNX_HOOK: dict[str, Callable] = {}
+_NNX_CLASSES: dict[type, type] = {}
+
+
+def _hooked(cls: type) -> type:
+    if cls not in _NNX_CLASSES:
+        def __call__(self, x, *args, **kwargs):
+            out = cls.__call__(self, x, *args, **kwargs)
+            hook = _NNX_HOOK.get("fn")
+            return out if hook is None else hook(self, x, out)
+
+        _NNX_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    return _NNX_CLASSES[cls]
+
+
+def _nnx_layers(model) -> dict[int, tuple[str, str, Any]]:
+    out = {}
+    for path, m in nnx.iter_modules(model):
+        kind = _kind(m, _NNX)
+        if kind:
+            out[id(m)] = ("/".join(map(str, path)), kind, m)
+    return out
+
+
+@contextlib.contextmanager
+def intercept_nnx(model, fn):
+    """Within the block, every conv / norm / dense call of NNX ``model`` returns
+    ``fn(path, kind, layer, x, out)``."""
+    layers = _nnx_layers(model)
+    swapped = []
+    try:
+        for path, kind, m in layers.values():
+            swapped.append((m, m.__class__))
+            object.__setattr__(m, "__class__", _hooked(type(m)))
+        _NNX_HOOK["fn"] = lambda m, x, out: fn(*layers[id(m)][:2], m, x, out)
+        yield
+    finally:
+        _NNX_HOOK.pop("fn", None)
+        for m, cls in swapped:
+            object.__setattr__(m, "__class__", cls)
+
+
+def linen_interceptor(fn):
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        m = context.module
+        if context.method_name != "__call__":
+            return out
+        kind = _kind(m, _LINEN)
+        if kind is None:
+            return out
+        return fn("/".join(map(str, m.scope.path)), kind, m, args[0], out)
+
+    return interceptor
+
+
+def _stride(layer) -> int:
+    s = getattr(layer, "strides", None)
+    if s is None:
+        return 1
+    s = (s,) if isinstance(s, int) else tuple(s)
+    return int(s[0])
+
+
+def _ksize(layer) -> int:
+    k = getattr(layer, "kernel_size")
+    k = (k,) if isinstance(k, int) else tuple(k)
+    return int(k[0])
+
+
+def discover(net, variables=None, *, input_shape: Sequence[int], apply_kwargs: Mapping | None = None):
+    """(``LayerCall`` list in call order, logits shape, path of the dense layer whose output
+    is the logits or None) of one forward pass on zeros ``[1, *input_shape]``."""
+    calls: list[LayerCall] = []
+    last = {"out": None}
+
+    def fn(path, kind, layer, x, out):
+        calls.append(LayerCall(path, kind, tuple(out.shape[1:]), _ksize(layer) if kind == "conv" else 0,
+                               _stride(layer) if kind == "conv" else 1, x is last["out"]))
+        last["out"] = out
+        return out
+
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    kw = dict(apply_kwargs or {})
+    try:
+        if isinstance(net, nnx.Module):
+            with intercept_nnx(net, fn):
+                y = net(x, **kw)
+        else:
+            with nn.intercept_methods(linen_interceptor(fn)):
+                y = net.apply(variables, x, **kw)
+    except Exception as e:  # a shape error of the user's model, reported with the shape tried
+        raise AdapterError(f"running the model on an input of shape [1, {', '.join(map(str, input_shape))}] "
+                           f"failed: {type(e).__name__}: {e}") from e
+    head = calls[-1].path if calls and calls[-1].kind == "dense" and y is last["out"] else None
+    return calls, tuple(y.shape), head
