@@ -29,9 +29,9 @@ walks a known graph, is refused.
 ``load_variables`` restores a user's parameters from a Flax msgpack file or an Orbax
 checkpoint directory, given the model definition.
 
-Not available for adapted models, with a clear error: physical extraction (modules keep the
-masked form and say so), saving a module set with the model definition (save the masks;
-rebuild with ``adapt``).
+Physical extraction of a conv chain's modules: ``modules.extract_adapted``. Not available,
+with a clear error: extracted *compositions* (compositions run masked and say so), saving a
+module set with the model definition (save the masks; rebuild with ``adapt``).
 """
 
 from __future__ import annotations
@@ -139,13 +139,32 @@ class AdaptedCNN(nnx.Module):
             if tuple(v.shape) != tuple(shapes[k]):
                 raise ValueError(f"{entry} {k!r} of {self.arch} must have shape {tuple(shapes[k])}, got {tuple(v.shape)}")
 
-    def _run(self, x, fn):
+    def _run(self, x, fn, *, around: bool = False):
+        """The user's forward pass on x with every conv / norm / dense call hooked (``intercept``)."""
         if self.linen:
-            variables = jax.tree.map(lambda v: v[...], self.variables, is_leaf=lambda v: isinstance(v, nnx.Variable))
-            with nn.intercept_methods(linen_interceptor(fn)):
-                return self.net.apply(variables, x, **dict(self._kwargs))
-        with intercept_nnx(self.net, fn):
+            with nn.intercept_methods(linen_interceptor(fn, around=around)):
+                return self.net.apply(self.linen_variables(), x, **dict(self._kwargs))
+        with intercept_nnx(self.net, fn, around=around):
             return self.net(x, **dict(self._kwargs))
+
+    def linen_variables(self) -> dict:
+        """The Linen variables as plain arrays."""
+        return jax.tree.map(lambda v: v[...], self.variables, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def layer_arrays(self, path: str) -> dict[str, jax.Array]:
+        """``{"kernel", "bias", "scale", "mean", "var": array}`` (those present) of the layer at
+        ``path``."""
+        names = ("kernel", "bias", "scale", "mean", "var")
+        if self.linen:
+            out = {}
+            for col in self.linen_variables().values():
+                tree = col
+                for part in path.split("/"):
+                    tree = tree.get(part, {}) if isinstance(tree, Mapping) else {}
+                out.update({k: jnp.asarray(v) for k, v in tree.items() if k in names})
+            return out
+        layer = dict(("/".join(map(str, p)), m) for p, m in nnx.iter_modules(self.net))[path]
+        return {k: getattr(layer, k)[...] for k in names if getattr(layer, k, None) is not None}
 
     def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None, *, train: bool = False,
                  dropout_key=None, dropout: bool = True) -> jax.Array:
@@ -205,14 +224,8 @@ class AdaptedCNN(nnx.Module):
         if self._head is None:
             raise AdapterError(f"{self.arch}: the logits do not come from a dense layer (nn.Dense / nnx.Linear) "
                                "called last, which concern identification channels")
-        if self.linen:
-            tree = self.variables["params"]
-            for part in self._head.split("/"):
-                tree = tree[part]
-            kernel, bias = tree["kernel"][...], tree["bias"][...] if "bias" in tree else None
-        else:
-            layer = dict((("/".join(map(str, p))), m) for p, m in nnx.iter_modules(self.net))[self._head]
-            kernel, bias = layer.kernel[...], layer.bias[...] if layer.bias is not None else None
+        arrays = self.layer_arrays(self._head)
+        kernel, bias = arrays["kernel"], arrays.get("bias")
         return DenseHead(kernel, jnp.zeros(kernel.shape[1], kernel.dtype) if bias is None else bias)
 
     def node_forward(self, x: jax.Array, keep: Mapping[str, jax.Array] | None = None, *, record: bool = False):

@@ -54,9 +54,9 @@ _NNX_CLASSES: dict[type, type] = {}
 def _hooked(cls: type) -> type:
     if cls not in _NNX_CLASSES:
         def __call__(self, x, *args, **kwargs):
-            out = cls.__call__(self, x, *args, **kwargs)
             hook = _NNX_HOOK.get("fn")
-            return out if hook is None else hook(self, x, out)
+            call = lambda v: cls.__call__(self, v, *args, **kwargs)  # noqa: E731
+            return call(x) if hook is None else hook(self, x, call)
 
         _NNX_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
     return _NNX_CLASSES[cls]
@@ -71,17 +71,24 @@ def _nnx_layers(model) -> dict[int, tuple[str, str, Any]]:
     return out
 
 
+def _after(fn):
+    """An ``around`` hook from ``fn(path, kind, layer, x, out)`` (run the layer, then fn)."""
+    return lambda path, kind, layer, x, call: fn(path, kind, layer, x, call(x))
+
+
 @contextlib.contextmanager
-def intercept_nnx(model, fn):
+def intercept_nnx(model, fn, *, around: bool = False):
     """Within the block, every conv / norm / dense call of NNX ``model`` returns
-    ``fn(path, kind, layer, x, out)``."""
+    ``fn(path, kind, layer, x, out)``, or with ``around`` ``fn(path, kind, layer, x, call)``
+    (``call(x)`` runs the layer: the hook may run it on another input, or not at all)."""
     layers = _nnx_layers(model)
+    hook = fn if around else _after(fn)
     swapped = []
     try:
         for path, kind, m in layers.values():
             swapped.append((m, m.__class__))
             object.__setattr__(m, "__class__", _hooked(type(m)))
-        _NNX_HOOK["fn"] = lambda m, x, out: fn(*layers[id(m)][:2], m, x, out)
+        _NNX_HOOK["fn"] = lambda m, x, call: hook(*layers[id(m)][:2], m, x, call)
         yield
     finally:
         _NNX_HOOK.pop("fn", None)
@@ -89,16 +96,17 @@ def intercept_nnx(model, fn):
             object.__setattr__(m, "__class__", cls)
 
 
-def linen_interceptor(fn):
+def linen_interceptor(fn, *, around: bool = False):
+    """A ``nn.intercept_methods`` interceptor calling ``fn`` as ``intercept_nnx`` does."""
+    hook = fn if around else _after(fn)
+
     def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
         m = context.module
-        if context.method_name != "__call__":
-            return out
-        kind = _kind(m, _LINEN)
+        kind = _kind(m, _LINEN) if context.method_name == "__call__" else None
         if kind is None:
-            return out
-        return fn("/".join(map(str, m.scope.path)), kind, m, args[0], out)
+            return next_fun(*args, **kwargs)
+        call = lambda v: next_fun(v, *args[1:], **kwargs)  # noqa: E731
+        return hook("/".join(map(str, m.scope.path)), kind, m, args[0], call)
 
     return interceptor
 

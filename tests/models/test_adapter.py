@@ -100,6 +100,17 @@ def test_gradsplitter_and_cnnsplitter_decompose_an_adapted_linen_cnn(linen_mnist
     assert composed > acc - 0.05  # measured: base 0.933, composed 0.943 at kernel retention 0.85
     with pytest.raises(ValueError, match="masked form"):
         compose([Pick(ms, 0)], form="extracted")
+    # a chain of convs: module 3 extracted is physically smaller and equals its masked forward
+    from cnnsplit_jax.modules.extract import effective_masks
+    from cnnsplit_jax.modules.extract_adapted import extract_adapted
+
+    eff = effective_masks({k: v[3] for k, v in ms.masks.items()})
+    mod = extract_adapted(model, eff)
+    assert {k: len(v) for k, v in mod.kept.items()} == {k: int(v.sum()) for k, v in eff.items()}
+    assert mod.params["Conv_1"]["kernel"].shape == (3, 3, int(eff["Conv_0"].sum()), int(eff["Conv_1"].sum()))
+    assert mod.num_params() < cs.count_params(model)
+    xn = jnp.asarray((xte[:64] / 255.0 - 0.3) / 0.4, jnp.float32)
+    np.testing.assert_allclose(mod(xn), model(xn, {k: jnp.asarray(v) for k, v in eff.items()}), rtol=1e-4, atol=1e-4)
     gcfg = cs.CNNSplitterConfig(population=6, generations=2, num_parents=4, keep_parents=2, groups=4,
                                 thresholds=((2, 0.0), (4, 0.0), (6, 0.0), (8, 0.0), (10, 0.0)), min_keep=2, max_keep=4,
                                 sensitivity_images=60, eval_images=60)
@@ -275,6 +286,43 @@ def test_load_variables_from_msgpack_and_orbax(tmp_path):
         cs.load_variables(tmp_path / "v.msgpack", other)
     with pytest.raises(cs.AdapterError, match="no checkpoint"):
         cs.load_variables(tmp_path / "missing", fresh)
+
+
+class ChainBN(nnx.Module):
+    """conv-BN-relu, strided conv-BN-relu (padding 1), global mean, linear."""
+
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+        self.b1 = nnx.BatchNorm(6, rngs=rngs)
+        self.c2 = nnx.Conv(6, 10, (3, 3), strides=2, padding=1, rngs=rngs)
+        self.b2 = nnx.BatchNorm(10, rngs=rngs)
+        self.fc = nnx.Linear(10, 4, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.b1(self.c1(x)))
+        h = nnx.relu(self.b2(self.c2(h)))
+        return self.fc(h.mean((1, 2)))
+
+
+def test_extraction_of_an_nnx_chain_slices_batchnorm_and_refuses_residual_graphs():
+    from cnnsplit_jax.modules.extract_adapted import ExtractionError, extract_adapted
+
+    net = ChainBN(nnx.Rngs(0))
+    for bn in (net.b1, net.b2):
+        bn.mean[...] = jax.random.normal(jax.random.key(1), bn.mean.shape) * 0.3
+        bn.var[...] = jax.random.uniform(jax.random.key(2), bn.var.shape, minval=0.5, maxval=2.0)
+    net.eval()
+    model = cs.adapt(net, input_shape=(20, 20, 3))
+    masks = {"c1": np.array([1, 0, 1, 1, 0, 1], np.float32), "c2": np.zeros(10, np.float32)}
+    mod = extract_adapted(model, masks)  # c2 keeps one kernel (the keep-one rule)
+    assert mod.params["c2"]["kernel"].shape == (3, 3, 4, 1) and mod.params["b2"]["var"].shape == (1,)
+    assert mod.params["fc"]["kernel"].shape == (1, 4)
+    x = jax.random.normal(jax.random.key(3), (3, 20, 20, 3))
+    want = model(x, {"c1": jnp.asarray(masks["c1"]), "c2": jnp.zeros(10).at[0].set(1.0)})
+    np.testing.assert_allclose(mod(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ExtractionError, match="not a chain"):
+        extract_adapted(cs.adapt(_resnet18(), input_shape=(64, 64, 3)),
+                        {p.name: np.ones(p.size) for p in cs.adapt(_resnet18(), input_shape=(64, 64, 3)).mask_points()})
 
 
 def test_concern_identification_on_an_adapted_nnx_resnet18():
