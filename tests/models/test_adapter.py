@@ -320,9 +320,9 @@ def test_extraction_of_an_nnx_chain_slices_batchnorm_and_refuses_residual_graphs
     x = jax.random.normal(jax.random.key(3), (3, 20, 20, 3))
     want = model(x, {"c1": jnp.asarray(masks["c1"]), "c2": jnp.zeros(10).at[0].set(1.0)})
     np.testing.assert_allclose(mod(x), want, rtol=1e-5, atol=1e-5)
+    res = cs.adapt(_resnet18(), input_shape=(64, 64, 3))
     with pytest.raises(ExtractionError, match="not a chain"):
-        extract_adapted(cs.adapt(_resnet18(), input_shape=(64, 64, 3)),
-                        {p.name: np.ones(p.size) for p in cs.adapt(_resnet18(), input_shape=(64, 64, 3)).mask_points()})
+        extract_adapted(res, {p.name: np.ones(p.size) for p in res.mask_points()})
 
 
 def test_concern_identification_on_an_adapted_nnx_resnet18():
