@@ -99,8 +99,9 @@ class AdaptedCNN(nnx.Module):
                 at = nxt.path if nxt is not None and nxt.kind == "norm" and nxt.reads_previous else conv
                 where[at] = p.name
         self._where_items = tuple(where.items())
-        self.topology = tuple(ConvSpec(c, by_path[c].ksize, p.size, (), p.name, self.input_shape[0],
-                                       by_path[c].stride) for p in self._points for c in p.layers)
+        self.topology = tuple(ConvSpec(c, by_path[c].ksize, p.size, (), p.name,
+                                       by_path[c].out_shape[0] * by_path[c].stride, by_path[c].stride)
+                              for p in self._points for c in p.layers)
         self.mask_kind = kind
         self._head = head
         self._nodes = tuple(Node(name, by_path[at].out_shape, "conv", ()) for at, name in where.items())

@@ -76,7 +76,7 @@ def prepare(x, mean, std, input: str):
 
 # ------------------------------------------------------------------------------ cores
 def masked_logits(model, masks, x, chunk: int | None = None, loop: str = "unroll",
-                  mask_fn: Callable | None = None) -> jax.Array:
+                  mask_fn: Callable | None = None, remat: bool = False) -> jax.Array:
     """[N, B, K]: ``model``'s logits under each of N masks ``{point: [N, C]}`` on normalised x.
 
     chunk: modules per vmapped group (None: one vmap over all N). loop: ``"unroll"``: the
@@ -84,10 +84,14 @@ def masked_logits(model, masks, x, chunk: int | None = None, loop: str = "unroll
     ``"map"``: ``lax.map`` over groups (N padded to a multiple of ``chunk``): compile time
     and memory independent of N, for hundreds of modules (CNNSplitter's populations).
     mask_fn: applied to a mask at each use (``PerUse``), e.g. GradSplitter's straight-through
-    step; None: the masks as given.
+    step; None: the masks as given. remat: recompute each group's activations in the backward
+    pass (``jax.checkpoint`` inside ``lax.map``, whose sequential groups bound the memory to one
+    group's activations instead of all N's), for a second forward.
     """
     n = next(iter(masks.values())).shape[0]
     f = jax.vmap(lambda m: model(x, m if mask_fn is None else PerUse(m, mask_fn)))
+    if remat:
+        f, loop = jax.checkpoint(f), "map"
     if chunk is None or chunk >= n:
         return f(masks)
     if loop == "unroll":

@@ -39,6 +39,9 @@ class GradSplitterConfig:
     """Adam learning rate of modularization phases (masks and heads)"""
     module_chunk: int | None = None
     """modules per vmapped group inside the one jitted step (None: ``modules.forward.default_chunk``)"""
+    remat: bool | None = None
+    """recompute each module group's activations in the backward pass (memory of one group, a second
+    forward); None: when the estimate exceeds the memory budget (``gradsplitter.memory``)"""
     batch_size: int = 64
     """images per step"""
     eval_batch_size: int = 256

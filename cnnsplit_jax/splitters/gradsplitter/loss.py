@@ -42,11 +42,11 @@ def _binarize_bwd(_, g):
 binarize.defvjp(_binarize_fwd, _binarize_bwd)
 
 
-def loss_fn(params, model, x, y, ratio, chunk=None):
+def loss_fn(params, model, x, y, ratio, chunk=None, remat=False):
     """(loss, (ce, kernel_term, scores [B, N])) for ``params = {"masks", "heads"}`` on
     normalised images x [B, 32, 32, C] and labels y [B]."""
     masks = params["masks"]
-    logits = masked_logits(model, masks, x, chunk, mask_fn=binarize)  # [N, B, K], the step at every use
+    logits = masked_logits(model, masks, x, chunk, mask_fn=binarize, remat=remat)  # [N, B, K], the step at every use
     scores = head_scores(params["heads"], jnp.swapaxes(logits, 0, 1))
     ce = optax.softmax_cross_entropy_with_integer_labels(scores, y).mean()
     # every conv layer's binary mask (a tied point once per gated conv), each its own step

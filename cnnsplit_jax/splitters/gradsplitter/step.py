@@ -24,6 +24,7 @@ from ...modules.forward import default_chunk, masked_logits
 from ...modules.heads import Heads, head_scores, init_heads
 from .config import HEAD, GradSplitterConfig, phase_lr
 from .loss import binarize, head_loss, loss_fn
+from .memory import use_remat
 
 __all__ = ["GradSplitterState", "init", "reset_optimizer", "modularity_step", "head_step",
            "head_step_plain", "module_features", "features_for_dataset", "composed_scores"]
@@ -80,19 +81,23 @@ def _apply(state, grads):
                           step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _mod_step(model, alpha, state, x, y, chunk=None):
+@functools.partial(jax.jit, static_argnames=("chunk", "remat"))
+def _mod_step(model, alpha, state, x, y, chunk=None, remat=False):
     params = {"masks": state.masks, "heads": state.heads}
     (loss, (ce, kern, scores)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, model, x, y, alpha, chunk)
+        params, model, x, y, alpha, chunk, remat)
     acc = (scores.argmax(-1) == y).mean()
     return _apply(state, g), {"loss": loss, "ce": ce, "kernels": kern, "acc": acc}
 
 
 def modularity_step(model, cfg, state, x, y):
     """One masks+heads Adam step on normalised images x [B, H, W, C], labels y [B]."""
-    chunk = default_chunk(state.heads.w1.shape[0], cfg.module_chunk)
-    return _mod_step(model, jnp.float32(cfg.alpha), state, x, y, chunk=chunk)
+    n = state.heads.w1.shape[0]
+    chunk = default_chunk(n, cfg.module_chunk)
+    remat = use_remat(cfg.remat, model, n, x.shape[0])
+    if remat and cfg.module_chunk is None:  # groups of at most 10 modules, so that one group is small
+        chunk = min(chunk, 10, max(1, n // 4))
+    return _mod_step(model, jnp.float32(cfg.alpha), state, x, y, chunk=chunk, remat=remat)
 
 
 @jax.jit

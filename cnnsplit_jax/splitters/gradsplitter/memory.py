@@ -1,0 +1,50 @@
+"""How much a modularization step keeps for its backward pass, and when to rematerialise.
+
+A GradSplitter step runs N masked copies of the model on one batch and keeps every copy's
+activations for the backward pass, so its memory grows linearly with N (measured on the CPU:
+a 100-class SimCNN at width 1, batch 64, 17.9 GB peak). With ``remat`` each vmapped group of
+modules (``module_chunk``) recomputes its activations in the backward pass
+(``jax.checkpoint``): the step keeps one group's activations at a time, for a second forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+__all__ = ["activation_bytes", "memory_budget", "use_remat"]
+
+#: values kept per conv output position: the conv's output, its normalisation's, the masked
+#: activation (a ReLU's output is its input's sign, but XLA keeps the tensor)
+KEPT_PER_POSITION = 3
+
+
+def activation_bytes(model, n: int, batch: int) -> int:
+    """Estimated bytes of activations a step keeps for N modules on ``batch`` images:
+    ``N x batch x sum over convs (output H x W x channels) x 3 x 4`` (float32; the three kept
+    tensors per position of ``KEPT_PER_POSITION``). For SimCNN at width 1 that is 3.3 MB per
+    image and module: 21 GB for N = 100, batch 64, against 17.9 GB measured."""
+    per = 0
+    for s in model.topology:
+        h = -(-s.spatial // s.stride)
+        per += h * h * s.out_channels
+    return int(n * batch * per * KEPT_PER_POSITION * 4)
+
+
+def memory_budget() -> int:
+    """Bytes a step may use: 80% of the first device's memory on GPU/TPU, half the host's
+    physical memory on the CPU."""
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" and hasattr(dev, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(0.8 * stats["bytes_limit"])
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def use_remat(remat: bool | None, model, n: int, batch: int, budget: int | None = None) -> bool:
+    """``remat`` when given; else True when ``activation_bytes`` exceeds ``budget``
+    (default ``memory_budget()``)."""
+    if remat is not None:
+        return bool(remat)
+    return activation_bytes(model, n, batch) > (memory_budget() if budget is None else budget)
