@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from .base import ConvSpec, MaskPoint
+from .base import ConvSpec, MaskedCNN, MaskPoint
 from .intercept import AdapterError, LayerCall, discover, intercept_nnx, linen_interceptor
 from .resnet import Node
 
@@ -130,15 +130,7 @@ class AdaptedCNN(nnx.Module):
             raise ValueError(f"{self.arch} expects images [B, {', '.join(map(str, self.input_shape))}] (NHWC), "
                              f"got shape {tuple(x.shape)}")
 
-    def check_named(self, given, shapes, key, entry) -> None:
-        if given is None:
-            return
-        unknown = set(given) - set(shapes)
-        if unknown:
-            raise ValueError(f"unknown {key}(s) {sorted(unknown)} for {self.arch}; expected {list(shapes)}")
-        for k, v in given.items():
-            if tuple(v.shape) != tuple(shapes[k]):
-                raise ValueError(f"{entry} {k!r} of {self.arch} must have shape {tuple(shapes[k])}, got {tuple(v.shape)}")
+    check_named = MaskedCNN.check_named  # the zoo's check (it reads only ``arch``)
 
     def _run(self, x, fn, *, around: bool = False):
         """The user's forward pass on x with every conv / norm / dense call hooked (``intercept``)."""
