@@ -48,7 +48,7 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench(arch, width, population, n_img, sens_ratios, torch_sample, use_torch):
+def bench(arch, width, population, n_img, sens_ratios, torch_sample, use_torch, torch_device="cpu"):
     n = 10
     model = build_model(arch, num_classes=n, in_channels=3, width=width, key=0)
     rng = np.random.default_rng(0)
@@ -115,19 +115,19 @@ def bench(arch, width, population, n_img, sens_ratios, torch_sample, use_torch):
 
         from cnnsplit_jax.models.interop import torch_model
 
-        xt = torch.from_numpy(np.asarray(xn).transpose(0, 3, 1, 2).copy())
+        xt = torch.from_numpy(np.asarray(xn).transpose(0, 3, 1, 2).copy()).to(torch_device)
         pop_np = np.asarray(pops2)
         t = time.perf_counter()
         for s in range(torch_sample):
             c, p = s % n, (s * 7) % population
             masks = {k: np.asarray(v) for k, v in decode(layout, pop_np[c, p], order_j).items()}
             mod = extract_module(model, {k: v for k, v in masks.items()}, None, c)
-            net = torch_model(mod.model).eval()
+            net = torch_model(mod.model).eval().to(torch_device)
             with torch.no_grad():
                 out = []
                 for i in range(0, n_img, 128):
                     out.append(net(xt[i : i + 128])[:, c])
-                torch.cat(out).numpy()
+                torch.cat(out).cpu().numpy()
         per = (time.perf_counter() - t) / torch_sample
         row["torch_per_individual_s"] = per
         row["torch_generation_s"] = per * n * population

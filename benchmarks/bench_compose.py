@@ -49,14 +49,14 @@ def synthetic_set(arch, width, keep, n=10, seed=0):
     return ModuleSet(model, masks, heads, meta)
 
 
-def torch_loop_fn(mods, x_np, mean, std):
+def torch_loop_fn(mods, x_np, mean, std, device="cpu"):
     import torch
 
     from cnnsplit_jax.models.interop import torch_model
 
-    nets = [torch_model(m.model).eval() for m in mods]
-    heads = [tuple(torch.from_numpy(np.array(h, np.float32)) for h in m.head) for m in mods]
-    xt = torch.from_numpy(((x_np / 255.0 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2).copy())
+    nets = [torch_model(m.model).eval().to(device) for m in mods]
+    heads = [tuple(torch.from_numpy(np.array(h, np.float32)).to(device) for h in m.head) for m in mods]
+    xt = torch.from_numpy(((x_np / 255.0 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2).copy()).to(device)
 
     def run():
         with torch.no_grad():
@@ -69,7 +69,8 @@ def torch_loop_fn(mods, x_np, mean, std):
     return run
 
 
-def bench(ms: ModuleSet, batch: int, reps: int, rounds: int, use_torch: bool, label: str) -> dict:
+def bench(ms: ModuleSet, batch: int, reps: int, rounds: int, use_torch: bool, label: str,
+          torch_device: str = "cpu") -> dict:
     n = ms.num_modules
     picks = [Pick(ms, c) for c in range(n)]
     rng = np.random.default_rng(1)
@@ -97,7 +98,7 @@ def bench(ms: ModuleSet, batch: int, reps: int, rounds: int, use_torch: bool, la
         c_s, _, _, _ = time_jax(apply, comp, x, reps=1, warmup=0)
         row[f"{k}_compile_s"] = c_s
         compiled[k] = jax.jit(apply).lower(comp, x).compile()
-    torch_run = torch_loop_fn(mods, x_np, mean, std) if use_torch else None
+    torch_run = torch_loop_fn(mods, x_np, mean, std, torch_device) if use_torch else None
     per = {k: [] for k in [*comps, "jax_loop", "torch_loop"]}
     for _ in range(rounds):
         for k, comp in comps.items():
@@ -111,7 +112,7 @@ def bench(ms: ModuleSet, batch: int, reps: int, rounds: int, use_torch: bool, la
             jax_loop()
             per["jax_loop"].append(time.perf_counter() - t)
         if torch_run is not None:
-            per["torch_loop"].append(time_torch(torch_run, reps=reps)[0])
+            per["torch_loop"].append(time_torch(torch_run, reps=reps, device=torch_device)[0])
     for k, v in per.items():
         if v:
             row[f"{k}_s"] = statistics.median(v)

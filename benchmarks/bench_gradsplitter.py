@@ -49,15 +49,16 @@ from cnnsplit_jax.splitters import gradsplitter as gs  # noqa: E402
 from cnnsplit_jax.splitters.gradsplitter.step import _features, _head_step, _mod_step  # noqa: E402
 
 
-def torch_baseline(model, n_modules, alpha, batch, seed=0):
-    """Reference-structured PyTorch GradSplitter: returns (mod_step, head_step) closures."""
+def torch_baseline(model, n_modules, alpha, batch, seed=0, device="cpu"):
+    """Reference-structured PyTorch GradSplitter on ``device``: returns (mod_step, head_step)
+    closures (asynchronous on CUDA: time them with ``time_torch(..., device=device)``)."""
     import torch
     from torch import nn
 
     from cnnsplit_jax.models.interop import torch_model
 
     torch.manual_seed(seed)
-    net = torch_model(model).eval()
+    net = torch_model(model).eval().to(device)
     for p in net.parameters():
         p.requires_grad_(False)
 
@@ -71,14 +72,15 @@ def torch_baseline(model, n_modules, alpha, batch, seed=0):
             return torch.clamp(g, -1.0, 1.0)
 
     points = [(p.name, p.size, len(p.layers)) for p in model.mask_points()]
-    masks = [{n: nn.Parameter(torch.ones(c)) for n, c, _ in points} for _ in range(n_modules)]
-    heads = [nn.Sequential(nn.Linear(model.num_classes, 10), nn.ReLU(), nn.Linear(10, 1)) for _ in range(n_modules)]
+    masks = [{n: nn.Parameter(torch.ones(c, device=device)) for n, c, _ in points} for _ in range(n_modules)]
+    heads = [nn.Sequential(nn.Linear(model.num_classes, 10), nn.ReLU(), nn.Linear(10, 1)).to(device)
+             for _ in range(n_modules)]
     mask_params = [m for d in masks for m in d.values()]
     head_params = [p for h in heads for p in h.parameters()]
     opt_mod = torch.optim.Adam(mask_params + head_params, lr=1e-3)
     opt_head = torch.optim.Adam(head_params, lr=1e-3)
-    x = torch.randn(batch, model.in_channels, 32, 32)
-    y = torch.arange(batch) % model.num_classes
+    x = torch.randn(batch, model.in_channels, 32, 32, device=device)
+    y = torch.arange(batch, device=device) % model.num_classes
 
     def forward(ratio):
         outs, kern = [], []
@@ -154,7 +156,7 @@ def reference_steps(checkout, model, n_modules, alpha, batch, seed=0):
 
 
 def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, module_chunk=None,
-          reference=None):
+          reference=None, torch_device="cpu"):
     model = build_model(arch, num_classes=n_modules, in_channels=3, width=width, key=0)
     cfg = gs.GradSplitterConfig()
     state = gs.init(jax.random.key(0), model, cfg)
@@ -170,7 +172,7 @@ def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, 
     fpass = lambda m, x: _features(model, {k: gs.binarize(v) for k, v in m.items()}, x, chunk=chunk)  # noqa: E731
     row = {"model": arch, "width": width, "batch": batch, "modules": n_modules, "module_chunk": chunk}
     if use_torch:
-        t_mod, t_head = torch_baseline(model, n_modules, cfg.alpha, batch)
+        t_mod, t_head = torch_baseline(model, n_modules, cfg.alpha, batch, device=torch_device)
     if reference:
         ref_mod, ref_head = reference_steps(reference, model, n_modules, cfg.alpha, batch)
     r = {k: [] for k in ("mod", "head", "feat", "tmod", "thead", "rmod", "rhead")}
@@ -186,8 +188,8 @@ def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, 
         if i == 0:
             row.update(head_compile_s=c, feature_compile_s=c2, feature_gflop=gff)
         if use_torch:
-            r["tmod"].append(time_torch(t_mod, reps=reps)[0])
-            r["thead"].append(time_torch(t_head, reps=reps)[0])
+            r["tmod"].append(time_torch(t_mod, reps=reps, device=torch_device)[0])
+            r["thead"].append(time_torch(t_head, reps=reps, device=torch_device)[0])
         if reference:
             r["rmod"].append(time_torch(ref_mod, reps=reps)[0])
             r["rhead"].append(time_torch(ref_head, reps=reps)[0])

@@ -31,16 +31,29 @@ def time_jax(fn, *args, reps: int = 5, warmup: int = 1):
     return compile_s, statistics.median(runs), flops / 1e9, runs
 
 
-def time_torch(fn, reps: int = 5, warmup: int = 1):
-    """Median wall time of ``fn()`` (PyTorch, eager) after ``warmup`` calls."""
+def time_torch(fn, reps: int = 5, warmup: int = 1, device: str = "cpu"):
+    """Median wall time of ``fn()`` (PyTorch, eager) after ``warmup`` calls; on a CUDA
+    ``device`` the queue is drained (``torch.cuda.synchronize``) before each clock read."""
+    sync = torch_sync(device)
     for _ in range(warmup):
         fn()
+    sync()
     runs = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        sync()
         runs.append(time.perf_counter() - t)
     return statistics.median(runs), runs
+
+
+def torch_sync(device: str = "cpu"):
+    """A function that waits for ``device``'s queued PyTorch work (a no-op on the CPU)."""
+    if not str(device).startswith("cuda"):
+        return lambda: None
+    import torch
+
+    return torch.cuda.synchronize
 
 
 def torch_enabled(no_torch: bool) -> bool:
