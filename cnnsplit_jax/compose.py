@@ -41,7 +41,9 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from . import mesh as meshlib
 from .data import map_batches
 from .modules.forward import INPUTS, KINDS, Pick, group_outputs
 
@@ -68,14 +70,16 @@ def default_execution() -> str:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["groups"],
-                   meta_fields=["order", "labels", "input", "image_shape", "form"])
+                   meta_fields=["order", "labels", "input", "image_shape", "form", "mesh"])
 @dataclasses.dataclass(frozen=True)
 class Composition:
     """K composed modules. ``apply(comp, x)`` returns scores [B, K] in ``labels`` order.
 
     groups: ``modules.forward`` group pytrees; order: static permutation from the groups'
     concatenated columns to composed columns; labels: ``ClassRef`` per column; input: ``raw``
-    or ``normalized``; image_shape: (H, W, C) of one image; form: ``masked`` or ``extracted``.
+    or ``normalized``; image_shape: (H, W, C) of one image; form: ``masked`` or ``extracted``;
+    mesh: a ``jax.sharding.Mesh`` whose ``data`` axis splits every batch ``apply`` gets (None:
+    one device).
     """
 
     groups: tuple
@@ -84,6 +88,7 @@ class Composition:
     input: str
     image_shape: tuple
     form: str
+    mesh: object = None
 
     @property
     def in_channels(self) -> int:
@@ -143,6 +148,7 @@ def compose(
     input: str = "raw",
     chunk: int | None = None,
     align: int = 8,
+    mesh=None,
 ) -> Composition:
     """Compose ``picks`` (column k = ``picks[k]``) into a ``Composition``.
 
@@ -153,6 +159,9 @@ def compose(
       chunk: masked modules of one base model per vmapped group (default: 2 on CPU, all else).
       align: extracted modules' kept channel counts are zero-padded up to a multiple of this
         (exact; measured ~18% faster on XLA:CPU with 8 than with ragged counts); 1 = no padding.
+      mesh: devices the batch is split over (``mesh.make_mesh`` spec, axis ``data``, or a
+        ``Mesh``); None: every local device. ``apply`` is called as before: it pads a batch to
+        the axis, splits it, and returns the real rows.
 
     Raises:
       ValueError: empty picks, unknown class index, different input channels, or different
@@ -175,7 +184,8 @@ def compose(
         groups.append(KINDS[kind].stack([picks[k] for k in idx], execution=execution, chunk=chunk, align=align))
         cols.extend(idx)
     order = tuple(int(i) for i in np.argsort(cols))
-    return Composition(tuple(groups), order, _labels(picks), input, tuple(picks[0].module_set.base.input_shape), form)
+    return Composition(tuple(groups), order, _labels(picks), input, tuple(picks[0].module_set.base.input_shape), form,
+                       meshlib.resolve(mesh, natural="data", allowed=("data",)))
 
 
 def _check_images(comp: Composition, x) -> None:
@@ -191,13 +201,22 @@ def apply(comp: Composition, x: jax.Array) -> jax.Array:
     Pure and jit/vmap-safe; predictions are ``argmax(-1)`` (indices into ``comp.labels``).
     """
     _check_images(comp, x)
+    b = x.shape[0]
+    if comp.mesh is not None:  # pad the batch to the data axis (copies of image 0), split it
+        pad = (-b) % meshlib.axis_size(comp.mesh, "data")
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, 0)]) if pad else x
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(comp.mesh, PartitionSpec("data")))
     outs = [group_outputs(g, x, comp.input) for g in comp.groups]
     cat = lambda parts: jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]  # noqa: E731
     s = cat([o[0] for o in outs])
     rules = {KINDS[g.kind].combine for g in comp.groups}
     if len(rules) == 1 and None not in rules:  # every module of one kind with its own rule
         s = rules.pop()(s, cat([o[1] for o in outs]))
-    return s[:, np.asarray(comp.order)] if comp.order != tuple(range(len(comp.order))) else s
+    s = s[:, np.asarray(comp.order)] if comp.order != tuple(range(len(comp.order))) else s
+    if comp.mesh is not None:  # the real rows; split like the batch when nothing was padded
+        s = s[:b] if s.shape[0] != b else jax.lax.with_sharding_constraint(
+            s, NamedSharding(comp.mesh, PartitionSpec("data")))
+    return s
 
 
 _apply_jit = jax.jit(apply)

@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from . import checkpoint as ckpt
+from . import mesh as meshlib
 from .data import Dataset, DatasetInfo, batches, dirichlet_subsample, map_batches, normalize, train_val_split
 from .models import MaskedCNN, count_params, total_kernels
 from .progress import Progress, callbacks_of, notify
@@ -203,6 +205,7 @@ def fit(
     run_dir: str | Path | None = None,
     resume: bool = False,
     callbacks=None,
+    mesh=None,
 ) -> FitResult:
     """Train ``model`` on ``ds`` and return the best-validation model.
 
@@ -212,6 +215,11 @@ def fit(
       resume: continue from ``run_dir/train_state`` (same config required).
       callbacks: ``Progress`` callbacks: stage ``"step"`` (metrics ``loss``, ``acc``) after
         each step, ``"epoch"`` (the epoch's history record) after each validation.
+      mesh: data-parallel training: each batch split along the mesh's ``data`` axis
+        (``mesh.make_mesh`` spec or ``Mesh``), parameters and optimiser state replicated, the
+        gradient (and BatchNorm's batch statistics) reduced over all devices by the
+        partitioner; None: every local device. A batch that does not divide the axis runs
+        whole on every device.
     """
     check_compatible(model, ds.info)
     if cfg.keep not in ("best", "last"):
@@ -243,10 +251,16 @@ def fit(
         best_acc, best_epoch = progress["best_val_accuracy"], progress["best_epoch"]
         history, elapsed = progress["history"], progress["train_seconds"]
 
+    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))
+    state = meshlib.replicate(state, mesh)
+    n_data = meshlib.axis_size(mesh, "data")
+
     @jax.jit
     def step(state, idx):
         key, k_aug, k_drop = jax.random.split(state["key"], 3)
         x = x_all[idx]
+        if mesh is not None and idx.shape[0] % n_data == 0:
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec("data")))
         if do_augment:
             x = augment(k_aug, x)
         x = normalize(x, mean, std)

@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
     log(f"training {args.model} (width {args.width}) on {args.dataset} for {cfg.epochs} epochs ({recipe} recipe)")
     res = pipeline.train_run(args.out, args.model, args.dataset, cfg, width=args.width, fc_hidden=args.fc_hidden,
                              recipe=recipe, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
-                             callbacks=ProgressPrinter(line=_train_line))
+                             callbacks=ProgressPrinter(line=_train_line), mesh=args.mesh)
     log(f"{res['num_kernels']} kernels, {res['num_params']:,} params; test accuracy {res['test_accuracy']:.4f}; "
         f"wrote {Path(args.out) / 'train.json'}")
     return 0
@@ -135,7 +135,7 @@ def cmd_split(args) -> int:
     log(f"{args.method} split of {args.model_dir} into {args.out}")
     res = pipeline.split_run(args.model_dir, args.out, args.method, cfg, resume=args.resume,
                              overwrite=args.overwrite, train_subset=args.train_subset,
-                             callbacks=ProgressPrinter(label=_split_label, line=_split_line))
+                             callbacks=ProgressPrinter(label=_split_label, line=_split_line), mesh=args.mesh)
     out = Path(args.out)
     names = ckpt.read_json(out / "modules.json")["class_names"]
     write_split_plots(out, res, names)
@@ -165,7 +165,7 @@ def cmd_compose(args) -> int:
         + (f"; training a from-scratch baseline for up to {args.baseline_epochs} epochs" if args.baseline_epochs else ""))
     res = pipeline.compose_run(args.modules, args.out, dataset=args.dataset, data_dir=args.data_dir, form=args.form,
                                execution=args.execution, baseline_epochs=args.baseline_epochs, seed=args.seed,
-                               continuous=args.continuous_learning, overwrite=args.overwrite)
+                               continuous=args.continuous_learning, overwrite=args.overwrite, mesh=args.mesh)
     out = Path(args.out)
     plots.confusion_matrix(res["confusion"], out / "confusion.png", res["class_names"],
                            f"composed model ({res['accuracy']:.3f})")

@@ -103,6 +103,12 @@ def _thresholds(s: str) -> tuple[tuple[int, float], ...]:
         raise argparse.ArgumentTypeError(f"expected SIZE:ACCURACY,... (e.g. 2:.95,4:.95,8:.85,10:.8), got {s!r}")
 
 
+def _mesh_flag(parser, natural: str, what: str) -> None:
+    parser.add_argument("--mesh", default=None, metavar="AXIS=SIZE[,AXIS=SIZE]",
+                        help=f"device mesh: {what} (default: every local device on '{natural}'; "
+                             "e.g. --mesh modules=8, --mesh data=2,modules=4)")
+
+
 def _train_parser(sub, common) -> None:
     t = sub.add_parser("train", parents=[common], help="train a base model")
     t.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
@@ -136,6 +142,7 @@ def _train_parser(sub, common) -> None:
     config_flag(g, TrainConfig, "dirichlet_min_size", "minimum images per class of that subsample", type=int)
     config_flag(g, TrainConfig, "seed", "seed of the model init, split and shuffles", type=int)
     t.add_argument("--out", required=True, help="run directory")
+    _mesh_flag(t, "data", "data-parallel training: each batch split over the devices")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
@@ -147,6 +154,8 @@ def _split_parser(sub, common) -> None:
                          "(default grad)")
     sp.add_argument("--model-dir", required=True, help="run directory of `cnnsplit train`")
     sp.add_argument("--out", required=True, help="module-set directory")
+    _mesh_flag(sp, "modules", "modules (grad) or class x individual modules (ga) split over the devices; "
+               "axes modules, data")
     sp.add_argument("--resume", action="store_true", help="continue the search in --out")
     sp.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     sp.add_argument("--train-subset", type=int, default=None,
@@ -226,6 +235,7 @@ def _reuse_parsers(sub, common) -> None:
                    help="concern modules: also report the composition after re-running tangling "
                         "identification against the other datasets' classes (Pan & Rajan)")
     c.add_argument("--out", required=True)
+    _mesh_flag(c, "data", "each batch of images split over the devices")
     c.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
     pa = sub.add_parser("patch", parents=[common], help="patch a weak model's target class with a module")

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import mesh as meshlib
 from ..data import map_batches
 from ..models import mask_points
 from ..models.masks import PerUse
@@ -76,7 +77,7 @@ def prepare(x, mean, std, input: str):
 
 # ------------------------------------------------------------------------------ cores
 def masked_logits(model, masks, x, chunk: int | None = None, loop: str = "unroll",
-                  mask_fn: Callable | None = None, remat: bool = False) -> jax.Array:
+                  mask_fn: Callable | None = None, remat: bool = False, shards: int = 1) -> jax.Array:
     """[N, B, K]: ``model``'s logits under each of N masks ``{point: [N, C]}`` on normalised x.
 
     chunk: modules per vmapped group (None: one vmap over all N). loop: ``"unroll"``: the
@@ -87,11 +88,17 @@ def masked_logits(model, masks, x, chunk: int | None = None, loop: str = "unroll
     step; None: the masks as given. remat: recompute each group's activations in the backward
     pass (``jax.checkpoint`` inside ``lax.map``, whose sequential groups bound the memory to one
     group's activations instead of all N's), for a second forward.
+    shards: devices the module axis is split over (``mesh.axis_size(mesh, "modules")``; N a
+    multiple of it): one vmap over all N, which the partitioner splits by device; with
+    ``remat`` or ``loop="map"``, each ``lax.map`` step takes ``chunk`` modules from every
+    device's block, so the groups never cross devices.
     """
     n = next(iter(masks.values())).shape[0]
     f = jax.vmap(lambda m: model(x, m if mask_fn is None else PerUse(m, mask_fn)))
     if remat:
         f, loop = jax.checkpoint(f), "map"
+    if shards > 1:
+        return meshlib.map_blocks(f, masks, shards, chunk if remat or loop == "map" else None)
     if chunk is None or chunk >= n:
         return f(masks)
     if loop == "unroll":

@@ -11,6 +11,7 @@ from typing import Sequence
 import jax
 
 from .. import checkpoint as ckpt
+from .. import mesh as meshlib
 from ..compose import Pick
 from ..data import DatasetInfo, is_task_spec, load_task, parse_classes
 from ..modules.module_set import load_module_set
@@ -62,15 +63,16 @@ def task_for(sources: Sequence[Source], dataset: str | None = None, data_dir=Non
 
 def compose_run(modules: Sequence[str], out: str | Path, *, dataset: str | None = None, data_dir=None,
                 form: str = "masked", execution: str = "auto", baseline_epochs: int = 0, seed: int = 0,
-                continuous: bool = False, overwrite: bool = False) -> dict:
+                continuous: bool = False, overwrite: bool = False, mesh=None) -> dict:
     """Compose the best-F1 module of every class of the task (``task_for``) from the module
     sets ``modules`` (``MOD_DIR[:CLASSES]``); ``continuous``: also after continuous learning
     (concern modules); ``baseline_epochs``: also train the same architecture from scratch on
-    the task. Writes and returns ``compose.json``."""
+    the task. ``mesh``: devices each batch is split over. Writes and returns ``compose.json``."""
+    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
     out = prepare_out(out, "composition", overwrite=overwrite)
     sources = load_sources(modules)
     spec, task = task_for(sources, dataset, data_dir)
-    res, picks = compose_task(sources, task, form=form, execution=execution)
+    res, picks = compose_task(sources, task, form=form, execution=execution, mesh=mesh)
     res = {"task": spec, "form": form, "execution": execution, **res}
     if continuous:
         cl = continuous_learning(picks, task, key=jax.random.key(seed))

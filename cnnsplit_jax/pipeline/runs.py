@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from .. import checkpoint as ckpt
+from .. import mesh as meshlib
 from ..data import Dataset, is_task_spec, load_dataset, load_task, test_splits
 from ..models import build_model
 from ..progress import RunWarning
@@ -132,12 +133,13 @@ def run_data(meta: dict, data_dir=None) -> RunData:
 
 def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = TrainConfig(), *, width: float = 1.0,
               fc_hidden: int | None = None, recipe: str = "reference", data_dir=None, resume: bool = False,
-              overwrite: bool = False, callbacks=None) -> dict:
+              overwrite: bool = False, callbacks=None, mesh=None) -> dict:
     """Train ``arch`` on ``dataset`` (a name or task spec) with ``cfg`` into the run directory
     ``out`` (``model.json`` + ``model/``, ``train.json``; checkpointed every epoch, ``resume``
     continues). ``recipe`` names where ``cfg`` came from (its warnings are raised as
-    ``RunWarning``). Returns the ``train.json`` dict."""
+    ``RunWarning``). ``mesh``: data-parallel devices (``fit``). Returns the ``train.json`` dict."""
     out = Path(out)
+    meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
     ds, sources = train_data(dataset, data_dir)
     model = build_model(arch, num_classes=ds.info.num_classes, in_channels=ds.info.channels, width=width,
                         key=jax.random.key(cfg.seed), **({"fc_hidden": fc_hidden} if fc_hidden else {}))
@@ -147,7 +149,7 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     for w in recipe_warnings(cfg, recipe):
         warnings.warn(w, RunWarning, stacklevel=2)
     counts = summary(model)
-    res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks)
+    res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks, mesh=mesh)
     t0 = time.perf_counter()
     test_acc = accuracy(res.model, ds.x_test, ds.y_test, ds.info)
     norm = {"mean": list(ds.info.mean), "std": list(ds.info.std)}

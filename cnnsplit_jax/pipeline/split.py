@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 
 from .. import checkpoint as ckpt
+from .. import mesh as meshlib
 from ..evaluate import evaluate_module_set
 from ..modules.module_set import load_module_set, save_module_set
 from ..splitters import METHODS, SplitData
@@ -21,16 +22,24 @@ PROGRESS = {"grad": "search", "ga": "ga", "concern": None}
 
 
 def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resume: bool = False,
-              overwrite: bool = False, train_subset: int | None = None, data_dir=None, callbacks=None) -> dict:
+              overwrite: bool = False, train_subset: int | None = None, data_dir=None, callbacks=None,
+              mesh=None) -> dict:
     """Decompose the model of run ``model_dir`` with ``method`` (``grad``, ``ga``, ``concern``)
     and config ``cfg`` into the module-set directory ``out``: the search (checkpointed in
     ``out``; ``resume`` continues it), the module set, its evaluation (``split.json``).
 
     ``train_subset``: only the first N images of the base model's training split (CPU
-    budgets). The search key is ``jax.random.key(cfg.seed)``. Returns the ``split.json`` dict.
+    budgets). The search key is ``jax.random.key(cfg.seed)``. ``mesh``: devices the search's
+    modules are split over (``grad``, ``ga``). Returns the ``split.json`` dict.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    asked, mesh = mesh, meshlib.resolve(mesh)  # a bad spec fails before any work
+    if method == "concern":
+        if asked is not None and mesh is not None:
+            raise ValueError(f"--method concern runs on one device: its sharding is not implemented yet "
+                             f"(asked for {meshlib.describe(mesh)}); run it without --mesh")
+        mesh = None
     splitter, _, mask_kind = METHODS[method]
     model_dir, out = Path(model_dir), Path(out)
     model, meta = ckpt.load_model(model_dir)
@@ -56,7 +65,7 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
         for w in schedule_warnings(cfg, -(-len(tr) // cfg.batch_size)):
             warnings.warn(w, RunWarning, stacklevel=2)
     res = splitter.split(jax.random.key(cfg.seed), model, data, cfg, ckpt_dir=out if name else None,
-                         resume=resume, callbacks=callbacks)
+                         resume=resume, callbacks=callbacks, **({"mesh": mesh} if mesh is not None else {}))
     ms = res.module_set
     ms.meta.update({
         "dataset": meta["dataset"], "normalization": norm, "class_names": list(ds.info.class_names),

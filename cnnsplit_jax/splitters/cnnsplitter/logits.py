@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ... import mesh as meshlib
 from ...data import map_batches
 from ...models import MaskedCNN
 from ...modules.forward import masked_logits
@@ -18,19 +19,28 @@ from ...modules.forward import masked_logits
 __all__ = ["module_logits", "LogitCache", "cached_module_logits"]
 
 
-@functools.partial(jax.jit, static_argnames=("group",))
-def _class_logits(model, masks, classes, x, group):
+@functools.partial(jax.jit, static_argnames=("group", "shards"))
+def _class_logits(model, masks, classes, x, group, shards=1):
     """[M, B] logit ``classes[m]`` of module m (masks ``{point: [M, C]}``) on images x."""
-    logits = masked_logits(model, masks, x, chunk=group, loop="map")  # [M, B, K]
+    logits = masked_logits(model, masks, x, chunk=group, loop="map", shards=shards)  # [M, B, K]
     return jnp.take_along_axis(logits, classes[:, None, None], axis=2)[..., 0]
 
 
 def module_logits(model: MaskedCNN, masks: dict, classes: np.ndarray, x_norm: jax.Array,
-                  batch_size: int = 256, group: int = 10) -> np.ndarray:
-    """Class logits [M, n] of M masked modules (``{point: [M, C]}``) on normalised images."""
+                  batch_size: int = 256, group: int = 10, mesh=None) -> np.ndarray:
+    """Class logits [M, n] of M masked modules (``{point: [M, C]}``) on normalised images.
+
+    mesh: the M modules (CNNSplitter's class x individual axis) are padded to the mesh's
+    ``modules`` axis and split over it; the padding is dropped from the result."""
+    m, shards = len(classes), meshlib.axis_size(mesh, "modules")
+    if shards > 1:
+        to = meshlib.padded(m, mesh)
+        masks = meshlib.shard_rows(meshlib.pad_rows(masks, to), mesh)
+        classes = meshlib.shard_rows(meshlib.pad_rows(jnp.asarray(classes), to), mesh)
     classes = jnp.asarray(classes)
-    return map_batches(lambda xb: _class_logits(model, masks, classes, xb, group), [x_norm],
-                       batch_size, pad=False, axis=1)
+    out = map_batches(lambda xb: _class_logits(model, masks, classes, xb, group, shards), [x_norm],
+                      batch_size, pad=False, axis=1)
+    return out[:m]
 
 
 class LogitCache(NamedTuple):
@@ -42,7 +52,7 @@ class LogitCache(NamedTuple):
 
 def cached_module_logits(model: MaskedCNN, masks: dict, rows: np.ndarray, classes: np.ndarray,
                          x_norm: jax.Array, cache: LogitCache | None, group: int = 10,
-                         bucket: int = 100) -> tuple[np.ndarray, LogitCache]:
+                         bucket: int = 100, mesh=None) -> tuple[np.ndarray, LogitCache]:
     """``module_logits`` computed once per distinct (class, genome): duplicates in the
     population and individuals already evaluated (``cache``, e.g. the previous generation,
     whose elites survive unchanged) are not recomputed. The number of modules computed is
@@ -60,7 +70,8 @@ def cached_module_logits(model: MaskedCNN, masks: dict, rows: np.ndarray, classe
         rep = first[need] - len(prev)  # a representative current row per distinct genome
         pad = (-len(rep)) % bucket
         sel = np.concatenate([rep, np.repeat(rep[:1], pad)])
-        logits = module_logits(model, {k: v[sel] for k, v in masks.items()}, classes[sel], x_norm, group=group)
+        logits = module_logits(model, {k: v[sel] for k, v in masks.items()}, classes[sel], x_norm, group=group,
+                               mesh=mesh)
         lut = np.full(len(first), -1)
         lut[need] = np.arange(len(need))
         hit = lut[cur] >= 0

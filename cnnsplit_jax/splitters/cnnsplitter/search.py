@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ... import checkpoint as ckpt
+from ... import mesh as meshlib
 from ...data import normalize
 from ...models import MaskedCNN, flatten_masks, kernel_multiplicity, mask_points
 from ...modules.extract import effective_masks
@@ -89,10 +90,11 @@ class Problem:
     x_fit: jax.Array
     y_fit: np.ndarray
     decode: object  # jitted: genomes [N, P, G], orders -> masks {point: [N, P, C]}
+    mesh: object = None  # splits the N x P modules of a generation over its ``modules`` axis
 
 
 def problem(model: MaskedCNN, cfg: CNNSplitterConfig, prepared: Prepared, x_u8: np.ndarray, y: np.ndarray,
-            mean, std) -> Problem:
+            mean, std, mesh=None) -> Problem:
     """The fixed pieces of a search on the search images ``x_u8`` (fitness on the first
     ``cfg.eval_images``)."""
     layout = genome_layout(model, cfg.groups)
@@ -114,7 +116,7 @@ def problem(model: MaskedCNN, cfg: CNNSplitterConfig, prepared: Prepared, x_u8: 
                    FitnessConfig(cfg.alpha, dict(cfg.thresholds) if cfg.thresholds else None, cfg.min_keep,
                                  cfg.max_keep),
                    {k2: jnp.asarray(v) for k2, v in prepared.order.items()}, x_fit, np.asarray(y[:k]),
-                   decode_all)
+                   decode_all, mesh)
 
 
 class CNNSplitterState(NamedTuple):
@@ -166,7 +168,7 @@ def _evaluate(pb: Problem, pops, cache):
     classes = np.repeat(np.arange(n), p)
     rows = np.concatenate([classes[:, None], np.asarray(bits).reshape(n * p, -1)], axis=1).astype(np.uint8)
     logits, cache = cached_module_logits(pb.model, flat, rows, classes, pb.x_fit, cache,
-                                         group=pb.cfg.module_group)
+                                         group=pb.cfg.module_group, mesh=pb.mesh)
     kernels = np.asarray(flatten_masks(pb.model, eff, tied=True)) > 0
     return eff, logits.reshape(n, p, -1), kernels, cache
 
@@ -219,7 +221,7 @@ _COUNTERS = ("generation", "best_generation", "best_valid_fitness", "flat")
 
 def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterConfig = CNNSplitterConfig(), *,
           ckpt_dir: str | Path | None = None, resume: bool = False, callbacks=None,
-          sensitivity_ratios: Sequence[float] = RATIOS) -> SplitResult:
+          sensitivity_ratios: Sequence[float] = RATIOS, mesh=None) -> SplitResult:
     """The whole search on ``data``'s validation split (the reference's 20% of the training
     set: importance, sensitivity and fitness alike).
 
@@ -228,7 +230,10 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
     ``seconds`` / ``phase_seconds`` add up over the interrupted and the resumed calls. Callbacks get a ``Progress("generation", ...)`` per generation. Returns a
     ``ModuleSet`` without heads (module c scored by its class logit) of the best validation
     generation; details: ``importance``, ``sensitivity``, ``sensitive``, ``best_generation``,
-    ``phase_seconds``. Raises ``FloatingPointError`` on NaN module logits.
+    ``phase_seconds``. Raises ``FloatingPointError`` on NaN module logits. ``mesh``: devices
+    the generation's class x individual modules are split over (axis ``modules``; None: every
+    local device); the GA states stay whole (kilobytes) and the fitness runs where the logits
+    are gathered.
     """
     if model.mask_kind != "kernel":
         raise ValueError(f"CNNSplitter searches kernel masks; {model.arch} takes position maps "
@@ -252,7 +257,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
     prep = prepare(model, x_u8, y, data.mean, data.std, cfg, sensitivity_ratios, sensitivity=known)
     prep_seconds = {k: v + prep_before.get("seconds", {}).get(k, 0.0) for k, v in prep.seconds.items()}
     prep_record = {"ratios": ratios, "sensitivity": prep.sensitivity, "seconds": prep_seconds}
-    pb = problem(model, cfg, prep, x_u8, y, data.mean, data.std)
+    pb = problem(model, cfg, prep, x_u8, y, data.mean, data.std, meshlib.resolve(mesh))
     state = init(key, pb)
     history, seconds = [], 0.0
     if resume:

@@ -17,6 +17,8 @@ API (optax style)::
     feats = module_features(model, state.masks, x)       # [B, N, K] frozen-mask features
     state, m = head_step(cfg, state, feats, y)           # heads only
     result = split(key, model, data, cfg, ckpt_dir=...)  # the whole schedule -> SplitResult
+    state = place(state, mesh)                           # modules split over a device mesh
+    state, m = modularity_step(model, cfg, state, x, y, mesh=mesh, n_real=N)
 """
 
 from ...modules.heads import Heads, head_scores, init_heads
@@ -26,12 +28,12 @@ from .config import (HEAD, MOD, PRESETS, GradSplitterConfig, phase_lr, phase_sch
 from .loss import binarize, head_loss, loss_fn
 from .search import report, select_epoch, split
 from .step import (GradSplitterState, composed_scores, features_for_dataset, head_step, head_step_plain, init,
-                   module_features, modularity_step, reset_optimizer)
+                   module_features, modularity_step, place, reset_optimizer, unplace)
 
 __all__ = [
     "HEAD", "MOD", "PRESETS", "GradSplitterConfig", "GradSplitterState", "Heads", "SearchDivergedError",
     "binarize", "composed_scores", "features_for_dataset", "head_loss", "head_scores", "head_step",
     "head_step_plain", "init", "init_heads", "loss_fn", "module_features", "modularity_step",
-    "phase_lr", "phase_schedule", "reset_optimizer", "round_modularity_epochs", "schedule_warnings",
+    "phase_lr", "phase_schedule", "place", "reset_optimizer", "unplace", "round_modularity_epochs", "schedule_warnings",
     "report", "select_epoch", "split",
 ]

@@ -42,19 +42,26 @@ def _binarize_bwd(_, g):
 binarize.defvjp(_binarize_fwd, _binarize_bwd)
 
 
-def loss_fn(params, model, x, y, ratio, chunk=None, remat=False):
+def loss_fn(params, model, x, y, ratio, chunk=None, remat=False, n_real=None, shards=1):
     """(loss, (ce, kernel_term, scores [B, N])) for ``params = {"masks", "heads"}`` on
-    normalised images x [B, 32, 32, C] and labels y [B]."""
+    normalised images x [B, H, W, C] and labels y [B].
+
+    n_real: the first ``n_real`` modules are real, the rest padding (a module axis padded to
+    split over ``shards`` devices): padding enters neither the softmax nor the kernel term,
+    so it gets zero gradients and the result equals the unpadded loss.
+    """
     masks = params["masks"]
-    logits = masked_logits(model, masks, x, chunk, mask_fn=binarize, remat=remat)  # [N, B, K], the step at every use
-    scores = head_scores(params["heads"], jnp.swapaxes(logits, 0, 1))
+    logits = masked_logits(model, masks, x, chunk, mask_fn=binarize, remat=remat,
+                           shards=shards)  # [N, B, K], the step at every use
+    scores = head_scores(params["heads"], jnp.swapaxes(logits, 0, 1))[:, :n_real]
     ce = optax.softmax_cross_entropy_with_integer_labels(scores, y).mean()
     # every conv layer's binary mask (a tied point once per gated conv), each its own step
-    kern = jnp.concatenate([binarize(masks[s.mask]) for s in model.topology], axis=-1).mean()
+    kern = jnp.concatenate([binarize(masks[s.mask][:n_real]) for s in model.topology], axis=-1).mean()
     return ce + ratio * kern, (ce, kern, scores)
 
 
-def head_loss(heads, feats, y):
-    """(cross-entropy, scores [B, N]) of the heads on cached module logits ``feats`` [B, N, K]."""
-    scores = head_scores(heads, feats)
+def head_loss(heads, feats, y, n_real=None):
+    """(cross-entropy, scores [B, n_real]) of the heads on cached module logits ``feats``
+    [B, N, K] (modules past ``n_real``: padding, left out)."""
+    scores = head_scores(heads, feats)[:, :n_real]
     return optax.softmax_cross_entropy_with_integer_labels(scores, y).mean(), scores

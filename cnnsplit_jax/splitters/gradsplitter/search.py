@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ... import checkpoint as ckpt
+from ... import mesh as meshlib
 from ...data import batches, normalize
 from ...models import MaskedCNN, mask_points, total_kernels
 from ...modules.heads import Heads
@@ -18,7 +19,8 @@ from ...modules.module_set import ModuleSet
 from ...progress import Progress, callbacks_of, notify
 from ..base import SearchDivergedError, SplitData, SplitResult, check_labels
 from .config import HEAD, MOD, GradSplitterConfig, phase_lr, phase_schedule
-from .step import composed_scores, features_for_dataset, head_step, init, modularity_step, reset_optimizer
+from .step import (composed_scores, features_for_dataset, head_step, init, modularity_step, place,
+                   reset_optimizer, unplace)
 
 __all__ = ["split", "select_epoch", "report"]
 
@@ -44,7 +46,8 @@ def _history_tree(model: MaskedCNN, epochs: int) -> dict:
 
 
 def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterConfig = GradSplitterConfig(),
-          *, ckpt_dir: str | Path | None = None, resume: bool = False, callbacks=None) -> SplitResult:
+          *, ckpt_dir: str | Path | None = None, resume: bool = False, callbacks=None,
+          mesh=None) -> SplitResult:
     """Run the whole schedule on ``data`` (trains on its training split, validates on its
     validation split) and return the selected epoch's modules.
 
@@ -54,6 +57,10 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
       ckpt_dir: checkpoint every epoch to ``ckpt_dir/search`` (+ ``search.json``); with
         ``resume=True`` continue from there bit-identically (same config required).
       callbacks: ``Progress`` callbacks (stage ``"step"`` and ``"epoch"``).
+      mesh: devices to split the modules over (``mesh.make_mesh`` spec or ``Mesh``; axes
+        ``modules`` and ``data``); None: every local device on ``modules``. Masks, heads and
+        their Adam state are padded to the axis and split along it; results, history and
+        checkpoints hold the real modules only (a search resumes on any mesh).
 
     Returns:
       ``SplitResult``: a ``ModuleSet`` (masks and heads of the epoch chosen by
@@ -78,9 +85,13 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
     ktot = total_kernels(model)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
     config = ckpt.config_json(cfg)
+    mesh = meshlib.resolve(mesh)
+    n = model.num_classes
     feats = lambda masks, x: features_for_dataset(  # noqa: E731
         model, masks, x, data.mean, data.std, cfg.eval_batch_size, cfg.dedupe_features,
-        cfg.module_chunk or None)
+        cfg.module_chunk or None, mesh=mesh)
+    real = lambda t: jax.tree.map(lambda v: v[:n], t)  # noqa: E731
+    saved = (lambda st: st) if mesh is None else (lambda st: unplace(st, n))  # noqa: E731
 
     ones = {p.name: jnp.ones((1, p.size)) for p in mask_points(model)}
     base_val_acc = float((features_for_dataset(model, ones, x_va, data.mean, data.std,
@@ -97,6 +108,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
         state, hist = tree["state"], {"masks": tree["masks"], "heads": tree["heads"]}
         hist = jax.tree.map(np.asarray, hist)
         history, elapsed = prog["history"], prog["search_seconds"]
+    state = place(state, mesh)
     t_start = time.perf_counter() - elapsed
 
     @jax.jit
@@ -107,7 +119,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
     for epoch in range(len(history), len(phases)):
         phase = phases[epoch]
         if epoch == 0 or phases[epoch - 1] != phase:  # fresh Adam at every phase change
-            state = reset_optimizer(state, phase_lr(cfg, epoch, phase))
+            state = place(reset_optimizer(state, phase_lr(cfg, epoch, phase)), mesh)
         k_next, k_epoch = jax.random.split(state.key)
         state = state._replace(key=k_next)
         order = list(batches(len(y_tr), cfg.batch_size, key=k_epoch))
@@ -117,9 +129,9 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
         for s, idx in enumerate(order):
             idx = jnp.asarray(idx)
             if phase == MOD:
-                state, m = modularity_step(model, cfg, state, *gather(idx))
+                state, m = modularity_step(model, cfg, state, *gather(idx), mesh=mesh, n_real=n)
             else:
-                state, m = head_step(cfg, state, feats_tr[idx], y_tr_dev[idx])
+                state, m = head_step(cfg, state, feats_tr[idx], y_tr_dev[idx], n_real=n)
             m = {k: float(v) for k, v in m.items()}
             if not np.isfinite(m["loss"]):
                 raise SearchDivergedError(
@@ -131,8 +143,8 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
             feats_tr = feats_va = None
         if feats_va is None:
             feats_va = feats(state.masks, x_va)
-        val_acc = float((composed_scores(state.heads, feats_va).argmax(-1) == y_va).mean())
-        bin_masks = {k: np.asarray(v > 0) for k, v in state.masks.items()}
+        val_acc = float((composed_scores(real(state.heads), feats_va[:, :n]).argmax(-1) == y_va).mean())
+        bin_masks = {k: np.asarray(v[:n] > 0) for k, v in state.masks.items()}
         kept = sum(bin_masks[p.name].sum(-1) * len(p.layers) for p in mask_points(model))
         elapsed = time.perf_counter() - t_start
         rec = {
@@ -150,9 +162,9 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
         history.append(rec)
         hist = {"masks": {k: np.concatenate([hist["masks"][k], v[None].astype(np.uint8)])
                           for k, v in bin_masks.items()},
-                "heads": Heads(*(np.concatenate([a, np.asarray(b)[None]]) for a, b in zip(hist["heads"], state.heads)))}
+                "heads": Heads(*(np.concatenate([a, np.asarray(b)[None]]) for a, b in zip(hist["heads"], real(state.heads))))}
         if ckpt_dir is not None:
-            ckpt.save_progress(ckpt_dir, CKPT, {"state": state, **hist}, {
+            ckpt.save_progress(ckpt_dir, CKPT, {"state": saved(state), **hist}, {
                 "history": history, "search_seconds": elapsed, "config": config,
                 "base_val_accuracy": base_val_acc})
         notify(cbs, Progress("epoch", epoch, len(phases), metrics=rec))
@@ -166,7 +178,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
     ms = ModuleSet(model, masks, heads, {"method": "grad", "normalization": norm, "selected_epoch": sel,
                                          "config": config})
     return SplitResult(ms, history, time.perf_counter() - t_start, {
-        "state": state, "masks_history": {k: v.astype(bool) for k, v in hist["masks"].items()},
+        "state": saved(state), "masks_history": {k: v.astype(bool) for k, v in hist["masks"].items()},
         "heads_history": hist["heads"], "base_val_accuracy": base_val_acc, "selected_epoch": sel})
 
 

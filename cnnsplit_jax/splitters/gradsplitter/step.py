@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ... import mesh as meshlib
 from ...data import map_batches, normalize
 from ...models import MaskedCNN, mask_points
 from ...modules.forward import default_chunk, masked_logits
@@ -27,7 +28,8 @@ from .loss import binarize, head_loss, loss_fn
 from .memory import use_remat
 
 __all__ = ["GradSplitterState", "init", "reset_optimizer", "modularity_step", "head_step",
-           "head_step_plain", "module_features", "features_for_dataset", "composed_scores"]
+           "head_step_plain", "module_features", "features_for_dataset", "composed_scores", "place",
+           "unplace"]
 
 
 class GradSplitterState(NamedTuple):
@@ -66,6 +68,32 @@ def init(key: jax.Array, model: MaskedCNN, cfg: GradSplitterConfig = GradSplitte
     return reset_optimizer(state, phase_lr(cfg, 0, HEAD))
 
 
+def place(state: GradSplitterState, mesh, n_to: int | None = None) -> GradSplitterState:
+    """``state`` on ``mesh``: every per-module leaf (masks, heads, their Adam moments; leading
+    axis N) padded to ``n_to`` (default: ``mesh.padded(N, mesh)``) with copies of module 0 and
+    split along the ``modules`` axis; scalars (step, key, Adam's count and learning rate)
+    replicated. Unchanged without a mesh."""
+    if mesh is None:
+        return state
+    n = state.heads.w1.shape[0]
+    n_to = meshlib.padded(n, mesh) if n_to is None else n_to
+    per = lambda t: meshlib.shard_rows(meshlib.pad_rows(t, n_to), mesh)  # noqa: E731
+    opt = state.opt_state
+    per_module = lambda v: getattr(v, "ndim", 0) > 0 and v.shape[0] == n  # noqa: E731
+    opt = jax.tree.map(lambda v: per(v) if per_module(v) else meshlib.replicate(v, mesh), opt)
+    return state._replace(masks=per(state.masks), heads=per(state.heads), opt_state=opt,
+                          key=meshlib.replicate(state.key, mesh), step=meshlib.replicate(state.step, mesh))
+
+
+def unplace(state: GradSplitterState, n: int) -> GradSplitterState:
+    """The first ``n`` modules of a padded state, gathered to the host's default device
+    (what checkpoints hold: a search saved on one mesh resumes on any other)."""
+    n_pad = state.heads.w1.shape[0]
+    cut = lambda v: np.asarray(v)[:n] if getattr(v, "ndim", 0) > 0 and v.shape[0] == n_pad else v  # noqa: E731
+    return GradSplitterState(jax.tree.map(cut, state.masks), jax.tree.map(cut, state.heads),
+                             jax.tree.map(cut, state.opt_state), state.key, state.step)
+
+
 def reset_optimizer(state: GradSplitterState, lr: float) -> GradSplitterState:
     """A fresh Adam state (new moments, step count 0) with learning rate ``lr``."""
     opt = _tx().init({"masks": state.masks, "heads": state.heads})
@@ -81,40 +109,65 @@ def _apply(state, grads):
                           step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "remat"))
-def _mod_step(model, alpha, state, x, y, chunk=None, remat=False):
+@functools.partial(jax.jit, static_argnames=("chunk", "remat", "n_real", "shards"))
+def _mod_step(model, alpha, state, x, y, chunk=None, remat=False, n_real=None, shards=1):
     params = {"masks": state.masks, "heads": state.heads}
     (loss, (ce, kern, scores)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, model, x, y, alpha, chunk, remat)
+        params, model, x, y, alpha, chunk, remat, n_real, shards)
     acc = (scores.argmax(-1) == y).mean()
     return _apply(state, g), {"loss": loss, "ce": ce, "kernels": kern, "acc": acc}
 
 
-def modularity_step(model, cfg, state, x, y):
-    """One masks+heads Adam step on normalised images x [B, H, W, C], labels y [B]."""
+def modularity_step(model, cfg, state, x, y, *, mesh=None, n_real: int | None = None):
+    """One masks+heads Adam step on normalised images x [B, H, W, C], labels y [B].
+
+    mesh: the ``place``-d state's mesh (its ``modules`` axis splits the modules; a ``data``
+    axis splits x and y when B divides it); n_real: real modules when the state is padded.
+    """
     n = state.heads.w1.shape[0]
-    chunk = default_chunk(n, cfg.module_chunk)
-    remat = use_remat(cfg.remat, model, n, x.shape[0])
+    shards = meshlib.axis_size(mesh, "modules")
+    local, b_local = n // shards, _batch_split(x.shape[0], mesh)
+    remat = use_remat(cfg.remat, model, local, b_local)
+    chunk = default_chunk(local, cfg.module_chunk) if shards == 1 or cfg.module_chunk else None
     if remat and cfg.module_chunk is None:  # groups of at most 10 modules, so that one group is small
-        chunk = min(chunk, 10, max(1, n // 4))
-    return _mod_step(model, jnp.float32(cfg.alpha), state, x, y, chunk=chunk, remat=remat)
+        chunk = min(chunk or local, 10, max(1, local // 4))
+    if mesh is not None:
+        x, y = put_batch(x, mesh), put_batch(y, mesh)
+    return _mod_step(model, jnp.float32(cfg.alpha), state, x, y, chunk=chunk, remat=remat,
+                     n_real=None if n_real == n else n_real, shards=shards)
 
 
-@jax.jit
-def _head_step(state, feats, y):
-    (loss, scores), gh = jax.value_and_grad(head_loss, has_aux=True)(state.heads, feats, y)
+def _batch_split(b: int, mesh) -> int:
+    d = meshlib.axis_size(mesh, "data")
+    return b // d if b % d == 0 else b
+
+
+def put_batch(a, mesh):
+    """``a`` split along its leading (batch) axis over the mesh's ``data`` axis when it divides,
+    else replicated (an odd last batch runs whole on every device: same result)."""
+    d = meshlib.axis_size(mesh, "data")
+    if d > 1 and a.shape[0] % d == 0:
+        return jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    return meshlib.replicate(a, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("n_real",))
+def _head_step(state, feats, y, n_real=None):
+    (loss, scores), gh = jax.value_and_grad(head_loss, has_aux=True)(state.heads, feats, y, n_real)
     g = {"masks": jax.tree.map(jnp.zeros_like, state.masks), "heads": gh}
     acc = (scores.argmax(-1) == y).mean()
     return _apply(state, g), {"loss": loss, "ce": loss, "kernels": jnp.float32(0), "acc": acc}
 
 
-def head_step(cfg, state, feats, y):
-    """One heads-only Adam step on cached module features ``feats`` [B, N, K].
+def head_step(cfg, state, feats, y, *, n_real: int | None = None):
+    """One heads-only Adam step on cached module features ``feats`` [B, N, K] (N: the state's
+    module count, padding included; ``n_real`` real ones).
 
     Masks get zero gradients, so with the fresh Adam of a head phase they do not move.
     """
     del cfg
-    return _head_step(state, feats, y)
+    n = state.heads.w1.shape[0]
+    return _head_step(state, feats, y, n_real=None if n_real == n else n_real)
 
 
 @jax.jit
@@ -149,11 +202,13 @@ def module_features(model: MaskedCNN, masks: Mapping[str, jax.Array], x: jax.Arr
 
 
 def features_for_dataset(model: MaskedCNN, masks: Mapping[str, jax.Array], x_u8: np.ndarray, mean, std,
-                         batch_size: int = 256, dedupe: bool = True, chunk: int | None = None) -> np.ndarray:
+                         batch_size: int = 256, dedupe: bool = True, chunk: int | None = None,
+                         mesh=None) -> np.ndarray:
     """Module features [n, N, K] for uint8 images, computing modules with equal masks once.
 
     Unique binary mask sets are padded to a power of two (bounded recompiles). ``chunk``:
-    modules per vmapped group (default: ``default_chunk``).
+    modules per vmapped group (default: ``default_chunk``). mesh: the unique mask sets are
+    padded to its ``modules`` axis and split over it (one vmap, partitioned by device).
     """
     bin_np = {k: np.asarray(v > 0) for k, v in masks.items()}
     n_mod = next(iter(bin_np.values())).shape[0]
@@ -166,10 +221,11 @@ def features_for_dataset(model: MaskedCNN, masks: Mapping[str, jax.Array], x_u8:
     u = len(first)
     padded = 1 << (u - 1).bit_length() if u > 1 else 1
     padded = min(padded, n_mod) if dedupe else n_mod
+    padded = meshlib.padded(padded, mesh)
     sel = np.concatenate([first, np.repeat(first[:1], padded - u)])
-    uniq = {k: jnp.asarray(v[sel], jnp.float32) for k, v in bin_np.items()}
+    uniq = meshlib.shard_rows({k: jnp.asarray(v[sel], jnp.float32) for k, v in bin_np.items()}, mesh)
     mean, std = jnp.asarray(mean), jnp.asarray(std)
-    chunk = default_chunk(padded, chunk)
+    chunk = default_chunk(padded, chunk) if meshlib.axis_size(mesh, "modules") == 1 else None
     feats = map_batches(lambda xb: _features(model, uniq, normalize(jnp.asarray(xb), mean, std), chunk=chunk),
                         [x_u8], batch_size, pad=False)
     return feats[:, inverse]

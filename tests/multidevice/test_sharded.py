@@ -1,0 +1,190 @@
+"""1 device against 8 (simulated CPU devices): every sharded entry point gives the single-device
+result, for module counts that divide 8 and that do not, and its arrays really are split.
+Run by ``tests/test_mesh.py`` in a subprocess (see conftest)."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+import cnnsplit_jax as cs
+from cnnsplit_jax import mesh as M
+from cnnsplit_jax.modules.forward import masked_logits
+from cnnsplit_jax.splitters import gradsplitter as gs
+from cnnsplit_jax.splitters.cnnsplitter import module_logits
+
+ONE = None  # the unsharded code path (what a single-device host runs)
+
+
+def _model(n):
+    return cs.build_model("simcnn", num_classes=n, in_channels=1, width=0.0625, key=0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = cs.load_dataset("digits")
+    return ds
+
+
+@pytest.mark.parametrize("n", [8, 10])
+@pytest.mark.parametrize("spec", ["modules=8", "data=2,modules=4"])
+def test_gradsplitter_steps_equal_one_device_and_are_split(n, spec):
+    model, cfg = _model(n), cs.GradSplitterConfig(init="random")
+    st = gs.init(jax.random.key(0), model, cfg)
+    x = jax.random.normal(jax.random.key(1), (16, 32, 32, 1))
+    y = jnp.arange(16) % n
+    mesh = M.make_mesh(spec)
+    s1, s8 = st, gs.place(st, mesh)
+    n_pad = M.padded(n, mesh)
+    assert s8.masks[next(iter(s8.masks))].shape[0] == n_pad == (8 if n == 8 and spec == "modules=8" else
+                                                               {("modules=8", 10): 16, ("data=2,modules=4", 8): 8,
+                                                                ("data=2,modules=4", 10): 12}[(spec, n)])
+    for _ in range(3):
+        s1, m1 = gs.modularity_step(model, cfg, s1, x, y)
+        s8, m8 = gs.modularity_step(model, cfg, s8, x, y, mesh=mesh, n_real=n)
+    assert float(m8["loss"]) == pytest.approx(float(m1["loss"]), abs=1e-5)
+    for k, v in s8.masks.items():
+        assert v.sharding.spec == P("modules") and v.sharding.mesh.shape == mesh.shape
+        assert len(v.addressable_shards) == 8 and v.addressable_shards[0].data.shape[0] == n_pad // M.axis_size(mesh, "modules")
+        np.testing.assert_allclose(np.asarray(v)[:n], np.asarray(s1.masks[k]), atol=1e-5)
+        # the padding never moved (zero gradients): still copies of module 0's initial mask
+        np.testing.assert_array_equal(np.asarray(v)[n:], np.repeat(np.asarray(st.masks[k])[:1], n_pad - n, 0))
+    assert s8.heads.w1.sharding.spec == P("modules")
+    np.testing.assert_allclose(np.asarray(s8.heads.w1)[:n], np.asarray(s1.heads.w1), atol=1e-5)
+    mu = s8.opt_state.inner_state[0].mu["masks"]  # Adam's moments follow the masks
+    assert next(iter(mu.values())).sharding.spec == P("modules")
+
+
+def test_remat_groups_stay_inside_devices():
+    n, model = 10, _model(10)
+    cfg = cs.GradSplitterConfig(init="random")
+    st = gs.init(jax.random.key(0), model, cfg)
+    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 1))
+    y = jnp.arange(8) % n
+    mesh = M.make_mesh("modules=8")
+    s1, m1 = gs.modularity_step(model, cfg, st, x, y)
+    cfg_r = cs.GradSplitterConfig(init="random", remat=True)
+    s8, m8 = gs.modularity_step(model, cfg_r, gs.place(st, mesh), x, y, mesh=mesh, n_real=n)
+    assert float(m8["loss"]) == pytest.approx(float(m1["loss"]), abs=1e-5)
+    for k in s1.masks:
+        np.testing.assert_allclose(np.asarray(s8.masks[k])[:n], np.asarray(s1.masks[k]), atol=1e-5)
+    # the block-wise lax.map returns modules in order: 16 modules, 8 devices, groups of 1
+    masks = {k: jnp.arange(16.0)[:, None] * jnp.ones((16, 3)) for k in ("a",)}
+    out = M.map_blocks(lambda t: t["a"] * 2, masks, 8, 1)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(masks["a"]) * 2)
+
+
+def test_gradsplitter_search_on_8_devices_matches_and_resumes_on_another_mesh(digits, tmp_path):
+    ds = digits
+    data = cs.SplitData(ds.x_train[:192], ds.y_train[:192], ds.x_train[192:320], ds.y_train[192:320],
+                        ds.info.mean, ds.info.std)
+    model = _model(10)
+    cfg = cs.GradSplitterConfig(head_epochs=1, modularity_epochs=2, cycle_mod=1, cycle_head=1, batch_size=64,
+                                lr_modularity=0.05)
+    r1 = gs.split(jax.random.key(0), model, data, cfg, mesh=ONE)
+    r8 = gs.split(jax.random.key(0), model, data, cfg, mesh="modules=8", ckpt_dir=tmp_path / "a")
+    assert len(r8.history) == len(r1.history)
+    for h1, h8 in zip(r1.history, r8.history):
+        assert h8["loss"] == pytest.approx(h1["loss"], abs=1e-4)
+        assert h8["val_accuracy"] == pytest.approx(h1["val_accuracy"], abs=1e-9)
+        assert h8["mean_kernels"] == h1["mean_kernels"]
+    for k, v in r1.module_set.masks.items():  # 10 real modules, padding gone
+        assert r8.module_set.masks[k].shape == v.shape
+        np.testing.assert_array_equal(r8.module_set.masks[k], v)
+    # a search killed after epoch 1 on modules=8 resumes on data=2,modules=4 (checkpoints hold
+    # the real modules) and ends where the uninterrupted one did
+    def kill(p):
+        if p.stage == "epoch" and p.index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gs.split(jax.random.key(0), model, data, cfg, mesh="modules=8", ckpt_dir=tmp_path / "b", callbacks=kill)
+    r = gs.split(jax.random.key(0), model, data, cfg, mesh="data=2,modules=4", ckpt_dir=tmp_path / "b", resume=True)
+    assert [h["epoch"] for h in r.history] == [h["epoch"] for h in r1.history]
+    assert r.history[-1]["loss"] == pytest.approx(r1.history[-1]["loss"], abs=1e-4)
+    for k, v in r1.module_set.masks.items():
+        np.testing.assert_array_equal(r.module_set.masks[k], v)
+
+
+@pytest.mark.parametrize("m", [40, 37])
+def test_cnnsplitter_module_logits_split_over_devices(m):
+    model = _model(10)
+    rng = np.random.default_rng(m)
+    masks = {p.name: jnp.asarray((rng.random((m, p.size)) < 0.6).astype(np.float32)) for p in cs.mask_points(model)}
+    cls = np.arange(m) % 10
+    x = jax.random.normal(jax.random.key(0), (12, 32, 32, 1))
+    mesh = M.make_mesh("modules=8")
+    a = module_logits(model, masks, cls, x, group=2)
+    b = module_logits(model, masks, cls, x, group=2, mesh=mesh)
+    assert b.shape == (m, 12)
+    np.testing.assert_allclose(b, a, atol=1e-6)
+    # the forward itself runs split: its [M, B, K] output lives in 8 blocks of modules
+    to = M.padded(m, mesh)
+    sharded = M.shard_rows(M.pad_rows(masks, to), mesh)
+    out = jax.jit(lambda t: masked_logits(model, t, x, chunk=2, loop="map", shards=8))(sharded)
+    assert out.sharding.spec[0] == "modules" and len({s.device for s in out.addressable_shards}) == 8
+
+
+def test_cnnsplitter_search_on_8_devices_equals_one(digits):
+    ds = digits
+    data = cs.SplitData(ds.x_train[:64], ds.y_train[:64], ds.x_train[:96], ds.y_train[:96], ds.info.mean, ds.info.std)
+    model = _model(10)
+    cfg = cs.CNNSplitterConfig(population=6, generations=2, num_parents=4, keep_parents=2, eval_images=48,
+                               module_group=3)  # 60 modules a generation: 64 padded, 8 a device
+    from cnnsplit_jax.splitters import cnnsplitter
+
+    r1 = cnnsplitter.split(jax.random.key(0), model, data, cfg, mesh=ONE, sensitivity_ratios=(0.5, 1.0))
+    r8 = cnnsplitter.split(jax.random.key(0), model, data, cfg, mesh="modules=8", sensitivity_ratios=(0.5, 1.0))
+    key = lambda h: (h["generation"], h["best_fitness"], h["ensemble"], h["valid_accuracy"])  # noqa: E731
+    assert [key(h) for h in r8.history] == [key(h) for h in r1.history]
+    for k, v in r1.module_set.masks.items():
+        np.testing.assert_array_equal(r8.module_set.masks[k], v)
+
+
+def test_composition_splits_the_batch_and_equals_one_device():
+    model = _model(10)
+    rng = np.random.default_rng(0)
+    masks = {p.name: (rng.random((10, p.size)) < 0.6).astype(np.float32) for p in cs.mask_points(model)}
+    heads = cs.gradsplitter.init_heads(jax.random.key(0), 10, 10)
+    ms = cs.ModuleSet(model, masks, heads, {"dataset": "synthetic", "normalization": {"mean": [0.5], "std": [0.25]}})
+    picks = [cs.Pick(ms, c) for c in (0, 3, 7, 9)]
+    one = cs.compose(picks, mesh=M.make_mesh("data=1", devices=jax.devices()[:1]))
+    eight = cs.compose(picks, mesh="data=8")
+    assert one.mesh is None and dict(eight.mesh.shape) == {"data": 8}
+    apply = jax.jit(cs.apply)
+    for b in (16, 13):  # divides 8, does not (padded with copies, sliced off)
+        x = jnp.asarray(rng.integers(0, 256, (b, 32, 32, 1)).astype(np.uint8))
+        s1, s8 = apply(one, x), apply(eight, x)
+        assert s8.shape == (b, 4)
+        np.testing.assert_allclose(np.asarray(s8), np.asarray(s1), atol=1e-5)
+        if b == 16:
+            assert s8.sharding.spec == P("data") and len(s8.addressable_shards) == 8
+    assert cs.predict_scores(eight, rng.integers(0, 256, (300, 32, 32, 1)).astype(np.uint8)).shape == (300, 4)
+
+
+def test_data_parallel_training_equals_one_device(digits):
+    ds = digits
+    ds = cs.Dataset(ds.x_train[:384], ds.y_train[:384], ds.x_test[:64], ds.y_test[:64], ds.info)
+    model = _model(10)
+    cfg = cs.TrainConfig(epochs=1, batch_size=64, lr=0.05, dropout=0.0)
+    r1 = cs.fit(model, ds, cfg, mesh=M.make_mesh("data=1", devices=jax.devices()[:1]))
+    r8 = cs.fit(model, ds, cfg, mesh="data=8")
+    assert r8.history[0]["train_loss"] == pytest.approx(r1.history[0]["train_loss"], abs=1e-4)
+    from flax import nnx
+
+    p1, p8 = nnx.state(r1.model, nnx.Param), nnx.state(r8.model, nnx.Param)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), p1, p8))
+    assert max(diffs) < 1e-4  # 6 SGD steps (BatchNorm, batch 64 = 8 x 8): the all-reduce sums in another order
+    leaf = jax.tree.leaves(p8)[0]
+    assert leaf.sharding.mesh.shape == {"data": 8} and leaf.sharding.spec == P()  # replicated parameters
+
+
+def test_a_mesh_that_does_not_use_every_device_is_refused():
+    with pytest.raises(M.MeshError, match="uses 4 of the 8 devices"):
+        M.make_mesh("modules=4")
+    with pytest.raises(M.MeshError, match="needs 16 devices; only 8 exist"):
+        M.make_mesh("data=2,modules=8")
+    assert dict(M.make_mesh(None).shape) == {"modules": 8}
+    assert dict(M.make_mesh(None, natural="data").shape) == {"data": 8}
