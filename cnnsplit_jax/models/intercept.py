@@ -35,8 +35,9 @@ class AdapterError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class LayerCall:
     """One intercepted call: ``path`` of the layer, ``kind`` (``"conv"`` / ``"norm"``), the
-    output shape, the kernel's (k_h, k_w) and stride for convs, and whether its input was the
-    previous call's output (a norm reading its conv directly)."""
+    output shape, the kernel's (k_h, k_w) and stride for convs, whether its input was the
+    previous call's output (a norm reading its conv directly), the layer's class name and its
+    ``feature_group_count`` (1 unless a grouped conv)."""
 
     path: str
     kind: str
@@ -44,6 +45,8 @@ class LayerCall:
     ksize: int = 0
     stride: int = 1
     reads_previous: bool = False
+    layer_class: str = ""
+    groups: int = 1
 
 
 # ------------------------------------------------------------------------ interception
@@ -133,7 +136,8 @@ def discover(net, variables=None, *, input_shape: Sequence[int], apply_kwargs: M
 
     def fn(path, kind, layer, x, out):
         calls.append(LayerCall(path, kind, tuple(out.shape[1:]), _ksize(layer) if kind == "conv" else 0,
-                               _stride(layer) if kind == "conv" else 1, x is last["out"]))
+                               _stride(layer) if kind == "conv" else 1, x is last["out"], type(layer).__name__,
+                               int(getattr(layer, "feature_group_count", 1) or 1)))
         last["out"] = out
         return out
 

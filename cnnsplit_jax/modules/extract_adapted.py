@@ -93,22 +93,10 @@ def _batch_norm(layer, x, p):
     return y + p["bias"] if "bias" in p else y
 
 
-def _layer_info(model) -> dict[str, tuple[str, int]]:
-    """``{path: (class name, feature_group_count)}`` of every hooked layer (one forward pass:
-    a Linen submodule exists only inside ``apply``)."""
-    info = {}
-
-    def fn(path, kind, layer, x, out):
-        info[path] = (type(layer).__name__, int(getattr(layer, "feature_group_count", 1) or 1))
-        return out
-
-    model._run(jnp.zeros((1, *model.input_shape), jnp.float32), fn)
-    return info
-
-
 def _chain(model):
     """(conv paths in order, {conv: its BatchNorm path}, first dense path) or raise."""
-    calls, info, where = model.calls, _layer_info(model), model._where
+    calls, where = model.calls, model._where
+    info = {c.path: (c.layer_class, c.groups) for c in calls}
     if any(len(p.layers) > 1 for p in model.mask_points()):
         raise ExtractionError(f"{model.arch}: tied mask points gate residual pairs; extraction handles conv chains")
     norm_of = {}
