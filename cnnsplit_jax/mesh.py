@@ -4,8 +4,10 @@ command line) that spreads a search or a composition over devices with ``jax.sha
 Axes, by what they split:
 
 * ``modules``: the module axis (GradSplitter's masks, heads and their Adam state; CNNSplitter's
-  class x individual axis; concern modules; composed masked modules);
-* ``data``: the image batch (images of a step, of an evaluation, of data-parallel training).
+  class x individual axis);
+* ``data``: the image batch (GradSplitter steps, composition, data-parallel training).
+
+Concern identification is not split yet.
 
 A spec names each axis once with its size, and the sizes multiply to the number of devices
 (every device is used, none twice). ``None`` or ``"auto"`` puts all devices on the entry
