@@ -13,10 +13,11 @@ The names a JAX user needs, flat (optax style)::
 Packages, bottom to top: ``models`` (architectures, masks, conv, interop), ``data``,
 ``checkpoint``, ``train``, ``modules`` (module sets, heads, extraction, THE module forward),
 ``splitters`` (``gradsplitter``, ``cnnsplitter``, ``concern``: one ``split`` API each),
-``compose`` / ``evaluate`` / ``reuse``, ``pipeline`` (runs on disk), ``cli``.
+``compose`` / ``evaluate`` / ``reuse``, ``pipeline`` (runs on disk), ``cli``; ``mesh`` (devices)
+and ``distributed`` (several processes: call ``cs.distributed.initialize()`` before any JAX work).
 """
 
-from . import checkpoint, data, models, modules, pipeline, splitters
+from . import checkpoint, data, distributed, mesh, models, modules, pipeline, splitters
 from .checkpoint import CheckpointError, load_model, save_model
 from .compose import ClassRef, Composition, apply, compose, predict_scores
 from .data import Dataset, DatasetError, DatasetInfo, load_dataset, load_task, normalize
@@ -36,8 +37,8 @@ __all__ = [
     "ConcernModuleSet", "Dataset", "DatasetError", "DatasetInfo", "GradSplitterConfig", "InceCNN", "MaskedCNN",
     "ModuleSet", "Pick", "Progress", "ResCNN", "ResNet", "SearchDivergedError", "SimCNN", "SplitData",
     "SplitResult", "TrainConfig", "apply", "build_model", "checkpoint", "cnnsplitter", "compose", "concern",
-    "count_params", "data", "evaluate_module_set", "fit", "gradsplitter", "kept_kernels", "load_dataset",
-    "load_model", "load_module_set", "load_task", "mask_points", "models", "module_outputs", "modules",
+    "count_params", "data", "distributed", "evaluate_module_set", "fit", "gradsplitter", "kept_kernels", "load_dataset",
+    "load_model", "load_module_set", "load_task", "mask_points", "mesh", "models", "module_outputs", "modules",
     "normalize", "ones_masks", "pipeline", "predict_scores", "save_model", "save_module_set", "splitters",
     "total_kernels",
 ]

@@ -11,6 +11,10 @@ to numbered leaves, and restore it into the structure of a template, so optax / 
 states round-trip exactly. Writes go to a temporary directory that replaces the old one
 only when complete, so an interrupted save never destroys the last good checkpoint.
 
+In a run of several processes (``cnnsplit_jax.distributed``) every process calls the same
+functions: arrays spread over processes are gathered first, only process 0 writes, and all
+processes wait at a barrier until the write is complete; every process can then read.
+
 Resumable loops (training, GradSplitter, CNNSplitter) use one pair: ``save_progress`` writes
 the state tree and a JSON progress record (epoch counters, history, the run's config) as one
 atomic unit; ``load_progress`` restores both and refuses a different config.
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import distributed as dist
 from .models import MaskedCNN, build_model
 
 __all__ = [
@@ -86,7 +91,13 @@ def _ocp():
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename); process 0 only in a multi-process run."""
+    if dist.is_primary():
+        _write_json(path, obj)
+    dist.barrier(f"write_json {Path(path).name}")
+
+
+def _write_json(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
@@ -123,26 +134,36 @@ def _to_saveable(leaf):
 
 def save_tree(path: str | os.PathLike, tree: Any, extra_json: dict | None = None) -> None:
     """Save a pytree of arrays (PRNG keys allowed) to an Orbax directory at ``path``;
-    ``extra_json`` is written as ``path/progress.json`` inside the same atomic replacement."""
+    ``extra_json`` is written as ``path/progress.json`` inside the same atomic replacement.
+
+    Several processes: every one calls it; arrays spread over processes are gathered first,
+    Orbax's multi-process save writes them from process 0, which alone touches the files."""
     path = Path(path).absolute()
-    leaves = jax.tree.leaves(tree)
-    flat = {f"{i:05d}": _to_saveable(x) for i, x in enumerate(leaves)}
+    leaves = [_to_saveable(x) for x in jax.tree.leaves(tree)]
+    if dist.process_count() > 1:
+        leaves = dist.host(leaves)  # host arrays: Orbax writes them from its primary host (process 0)
+    flat = {f"{i:05d}": x for i, x in enumerate(leaves)}
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    primary = dist.is_primary()
+    if primary:
+        for p in (tmp, old):
+            if p.exists():
+                shutil.rmtree(p)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    dist.barrier(f"save_tree {path.name}: ready")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _ocp().v1.save(tmp, flat)
-    if extra_json is not None:
-        write_json(tmp / PROGRESS_JSON, extra_json)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+        _ocp().v1.save(tmp, flat)  # every process: Orbax's own barriers, one writer
+    if primary:
+        if extra_json is not None:
+            _write_json(tmp / PROGRESS_JSON, extra_json)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    dist.barrier(f"save_tree {path.name}: done")
 
 
 def load_tree(path: str | os.PathLike, template: Any) -> Any:
@@ -195,7 +216,6 @@ def save_model(run_dir: str | os.PathLike, model: MaskedCNN, meta: dict | None =
                               "save the module set's masks (ModuleSet.tree(), checkpoint.save_tree) and "
                               "rebuild the model with cnnsplit_jax.adapt")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_tree(run_dir / MODEL_DIR, nnx.state(model))
     write_json(run_dir / MODEL_JSON, {**model.config(), **(meta or {})})
 
@@ -234,7 +254,6 @@ def save_progress(directory: str | os.PathLike, name: str, tree: Any, progress: 
     if "config" not in progress:
         raise ValueError("progress must record the run's 'config'")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     save_tree(directory / name, tree, extra_json=progress)
     write_json(directory / f"{name}.json", progress)
 

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "MeshError", "parse_mesh", "make_mesh", "resolve", "axis_size", "padded", "pad_rows",
-           "shard_rows", "replicate", "describe", "map_blocks"]
+           "put", "shard_rows", "shard_batch", "replicate", "describe", "map_blocks"]
 
 AXES = ("modules", "data")
 
@@ -121,18 +121,38 @@ def pad_rows(tree, n_to: int):
     return jax.tree.map(pad, tree)
 
 
+def put(v, sharding: NamedSharding) -> jax.Array:
+    """``v`` (array, NumPy array or PRNG key array) placed with ``sharding``. In a run of several
+    processes the mesh spans devices this process cannot address: a local array then goes
+    through the host (every process holds the same value) and an array already spread over
+    the processes is resharded."""
+    if jax.process_count() == 1:
+        return jax.device_put(jax.numpy.asarray(v), sharding)
+    if isinstance(v, jax.Array) and jax.numpy.issubdtype(v.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put(jax.random.key_data(v), sharding), impl=jax.random.key_impl(v))
+    if isinstance(v, jax.Array) and not v.is_fully_addressable:
+        return jax.device_put(v, sharding)
+    return jax.device_put(np.asarray(v), sharding)
+
+
 def shard_rows(tree, mesh: Mesh | None, axis: str = "modules"):
     """Leaves with a leading axis put on ``mesh`` split along ``axis`` (scalars replicated);
     the tree unchanged without a mesh."""
     if mesh is None:
         return tree
+    return jax.tree.map(lambda v: put(v, NamedSharding(mesh, P(axis) if np.ndim(v) and axis in mesh.shape
+                                                       else P())), tree)
 
-    def put(v):
-        v = jax.numpy.asarray(v)
-        spec = P(axis) if v.ndim and axis in mesh.shape else P()
-        return jax.device_put(v, NamedSharding(mesh, spec))
 
-    return jax.tree.map(put, tree)
+def shard_batch(tree, mesh: Mesh | None):
+    """Leaves split along their leading (batch) axis over the mesh's ``data`` axis when it
+    divides, else replicated (an odd batch runs whole on every device: same result); the tree
+    unchanged without a mesh."""
+    if mesh is None:
+        return tree
+    d = axis_size(mesh, "data")
+    return jax.tree.map(lambda v: put(v, NamedSharding(mesh, P("data") if d > 1 and np.shape(v)[0] % d == 0
+                                                       else P())), tree)
 
 
 def map_blocks(f, tree, shards: int, chunk: int | None):
@@ -159,4 +179,4 @@ def replicate(tree, mesh: Mesh | None):
     """Every leaf replicated on ``mesh`` (unchanged without one)."""
     if mesh is None:
         return tree
-    return jax.tree.map(lambda v: jax.device_put(jax.numpy.asarray(v), NamedSharding(mesh, P())), tree)
+    return jax.tree.map(lambda v: put(v, NamedSharding(mesh, P())), tree)

@@ -227,7 +227,7 @@ def _tc_metrics(pred, y, tc):
 
 
 def patch(weak_model, weak_info, x_test: np.ndarray, y_test: np.ndarray, module_set: ModuleSet,
-          target_class: int, range_images: np.ndarray) -> dict:
+          target_class: int, range_images: np.ndarray, *, mesh=None) -> dict:
     """Patch ``weak_model`` (whose *last* class is the target class) with module
     ``target_class`` of ``module_set``.
 
@@ -236,6 +236,7 @@ def patch(weak_model, weak_info, x_test: np.ndarray, y_test: np.ndarray, module_
       x_test, y_test: the weak model's test images (uint8) and labels (target class = last).
       range_images: the module's own target-class images (uint8), e.g. of its module-set's
         evaluation split; their min / max module score normalise the module's output.
+      mesh: devices the module's batches are split over (``compose``'s ``mesh``).
 
     Returns ``{"before", "after"}`` each with the target class's ``precision, recall, f1``,
     ``accuracy`` on the non-target images and ``overall_accuracy``; plus the score range and
@@ -249,7 +250,7 @@ def patch(weak_model, weak_info, x_test: np.ndarray, y_test: np.ndarray, module_
                          f"{module_set.base.in_channels}-channel ones")
     if len(y_test) and (y_test.min() < 0 or y_test.max() >= k):
         raise ValueError(f"labels must lie in [0, {k}) for the weak model")
-    comp = compose([Pick(module_set, int(target_class))])
+    comp = compose([Pick(module_set, int(target_class))], mesh=mesh)
     rng = predict_scores(comp, range_images)[:, 0]
     lo, hi = float(rng.min()), float(rng.max())
     logits = predict(weak_model, x_test, weak_info)

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "cnnsplit_jax"
 
 #: packages / top-level modules of cnnsplit_jax, bottom (0) to top; a module may import from
 #: a lower layer or from its own package, never from a higher layer or a sibling of its layer
-LAYERS = {"progress": 0, "mesh": 0, "models": 1, "data": 1, "checkpoint": 2, "train": 3, "modules": 3, "splitters": 4,
+LAYERS = {"progress": 0, "mesh": 0, "distributed": 0, "models": 1, "data": 1, "checkpoint": 2, "train": 3, "modules": 3, "splitters": 4,
           "evaluate": 5, "compose": 5, "reuse": 6, "pipeline": 7, "cli": 8}
 
 

@@ -3,10 +3,14 @@
 Argument parsing (``parser``), printing, progress bars (``report``) and plots (``plots``)
 only: every command calls one ``cnnsplit_jax.pipeline`` function. Errors print one or two
 lines (``--verbose``: the full cause); ``RunWarning``s print as ``warning: ...`` lines.
+In a run of several processes (``--coordinator``/``--num-processes``/``--process-id``, or
+``--distributed``) every process runs the command; only process 0 prints and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import traceback
 import warnings
@@ -25,6 +29,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``cnnsplit`` with ``argv``; returns the exit status (2 on a user error)."""
+    from .. import distributed as dist
     from ..checkpoint import CheckpointError
     from ..data import DatasetError
     from ..pipeline import RunWarning
@@ -37,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", RunWarning)
         warnings.showwarning = _show_warning
         try:
-            return COMMANDS[args.command](args)
+            dist.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+            quiet = contextlib.nullcontext() if dist.is_primary() else contextlib.redirect_stdout(io.StringIO())
+            with quiet:
+                return COMMANDS[args.command](args)
         except (DatasetError, CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             detail = getattr(e, "detail", None)

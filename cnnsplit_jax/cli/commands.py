@@ -191,7 +191,7 @@ def _patch_plots(out: Path, res: dict) -> None:
 
 def cmd_patch(args) -> int:
     res = pipeline.patch_run(args.weak, args.modules, args.target_class, args.out, data_dir=args.data_dir,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, mesh=args.mesh)
     _patch_plots(Path(args.out), res)
     print(patch_table(res))
     log(f"wrote {Path(args.out) / 'patch.json'} and confusion PNGs")
@@ -201,7 +201,7 @@ def cmd_patch(args) -> int:
 def cmd_replace(args) -> int:
     res = pipeline.replace_run(args.modules, args.with_, args.class_, args.out, dataset=args.dataset,
                                data_dir=args.data_dir, form=args.form, execution=args.execution,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, mesh=args.mesh)
     out = Path(args.out)
     for key in ("before", "after"):
         plots.confusion_matrix(res[key]["confusion"], out / f"confusion_{key}.png", res[key]["class_names"],

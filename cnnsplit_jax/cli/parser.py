@@ -105,7 +105,7 @@ def _thresholds(s: str) -> tuple[tuple[int, float], ...]:
 
 def _mesh_flag(parser, natural: str, what: str) -> None:
     parser.add_argument("--mesh", default=None, metavar="AXIS=SIZE[,AXIS=SIZE]",
-                        help=f"device mesh: {what} (default: every local device on '{natural}'; "
+                        help=f"device mesh: {what} (default: every device on '{natural}'; "
                              "e.g. --mesh modules=8, --mesh data=2,modules=4)")
 
 
@@ -244,6 +244,7 @@ def _reuse_parsers(sub, common) -> None:
     pa.add_argument("--target-class", required=True, type=int, help="module index of the target class")
     pa.add_argument("--data-dir", default=None)
     pa.add_argument("--out", required=True)
+    _mesh_flag(pa, "data", "each batch of images the module scores split over the devices")
     pa.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
     r = sub.add_parser("replace", parents=[common], help="swap one class's module for another model's")
@@ -255,6 +256,7 @@ def _reuse_parsers(sub, common) -> None:
     r.add_argument("--form", default="masked", choices=["masked", "extracted"], help="(default masked)")
     r.add_argument("--execution", default="auto", choices=["auto", "vmap", "unrolled"], help="(default auto)")
     r.add_argument("--out", required=True)
+    _mesh_flag(r, "data", "each batch of images split over the devices")
     r.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
 
@@ -267,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show the full cause of errors")
+    mh = common.add_argument_group("several processes (jax.distributed; one command per host, same flags "
+                                   "but --process-id)")
+    mh.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="process 0's address (default: $JAX_COORDINATOR_ADDRESS)")
+    mh.add_argument("--num-processes", type=int, default=None, help="processes in the run "
+                    "(default: $JAX_NUM_PROCESSES)")
+    mh.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1 "
+                    "(default: $JAX_PROCESS_ID)")
+    mh.add_argument("--distributed", action="store_true",
+                    help="join a multi-process run found by JAX's cluster detection (TPU pod, Slurm, Open MPI)")
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub, common)
     i = sub.add_parser("info", parents=[common], help="summarise a trained run directory")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed as dist
+
 
 def _plt():
     import matplotlib
@@ -14,6 +16,11 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    if dist.is_primary():  # one writer in a run of several processes
+        fig.savefig(path, dpi=110)
 
 
 def retention_heatmap(layer_retention: dict, path: Path, class_names=None) -> None:
@@ -30,7 +37,7 @@ def retention_heatmap(layer_retention: dict, path: Path, class_names=None) -> No
     ax.set_title("kernel retention per layer")
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -44,7 +51,7 @@ def f1_bars(f1, path: Path, class_names=None) -> None:
     ax.set_ylabel("F1 (threshold 0.5)")
     ax.set_title("module F1 on the module-evaluation split")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -66,7 +73,7 @@ def accuracy_vs_kernels(history: list[dict], path: Path, base_accuracy: float, s
         ax.axvline(selected, color="gray", ls="--", lw=1)
     ax.set_title("accuracy and kept kernels over the search")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -89,7 +96,7 @@ def confusion_matrix(cm, path: Path, class_names, title: str = "confusion matrix
                         color="white" if frac[i, j] > 0.5 else "black")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -107,5 +114,5 @@ def fitness_over_generations(history: list[dict], path: Path, best_generation: i
     ax.legend(fontsize=8)
     ax.set_title("CNNSplitter search")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)

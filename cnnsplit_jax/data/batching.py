@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Sequence
 import jax
 import numpy as np
 
+from .. import distributed as dist
+
 __all__ = ["normalize", "batches", "map_batches", "sum_batches"]
 
 
@@ -98,7 +100,7 @@ def map_batches(
     outs = []
     for i in range(steps):
         part, m = _padded(arrays, i * batch_size, batch_size, pad and steps > 1)
-        out = jax.tree.map(np.asarray, fn(*part))
+        out = dist.host(fn(*part))
         outs.append(jax.tree.map(lambda o: np.take(o, np.arange(m), axis=axis), out))
         if on_batch is not None:
             on_batch(i + 1, steps)
@@ -126,7 +128,7 @@ def sum_batches(
     for i in range(steps):
         part, m = _padded(arrays, i * bs, bs, True)
         valid = (np.arange(bs) < m).astype(np.float32)
-        out = jax.tree.map(lambda o: np.asarray(o, np.float64), fn(*part, valid))
+        out = jax.tree.map(lambda o: o.astype(np.float64), dist.host(fn(*part, valid)))
         total = out if total is None else jax.tree.map(np.add, total, out)
         if on_batch is not None:
             on_batch(i + 1, steps)

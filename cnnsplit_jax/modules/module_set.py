@@ -279,7 +279,6 @@ MODULE_SET_KINDS = {cls.kind: cls for cls in (ModuleSet, ConcernModuleSet)}
 def save_module_set(out_dir: str | Path, ms: ModuleSet | ConcernModuleSet) -> None:
     """Write ``ms`` to ``out_dir`` (see the module docstring for the layout)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt.save_model(out / "base", ms.base,
                     {k: ms.meta[k] for k in ("dataset", "normalization", "class_names") if k in ms.meta})
     tree = ms.tree()

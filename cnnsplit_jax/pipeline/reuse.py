@@ -90,10 +90,11 @@ def compose_run(modules: Sequence[str], out: str | Path, *, dataset: str | None 
 
 
 def patch_run(weak_dir: str | Path, modules: str, target_class: int, out: str | Path, *, data_dir=None,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, mesh=None) -> dict:
     """Patch the weak model of run ``weak_dir`` (trained with the target class last) with
-    module ``target_class`` of the module set ``modules`` (CNNSplitter's protocol). Writes and
-    returns ``patch.json``."""
+    module ``target_class`` of the module set ``modules`` (CNNSplitter's protocol). ``mesh``:
+    devices the module's batches are split over. Writes and returns ``patch.json``."""
+    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
     out = prepare_out(out, "patch", overwrite=overwrite)
     weak, meta = ckpt.load_model(Path(weak_dir))
     (src,) = load_sources([modules])
@@ -124,16 +125,19 @@ def patch_run(weak_dir: str | Path, modules: str, target_class: int, out: str | 
     names = tuple(meta.get("class_names") or map(str, range(weak.num_classes)))
     info = DatasetInfo(meta["dataset"], names, weak.in_channels, tuple(norm["mean"]), tuple(norm["std"]))
     res = {"weak": str(weak_dir), "modules": modules,
-           **patch(weak, info, x_test, y_test, src.module_set, k, x_va[y_va == k])}
+           **patch(weak, info, x_test, y_test, src.module_set, k, x_va[y_va == k], mesh=mesh)}
     res["class_names"] = list(names)
     ckpt.write_json(out / "patch.json", res)
     return res
 
 
 def replace_run(modules: Sequence[str], with_: str, class_: int, out: str | Path, *, dataset: str | None = None,
-                data_dir=None, form: str = "masked", execution: str = "auto", overwrite: bool = False) -> dict:
+                data_dir=None, form: str = "masked", execution: str = "auto", overwrite: bool = False,
+                mesh=None) -> dict:
     """Compose the module sets ``modules`` for their task, then swap the module of the class
-    that module ``class_`` of ``with_`` recognises for it. Writes and returns ``replace.json``."""
+    that module ``class_`` of ``with_`` recognises for it (``mesh``: devices each batch is
+    split over). Writes and returns ``replace.json``."""
+    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
     out = prepare_out(out, "replace", overwrite=overwrite)
     sources = load_sources(modules)
     (new,) = load_sources([with_])
@@ -147,6 +151,6 @@ def replace_run(modules: Sequence[str], with_: str, class_: int, out: str | Path
     if not cols:
         raise ValueError(f"module {k} of {with_} recognises {origin}, which is not a class of {spec}")
     res = {"task": spec, **replace(picks, cols[0], Pick(new.module_set, k, new.label), task, form=form,
-                                   execution=execution)}
+                                   execution=execution, mesh=mesh)}
     ckpt.write_json(out / "replace.json", res)
     return res

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist
 from .. import mesh as meshlib
 from ..data import Dataset, is_task_spec, load_dataset, load_task, test_splits
 from ..models import build_model
@@ -61,7 +62,7 @@ def prepare_out(out: str | Path, kind: str, *, resume: bool = False, overwrite: 
     another kind is refused even with ``overwrite``.
     """
     out = Path(out)
-    have = artifact_kind(out)
+    have, remove = artifact_kind(out), ()
     if have not in (None, kind):
         if resume:
             raise ValueError(f"cannot resume in {out}: it holds a {have.replace('_', ' ')}, not a "
@@ -70,15 +71,18 @@ def prepare_out(out: str | Path, kind: str, *, resume: bool = False, overwrite: 
             what = "files of another program" if have == "other" else f"a {have.replace('_', ' ')}"
             raise ValueError(f"{out} already holds {what}; choose another --out, or pass --overwrite "
                              f"to replace it")
-        if have != "other":
-            _remove(out, ARTIFACTS[have][1])
+        remove = ARTIFACTS[have][1] if have != "other" else ()
     elif have == kind and in_progress and not resume:
         if not overwrite:
             how = "pass --resume to continue it, --overwrite to start again" if resumable else \
                 "pass --overwrite to replace it"
             raise ValueError(f"{out} already holds a {kind.replace('_', ' ')}; {how}, or choose another --out")
-        _remove(out, ARTIFACTS[kind][1])
-    out.mkdir(parents=True, exist_ok=True)
+        remove = ARTIFACTS[kind][1]
+    dist.barrier("prepare_out checked")  # every process has looked before process 0 changes anything
+    if dist.is_primary():
+        _remove(out, remove)
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier("prepare_out done")
     return out
 
 

@@ -28,7 +28,8 @@ def digits():
     return ds
 
 
-@pytest.mark.parametrize("spec,n", [("modules=8", 8), ("modules=8", 10), ("data=2,modules=4", 10)])
+# N=10 on modules=8 (padded to 16) runs in the whole-search test below
+@pytest.mark.parametrize("spec,n", [("modules=8", 8), ("data=2,modules=4", 10)])
 def test_gradsplitter_steps_equal_one_device_and_are_split(n, spec):
     model, cfg = _model(n), cs.GradSplitterConfig(init="random")
     st = gs.init(jax.random.key(0), model, cfg)
@@ -37,8 +38,7 @@ def test_gradsplitter_steps_equal_one_device_and_are_split(n, spec):
     mesh = M.make_mesh(spec)
     s1, s8 = st, gs.place(st, mesh)
     n_pad = M.padded(n, mesh)
-    assert s8.masks[next(iter(s8.masks))].shape[0] == n_pad == {("modules=8", 8): 8, ("modules=8", 10): 16,
-                                                                ("data=2,modules=4", 10): 12}[(spec, n)]
+    assert s8.masks[next(iter(s8.masks))].shape[0] == n_pad == {("modules=8", 8): 8, ("data=2,modules=4", 10): 12}[(spec, n)]
     for _ in range(3):
         s1, m1 = gs.modularity_step(model, cfg, s1, x, y)
         s8, m8 = gs.modularity_step(model, cfg, s8, x, y, mesh=mesh, n_real=n)

@@ -10,7 +10,6 @@ advanced together with vmap), ``fitness`` (the joint fitness: the reference's re
 
 from .config import ALGORITHMS, PRESETS, CNNSplitterConfig, preset_for
 from .fitness import FitnessConfig, FitnessResult, jaccard_distance_table, joint_fitness, reference_thresholds
-from .ga import CNNSplitterGA, mutation_genes
 from .genome import GenomeLayout, decode, genome_layout, heuristic_population
 from .importance import Importance, importance_order, kernel_importance
 from .logits import LogitCache, cached_module_logits, module_logits
@@ -24,3 +23,13 @@ __all__ = [
     "joint_fitness", "kernel_importance", "layer_sensitivity", "module_logits", "mutation_genes", "prepare",
     "problem", "reference_thresholds", "report", "sensitive_layers", "split", "step",
 ]
+
+
+def __getattr__(name):
+    # the GA subclasses evosax's, and importing evosax runs JAX (initialising the backend), so
+    # it loads on first use: ``import cnnsplit_jax`` then ``distributed.initialize()`` must work
+    if name in ("CNNSplitterGA", "mutation_genes"):
+        from . import ga
+
+        return getattr(ga, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,6 @@ from ...progress import Progress, RunWarning, callbacks_of, notify
 from ..base import SplitData, SplitResult, check_labels
 from .config import CNNSplitterConfig
 from .fitness import FitnessConfig, jaccard_distance_table, joint_fitness
-from .ga import CNNSplitterGA
 from .genome import GenomeLayout, decode, genome_layout, heuristic_population
 from .importance import Importance, importance_order, kernel_importance
 from .logits import LogitCache, cached_module_logits
@@ -99,6 +98,8 @@ def problem(model: MaskedCNN, cfg: CNNSplitterConfig, prepared: Prepared, x_u8: 
     ``cfg.eval_images``)."""
     layout = genome_layout(model, cfg.groups)
     if cfg.algorithm == "cnnsplitter":
+        from .ga import CNNSplitterGA  # evosax loads on first use (see the package's __getattr__)
+
         ga = CNNSplitterGA(cfg.population, jnp.zeros(layout.num_genes), num_parents=cfg.num_parents,
                            keep_parents=cfg.keep_parents, mutation_percent=cfg.mutation_percent)
         params = ga.default_params

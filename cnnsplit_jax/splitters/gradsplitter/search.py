@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ... import checkpoint as ckpt
+from ... import distributed as dist
 from ... import mesh as meshlib
 from ...data import batches, normalize
 from ...models import MaskedCNN, mask_points, total_kernels
@@ -58,7 +59,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
         ``resume=True`` continue from there bit-identically (same config required).
       callbacks: ``Progress`` callbacks (stage ``"step"`` and ``"epoch"``).
       mesh: devices to split the modules over (``mesh.make_mesh`` spec or ``Mesh``; axes
-        ``modules`` and ``data``); None: every local device on ``modules``. Masks, heads and
+        ``modules`` and ``data``); None: every device on ``modules``. Masks, heads and
         their Adam state are padded to the axis and split along it; results, history and
         checkpoints hold the real modules only (a search resumes on any mesh).
 
@@ -144,7 +145,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
         if feats_va is None:
             feats_va = feats(state.masks, x_va)
         val_acc = float((composed_scores(real(state.heads), feats_va[:, :n]).argmax(-1) == y_va).mean())
-        bin_masks = {k: np.asarray(v[:n] > 0) for k, v in state.masks.items()}
+        bin_masks = {k: dist.host(v[:n] > 0) for k, v in state.masks.items()}
         kept = sum(bin_masks[p.name].sum(-1) * len(p.layers) for p in mask_points(model))
         elapsed = time.perf_counter() - t_start
         rec = {
@@ -162,7 +163,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
         history.append(rec)
         hist = {"masks": {k: np.concatenate([hist["masks"][k], v[None].astype(np.uint8)])
                           for k, v in bin_masks.items()},
-                "heads": Heads(*(np.concatenate([a, np.asarray(b)[None]]) for a, b in zip(hist["heads"], real(state.heads))))}
+                "heads": Heads(*(np.concatenate([a, dist.host(b)[None]]) for a, b in zip(hist["heads"], real(state.heads))))}
         if ckpt_dir is not None:
             ckpt.save_progress(ckpt_dir, CKPT, {"state": saved(state), **hist}, {
                 "history": history, "search_seconds": elapsed, "config": config,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ... import distributed as dist
 from ... import mesh as meshlib
 from ...data import map_batches, normalize
 from ...models import MaskedCNN, mask_points
@@ -86,10 +87,11 @@ def place(state: GradSplitterState, mesh, n_to: int | None = None) -> GradSplitt
 
 
 def unplace(state: GradSplitterState, n: int) -> GradSplitterState:
-    """The first ``n`` modules of a padded state, gathered to the host's default device
-    (what checkpoints hold: a search saved on one mesh resumes on any other)."""
+    """The first ``n`` modules of a padded state, gathered to the host (from every process in
+    a multi-process run): what checkpoints hold, so a search saved on one mesh resumes on any
+    other."""
     n_pad = state.heads.w1.shape[0]
-    cut = lambda v: np.asarray(v)[:n] if getattr(v, "ndim", 0) > 0 and v.shape[0] == n_pad else v  # noqa: E731
+    cut = lambda v: dist.host(v)[:n] if getattr(v, "ndim", 0) > 0 and v.shape[0] == n_pad else v  # noqa: E731
     return GradSplitterState(jax.tree.map(cut, state.masks), jax.tree.map(cut, state.heads),
                              jax.tree.map(cut, state.opt_state), state.key, state.step)
 
@@ -132,7 +134,7 @@ def modularity_step(model, cfg, state, x, y, *, mesh=None, n_real: int | None = 
     if remat and cfg.module_chunk is None:  # groups of at most 10 modules, so that one group is small
         chunk = min(chunk or local, 10, max(1, local // 4))
     if mesh is not None:
-        x, y = put_batch(x, mesh), put_batch(y, mesh)
+        x, y = meshlib.shard_batch((x, y), mesh)
     return _mod_step(model, jnp.float32(cfg.alpha), state, x, y, chunk=chunk, remat=remat,
                      n_real=None if n_real == n else n_real, shards=shards)
 
@@ -140,15 +142,6 @@ def modularity_step(model, cfg, state, x, y, *, mesh=None, n_real: int | None = 
 def _batch_split(b: int, mesh) -> int:
     d = meshlib.axis_size(mesh, "data")
     return b // d if b % d == 0 else b
-
-
-def put_batch(a, mesh):
-    """``a`` split along its leading (batch) axis over the mesh's ``data`` axis when it divides,
-    else replicated (an odd last batch runs whole on every device: same result)."""
-    d = meshlib.axis_size(mesh, "data")
-    if d > 1 and a.shape[0] % d == 0:
-        return jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-    return meshlib.replicate(a, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("n_real",))
@@ -210,7 +203,7 @@ def features_for_dataset(model: MaskedCNN, masks: Mapping[str, jax.Array], x_u8:
     modules per vmapped group (default: ``default_chunk``). mesh: the unique mask sets are
     padded to its ``modules`` axis and split over it (one vmap, partitioned by device).
     """
-    bin_np = {k: np.asarray(v > 0) for k, v in masks.items()}
+    bin_np = {k: dist.host(v > 0) for k, v in masks.items()}
     n_mod = next(iter(bin_np.values())).shape[0]
     flat = np.concatenate([bin_np[k] for k in bin_np], axis=1)
     if dedupe:
@@ -236,4 +229,4 @@ _scores_jit = jax.jit(head_scores)
 
 def composed_scores(heads: Heads, feats: np.ndarray) -> np.ndarray:
     """Scores [n, N] of the composed modules from features [n, N, K]."""
-    return np.asarray(_scores_jit(heads, jnp.asarray(feats)))
+    return dist.host(_scores_jit(heads, jnp.asarray(feats)))
