@@ -42,6 +42,9 @@ def test_cli_rejects_a_bad_mesh_before_any_work(tmp_path, capsys):
     assert rc != 0 and "unknown mesh axis 'gpus'" in err and not (tmp_path / "r").exists()
     rc = main(["compose", "--modules", str(tmp_path / "none"), "--out", str(tmp_path / "c"), "--mesh", "modules=2"])
     assert rc != 0 and "unknown mesh axis 'modules': this entry point splits data" in capsys.readouterr().err
+    rc = main(["split", "--method", "concern", "--model-dir", str(tmp_path / "m"), "--out", str(tmp_path / "s"),
+               "--mesh", "modules=2"])  # concern identification splits its images, not modules
+    assert rc != 0 and "unknown mesh axis 'modules': this entry point splits data" in capsys.readouterr().err
     for cmd in (["patch", "--weak", str(tmp_path / "w"), "--modules", str(tmp_path / "m"), "--target-class", "0"],
                 ["replace", "--modules", str(tmp_path / "m"), "--with", str(tmp_path / "m2"), "--class", "0"]):
         rc = main([*cmd, "--out", str(tmp_path / "p"), "--mesh", "data=3"])
@@ -59,4 +62,4 @@ def test_eight_simulated_devices_give_the_one_device_results():
     assert out.returncode == 0, tail
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], tail
     passed = int(out.stdout.splitlines()[-1].split(" passed")[0].split()[-1])
-    assert passed == 10, tail
+    assert passed == 11, tail

@@ -154,8 +154,8 @@ def _split_parser(sub, common) -> None:
                          "(default grad)")
     sp.add_argument("--model-dir", required=True, help="run directory of `cnnsplit train`")
     sp.add_argument("--out", required=True, help="module-set directory")
-    _mesh_flag(sp, "modules", "modules (grad) or class x individual modules (ga) split over the devices; "
-               "axes modules, data")
+    _mesh_flag(sp, "modules", "modules (grad) or class x individual modules (ga) split over the devices, "
+               "axes modules, data; concern: its images, axis data")
     sp.add_argument("--resume", action="store_true", help="continue the search in --out")
     sp.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     sp.add_argument("--train-subset", type=int, default=None,

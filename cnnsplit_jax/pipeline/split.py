@@ -30,16 +30,14 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
 
     ``train_subset``: only the first N images of the base model's training split (CPU
     budgets). The search key is ``jax.random.key(cfg.seed)``. ``mesh``: devices the search's
-    modules are split over (``grad``, ``ga``). Returns the ``split.json`` dict.
+    modules are split over (``grad``, ``ga``: axes ``modules``, ``data``), or the images of
+    concern identification (``data`` only). Returns the ``split.json`` dict.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
-    asked, mesh = mesh, meshlib.resolve(mesh)  # a bad spec fails before any work
-    if method == "concern":
-        if asked is not None and mesh is not None:
-            raise ValueError(f"--method concern runs on one device: its sharding is not implemented yet "
-                             f"(asked for {meshlib.describe(mesh)}); run it without --mesh")
-        mesh = None
+    # a bad spec fails before any work; concern identification splits its images (axis data)
+    mesh = (meshlib.resolve(mesh, natural="data", allowed=("data",)) if method == "concern"
+            else meshlib.resolve(mesh))
     splitter, _, mask_kind = METHODS[method]
     model_dir, out = Path(model_dir), Path(out)
     model, meta = ckpt.load_model(model_dir)

@@ -15,7 +15,12 @@ from cnnsplit_jax.modules.forward import masked_logits
 from cnnsplit_jax.splitters import gradsplitter as gs
 from cnnsplit_jax.splitters.cnnsplitter import module_logits
 
-ONE = None  # the unsharded code path (what a single-device host runs)
+
+
+def one(axis: str = "modules"):
+    """A mesh of one device: the entry points then run their unsharded code (what a
+    single-device host runs). ``mesh=None`` would put all 8 devices on the natural axis."""
+    return M.make_mesh(f"{axis}=1", devices=jax.devices()[:1])
 
 
 def _model(n):
@@ -81,7 +86,7 @@ def test_gradsplitter_search_on_8_devices_matches_and_resumes_on_another_mesh(di
     model = _model(10)
     cfg = cs.GradSplitterConfig(head_epochs=1, modularity_epochs=2, cycle_mod=1, cycle_head=1, batch_size=64,
                                 lr_modularity=0.05)
-    r1 = gs.split(jax.random.key(0), model, data, cfg, mesh=ONE)
+    r1 = gs.split(jax.random.key(0), model, data, cfg, mesh=one())
     r8 = gs.split(jax.random.key(0), model, data, cfg, mesh="modules=8", ckpt_dir=tmp_path / "a")
     assert len(r8.history) == len(r1.history)
     for h1, h8 in zip(r1.history, r8.history):
@@ -133,7 +138,7 @@ def test_cnnsplitter_search_on_8_devices_equals_one(digits):
                                module_group=3)  # 60 modules a generation: 64 padded, 8 a device
     from cnnsplit_jax.splitters import cnnsplitter
 
-    r1 = cnnsplitter.split(jax.random.key(0), model, data, cfg, mesh=ONE, sensitivity_ratios=(0.5, 1.0))
+    r1 = cnnsplitter.split(jax.random.key(0), model, data, cfg, mesh=one(), sensitivity_ratios=(0.5, 1.0))
     r8 = cnnsplitter.split(jax.random.key(0), model, data, cfg, mesh="modules=8", sensitivity_ratios=(0.5, 1.0))
     key = lambda h: (h["generation"], h["best_fitness"], h["ensemble"], h["valid_accuracy"])  # noqa: E731
     assert [key(h) for h in r8.history] == [key(h) for h in r1.history]
@@ -148,13 +153,13 @@ def test_composition_splits_the_batch_and_equals_one_device():
     heads = cs.gradsplitter.init_heads(jax.random.key(0), 10, 10)
     ms = cs.ModuleSet(model, masks, heads, {"dataset": "synthetic", "normalization": {"mean": [0.5], "std": [0.25]}})
     picks = [cs.Pick(ms, c) for c in (0, 3, 7, 9)]
-    one = cs.compose(picks, mesh=M.make_mesh("data=1", devices=jax.devices()[:1]))
+    single = cs.compose(picks, mesh=one("data"))
     eight = cs.compose(picks, mesh="data=8")
-    assert one.mesh is None and dict(eight.mesh.shape) == {"data": 8}
+    assert single.mesh is None and dict(eight.mesh.shape) == {"data": 8}
     apply = jax.jit(cs.apply)
     for b in (16, 13):  # divides 8, does not (padded with copies, sliced off)
         x = jnp.asarray(rng.integers(0, 256, (b, 32, 32, 1)).astype(np.uint8))
-        s1, s8 = apply(one, x), apply(eight, x)
+        s1, s8 = apply(single, x), apply(eight, x)
         assert s8.shape == (b, 4)
         np.testing.assert_allclose(np.asarray(s8), np.asarray(s1), atol=1e-5)
         if b == 16:
@@ -167,7 +172,7 @@ def test_data_parallel_training_equals_one_device(digits):
     ds = cs.Dataset(ds.x_train[:240], ds.y_train[:240], ds.x_test[:64], ds.y_test[:64], ds.info)
     model = _model(10)
     cfg = cs.TrainConfig(epochs=1, batch_size=64, lr=0.05, dropout=0.0)
-    r1 = cs.fit(model, ds, cfg, mesh=M.make_mesh("data=1", devices=jax.devices()[:1]))
+    r1 = cs.fit(model, ds, cfg, mesh=one("data"))
     r8 = cs.fit(model, ds, cfg, mesh="data=8")
     assert r8.history[0]["train_loss"] == pytest.approx(r1.history[0]["train_loss"], abs=1e-4)
     from flax import nnx
@@ -186,3 +191,34 @@ def test_a_mesh_that_does_not_use_every_device_is_refused():
         M.make_mesh("data=2,modules=8")
     assert dict(M.make_mesh(None).shape) == {"modules": 8}
     assert dict(M.make_mesh(None, natural="data").shape) == {"data": 8}
+
+
+def test_concern_identification_splits_the_images_and_equals_one_device(digits, monkeypatch):
+    import importlib
+
+    D = importlib.import_module("cnnsplit_jax.splitters.concern.decompose")  # the module, not the function
+
+    model = cs.build_model("resnet20", num_classes=10, in_channels=1, width=0.125, key=0)
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    seen = []
+
+    def spy(graphdef, state, xb, mem, names):
+        seen.append(getattr(xb, "sharding", None))
+        return orig(graphdef, state, xb, mem, names)
+
+    orig = D._counts
+    monkeypatch.setattr(D, "_counts", spy)
+    # batch 32 divides data=8 (the last batch is padded to 32 rows of zero membership); with
+    # batch 36 (not a multiple of 8) every batch runs whole on each device: same counts.
+    for bs in (32, 36):
+        cfg = cs.ConcernConfig(concerned_per_class=20, min_confidence=None, batch_size=bs)
+        seen.clear()
+        single = D.decompose(model, x, y, digits.info.mean, digits.info.std, cfg, mesh=one("data"))
+        eight = D.decompose(model, x, y, digits.info.mean, digits.info.std, cfg, mesh="data=8")
+        assert eight.stats["images_forwarded"] == single.stats["images_forwarded"] > 150
+        for k, v in single.inactive.items():  # integer counts: bit-identical
+            np.testing.assert_array_equal(eight.inactive[k], v)
+            np.testing.assert_array_equal(eight.ci_inactive[k], single.ci_inactive[k])
+        assert eight.stats["inactive"] == single.stats["inactive"] and sum(single.stats["ti_restored"]) > 0
+        split = [s for s in seen if s is not None and getattr(s, "spec", None) == P("data")]
+        assert (len(split) > 0) == (bs == 32) and all(len(s.device_set) == 8 for s in split)

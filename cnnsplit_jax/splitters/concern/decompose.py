@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 
 from ... import checkpoint as ckpt
+from ... import mesh as meshlib
 from ...data import normalize, sum_batches
 from ...models import MaskedCNN
 from ...models.resnet import residual_of
@@ -96,11 +97,11 @@ def _check_model(model) -> None:
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _counts(graphdef, state, x, mem, names):
-    """x [B, ...] normalised; mem [G, B] -> {node: [G, P]} active-input counts for the nodes
+    """x [B, ...] normalised; mem [B, G] -> {node: [G, P]} active-input counts for the nodes
     ``names`` (compiled once per model structure, shape and mapping)."""
     _, rec = nnx.merge(graphdef, state).node_forward(x, record=True)
     b = x.shape[0]
-    return {k: mem @ (rec[k].reshape(b, -1) > 0).astype(jnp.float32) for k in names}
+    return {k: mem.T @ (rec[k].reshape(b, -1) > 0).astype(jnp.float32) for k in names}
 
 
 def activity_counts(
@@ -113,13 +114,16 @@ def activity_counts(
     batch_size: int = 256,
     residual: str = "sum",
     callbacks=None,
+    mesh=None,
 ) -> dict:
     """``{node: int32 [G, H, W, C]}``: for each of G input sets (rows of ``mem`` [G, n]) how
     many of its inputs make each position active (pre-activation > 0), for the nodes of the
     ``residual`` mapping (``ResNet.nodes``).
 
     Every image runs once; the count is one matmul per node per batch (padded rows have
-    zero membership). Callbacks get ``Progress("batch", ...)`` per batch.
+    zero membership). Callbacks get ``Progress("batch", ...)`` per batch. mesh: each batch
+    (images and their membership columns) is split over the ``data`` axis when it divides it;
+    the counts' sum over the batch becomes a reduction across devices (exact: integer counts).
     """
     _check_model(model)
     n = len(x_u8)
@@ -130,8 +134,8 @@ def activity_counts(
     cbs = callbacks_of(callbacks)
 
     def batch(xb, mb, valid):
-        mb = jnp.asarray(mb * valid[:, None]).T
-        return _counts(graphdef, state, jnp.asarray(normalize(xb, mean, std)), mb, tuple(shapes))
+        xb, mb = meshlib.shard_batch((normalize(xb, mean, std), mb * valid[:, None]), mesh)
+        return _counts(graphdef, state, xb, mb, tuple(shapes))
 
     total = sum_batches(batch, [x_u8, np.asarray(mem, np.float32).T], batch_size,
                         on_batch=lambda i, k: notify(cbs, Progress("batch", i - 1, k)))
@@ -166,6 +170,7 @@ def decompose(
     *,
     key: jax.Array | None = None,
     callbacks=None,
+    mesh=None,
 ) -> Decomposition:
     """Decompose ``model`` into one module per class from uint8 training images.
 
@@ -173,6 +178,8 @@ def decompose(
       x_train: uint8 [n, 32, 32, C]; y_train: int [n] in [0, num_classes).
       mean, std: the model's input normalisation.
       key: ``jax.random`` key for negative sampling (default ``key(cfg.seed)``).
+      mesh: devices the images are split over (``mesh.make_mesh`` spec, axis ``data``, or a
+        ``Mesh``; None: every device on ``data``): the activity counts, where the time goes.
     """
     _check_model(model)
     y_train = np.asarray(y_train)
@@ -188,8 +195,9 @@ def decompose(
     concerned, negatives = sample_sets(y_train, k, cfg, key, confident)
     index = np.unique(np.concatenate(concerned + negatives))
     mem = np.concatenate([membership(concerned, index), membership(negatives, index)])
+    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))
     counts = activity_counts(model, x_train[index], mean, std, mem, batch_size=cfg.batch_size,
-                             residual=cfg.residual, callbacks=callbacks)
+                             residual=cfg.residual, callbacks=callbacks, mesh=mesh)
     ci = {n: v[:k] == 0 for n, v in counts.items()}
     inactive = {n: ci[n] & (v[k:] == 0) for n, v in counts.items()}
     head_w, head_b = channel(model.fc.kernel[...], model.fc.bias[...])
@@ -219,9 +227,10 @@ def decompose(
 
 
 def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: ConcernConfig = ConcernConfig(), *,
-          ckpt_dir=None, resume: bool = False, callbacks=None) -> SplitResult:
+          ckpt_dir=None, resume: bool = False, callbacks=None, mesh=None) -> SplitResult:
     """Decompose ``model`` with the training split of ``data`` (one pass, nothing to checkpoint:
-    ``ckpt_dir`` and ``resume`` are accepted for the common signature and ignored).
+    ``ckpt_dir`` and ``resume`` are accepted for the common signature and ignored). ``mesh``:
+    devices the images are split over (axis ``data``; see ``decompose``).
 
     Returns a ``ConcernModuleSet`` (meta ``method``, ``normalization``, ``config``), a
     one-record history (the decomposition's counts) and its seconds; details: the
@@ -229,7 +238,8 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: ConcernConfig 
     """
     del ckpt_dir, resume
     check_labels(model.num_classes, data.y_train)
-    dec = decompose(model, data.x_train, data.y_train, data.mean, data.std, cfg, key=key, callbacks=callbacks)
+    dec = decompose(model, data.x_train, data.y_train, data.mean, data.std, cfg, key=key, callbacks=callbacks,
+                    mesh=mesh)
     norm = {"mean": list(map(float, data.mean)), "std": list(map(float, data.std))}
     ms = ConcernModuleSet(model, dec.inactive, dec.head_w, dec.head_b, dec.removed_features,
                           {"method": "concern", "normalization": norm, "config": ckpt.config_json(cfg)})
