@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import mesh as meshlib
 from .modules.forward import KINDS, module_outputs
 from .train import predict
 
@@ -98,18 +99,21 @@ def topk_accuracy(scores: np.ndarray, y: np.ndarray, k: int = 5) -> float:
 
 
 def evaluate_module_set(ms, eval_split: tuple[np.ndarray, np.ndarray], test_split: tuple[np.ndarray, np.ndarray],
-                        info, *, flops: bool = True) -> dict:
+                        info, *, flops: bool = True, mesh=None) -> dict:
     """All metrics of a module set as a JSON-ready dict.
 
     eval_split: images / labels for module precision / recall / F1 (the reference: first 20%
     of the test set); test_split: images / labels for composed vs base accuracy (last 80%).
-    info: ``DatasetInfo`` of the base model's data (its normalisation).
+    info: ``DatasetInfo`` of the base model's data (its normalisation). mesh: devices the
+    modules' batches are split over (``mesh.make_mesh`` spec, axis ``data``, or a ``Mesh``;
+    None: every device on ``data``).
     """
+    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))
     xe, ye = eval_split
     xt, yt = test_split
-    _, pos_e = module_outputs(ms, xe)
+    _, pos_e = module_outputs(ms, xe, mesh=mesh)
     prf = module_prf(pos_e, ye)
-    prob, pos = module_outputs(ms, xt)
+    prob, pos = module_outputs(ms, xt, mesh=mesh)
     scores = composed_scores(ms, prob, pos)
     composed = scores.argmax(-1)
     logits = predict(ms.base, xt, info)

@@ -45,6 +45,11 @@ def test_cli_rejects_a_bad_mesh_before_any_work(tmp_path, capsys):
     rc = main(["split", "--method", "concern", "--model-dir", str(tmp_path / "m"), "--out", str(tmp_path / "s"),
                "--mesh", "modules=2"])  # concern identification splits its images, not modules
     assert rc != 0 and "unknown mesh axis 'modules': this entry point splits data" in capsys.readouterr().err
+    rc = main(["demo", "--out", str(tmp_path / "d"), "--mesh", "modules=1"])
+    assert rc != 0 and "unknown mesh axis 'modules': this entry point splits data" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    rc = main(["evaluate", str(tmp_path / "m"), "--mesh", "data=3"])
+    assert rc != 0 and "mesh data=3 needs 3 devices; only 1 exist" in capsys.readouterr().err
     for cmd in (["patch", "--weak", str(tmp_path / "w"), "--modules", str(tmp_path / "m"), "--target-class", "0"],
                 ["replace", "--modules", str(tmp_path / "m"), "--with", str(tmp_path / "m2"), "--class", "0"]):
         rc = main([*cmd, "--out", str(tmp_path / "p"), "--mesh", "data=3"])
@@ -62,4 +67,4 @@ def test_eight_simulated_devices_give_the_one_device_results():
     assert out.returncode == 0, tail
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], tail
     passed = int(out.stdout.splitlines()[-1].split(" passed")[0].split()[-1])
-    assert passed == 11, tail
+    assert passed == 12, tail

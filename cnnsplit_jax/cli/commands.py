@@ -152,7 +152,7 @@ def cmd_split(args) -> int:
 
 def cmd_evaluate(args) -> int:
     mod = Path(args.mod_dir)
-    res = pipeline.evaluate_run(mod, args.dataset, args.data_dir)
+    res = pipeline.evaluate_run(mod, args.dataset, args.data_dir, mesh=args.mesh)
     names = ckpt.read_json(mod / "modules.json").get("class_names") or [str(i) for i in range(len(res["module_f1"]))]
     write_split_plots(mod, res, names)
     print(module_table(res, names))
@@ -219,7 +219,7 @@ def cmd_demo(args) -> int:
     extracted modules, and patch a deliberately weak model with one module."""
     cfg = config_from(DemoConfig, args, ("seed", "modularity_epochs"))
     out = Path(args.out)
-    res = pipeline.demo(out, cfg, overwrite=args.overwrite,
+    res = pipeline.demo(out, cfg, overwrite=args.overwrite, mesh=args.mesh,
                         callbacks=ProgressPrinter(label=_split_label, line=lambda p: _train_line(p) if "train_loss" in
                                                   p.metrics else _split_line(p)))
     split, comp, pt = res["split"], res["compose"], res["patch"]

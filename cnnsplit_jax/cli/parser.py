@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("mod_dir")
     ev.add_argument("--dataset", default=None, help="default: the module set's dataset")
     ev.add_argument("--data-dir", default=None)
+    _mesh_flag(ev, "data", "each batch of images the modules run on split over the devices")
     _reuse_parsers(sub, common)
     d = sub.add_parser("demo", parents=[common], help="offline end-to-end demo on digits "
                        "(train, split, evaluate, compose, patch)")
@@ -296,5 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(d, DemoConfig, "seed", "seed of every run", type=int)
     config_flag(d, DemoConfig, "modularity_epochs", "GradSplitter's modularization epochs (whole 7-epoch "
                 "cycles)", type=int)
+    _mesh_flag(d, "data", "every stage's batches split over the devices (default: each stage's own default)")
     d.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     return p

@@ -426,10 +426,12 @@ _group_outputs_jit = jax.jit(group_outputs, static_argnames=("input",))
 
 
 def module_outputs(ms, x_u8: np.ndarray, *, form: str = "masked", batch_size: int = 256,
-                   classes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   classes: Sequence[int] | None = None, mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """(scores [n, N], positive bool [n, N]) of modules ``classes`` (default all) of module
-    set ``ms`` on raw images ``x_u8`` [n, 32, 32, C], in padded batches."""
+    set ``ms`` on raw images ``x_u8`` [n, 32, 32, C], in padded batches; ``mesh`` (a
+    ``Mesh`` or None): each batch split over its ``data`` axis when it divides it."""
     classes = range(ms.num_modules) if classes is None else classes
     kind = KINDS[ms.forward_form(form)]
     group = kind.stack([Pick(ms, int(c)) for c in classes])
-    return map_batches(lambda xb: _group_outputs_jit(group, jnp.asarray(xb), input="raw"), [x_u8], batch_size)
+    return map_batches(lambda xb: _group_outputs_jit(group, meshlib.shard_batch(jnp.asarray(xb), mesh), input="raw"),
+                       [x_u8], batch_size)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .. import checkpoint as ckpt
+from .. import mesh as meshlib
 from ..splitters.gradsplitter import PRESETS, GradSplitterConfig
 from ..train import RECIPES, TrainConfig
 from .reuse import compose_run, patch_run
@@ -27,9 +28,14 @@ class DemoConfig:
     modularity_epochs: int = PRESETS["quick"]["modularity_epochs"]
 
 
-def demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, callbacks=None, overwrite: bool = False) -> dict:
+def demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, callbacks=None, overwrite: bool = False,
+         mesh=None) -> dict:
     """Run the demo into ``out`` (``base/``, ``modules/``, ``compose/``, ``weak/``, ``patch/`` and
-    ``demo.json``). Returns ``{"train", "split", "compose", "patch", "seconds"}``."""
+    ``demo.json``). ``mesh``: a ``data`` mesh every stage splits its batches over (None: each
+    stage's default, every device on its natural axis). Returns ``{"train", "split",
+    "compose", "patch", "seconds"}``."""
+    if mesh is not None:  # a bad spec fails before any work
+        mesh = meshlib.make_mesh(mesh, natural="data", allowed=("data",))
     out = prepare_out(out, "demo", overwrite=overwrite)
     if not (out / "demo.json").exists():  # marks the directory as the demo's from the start
         ckpt.write_json(out / "demo.json", {"config": ckpt.config_json(cfg), "status": "running"})
@@ -39,18 +45,20 @@ def demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, callbacks=None, ove
         train = ckpt.read_json(run / "train.json")
     else:
         train = train_run(run, "simcnn", "digits", TrainConfig(**RECIPES["quick"], seed=cfg.seed), width=0.125,
-                          recipe="quick", resume=ckpt.progress_exists(run, "train_state"), callbacks=callbacks)
+                          recipe="quick", resume=ckpt.progress_exists(run, "train_state"), callbacks=callbacks,
+                          mesh=mesh)
     gcfg = GradSplitterConfig(**{**PRESETS["quick"], "modularity_epochs": cfg.modularity_epochs}, seed=cfg.seed)
     if (mods / "split.json").exists():
         split = ckpt.read_json(mods / "split.json")
     else:
-        split = split_run(run, mods, "grad", gcfg, resume=ckpt.progress_exists(mods, "search"), callbacks=callbacks)
-    comp = compose_run([str(mods)], out / "compose", form="extracted")
+        split = split_run(run, mods, "grad", gcfg, resume=ckpt.progress_exists(mods, "search"), callbacks=callbacks,
+                          mesh=mesh)
+    comp = compose_run([str(mods)], out / "compose", form="extracted", mesh=mesh)
     if not (weak / "train.json").exists():
         train_run(weak, "simcnn_weak", "digits:0-2,4-9,3",
                   TrainConfig(**{**RECIPES["weak"], "epochs": 2, "batch_size": 64}, seed=cfg.seed), width=0.125,
-                  recipe="weak", resume=ckpt.progress_exists(weak, "train_state"))
-    pt = patch_run(weak, str(mods), 3, out / "patch")
+                  recipe="weak", resume=ckpt.progress_exists(weak, "train_state"), mesh=mesh)
+    pt = patch_run(weak, str(mods), 3, out / "patch", mesh=mesh)
     res = {"train": train, "split": split, "compose": comp, "patch": pt, "seconds": time.perf_counter() - t0}
     ckpt.write_json(out / "demo.json", {"config": ckpt.config_json(cfg), "status": "done", "seconds": res["seconds"],
                                         "composed_accuracy": split["composed_accuracy"],

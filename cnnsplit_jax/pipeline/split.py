@@ -78,9 +78,11 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     return result
 
 
-def evaluate_run(mod_dir: str | Path, dataset: str | None = None, data_dir=None) -> dict:
+def evaluate_run(mod_dir: str | Path, dataset: str | None = None, data_dir=None, *, mesh=None) -> dict:
     """Re-evaluate the module set in ``mod_dir`` (on its own dataset, or ``dataset`` with the
-    same classes); writes and returns ``evaluate.json``."""
+    same classes; ``mesh``: devices the batches are split over, axis ``data``); writes and
+    returns ``evaluate.json``."""
+    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
     mod_dir = Path(mod_dir)
     ms = load_module_set(mod_dir)
     rd = run_data({**ms.meta, "dataset": dataset or ms.meta["dataset"]}, data_dir)
@@ -88,6 +90,6 @@ def evaluate_run(mod_dir: str | Path, dataset: str | None = None, data_dir=None)
         raise ValueError(f"class count mismatch: {ms.num_modules} modules, dataset {rd.ds.info.name!r} has "
                          f"{rd.ds.info.num_classes} classes")
     res = {"method": ms.meta.get("method"), "dataset": rd.ds.info.name,
-           **evaluate_module_set(ms, rd.eval_split, rd.test_split, rd.ds.info)}
+           **evaluate_module_set(ms, rd.eval_split, rd.test_split, rd.ds.info, mesh=mesh)}
     ckpt.write_json(mod_dir / "evaluate.json", res)
     return res

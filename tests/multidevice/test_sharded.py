@@ -60,6 +60,23 @@ def test_gradsplitter_steps_equal_one_device_and_are_split(n, spec):
     assert next(iter(mu.values())).sharding.spec == P("modules")
 
 
+def test_gradsplitter_steps_on_a_data_only_mesh():
+    # what `cnnsplit demo --mesh data=8` gives the search: the batch split, every module on each device
+    n, model, cfg = 10, _model(10), cs.GradSplitterConfig(init="random")
+    st = gs.init(jax.random.key(0), model, cfg)
+    x = jax.random.normal(jax.random.key(1), (16, 32, 32, 1))
+    y = jnp.arange(16) % n
+    mesh = M.make_mesh("data=8")
+    s1, s8 = st, gs.place(st, mesh)
+    for _ in range(2):
+        s1, m1 = gs.modularity_step(model, cfg, s1, x, y)
+        s8, m8 = gs.modularity_step(model, cfg, s8, x, y, mesh=mesh, n_real=n)
+    assert float(m8["loss"]) == pytest.approx(float(m1["loss"]), abs=1e-5)
+    for k, v in s8.masks.items():
+        assert v.shape[0] == n and v.sharding.spec == P() and len(v.sharding.device_set) == 8  # replicated
+        np.testing.assert_allclose(np.asarray(v), np.asarray(s1.masks[k]), atol=1e-5)
+
+
 def test_remat_groups_stay_inside_devices():
     n, model = 10, _model(10)
     cfg = cs.GradSplitterConfig(init="random")
@@ -165,6 +182,15 @@ def test_composition_splits_the_batch_and_equals_one_device():
         if b == 16:
             assert s8.sharding.spec == P("data") and len(s8.addressable_shards) == 8
     assert cs.predict_scores(eight, rng.integers(0, 256, (300, 32, 32, 1)).astype(np.uint8)).shape == (300, 4)
+    # evaluation's module forward (cnnsplit evaluate --mesh): batches of 16 split over 8 devices
+    from cnnsplit_jax.modules.forward import module_outputs
+
+    xs = rng.integers(0, 256, (40, 32, 32, 1)).astype(np.uint8)  # 16, 16 and 8 padded to 16
+    s1, p1 = module_outputs(ms, xs, batch_size=16)
+    s8, p8 = module_outputs(ms, xs, batch_size=16, mesh=M.make_mesh("data=8"))
+    assert s8.shape == (40, 10)
+    np.testing.assert_allclose(s8, s1, atol=1e-5)
+    np.testing.assert_array_equal(p8, p1)
 
 
 def test_data_parallel_training_equals_one_device(digits):
