@@ -180,7 +180,12 @@ def load_tree(path: str | os.PathLike, template: Any) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flat = _ocp().v1.load(path)
+            ocp = _ocp()
+            if dist.process_count() > 1:  # saved shardings name the saving process's devices: restore host arrays
+                meta = ocp.v1.pytree_metadata(path).metadata
+                flat = ocp.v1.load(path, {k: np.empty(v.shape, v.dtype) for k, v in meta.items()})
+            else:
+                flat = ocp.v1.load(path)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise CheckpointError(
             f"corrupt checkpoint at {path} ({type(e).__name__}); its files are damaged or "

@@ -88,6 +88,7 @@ def test_two_processes_search_resume_compose_and_only_process_0_writes(tmp_path)
     cfg = cs.GradSplitterConfig(head_epochs=1, modularity_epochs=2, cycle_mod=1, cycle_head=1, batch_size=64,
                                 lr_modularity=0.05)
     ref = gs.split(jax.random.key(0), model, data, cfg)  # one process, one device
+    cs.save_model(tmp_path / "base", model)  # one process's checkpoint: the workers load it
     ref_scores = cs.predict_scores(cs.compose([cs.Pick(ref.module_set, c) for c in range(10)]), ds.x_test[:50])
 
     killed = _pair(tmp_path, "kill")

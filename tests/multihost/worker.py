@@ -1,5 +1,6 @@
 """One process of a two-process run (``tests/test_multihost.py`` starts two, joined by
-``jax.distributed`` over gloo, 2 simulated CPU devices each): a small GradSplitter search on
+``jax.distributed`` over gloo, 2 simulated CPU devices each): the base model loaded from a
+checkpoint one process wrote, then a small GradSplitter search on
 a ``modules=4`` mesh spanning both processes, its module set saved, then a composition of the
 10 modules on a ``data=4`` mesh. Prints one JSON line of results, and the files this process
 wrote under the output directory (seen by an audit hook).
@@ -48,7 +49,7 @@ assert jax.device_count() == 4 and jax.local_device_count() == 2
 ds = cs.load_dataset("digits")  # every process loads its own copy
 data = cs.SplitData(ds.x_train[:192], ds.y_train[:192], ds.x_train[192:320], ds.y_train[192:320],
                     ds.info.mean, ds.info.std)
-model = cs.build_model("simcnn", num_classes=10, in_channels=1, width=0.0625, key=0)
+model, _ = cs.load_model(out / "base")  # saved by the single-process test: restored on both processes
 cfg = cs.GradSplitterConfig(head_epochs=1, modularity_epochs=2, cycle_mod=1, cycle_head=1, batch_size=64,
                             lr_modularity=0.05)
 
