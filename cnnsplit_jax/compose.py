@@ -185,7 +185,7 @@ def compose(
         cols.extend(idx)
     order = tuple(int(i) for i in np.argsort(cols))
     return Composition(tuple(groups), order, _labels(picks), input, tuple(picks[0].module_set.base.input_shape), form,
-                       meshlib.resolve(mesh, natural="data", allowed=("data",)))
+                       meshlib.resolve_data(mesh))
 
 
 def _check_images(comp: Composition, x) -> None:

@@ -108,7 +108,7 @@ def evaluate_module_set(ms, eval_split: tuple[np.ndarray, np.ndarray], test_spli
     modules' batches are split over (``mesh.make_mesh`` spec, axis ``data``, or a ``Mesh``;
     None: every device on ``data``).
     """
-    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))
+    mesh = meshlib.resolve_data(mesh)
     xe, ye = eval_split
     xt, yt = test_split
     _, pos_e = module_outputs(ms, xe, mesh=mesh)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["AXES", "MeshError", "parse_mesh", "make_mesh", "resolve", "axis_size", "padded", "pad_rows",
+__all__ = ["AXES", "MeshError", "parse_mesh", "make_mesh", "resolve", "resolve_data", "axis_size", "padded", "pad_rows",
            "put", "shard_rows", "shard_batch", "replicate", "describe", "map_blocks"]
 
 AXES = ("modules", "data")
@@ -87,6 +87,12 @@ def resolve(spec=None, *, natural: str = "modules", allowed: tuple[str, ...] = A
     its unsharded code: today's single-device behaviour, exactly)."""
     mesh = make_mesh(spec, natural=natural, allowed=allowed)
     return None if mesh.devices.size == 1 else mesh
+
+
+def resolve_data(spec=None) -> Mesh | None:
+    """``resolve`` for the entry points that split only the image batch (composition,
+    evaluation, training, concern identification): axis ``data``, all devices by default."""
+    return resolve(spec, natural="data", allowed=("data",))
 
 
 def _fmt(sizes: Mapping[str, int]) -> str:

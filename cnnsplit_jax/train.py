@@ -251,7 +251,7 @@ def fit(
         best_acc, best_epoch = progress["best_val_accuracy"], progress["best_epoch"]
         history, elapsed = progress["history"], progress["train_seconds"]
 
-    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))
+    mesh = meshlib.resolve_data(mesh)
     state = meshlib.replicate(state, mesh)
     n_data = meshlib.axis_size(mesh, "data")
 

@@ -68,7 +68,7 @@ def compose_run(modules: Sequence[str], out: str | Path, *, dataset: str | None 
     sets ``modules`` (``MOD_DIR[:CLASSES]``); ``continuous``: also after continuous learning
     (concern modules); ``baseline_epochs``: also train the same architecture from scratch on
     the task. ``mesh``: devices each batch is split over. Writes and returns ``compose.json``."""
-    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
+    mesh = meshlib.resolve_data(mesh)  # a bad spec fails before any work
     out = prepare_out(out, "composition", overwrite=overwrite)
     sources = load_sources(modules)
     spec, task = task_for(sources, dataset, data_dir)
@@ -94,7 +94,7 @@ def patch_run(weak_dir: str | Path, modules: str, target_class: int, out: str | 
     """Patch the weak model of run ``weak_dir`` (trained with the target class last) with
     module ``target_class`` of the module set ``modules`` (CNNSplitter's protocol). ``mesh``:
     devices the module's batches are split over. Writes and returns ``patch.json``."""
-    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
+    mesh = meshlib.resolve_data(mesh)  # a bad spec fails before any work
     out = prepare_out(out, "patch", overwrite=overwrite)
     weak, meta = ckpt.load_model(Path(weak_dir))
     (src,) = load_sources([modules])
@@ -137,7 +137,7 @@ def replace_run(modules: Sequence[str], with_: str, class_: int, out: str | Path
     """Compose the module sets ``modules`` for their task, then swap the module of the class
     that module ``class_`` of ``with_`` recognises for it (``mesh``: devices each batch is
     split over). Writes and returns ``replace.json``."""
-    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
+    mesh = meshlib.resolve_data(mesh)  # a bad spec fails before any work
     out = prepare_out(out, "replace", overwrite=overwrite)
     sources = load_sources(modules)
     (new,) = load_sources([with_])

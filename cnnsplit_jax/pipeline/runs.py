@@ -143,7 +143,7 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     continues). ``recipe`` names where ``cfg`` came from (its warnings are raised as
     ``RunWarning``). ``mesh``: data-parallel devices (``fit``). Returns the ``train.json`` dict."""
     out = Path(out)
-    meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
+    meshlib.resolve_data(mesh)  # a bad spec fails before any work
     ds, sources = train_data(dataset, data_dir)
     model = build_model(arch, num_classes=ds.info.num_classes, in_channels=ds.info.channels, width=width,
                         key=jax.random.key(cfg.seed), **({"fc_hidden": fc_hidden} if fc_hidden else {}))

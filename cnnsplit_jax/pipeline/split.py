@@ -36,8 +36,7 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
     # a bad spec fails before any work; concern identification splits its images (axis data)
-    mesh = (meshlib.resolve(mesh, natural="data", allowed=("data",)) if method == "concern"
-            else meshlib.resolve(mesh))
+    mesh = meshlib.resolve_data(mesh) if method == "concern" else meshlib.resolve(mesh)
     splitter, _, mask_kind = METHODS[method]
     model_dir, out = Path(model_dir), Path(out)
     model, meta = ckpt.load_model(model_dir)
@@ -82,7 +81,7 @@ def evaluate_run(mod_dir: str | Path, dataset: str | None = None, data_dir=None,
     """Re-evaluate the module set in ``mod_dir`` (on its own dataset, or ``dataset`` with the
     same classes; ``mesh``: devices the batches are split over, axis ``data``); writes and
     returns ``evaluate.json``."""
-    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))  # a bad spec fails before any work
+    mesh = meshlib.resolve_data(mesh)  # a bad spec fails before any work
     mod_dir = Path(mod_dir)
     ms = load_module_set(mod_dir)
     rd = run_data({**ms.meta, "dataset": dataset or ms.meta["dataset"]}, data_dir)

@@ -195,7 +195,7 @@ def decompose(
     concerned, negatives = sample_sets(y_train, k, cfg, key, confident)
     index = np.unique(np.concatenate(concerned + negatives))
     mem = np.concatenate([membership(concerned, index), membership(negatives, index)])
-    mesh = meshlib.resolve(mesh, natural="data", allowed=("data",))
+    mesh = meshlib.resolve_data(mesh)
     counts = activity_counts(model, x_train[index], mean, std, mem, batch_size=cfg.batch_size,
                              residual=cfg.residual, callbacks=callbacks, mesh=mesh)
     ci = {n: v[:k] == 0 for n, v in counts.items()}
