@@ -46,6 +46,7 @@ from flax import nnx
 from .base import ConvSpec, MaskedCNN, MaskPoint
 from .intercept import AdapterError, LayerCall, discover, intercept_nnx, linen_interceptor
 from .resnet import Node
+from .ties import trace_channels
 
 __all__ = ["adapt", "AdaptedCNN", "AdapterError", "LayerCall", "discover", "load_variables", "DenseHead"]
 
@@ -200,6 +201,30 @@ class AdaptedCNN(nnx.Module):
         self._run(x, fn)
         return rec
 
+    def channel_graph(self, order: list[str] | None = None) -> tuple[list[tuple[str, ...]], dict]:
+        """``(ties, reads)`` from one trace of the masked forward (``models.ties``): groups of
+        this model's mask points combined channel by channel (none left when the model is
+        tied as discovered), and for every conv and dense layer the set of points (or
+        ``IMAGE``) whose channels its input carries."""
+        readers = {c.path: int(self.layer_arrays(c.path)["kernel"].shape[-2]) for c in self.calls
+                   if c.kind in ("conv", "dense")}
+        where = self._where
+
+        def fn(path, kind, layer, xin, call):
+            if path in probes:
+                xin = xin * probes[path].astype(xin.dtype)
+            out = call(xin)
+            name = where.get(path)
+            return out * masks[name].astype(out.dtype) if name in masks else out
+
+        def forward(m, p, x):
+            nonlocal masks, probes
+            masks, probes = m, p
+            return self._run(x, fn, around=True)
+
+        masks, probes = {}, {}
+        return trace_channels(forward, {p.name: p.size for p in self._points}, readers, self.input_shape, order)
+
     # --- concern identification's interface (kind="node") ---------------------------------
     def nodes(self, residual: str = "conv") -> tuple[Node, ...]:
         """One node per mask point's place ([H, W, C] of its output), in call order; an
@@ -271,7 +296,7 @@ def adapt(
     input_shape: Sequence[int],
     num_classes: int | None = None,
     mask_points: Sequence[str] | None = None,
-    ties: Sequence[Sequence[str]] = (),
+    ties: Sequence[Sequence[str]] | str = "auto",
     apply_kwargs: Mapping | None = None,
     name: str | None = None,
     kind: Literal["kernel", "node"] = "kernel",
@@ -286,7 +311,11 @@ def adapt(
       input_shape: (H, W, C) of one normalised image.
       num_classes: checked against the logits' width (read from it when None).
       mask_points: conv paths that get a mask point (default: every conv discovered).
-      ties: groups of conv paths sharing one mask point (named after the first).
+      ties: ``"auto"`` (default): convs whose outputs are combined channel by channel (a
+        residual sum: a block's last conv and its shortcut, identity or projected) share one
+        mask point, discovered from the traced graph (``models.ties``); ``"none"``: every conv
+        its own point; or explicit groups of conv paths. A group is named after its first
+        conv in call order. Position nodes (``kind="node"``) are never tied.
       name: shown in ``arch`` (default: the class name).
       kind: ``"kernel"`` (GradSplitter, CNNSplitter) or ``"node"`` (concern identification:
         needs the logits to come from a final dense layer; no ties).
@@ -302,8 +331,12 @@ def adapt(
         raise AdapterError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
     if kind not in ("kernel", "node"):
         raise AdapterError(f"kind must be 'kernel' or 'node', got {kind!r}")
-    if kind == "node" and ties:
+    auto = isinstance(ties, str)
+    if auto and ties not in ("auto", "none"):
+        raise AdapterError(f"ties must be 'auto', 'none' or groups of conv paths, got {ties!r}")
+    if kind == "node" and not auto and ties:
         raise AdapterError("ties gate kernels; position nodes (kind='node') are never tied")
+    auto, ties = auto and ties == "auto" and kind == "kernel", (() if auto else ties)
     calls, out, final_dense = discover(net, variables, input_shape=input_shape, apply_kwargs=apply_kwargs)
     if kind == "node" and final_dense is None:
         raise AdapterError(f"{type(net).__name__}: concern identification needs the logits to be the output of a "
@@ -323,6 +356,18 @@ def adapt(
     unknown = [p for p in chosen + [q for g in ties for q in g] if p not in convs]
     if unknown:
         raise AdapterError(f"no conv layer at path(s) {unknown}; the convs found are {list(convs)}")
+    order = list(convs)
+    build = lambda pts: AdaptedCNN(  # noqa: E731
+        net, variables, input_shape=input_shape, num_classes=out[1], points=pts, calls=calls,
+        apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__, kind=kind, head=final_dense)
+    if auto:  # every chosen conv its own point, then the points combined channel by channel share one
+        ties = build(_group(convs, chosen, ())).channel_graph(order)[0]
+    return build(_group(convs, chosen, ties))
+
+
+def _group(convs: Mapping[str, LayerCall], chosen: Sequence[str], ties) -> list[MaskPoint]:
+    """Mask points of the ``chosen`` convs (in call order), tied groups sharing one (named
+    after the group's first conv)."""
     tied = {q: g[0] for g in ties for q in g}
     groups: dict[str, list[str]] = {}
     for path in [c for c in convs if c in set(chosen) | set(tied)]:
@@ -333,8 +378,7 @@ def adapt(
         if len(sizes) != 1:
             raise AdapterError(f"tied convs {members} have different output channels {sorted(sizes)}")
         points.append(MaskPoint(head, sizes.pop(), tuple(members)))
-    return AdaptedCNN(net, variables, input_shape=input_shape, num_classes=out[1], points=points, calls=calls,
-                      apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__, kind=kind, head=final_dense)
+    return points
 
 
 # ------------------------------------------------------------------------------ loading

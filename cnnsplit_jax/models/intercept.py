@@ -15,10 +15,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+from .base import ConvBN, Dense
+
 __all__ = ["AdapterError", "LayerCall", "discover", "intercept_nnx", "linen_interceptor"]
 
 _LINEN = ((nn.Conv, "conv"), ((nn.BatchNorm, nn.GroupNorm, nn.LayerNorm), "norm"), (nn.Dense, "dense"))
-_NNX = ((nnx.Conv, "conv"), ((nnx.BatchNorm, nnx.GroupNorm, nnx.LayerNorm), "norm"), (nnx.Linear, "dense"))
+#: the zoo's own layers are intercepted as the user's are: ``ConvBN`` is a conv with its
+#: BatchNorm fused in (its output is the place a mask point gates), ``Dense`` a dense layer
+_NNX = (((nnx.Conv, ConvBN), "conv"), ((nnx.BatchNorm, nnx.GroupNorm, nnx.LayerNorm), "norm"),
+        ((nnx.Linear, Dense), "dense"))
 
 
 def _kind(layer, table) -> str | None:
@@ -115,7 +120,7 @@ def linen_interceptor(fn, *, around: bool = False):
 
 
 def _stride(layer) -> int:
-    s = getattr(layer, "strides", None)
+    s = getattr(layer, "strides", getattr(layer, "stride", None))
     if s is None:
         return 1
     s = (s,) if isinstance(s, int) else tuple(s)
@@ -123,7 +128,7 @@ def _stride(layer) -> int:
 
 
 def _ksize(layer) -> int:
-    k = getattr(layer, "kernel_size")
+    k = getattr(layer, "kernel_size", None) or tuple(layer.kernel.shape[:2])  # the zoo's ConvBN: HWIO kernel
     k = (k,) if isinstance(k, int) else tuple(k)
     return int(k[0])
 

@@ -1,22 +1,24 @@
-"""Physical extraction of a module of an adapted model (``models.adapter``) whose convs form a
-chain: every conv reads the previous conv's output channels (the first reads the image),
-followed by the user's own glue (activations, pooling, reshapes), then dense layers.
+"""Physical extraction of a module of an adapted model (``models.adapter``): every conv reads
+the image or the channels of one mask point (a chain, or residual blocks whose added convs
+share a tied point: ``adapt(..., ties="auto")``), with the user's own glue (activations,
+pooling, residual adds, reshapes) in between, then dense layers. Which point a layer reads
+is traced from the graph (``models.ties.trace_channels``).
 
 A module keeps, at each conv, the output channels its mask keeps (the keep-one rule of
 ``extract.effective_masks``). Its parameters are sliced: a conv's kernel on its input
-channels (the previous conv's kept channels) and output channels, its bias, the BatchNorm
+channels (the kept channels of the point it reads) and output channels, its bias, the BatchNorm
 that reads it (scale, bias, running mean and variance), and the rows of the first dense layer
-that read the last conv's kept channels (its input is the last conv's positions x channels,
+that read the kept channels of the point before it (positions x channels,
 position-major as NHWC flattens, or one value per channel after global pooling). The user's
 forward pass runs with those layers replaced by the same computations on the sliced
 parameters (``jax.lax.conv_general_dilated`` with the layer's strides, padding and
 dilations; BatchNorm in inference mode), so every intermediate tensor is physically smaller.
 
-Anything else (ties, grouped convs, a norm that is not BatchNorm, a conv that does not read
-the previous conv, a dense layer whose width is not a multiple of the last conv's channels)
-is refused with the reason, and the extracted module is checked against the masked forward
-pass on a probe input before it is returned: a graph that only looks like a chain (residual
-adds) is refused too, never silently run wrong.
+Anything else (grouped convs, the zoo's ``ConvBN``, a norm that is not BatchNorm, a layer
+reading a concatenation or an untied residual sum, a dense layer whose width is not a
+multiple of its point's channels) is refused with the reason, and the extracted module is
+checked against the masked forward pass on a probe input before it is returned: it is never
+silently run wrong.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
 
+from ..models.ties import IMAGE
 from .extract import effective_masks
 
 __all__ = ["AdaptedModule", "extract_adapted", "ExtractionError"]
 
 
 class ExtractionError(ValueError):
-    """The adapted model's graph is not a chain of convs that extraction can slice."""
+    """The adapted model's graph has a layer extraction cannot slice (the message says which)."""
 
 
 @dataclasses.dataclass
@@ -93,22 +96,22 @@ def _batch_norm(layer, x, p):
     return y + p["bias"] if "bias" in p else y
 
 
-def _chain(model):
-    """(conv paths in order, {conv: its BatchNorm path}, first dense path) or raise."""
+def _layers(model):
+    """(conv paths in call order, {conv: its BatchNorm path}, first dense path) or raise."""
     calls, where = model.calls, model._where
-    info = {c.path: (c.layer_class, c.groups) for c in calls}
-    if any(len(p.layers) > 1 for p in model.mask_points()):
-        raise ExtractionError(f"{model.arch}: tied mask points gate residual pairs; extraction handles conv chains")
     norm_of = {}
     for i, c in enumerate(calls):
-        if c.kind == "conv" and info[c.path][1] != 1:
+        if c.kind == "conv" and c.groups != 1:
             raise ExtractionError(f"{model.arch}: {c.path!r} is a grouped convolution")
+        if c.kind == "conv" and c.layer_class != "Conv":
+            raise ExtractionError(f"{model.arch}: {c.path!r} is a {c.layer_class}, not a flax Conv (the zoo's own "
+                                  "layers are extracted by modules.extract)")
         if c.kind != "norm":
             continue
         if where.get(c.path) is None:
             raise ExtractionError(f"{model.arch}: the norm at {c.path!r} does not read a conv directly")
-        if info[c.path][0] != "BatchNorm":
-            raise ExtractionError(f"{model.arch}: {c.path!r} is a {info[c.path][0]}; slicing its channels would "
+        if c.layer_class != "BatchNorm":
+            raise ExtractionError(f"{model.arch}: {c.path!r} is a {c.layer_class}; slicing its channels would "
                                   "change its statistics")
         norm_of[calls[i - 1].path] = c.path
     convs = [c.path for c in calls if c.kind == "conv"]
@@ -119,41 +122,61 @@ def _chain(model):
     return convs, norm_of, calls[denses[0]].path
 
 
+def _read(model, layer, reads, kept, n_in):
+    """Indices of the input channels ``layer`` keeps: all of the image's, or the kept
+    channels of the one mask point its input carries."""
+    got = reads.get(layer, frozenset())
+    if got == {IMAGE}:
+        return np.arange(n_in)
+    if IMAGE in got:
+        raise ExtractionError(f"{model.arch}: {layer!r} reads the image added to conv outputs {sorted(got - {IMAGE})}; "
+                              "their channels cannot be dropped")
+    if len(got) > 1:
+        raise ExtractionError(f"{model.arch}: {layer!r} reads the sum of mask points {sorted(got)} that are not "
+                              "tied; adapt the model with ties='auto' so that they share one mask")
+    if not got:
+        raise ExtractionError(f"{model.arch}: which channels {layer!r} reads cannot be followed (a concatenation "
+                              "of several convs, or an operation the tracer does not know): use the masked form")
+    (point,) = got
+    if point not in kept:
+        raise ExtractionError(f"{model.arch}: {layer!r} reads mask point {point!r} before its convs run")
+    return kept[point]
+
+
 def extract_adapted(model, masks, *, check: bool = True) -> AdaptedModule:
     """The physically smaller module of adapted ``model`` under ``masks`` ``{point: [C]}``
     (one module's masks; binarised with the keep-one rule).
 
     Raises:
-      ExtractionError: the graph is not a chain (see the module docstring), or ``check``
-        finds that the extracted module does not reproduce the masked forward pass.
+      ExtractionError: a graph extraction cannot slice (see the module docstring), or
+        ``check`` finds that the extracted module does not reproduce the masked forward pass.
     """
     if getattr(model, "mask_kind", None) != "kernel" or not hasattr(model, "calls"):
         raise ExtractionError("extract_adapted takes a model from cnnsplit_jax.adapt (kind='kernel')")
-    convs, norm_of, dense = _chain(model)
+    convs, norm_of, dense = _layers(model)
+    _, reads = model.channel_graph()
     eff = effective_masks({k: np.asarray(v) for k, v in masks.items()})
     point_of = {c: p.name for p in model.mask_points() for c in p.layers}
     params, kept = {}, {}
-    prev, prev_size = np.arange(model.input_shape[-1]), model.input_shape[-1]
     for conv in convs:
         arr = model.layer_arrays(conv)
         k = arr["kernel"]
-        if k.shape[2] != prev_size:
-            raise ExtractionError(f"{model.arch}: {conv!r} reads {k.shape[2]} channels, but the conv before it makes "
-                                  f"{prev_size}: not a chain")
+        rows = _read(model, conv, reads, kept, k.shape[2])
         name = point_of.get(conv)
         keep = np.flatnonzero(eff[name]) if name is not None else np.arange(k.shape[3])
-        params[conv] = {"kernel": k[:, :, prev][..., keep], **({"bias": arr["bias"][keep]} if "bias" in arr else {})}
+        params[conv] = {"kernel": k[:, :, rows][..., keep], **({"bias": arr["bias"][keep]} if "bias" in arr else {})}
         if conv in norm_of:
             params[norm_of[conv]] = {n: a[keep] for n, a in model.layer_arrays(norm_of[conv]).items()}
         if name is not None:
             kept[name] = keep
-        prev, prev_size = keep, k.shape[3]
     arr = model.layer_arrays(dense)
-    rows, c_last = arr["kernel"].shape[0], prev_size
+    feats = _read(model, dense, reads, kept, arr["kernel"].shape[0])
+    (point,) = reads[dense] if reads[dense] != {IMAGE} else (None,)
+    rows, c_last = arr["kernel"].shape[0], next((p.size for p in model.mask_points() if p.name == point), rows)
     if rows % c_last:
         raise ExtractionError(f"{model.arch}: the dense layer {dense!r} reads {rows} values, not a multiple of the "
-                              f"last conv's {c_last} channels")
-    idx = (np.arange(rows // c_last)[:, None] * c_last + prev[None, :]).ravel()
+                              f"{c_last} channels of {point!r}")
+    idx = (np.arange(rows // c_last)[:, None] * c_last + feats[None, :]).ravel()
     params[dense] = {"kernel": arr["kernel"][idx], **({"bias": arr["bias"]} if "bias" in arr else {})}
     module = AdaptedModule(model, kept, params, dense)
     if check:
