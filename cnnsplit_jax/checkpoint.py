@@ -37,7 +37,9 @@ import numpy as np
 from flax import nnx
 
 from . import distributed as dist
-from .models import MaskedCNN, build_model
+from .models import MaskedCNN, adapt, build_model
+from .models.adapted_io import rebuild, variables_of
+from .models.intercept import AdapterError
 
 __all__ = [
     "CheckpointError",
@@ -215,12 +217,18 @@ def load_tree(path: str | os.PathLike, template: Any) -> Any:
 
 
 def save_model(run_dir: str | os.PathLike, model: MaskedCNN, meta: dict | None = None) -> None:
-    """Write ``model`` (params + BN stats) and ``meta`` to ``run_dir``."""
-    if not getattr(model, "extractable", True):  # an AdaptedCNN: its definition is the user's code
-        raise CheckpointError(f"{model.arch} is an adapted model, which cannot be rebuilt from a checkpoint: "
-                              "save the module set's masks (ModuleSet.tree(), checkpoint.save_tree) and "
-                              "rebuild the model with cnnsplit_jax.adapt")
+    """Write ``model`` (params + BN stats) and ``meta`` to ``run_dir``. An adapted model
+    (``cnnsplit_jax.adapt``) is written as its user's variables and ``spec()`` (the
+    definition it is rebuilt from, the mask points as adapted)."""
     run_dir = Path(run_dir)
+    if getattr(model, "adapted", False):
+        if model.definition is None:
+            raise CheckpointError(
+                f"{model.arch} cannot be saved without its definition: pass definition='package.module:name' "
+                "(a callable with no arguments returning the model) to cnnsplit_jax.adapt")
+        save_tree(run_dir / MODEL_DIR, variables_of(model))
+        write_json(run_dir / MODEL_JSON, {**model.config(), "adapted": model.spec(), **(meta or {})})
+        return
     save_tree(run_dir / MODEL_DIR, nnx.state(model))
     write_json(run_dir / MODEL_JSON, {**model.config(), **(meta or {})})
 
@@ -238,6 +246,8 @@ def load_model(run_dir: str | os.PathLike) -> tuple[MaskedCNN, dict]:
             f"written by `cnnsplit train`)"
         )
     meta = read_json(run_dir / MODEL_JSON)
+    if "adapted" in meta:
+        return _load_adapted(run_dir, meta), meta
     try:
         kwargs = {k: meta[k] for k in ("num_classes", "in_channels", "width")}
         if meta.get("fc_hidden"):  # SimCNN's FC width
@@ -249,6 +259,23 @@ def load_model(run_dir: str | os.PathLike) -> tuple[MaskedCNN, dict]:
     state = load_tree(run_dir / MODEL_DIR, nnx.state(model))
     nnx.update(model, state)
     return model, meta
+
+
+def _load_adapted(run_dir: Path, meta: dict):
+    spec = meta["adapted"]
+    try:
+        net, variables = rebuild(spec, lambda template: load_tree(run_dir / MODEL_DIR, template))
+        points = spec["points"]
+        model = adapt(net, variables, input_shape=spec["input_shape"], num_classes=spec["num_classes"],
+                      mask_points=[c for _, layers in points for c in layers], ties=[ls for _, ls in points if len(ls) > 1],
+                      apply_kwargs=spec.get("apply_kwargs") or {}, name=spec.get("name"), kind=spec["kind"],
+                      definition=spec["definition"])
+    except AdapterError as e:
+        raise CheckpointError(f"cannot rebuild the adapted model of {run_dir}: {e}") from None
+    if [[p.name, list(p.layers)] for p in model.mask_points()] != points:
+        raise CheckpointError(f"{run_dir}: the definition {spec['definition']!r} no longer has the saved mask points "
+                              f"{[n for n, _ in points]}")
+    return model
 
 
 # ------------------------------------------------------------------------ resumable loops

@@ -77,6 +77,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    log(f"adapting {args.definition} for {args.dataset}")
+    res = pipeline.adapt_run(args.out, args.definition, args.dataset, variables=args.variables,
+                             input_shape=args.input_shape, ties=args.ties, apply_kwargs=args.apply_kwargs,
+                             kind=args.kind, mean=args.mean, std=args.std, data_dir=args.data_dir, seed=args.seed,
+                             overwrite=args.overwrite)
+    print(f"{'model':>16}: {res['model']} reading {res['input_shape']}")
+    print(f"{'test accuracy':>16}: {res['test_accuracy']:.4f}")
+    print(f"{'mask points':>16}: " + ", ".join(
+        f"{n}[{c}]" + ("=" + "+".join(ls) if len(ls) > 1 else "") for n, c, ls in res["mask_points"]))
+    log(f"wrote {Path(args.out) / 'adapt.json'}; next: cnnsplit split --model-dir {args.out} --out MODULES")
+    return 0
+
+
 def _ga_preset(args) -> dict:
     name = args.recipe or "auto"
     if name == "auto":
@@ -240,5 +254,5 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "info": cmd_info, "split": cmd_split, "evaluate": cmd_evaluate,
+COMMANDS = {"train": cmd_train, "adapt": cmd_adapt, "info": cmd_info, "split": cmd_split, "evaluate": cmd_evaluate,
             "compose": cmd_compose, "patch": cmd_patch, "replace": cmd_replace, "demo": cmd_demo}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 
 from ..data import DATASETS
@@ -147,6 +148,50 @@ def _train_parser(sub, common) -> None:
     t.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
 
+def _shape(s: str) -> tuple[int, int, int]:
+    try:
+        h, w, c = (int(v) for v in s.split(","))
+        return h, w, c
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W,C (e.g. 28,28,1), got {s!r}")
+
+
+def _json_object(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object (e.g. '{{\"train\": false}}'): {e}")
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return v
+
+
+def _adapt_parser(sub, common) -> None:
+    a = sub.add_parser("adapt", parents=[common], help="make a run directory of your own trained Flax model (NNX or "
+                       "Linen) that split, evaluate and compose take")
+    a.add_argument("--definition", required=True, metavar="PACKAGE.MODULE:NAME",
+                   help="a callable with no arguments returning the model (an NNX module, or a Linen module); "
+                        "its package must be importable (PYTHONPATH)")
+    a.add_argument("--variables", default=None, help="trained variables: a Flax msgpack file or an Orbax directory "
+                   "(required for Linen; NNX default: the definition's own weights)")
+    a.add_argument("--dataset", required=True, help="the dataset (or task spec) the model classifies")
+    a.add_argument("--data-dir", default=None)
+    a.add_argument("--input-shape", type=_shape, default=None, metavar="H,W,C",
+                   help="what the model reads (default: the dataset's 32,32,C; smaller: centre crops)")
+    a.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel normalisation the model was "
+                   "trained with, on the [0, 1] scale (default: the dataset's)")
+    a.add_argument("--std", type=float, nargs="+", default=None)
+    a.add_argument("--apply-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help='keyword arguments of every call, e.g. \'{"train": false}\'')
+    a.add_argument("--kind", default="kernel", choices=("kernel", "node"),
+                   help="kernel: for --method grad / ga; node: for --method concern (default kernel)")
+    a.add_argument("--ties", default="auto", choices=("auto", "none"),
+                   help="auto: convs added by residual sums share one mask, found in the traced graph (default)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the train / validation split the splitters use")
+    a.add_argument("--out", required=True, help="run directory")
+    a.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+
 def _split_parser(sub, common) -> None:
     sp = sub.add_parser("split", parents=[common], help="decompose a trained model into per-class modules")
     sp.add_argument("--method", default="grad", choices=sorted(METHOD_CONFIGS),
@@ -284,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", parents=[common], help="summarise a trained run directory")
     i.add_argument("run_dir")
     i.add_argument("--json", action="store_true", help="also print the metadata as JSON")
+    _adapt_parser(sub, common)
     _split_parser(sub, common)
     ev = sub.add_parser("evaluate", parents=[common], help="re-evaluate a saved module set")
     ev.add_argument("mod_dir")

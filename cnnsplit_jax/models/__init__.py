@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from .adapter import AdaptedCNN, AdapterError, adapt, load_variables
+from .adapted_io import load_variables
+from .adapter import AdaptedCNN, AdapterError, adapt
 from .base import IMAGE_SIZE, ConvBN, ConvSpec, Dense, MaskedCNN, MaskPoint, scaled
 from .cnn import CNNS, InceCNN, ResCNN, ResCNNWeak, SimCNN, SimCNNWeak
 from .masks import (count_params, flatten_masks, kept_kernels, kernel_multiplicity, mask_points,

@@ -15,9 +15,12 @@ point* of its output channels, placed where masking a channel equals dropping th
 ``kind="kernel"`` (default): an ``AdaptedCNN`` with the zoo's interface for kernel masks
 (``mask_points()``, ``topology``, ``__call__(x, masks)``, ``kernel_maps``): masks are
 ``{point: float [C]}``, a point name is the conv's path (``"Conv_0"``, ``"blocks/2/proj"``).
-``ties`` merges points that must share one mask (a residual block's conv and the conv whose
-output its shortcut adds); otherwise every conv has its own point, which is exact for the
-masked forward. Kernels are counted per gated conv as for the zoo.
+Convs whose outputs are added (a residual block's last conv and its shortcut, identity or
+projected) share one mask point, as the zoo's ResCNN pairs do: ``ties="auto"`` discovers them
+from the traced graph (``models.ties``), ``ties="none"`` gives every conv its own point (exact
+for the masked forward too, but such modules cannot be sliced), or groups are declared.
+Kernels are counted per gated conv as for the zoo. The zoo's own models adapt to the points
+they declare (their ``ConvBN`` layers are intercepted like a user's convs).
 
 ``kind="node"``: the same places as *nodes* of concern identification, a ``[H, W, C]``
 position map each (every conv output, after its normalisation: the paper's mapping, where a
@@ -26,12 +29,9 @@ of the final dense layer (which must produce the logits) and ``fc`` that layer. 
 removed features are removed from the channeled head (no pooling is assumed); MC-BI, which
 walks a known graph, is refused.
 
-``load_variables`` restores a user's parameters from a Flax msgpack file or an Orbax
-checkpoint directory, given the model definition.
-
-Physical extraction of a conv chain's modules: ``modules.extract_adapted``. Not available,
-with a clear error: extracted *compositions* (compositions run masked and say so), saving a
-module set with the model definition (save the masks; rebuild with ``adapt``).
+Physical extraction of modules (conv chains and tied residual graphs):
+``modules.extract_adapted``. Saving and loading (the user's parameters, the definition a
+model is rebuilt from): ``models.adapted_io``.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+from .adapted_io import definition_of
 from .base import ConvSpec, MaskedCNN, MaskPoint
 from .intercept import AdapterError, LayerCall, discover, intercept_nnx, linen_interceptor
 from .resnet import Node
 from .ties import trace_channels
 
-__all__ = ["adapt", "AdaptedCNN", "AdapterError", "LayerCall", "discover", "load_variables", "DenseHead"]
+__all__ = ["adapt", "AdaptedCNN", "AdapterError", "LayerCall", "discover", "DenseHead"]
 
 
 class DenseHead(NamedTuple):
@@ -73,13 +74,15 @@ class AdaptedCNN(nnx.Module):
     """
 
     mask_kind = "kernel"
-    extractable = False
+    #: a user's model: modules are extracted by ``modules.extract_adapted``, saved with the
+    #: definition it was adapted from (``checkpoint.save_model``)
+    adapted = True
     batch_norm = False
     width = 1.0
     fc_layers: tuple[str, ...] = ()
 
     def __init__(self, net, variables, *, input_shape, num_classes, points, calls, apply_kwargs, name,
-                 kind="kernel", head=None):
+                 kind="kernel", head=None, definition=None):
         self.net = net if isinstance(net, nnx.Module) else nnx.static(net)
         self.linen = not isinstance(net, nnx.Module)
         self.variables = nnx.data(_wrap(variables)) if self.linen else None
@@ -107,6 +110,15 @@ class AdaptedCNN(nnx.Module):
         self._head = head
         self._nodes = tuple(Node(name, by_path[at].out_shape, "conv", ()) for at, name in where.items())
         self.fc_in = int(self.fc.kernel.shape[0]) if head is not None else 0
+        self.definition = definition
+
+    def spec(self) -> dict:
+        """What rebuilds this model from its saved variables (``checkpoint.save_model``): the
+        definition's import path, ``adapt``'s arguments and the mask points as adapted."""
+        return {"definition": self.definition, "input_shape": list(self.input_shape), "kind": self.mask_kind,
+                "num_classes": self.num_classes, "name": self.arch.partition(":")[2],
+                "apply_kwargs": dict(self._kwargs), "framework": "linen" if self.linen else "nnx",
+                "points": [[p.name, list(p.layers)] for p in self._points]}
 
     @property
     def _where(self) -> dict[str, str]:
@@ -300,6 +312,7 @@ def adapt(
     apply_kwargs: Mapping | None = None,
     name: str | None = None,
     kind: Literal["kernel", "node"] = "kernel",
+    definition: str | None = None,
 ) -> AdaptedCNN:
     """Adapt a trained Flax CNN for the kernel-mask splitters and composition.
 
@@ -319,6 +332,10 @@ def adapt(
       name: shown in ``arch`` (default: the class name).
       kind: ``"kernel"`` (GradSplitter, CNNSplitter) or ``"node"`` (concern identification:
         needs the logits to come from a final dense layer; no ties).
+      definition: ``"package.module:name"``, a callable with no arguments returning the
+        model's structure (``models.adapted_io``): what ``checkpoint.save_model`` records so
+        that the model and its module sets load again (a Linen class with default fields is
+        found by itself).
 
     Raises:
       AdapterError: no conv layer, a declared path that is not a conv, tied convs of different
@@ -337,6 +354,7 @@ def adapt(
     if kind == "node" and not auto and ties:
         raise AdapterError("ties gate kernels; position nodes (kind='node') are never tied")
     auto, ties = auto and ties == "auto" and kind == "kernel", (() if auto else ties)
+    definition = definition_of(net, definition)
     calls, out, final_dense = discover(net, variables, input_shape=input_shape, apply_kwargs=apply_kwargs)
     if kind == "node" and final_dense is None:
         raise AdapterError(f"{type(net).__name__}: concern identification needs the logits to be the output of a "
@@ -359,7 +377,8 @@ def adapt(
     order = list(convs)
     build = lambda pts: AdaptedCNN(  # noqa: E731
         net, variables, input_shape=input_shape, num_classes=out[1], points=pts, calls=calls,
-        apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__, kind=kind, head=final_dense)
+        apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__, kind=kind, head=final_dense,
+        definition=definition)
     if auto:  # every chosen conv its own point, then the points combined channel by channel share one
         ties = build(_group(convs, chosen, ())).channel_graph(order)[0]
     return build(_group(convs, chosen, ties))
@@ -379,68 +398,3 @@ def _group(convs: Mapping[str, LayerCall], chosen: Sequence[str], ties) -> list[
             raise AdapterError(f"tied convs {members} have different output channels {sorted(sizes)}")
         points.append(MaskPoint(head, sizes.pop(), tuple(members)))
     return points
-
-
-# ------------------------------------------------------------------------------ loading
-def _pure(tree):
-    return jax.tree.map(lambda v: v[...] if isinstance(v, nnx.Variable) else v, tree,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
-def load_variables(path, like):
-    """A user's trained parameters, from a Flax msgpack file (``flax.serialization.to_bytes``
-    of the variables, or of ``nnx.state(model)``'s pure dict) or an Orbax checkpoint directory
-    (a pytree saved with ``orbax.checkpoint``), checked against ``like``.
-
-    Args:
-      path: a file (msgpack) or a directory (Orbax).
-      like: Linen variables of the right structure (e.g. ``module.init(...)``), or an NNX
-        module, which is updated in place.
-
-    Returns:
-      the restored Linen variables, or the updated NNX module.
-
-    Raises:
-      AdapterError: no such file or directory, unreadable data, or a tree whose structure or
-        shapes differ from ``like``'s.
-    """
-    import os
-
-    import orbax.checkpoint as ocp
-    from flax import serialization
-
-    path = os.fspath(path)
-    target = nnx.state(like).to_pure_dict() if isinstance(like, nnx.Module) else _pure(like)
-    try:
-        if os.path.isdir(path):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                got = ocp.v1.load(path)
-        elif os.path.isfile(path):
-            with open(path, "rb") as f:
-                got = serialization.msgpack_restore(f.read())
-        else:
-            raise AdapterError(f"no checkpoint at {path} (a msgpack file or an Orbax directory)")
-    except AdapterError:
-        raise
-    except Exception as e:
-        raise AdapterError(f"cannot read a checkpoint at {path}: {type(e).__name__}: {e}") from e
-    got = jax.tree.map(jnp.asarray, got)
-    want_t, got_t = jax.tree.structure(serialization.to_state_dict(target)), jax.tree.structure(got)
-    if want_t != got_t:
-        raise AdapterError(f"the checkpoint at {path} does not have the model's structure: expected {want_t}, "
-                           f"found {got_t}")
-    bad = [f"{jax.tree_util.keystr(k)}: {a.shape} vs {b.shape}"
-           for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(serialization.to_state_dict(target)),
-                                jax.tree.leaves(got)) if a.shape != b.shape]
-    if bad:
-        raise AdapterError(f"the checkpoint at {path} has other shapes than the model: {bad[:5]}")
-    restored = serialization.from_state_dict(target, got)
-    if isinstance(like, nnx.Module):
-        state = nnx.state(like)
-        nnx.replace_by_pure_dict(state, restored)
-        nnx.update(like, state)
-        return like
-    return restored

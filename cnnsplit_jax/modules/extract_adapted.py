@@ -24,6 +24,8 @@ silently run wrong.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,25 +35,33 @@ from flax.linen.linear import canonicalize_padding
 from ..models.ties import IMAGE
 from .extract import effective_masks
 
-__all__ = ["AdaptedModule", "extract_adapted", "ExtractionError"]
+__all__ = ["AdaptedModule", "extract_adapted", "extract_adapted_all", "adapted_flops", "ExtractionError"]
 
 
 class ExtractionError(ValueError):
     """The adapted model's graph has a layer extraction cannot slice (the message says which)."""
 
 
-@dataclasses.dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["model", "kept", "dense"])
+@dataclasses.dataclass(frozen=True, eq=False)
 class AdaptedModule:
-    """One physically smaller module of an adapted model.
+    """One physically smaller module of an adapted model (a pytree: the sliced ``params``
+    are its leaves, so modules stack into a jitted composition).
 
-    model: the ``AdaptedCNN`` (its forward pass is the glue); kept: ``{point: int [k]}`` kept
-    channels; params: ``{layer path: {name: sliced array}}``; dense: the first dense layer's path.
+    model: the ``AdaptedCNN`` (its forward pass is the glue); kept: ``((point, (int, ...)),
+    ...)`` kept channels; params: ``{layer path: {name: sliced array}}``; dense: the first
+    dense layer's path.
     """
 
     model: object
-    kept: dict
+    kept: tuple
     params: dict
     dense: str
+
+    def flops(self) -> float:
+        """Nominal FLOPs (2 x MACs) of one image: its sliced convs and dense layers
+        (``adapted_flops``)."""
+        return adapted_flops(self.model, self.params)
 
     def num_params(self) -> int:
         """Parameters of the sliced layers (convs, BatchNorm affine and statistics, the first
@@ -74,6 +84,21 @@ class AdaptedModule:
             return xin @ p["kernel"] + p["bias"] if "bias" in p else xin @ p["kernel"]
 
         return self.model._run(x, around, around=True)
+
+
+def adapted_flops(model, params: dict | None = None) -> float:
+    """Nominal FLOPs (2 x MACs) of one image through ``model``'s convs (``2 * H_out * W_out *
+    k_h * k_w * C_in * C_out``, as ``extract.forward_flops``) and dense layers, with the
+    kernels in ``params`` (a module's sliced layers) where given."""
+    total = 0.0
+    for c in model.calls:
+        if c.kind not in ("conv", "dense"):
+            continue
+        k = (params or {}).get(c.path, {}).get("kernel")
+        k = model.layer_arrays(c.path)["kernel"] if k is None else k
+        positions = math.prod(c.out_shape[:-1]) if c.kind == "conv" else 1
+        total += 2.0 * positions * math.prod(k.shape)
+    return total
 
 
 def _pairs(v, n=2):
@@ -143,18 +168,20 @@ def _read(model, layer, reads, kept, n_in):
     return kept[point]
 
 
-def extract_adapted(model, masks, *, check: bool = True) -> AdaptedModule:
+def extract_adapted(model, masks, *, check: bool = True, graph=None) -> AdaptedModule:
     """The physically smaller module of adapted ``model`` under ``masks`` ``{point: [C]}``
     (one module's masks; binarised with the keep-one rule).
 
     Raises:
       ExtractionError: a graph extraction cannot slice (see the module docstring), or
         ``check`` finds that the extracted module does not reproduce the masked forward pass.
+
+    ``graph``: ``model.channel_graph()`` when already traced (extracting many modules).
     """
     if getattr(model, "mask_kind", None) != "kernel" or not hasattr(model, "calls"):
         raise ExtractionError("extract_adapted takes a model from cnnsplit_jax.adapt (kind='kernel')")
     convs, norm_of, dense = _layers(model)
-    _, reads = model.channel_graph()
+    _, reads = graph or model.channel_graph()
     eff = effective_masks({k: np.asarray(v) for k, v in masks.items()})
     point_of = {c: p.name for p in model.mask_points() for c in p.layers}
     params, kept = {}, {}
@@ -178,7 +205,7 @@ def extract_adapted(model, masks, *, check: bool = True) -> AdaptedModule:
                               f"{c_last} channels of {point!r}")
     idx = (np.arange(rows // c_last)[:, None] * c_last + feats[None, :]).ravel()
     params[dense] = {"kernel": arr["kernel"][idx], **({"bias": arr["bias"]} if "bias" in arr else {})}
-    module = AdaptedModule(model, kept, params, dense)
+    module = AdaptedModule(model, tuple((k, tuple(int(i) for i in v)) for k, v in kept.items()), params, dense)
     if check:
         x = jax.random.normal(jax.random.key(0), (2, *model.input_shape))
         try:
@@ -191,3 +218,15 @@ def extract_adapted(model, masks, *, check: bool = True) -> AdaptedModule:
             raise ExtractionError(f"{model.arch}: the extracted module does not reproduce the masked forward pass; "
                                   "the convs do not form a chain: use the masked form")
     return module
+
+
+def extract_adapted_all(pairs) -> tuple[AdaptedModule, ...]:
+    """``extract_adapted`` of every ``(model, masks {point: [C]})`` pair, tracing each distinct
+    model's graph once."""
+    graphs: dict[int, tuple] = {}
+    out = []
+    for model, masks in pairs:
+        if id(model) not in graphs:
+            graphs[id(model)] = model.channel_graph()
+        out.append(extract_adapted(model, masks, graph=graphs[id(model)]))
+    return tuple(out)

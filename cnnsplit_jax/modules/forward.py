@@ -41,6 +41,7 @@ from ..data import map_batches
 from ..models import mask_points
 from ..models.masks import PerUse
 from .extract import ExtractedModule, effective_masks, extract_module, kept_indices
+from .extract_adapted import extract_adapted_all
 from .heads import Heads, concern_positive, positive_probability, scores_from_logits, vote_scores
 
 __all__ = ["Pick", "Kind", "KINDS", "MaskedGroup", "ExtractedGroup", "ConcernGroup", "default_chunk",
@@ -303,6 +304,11 @@ def _aligned(n: int, full: int, align: int) -> int:
 
 
 def _stack_extracted(picks, *, execution="unrolled", align=8, **_) -> ExtractedGroup:
+    heads = [p.module_set.module_head(p.source_class) for p in picks]
+    if getattr(picks[0].module_set.base, "adapted", False):  # a user's model: one by one, each its own shapes
+        mods = extract_adapted_all([(p.module_set.base, p.module_set.module_masks(p.source_class)) for p in picks])
+        return ExtractedGroup((), mods, _stack_heads(heads), _classes(picks), *_norms([p.module_set for p in picks]),
+                              (), "adapted", ())
     kept = [kept_indices(p.module_set.base, p.module_set.module_masks(p.source_class)) for p in picks]
     full = {pt.name: pt.size for pt in mask_points(picks[0].module_set.base)}
     if execution == "vmap":  # one common (aligned) shape for the whole group
@@ -345,7 +351,9 @@ def _extracted_logits(g: ExtractedGroup, x, input) -> jax.Array:
     def run(model, mean, std):
         return model.fc_chain(model.features(prepare(x, mean, std, input)), 0, stop)
 
-    if g.execution == "vmap":
+    if g.execution == "adapted":  # AdaptedModule pytrees (modules.extract_adapted)
+        h = jnp.stack([m(prepare(x, g.mean[i], g.std[i], input)) for i, m in enumerate(g.params)])
+    elif g.execution == "vmap":
         h = jax.vmap(lambda p, m, s: run(nnx.merge(g.graphdefs[0], p), m, s))(g.params[0], g.mean, g.std)
     else:
         h = jnp.stack([run(nnx.merge(gd, p), g.mean[i], g.std[i])

@@ -28,6 +28,7 @@ from .. import checkpoint as ckpt
 from ..models import MaskedCNN, count_params, flatten_masks, mask_points, total_kernels
 from ..models.resnet import residual_of
 from .extract import effective_masks, extract_all, forward_flops
+from .extract_adapted import ExtractionError, adapted_flops, extract_adapted_all
 from .heads import Heads
 from .weight_jaccard import weight_jaccard
 
@@ -106,14 +107,6 @@ class ModuleSet(_Common):
         if self.heads is not None and self.heads.w1.shape[0] != self.num_modules:
             raise ValueError(f"{self.heads.w1.shape[0]} heads for {self.num_modules} modules")
 
-    def forward_form(self, form: str) -> str:
-        """As ``_Common.forward_form``; an adapted model with no known layer graph
-        (``base.extractable`` False) runs masked only."""
-        if form == "extracted" and not getattr(self.base, "extractable", True):
-            raise ValueError(f"{self.base.arch}: physical extraction needs the model's layer graph, which an "
-                             "adapted model does not expose; its modules run in the masked form (form='masked')")
-        return super().forward_form(form)
-
     def module_masks(self, c: int) -> dict:
         """Module c's masks ``{point: [C]}`` as stored (apply ``effective_masks`` to run them)."""
         return {k: np.asarray(v[c]) for k, v in self.masks.items()}
@@ -136,8 +129,15 @@ class ModuleSet(_Common):
                "kernel_retention": per_module.tolist(),
                "layer_retention": {s.name: (eff[s.mask].sum(-1) / s.out_channels).tolist()
                                    for s in self.base.topology}}
-        if flops and not getattr(self.base, "extractable", True):
-            out["extraction"] = "not available: an adapted model's modules run in the masked form"
+        if flops and getattr(self.base, "adapted", False):  # a user's model: extracted where its graph allows
+            try:
+                mods = extract_adapted_all([(self.base, self.module_masks(c)) for c in range(self.num_modules)])
+            except ExtractionError as e:
+                out["extraction"] = f"not available, the modules run in the masked form: {e}"
+                return out
+            base_f = adapted_flops(self.base)
+            mf = [m.flops() for m in mods]
+            out.update(base_flops=base_f, module_flops=mf, module_flops_ratio=[f / base_f for f in mf])
         elif flops:
             base_f = forward_flops(self.base)
             mf = [forward_flops(m.model) for m in extract_all(self.base, self.masks, self.heads)]
@@ -215,7 +215,7 @@ class ConcernModuleSet(_Common):
         ``flops`` is ignored (modules run the whole model)."""
         del flops
         active = self.active_sets().mean(-1)
-        if getattr(self.base, "extractable", True):
+        if not getattr(self.base, "adapted", False):
             ji_values, ji_positions = weight_jaccard(self, "values"), weight_jaccard(self, "positions")
         else:  # an adapted model: which weights feed which node is not known
             ji_values = ji_positions = np.full(self.num_modules, np.nan)

@@ -1,15 +1,16 @@
 """Library functions for runs on disk, the layer the CLI, the demo, the tests and the
 benchmarks share: train a model into a run directory, split it into a module set, evaluate,
-compose, patch, replace, and the demo. Each writes its JSON report and returns it; none
+compose, patch, replace, and the demo. A user's own trained Flax model becomes a run directory with ``adapt_run``. Each writes its JSON report and returns it; none
 parses argv or prints. Plots and tables are the CLI's."""
 
+from .adapt import adapt_run
 from .demo import DemoConfig, demo
 from .reuse import compose_run, load_sources, parse_modules, patch_run, replace_run, task_for
 from .runs import ARTIFACTS, RunData, RunWarning, artifact_kind, prepare_out, run_data, train_data, train_run
 from .split import PROGRESS, evaluate_run, split_run
 
 __all__ = [
-    "ARTIFACTS", "DemoConfig", "PROGRESS", "RunData", "RunWarning", "artifact_kind", "compose_run", "demo",
+    "ARTIFACTS", "DemoConfig", "adapt_run", "PROGRESS", "RunData", "RunWarning", "artifact_kind", "compose_run", "demo",
     "evaluate_run", "load_sources", "parse_modules", "patch_run", "prepare_out", "replace_run", "run_data",
     "split_run", "task_for", "train_data", "train_run",
 ]

@@ -3,6 +3,7 @@ two), the data of a trained run (its splits), and training a base model into a d
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 import warnings
@@ -21,13 +22,13 @@ from ..progress import RunWarning
 from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, split_indices, summary
 
 __all__ = ["RunWarning", "ARTIFACTS", "artifact_kind", "prepare_out", "RunData", "train_data", "run_data",
-           "train_run"]
+           "fit_images", "train_run"]
 
 
 #: artefact kinds: (files that identify one, every top-level entry it writes)
 ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "model": (("model.json", "train_state.json"),
-              ("model.json", "model", "train.json", "train_state.json", "train_state")),
+              ("model.json", "model", "train.json", "train_state.json", "train_state", "adapt.json")),
     "module_set": (("modules.json", "search.json", "ga.json", "split.json"),
                    ("modules.json", "modules", "base", "split.json", "evaluate.json", "search.json", "search",
                     "ga.json", "ga", "retention_heatmap.png", "module_f1.png", "accuracy_vs_kernels.png",
@@ -115,10 +116,28 @@ def train_data(spec: str, data_dir=None) -> tuple[Dataset, list]:
     return task.ds, [list(x) for x in task.sources]
 
 
+def fit_images(x: np.ndarray, shape) -> np.ndarray:
+    """Images ``[N, H, W, C]`` as a model reading ``shape`` (H', W', C) takes them: centre crops
+    when H' <= H and W' <= W (Fashion-MNIST's 28x28 inside the loader's 32x32 padding).
+
+    Raises:
+      ValueError: larger images than the dataset's, or other channels.
+    """
+    h, w, c = (int(v) for v in shape)
+    if x.shape[1:] == (h, w, c):
+        return x
+    if x.shape[3] != c or h > x.shape[1] or w > x.shape[2]:
+        raise ValueError(f"the model reads images {[h, w, c]}, the dataset's are {list(x.shape[1:])}: "
+                         "only centre crops of the same channels are taken")
+    top, left = (x.shape[1] - h) // 2, (x.shape[2] - w) // 2
+    return x[:, top:top + h, left:left + w]
+
+
 def run_data(meta: dict, data_dir=None) -> RunData:
     """The data of a run from its metadata (``model.json`` / ``modules.json``): plain datasets
     use the reference's test split (first 20% module evaluation / last 80% test); task specs
-    the per-part split of ``data.make_task``."""
+    the per-part split of ``data.make_task``. A run of an adapted model reading smaller
+    images (``input_shape``) gets centre crops (``fit_images``)."""
     spec = meta["dataset"]
     sp = meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2})
     data_dir = data_dir or meta.get("data_dir")
@@ -132,6 +151,10 @@ def run_data(meta: dict, data_dir=None) -> RunData:
         eval_split, test_split = (task.x_eval, task.y_eval), (ds.x_test, ds.y_test)
     tr, va = split_indices(ds.y_train, sp["seed"], sp.get("val_fraction", 0.2), sp.get("dirichlet_alpha"),
                            sp.get("dirichlet_min_size", 100))
+    if meta.get("input_shape"):
+        fit = lambda x: fit_images(x, meta["input_shape"])  # noqa: E731
+        ds = dataclasses.replace(ds, x_train=fit(ds.x_train), x_test=fit(ds.x_test))
+        eval_split, test_split = (fit(eval_split[0]), eval_split[1]), (fit(test_split[0]), test_split[1])
     return RunData(ds, tr, va, eval_split, test_split)
 
 

@@ -68,7 +68,7 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
         "dataset": meta["dataset"], "normalization": norm, "class_names": list(ds.info.class_names),
         "sources": meta.get("sources") or [[ds.info.name, c] for c in range(ds.info.num_classes)],
         "split": meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2}),
-        "base_run": str(model_dir)})
+        "base_run": str(model_dir), **({"input_shape": meta["input_shape"]} if meta.get("input_shape") else {})})
     save_module_set(out, ms)
     ev = evaluate_module_set(ms, rd.eval_split, rd.test_split, ds.info)
     result = {"method": method, "model": model.arch, "dataset": meta["dataset"], **ev,

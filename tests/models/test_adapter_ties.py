@@ -5,6 +5,8 @@ block has a projection, which an identity shortcut); masking a tied group equals
 own model with that channel's BatchNorm scale and bias zeroed in every tied layer; the zoo's
 hand-declared topology (ResCNN's three tied pairs) and its own masked forward."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,3 +144,28 @@ def test_a_resnet18_module_is_physically_smaller_and_equals_the_model_with_dropp
             bn.bias[...] = bn.bias[...] * masks[p.name]
     x = jax.random.normal(jax.random.key(7), (3, 64, 64, 3))
     np.testing.assert_allclose(mod(x), oracle(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_module_set_of_an_adapted_nnx_model_is_saved_and_loaded_with_its_definition(tmp_path):
+    from cnnsplit_jax.modules import ModuleSet, load_module_set, save_module_set
+
+    net = _resnet18()
+    net.blocks[3].bn2.scale[...] = net.blocks[3].bn2.scale[...] * 1.7  # trained weights the definition lacks
+    model = cs.adapt(net, input_shape=(64, 64, 3), definition="test_adapter:_resnet18")
+    rng = np.random.default_rng(2)
+    masks = {p.name: (rng.random((5, p.size)) > 0.4).astype(np.float32) for p in model.mask_points()}
+    ms = ModuleSet(model, masks, None, {"normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}})
+    save_module_set(tmp_path / "mods", ms)
+    back = load_module_set(tmp_path / "mods")
+    assert [(p.name, p.layers) for p in back.base.mask_points()] == [(p.name, p.layers) for p in model.mask_points()]
+    x = jax.random.normal(jax.random.key(4), (2, 64, 64, 3))
+    np.testing.assert_allclose(back.base(x), net(x), rtol=1e-6, atol=1e-6)  # the saved weights, not the definition's
+    assert not np.allclose(back.base(x), _resnet18()(x), atol=1e-4)
+    for k in masks:
+        np.testing.assert_array_equal(np.asarray(back.masks[k]), masks[k])
+    # a definition that no longer has the saved layers is refused when loading
+    meta = json.loads((tmp_path / "mods" / "base" / "model.json").read_text())
+    meta["adapted"]["points"][0][1] = ["stem", "blocks/9/conv2"]
+    (tmp_path / "mods" / "base" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(cs.CheckpointError, match=r"cannot rebuild the adapted model .* no conv layer at path"):
+        load_module_set(tmp_path / "mods")

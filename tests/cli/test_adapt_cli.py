@@ -1,0 +1,121 @@
+"""A user's own Linen model through the command line: ``cnnsplit adapt`` from the user's
+package and msgpack variables, then ``split``, ``evaluate`` and ``compose`` (masked and
+extracted) on its run directory, and the module set loaded back with its definition.
+Oracles: the accuracy the user computes with their own ``apply``; the masked composition
+for the extracted one; the module set's masks as written."""
+
+import json
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import serialization
+
+import cnnsplit_jax as cs
+from cnnsplit_jax.cli import main
+
+USER_MODULE = '''
+from flax import linen as nn
+
+
+class SmallCNN(nn.Module):  # the Flax MNIST example's layout, narrow, at 28x28
+    @nn.compact
+    def __call__(self, x):
+        x = nn.avg_pool(nn.relu(nn.Conv(8, (3, 3))(x)), (2, 2), (2, 2))
+        x = nn.avg_pool(nn.relu(nn.Conv(16, (3, 3))(x)), (2, 2), (2, 2))
+        x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(10)(x)
+
+
+def build():
+    return SmallCNN()
+'''
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    """(package dir, msgpack path, the user's own test accuracy) of a model trained here."""
+    root = tmp_path_factory.mktemp("user")
+    (root / "userpkg").mkdir()
+    (root / "userpkg" / "__init__.py").write_text("")
+    (root / "userpkg" / "nets.py").write_text(textwrap.dedent(USER_MODULE))
+    ds = cs.load_dataset("digits")
+    crop = lambda x: x[:, 2:30, 2:30]  # noqa: E731  (what --input-shape 28,28,1 takes)
+    mean, std = ds.info.mean[0], ds.info.std[0]
+    norm = lambda x: jnp.asarray((crop(x) / 255.0 - mean) / std, jnp.float32)  # noqa: E731
+    import sys
+
+    sys.path.insert(0, str(root))
+    from userpkg.nets import SmallCNN
+
+    m = SmallCNN()
+    params = m.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(p, o, xb, yb):
+        g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(m.apply(p, xb), yb).mean())(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    x, y = norm(ds.x_train), jnp.asarray(ds.y_train)
+    for epoch in range(5):
+        order = np.random.default_rng(epoch).permutation(len(y))
+        for i in range(0, len(y), 64):
+            b = order[i:i + 64]
+            params, opt = step(params, opt, x[b], y[b])
+    acc = float((np.asarray(m.apply(params, norm(ds.x_test))).argmax(1) == ds.y_test).mean())
+    path = root / "weights.msgpack"
+    path.write_bytes(serialization.to_bytes(params))
+    yield root, path, acc
+    sys.path.remove(str(root))
+
+
+def test_adapt_split_evaluate_compose_a_users_linen_model(user_model, tmp_path, capsys):
+    root, weights, acc = user_model
+    run, mods = tmp_path / "run", tmp_path / "mods"
+    adapt = ["adapt", "--definition", "userpkg.nets:build", "--variables", str(weights), "--dataset", "digits",
+             "--input-shape", "28,28,1", "--out", str(run)]
+    assert main(adapt) == 0
+    assert "Conv_0[8], Conv_1[16]" in capsys.readouterr().out
+    res = json.loads((run / "adapt.json").read_text())
+    assert res["test_accuracy"] == pytest.approx(acc, abs=1e-6) and acc > 0.9
+    model, meta = cs.checkpoint.load_model(run)  # rebuilt from the definition and the saved variables
+    assert model.arch == "adapted:SmallCNN" and meta["adapted"]["definition"] == "userpkg.nets:build"
+    assert main(["split", "--method", "grad", "--model-dir", str(run), "--out", str(mods), "--head-epochs", "1",
+                 "--modularity-epochs", "7", "--train-subset", "600"]) == 0
+    split = json.loads((mods / "split.json").read_text())
+    assert split["model"] == "adapted:SmallCNN" and split["composed_accuracy"] > acc - 0.1
+    ms = cs.load_module_set(mods)
+    written = cs.checkpoint.load_tree(mods / "modules", ms.tree())
+    for k in ms.masks:
+        np.testing.assert_array_equal(np.asarray(ms.masks[k]), written["masks"][k])
+    st = ms.structure()
+    assert 0 < min(st["module_flops_ratio"]) and max(st["module_flops_ratio"]) <= 1.0
+    capsys.readouterr()
+    assert main(["evaluate", str(mods)]) == 0
+    ev = json.loads((mods / "evaluate.json").read_text())
+    assert ev["composed_accuracy"] == pytest.approx(split["composed_accuracy"], abs=1e-9)
+    for form in ("masked", "extracted"):
+        assert main(["compose", "--modules", str(mods), "--form", form, "--out", str(tmp_path / form)]) == 0
+    masked, extracted = (json.loads((tmp_path / f / "compose.json").read_text()) for f in ("masked", "extracted"))
+    assert masked["accuracy"] == pytest.approx(split["composed_accuracy"], abs=0.02)  # the final-test images
+    assert extracted["accuracy"] == pytest.approx(masked["accuracy"], abs=2e-3)
+
+
+def test_adapt_errors_name_the_problem(user_model, tmp_path, capsys):
+    root, weights, _ = user_model
+    base = ["adapt", "--dataset", "digits", "--input-shape", "28,28,1", "--out", str(tmp_path / "r")]
+    assert main(base + ["--definition", "userpkg.nets:Nope", "--variables", str(weights)]) == 2
+    assert "cannot import the model definition 'userpkg.nets:Nope'" in capsys.readouterr().err
+    assert main(base + ["--definition", "userpkg.nets:build"]) == 2
+    assert "Linen module: pass its trained variables" in capsys.readouterr().err
+    assert main(base + ["--definition", "userpkg.nets:build", "--variables", str(tmp_path / "none.msgpack")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert main(["adapt", "--dataset", "digits", "--input-shape", "36,36,1", "--out", str(tmp_path / "r2"),
+                 "--definition", "userpkg.nets:build", "--variables", str(weights)]) == 2
+    assert "other shapes than the model" in capsys.readouterr().err  # 36x36 needs a wider dense layer
