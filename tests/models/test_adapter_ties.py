@@ -84,6 +84,15 @@ def test_ties_follow_pooling_and_ignore_gates_and_channel_concats():
         cs.adapt(m, v, input_shape=(12, 12, 2), ties="all")
 
 
+def test_every_kernel_mask_architecture_of_the_zoo_adapts_to_its_declared_points():
+    kernel_archs = sorted(a for a, cls in cs.ARCHITECTURES.items() if cls.mask_kind == "kernel")
+    assert len(kernel_archs) == 7
+    for arch in set(kernel_archs) - {"simcnn", "rescnn", "incecnn"}:  # those three: the test below
+        zoo = cs.build_model(arch, num_classes=4, in_channels=1, width=0.0625, key=1)
+        got = [(p.name, p.size, p.layers) for p in cs.adapt(zoo, input_shape=(32, 32, 1)).mask_points()]
+        assert got == [(p.name, p.size, p.layers) for p in cs.mask_points(zoo)], arch
+
+
 @pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn"])
 def test_the_zoo_through_the_adapter_equals_its_declared_topology(arch):
     zoo = cs.build_model(arch, num_classes=10, in_channels=3, width=0.0625, key=0)
