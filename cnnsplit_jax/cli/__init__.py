@@ -19,8 +19,11 @@ __all__ = ["main"]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
+    from .. import distributed as dist
     from ..pipeline import RunWarning
 
+    if not dist.is_primary():  # every process runs the command: process 0 speaks for them
+        return
     if issubclass(category, RunWarning):
         print(f"warning: {message}", file=sys.stderr)
     else:

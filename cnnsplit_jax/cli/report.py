@@ -8,13 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed as dist
 from ..progress import Progress
 
 __all__ = ["ProgressPrinter", "module_table", "class_table", "patch_table", "sources_table", "write_split_plots"]
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    """A progress or status line on stderr, from process 0 only (in a run of several
+    processes every process runs the command; errors are printed by each)."""
+    if dist.is_primary():
+        print(msg, file=sys.stderr)
 
 
 class ProgressPrinter:
@@ -34,7 +38,8 @@ class ProgressPrinter:
     def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty(), unit="step")
+        return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty() or not dist.is_primary(),
+                    unit="step")
 
     def __call__(self, p: Progress) -> None:
         if p.stage in ("step", "batch"):

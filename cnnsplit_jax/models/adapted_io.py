@@ -24,10 +24,10 @@ __all__ = ["load_variables", "definition_of", "build_definition", "variables_of"
 
 
 def definition_of(net, definition: str | None) -> str | None:
-    """The definition recorded for ``net``: ``definition`` checked (importable, callable), or,
-    when None, the Linen class itself when ``type(net)()`` equals ``net``; else None."""
+    """The definition recorded for ``net``: ``definition`` checked (importable, callable; not
+    called), or, when None, the Linen class itself when ``type(net)()`` equals ``net``; else None."""
     if definition is not None:
-        build_definition(definition)
+        _resolve(definition)
         return definition
     cls = type(net)
     if isinstance(net, nn.Module) and cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__:
@@ -39,13 +39,8 @@ def definition_of(net, definition: str | None) -> str | None:
     return None
 
 
-def build_definition(definition: str):
-    """The model structure that ``definition`` (``"package.module:name"``) builds.
-
-    Raises:
-      AdapterError: a malformed path, a module or name that cannot be imported, or a call
-        that does not return an NNX or Linen module.
-    """
+def _resolve(definition: str):
+    """The callable ``definition`` names, or raise ``AdapterError``."""
     mod, sep, name = str(definition).partition(":")
     if not sep or not mod or not name:
         raise AdapterError(f"a model definition is 'package.module:name', got {definition!r}")
@@ -58,7 +53,17 @@ def build_definition(definition: str):
                            "(is its package on PYTHONPATH?)") from None
     if not callable(obj):
         raise AdapterError(f"the model definition {definition!r} is not callable")
-    net = obj()
+    return obj
+
+
+def build_definition(definition: str):
+    """The model structure that ``definition`` (``"package.module:name"``) builds.
+
+    Raises:
+      AdapterError: a malformed path, a module or name that cannot be imported, or a call
+        that does not return an NNX or Linen module.
+    """
+    net = _resolve(definition)()
     if not isinstance(net, (nnx.Module, nn.Module)):
         raise AdapterError(f"the model definition {definition!r} returned a {type(net).__name__}, "
                            "not an NNX or Linen module")

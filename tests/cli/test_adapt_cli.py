@@ -87,15 +87,17 @@ def test_adapt_split_evaluate_compose_a_users_linen_model(user_model, tmp_path, 
     model, meta = cs.checkpoint.load_model(run)  # rebuilt from the definition and the saved variables
     assert model.arch == "adapted:SmallCNN" and meta["adapted"]["definition"] == "userpkg.nets:build"
     assert main(["split", "--method", "grad", "--model-dir", str(run), "--out", str(mods), "--head-epochs", "1",
-                 "--modularity-epochs", "7", "--train-subset", "600"]) == 0
+                 "--modularity-epochs", "14", "--lr-modularity", "0.05", "--alpha", "0.5", "--train-subset", "600"]) == 0
     split = json.loads((mods / "split.json").read_text())
-    assert split["model"] == "adapted:SmallCNN" and split["composed_accuracy"] > acc - 0.1
+    # measured: base 0.983 on the module-evaluation images, composed 0.962 at kernel retention 0.94
+    assert split["model"] == "adapted:SmallCNN" and split["composed_accuracy"] > acc - 0.05
+    assert split["mean_kernel_retention"] < 0.99  # kernels removed: extraction below slices for real
     ms = cs.load_module_set(mods)
     written = cs.checkpoint.load_tree(mods / "modules", ms.tree())
     for k in ms.masks:
         np.testing.assert_array_equal(np.asarray(ms.masks[k]), written["masks"][k])
     st = ms.structure()
-    assert 0 < min(st["module_flops_ratio"]) and max(st["module_flops_ratio"]) <= 1.0
+    assert 0 < min(st["module_flops_ratio"]) < 1.0 and max(st["module_flops_ratio"]) <= 1.0
     capsys.readouterr()
     assert main(["evaluate", str(mods)]) == 0
     ev = json.loads((mods / "evaluate.json").read_text())
