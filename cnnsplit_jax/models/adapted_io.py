@@ -20,7 +20,7 @@ from flax import nnx
 
 from .intercept import AdapterError
 
-__all__ = ["load_variables", "definition_of", "build_definition", "variables_of", "rebuild"]
+__all__ = ["load_variables", "definition_of", "build_definition", "variables_of", "linen_template", "rebuild"]
 
 
 def definition_of(net, definition: str | None) -> str | None:
@@ -78,6 +78,13 @@ def variables_of(model) -> dict:
     return nnx.state(model.net).to_pure_dict()
 
 
+def linen_template(net, input_shape, apply_kwargs=None):
+    """Shapes and dtypes (``jax.ShapeDtypeStruct``) of a Linen module's variables for images
+    ``[1, *input_shape]``, without initialising them."""
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    return jax.eval_shape(lambda: net.init(jax.random.key(0), x, **dict(apply_kwargs or {})))
+
+
 def rebuild(spec: dict, load):
     """The ``(net, variables)`` of an adapted model saved with ``spec`` (``AdaptedCNN.spec()``),
     its variables restored by ``load(template)`` (a pytree of arrays or shape structs)."""
@@ -90,9 +97,7 @@ def rebuild(spec: dict, load):
         if hasattr(net, "eval"):
             net.eval()
         return net, None
-    x = jnp.zeros((1, *spec["input_shape"]), jnp.float32)
-    template = jax.eval_shape(lambda: net.init(jax.random.key(0), x, **spec.get("apply_kwargs", {})))
-    return net, load(template)
+    return net, load(linen_template(net, spec["input_shape"], spec.get("apply_kwargs")))
 
 
 def _pure(tree):

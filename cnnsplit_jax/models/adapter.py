@@ -222,19 +222,16 @@ class AdaptedCNN(nnx.Module):
                    if c.kind in ("conv", "dense")}
         where = self._where
 
-        def fn(path, kind, layer, xin, call):
-            if path in probes:
-                xin = xin * probes[path].astype(xin.dtype)
-            out = call(xin)
-            name = where.get(path)
-            return out * masks[name].astype(out.dtype) if name in masks else out
+        def forward(masks, probes, x):
+            def fn(path, kind, layer, xin, call):
+                if path in probes:
+                    xin = xin * probes[path].astype(xin.dtype)
+                out = call(xin)
+                name = where.get(path)
+                return out * masks[name].astype(out.dtype) if name in masks else out
 
-        def forward(m, p, x):
-            nonlocal masks, probes
-            masks, probes = m, p
             return self._run(x, fn, around=True)
 
-        masks, probes = {}, {}
         return trace_channels(forward, {p.name: p.size for p in self._points}, readers, self.input_shape, order)
 
     # --- concern identification's interface (kind="node") ---------------------------------

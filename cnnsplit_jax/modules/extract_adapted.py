@@ -148,11 +148,11 @@ def _layers(model):
 
 
 def _read(model, layer, reads, kept, n_in):
-    """Indices of the input channels ``layer`` keeps: all of the image's, or the kept
-    channels of the one mask point its input carries."""
+    """``(point, indices)``: the mask point whose channels ``layer`` reads (None: the image's)
+    and the input channels it keeps (all of the image's, or that point's kept channels)."""
     got = reads.get(layer, frozenset())
     if got == {IMAGE}:
-        return np.arange(n_in)
+        return None, np.arange(n_in)
     if IMAGE in got:
         raise ExtractionError(f"{model.arch}: {layer!r} reads the image added to conv outputs {sorted(got - {IMAGE})}; "
                               "their channels cannot be dropped")
@@ -165,7 +165,7 @@ def _read(model, layer, reads, kept, n_in):
     (point,) = got
     if point not in kept:
         raise ExtractionError(f"{model.arch}: {layer!r} reads mask point {point!r} before its convs run")
-    return kept[point]
+    return point, kept[point]
 
 
 def extract_adapted(model, masks, *, check: bool = True, graph=None) -> AdaptedModule:
@@ -188,7 +188,7 @@ def extract_adapted(model, masks, *, check: bool = True, graph=None) -> AdaptedM
     for conv in convs:
         arr = model.layer_arrays(conv)
         k = arr["kernel"]
-        rows = _read(model, conv, reads, kept, k.shape[2])
+        _, rows = _read(model, conv, reads, kept, k.shape[2])
         name = point_of.get(conv)
         keep = np.flatnonzero(eff[name]) if name is not None else np.arange(k.shape[3])
         params[conv] = {"kernel": k[:, :, rows][..., keep], **({"bias": arr["bias"][keep]} if "bias" in arr else {})}
@@ -197,9 +197,9 @@ def extract_adapted(model, masks, *, check: bool = True, graph=None) -> AdaptedM
         if name is not None:
             kept[name] = keep
     arr = model.layer_arrays(dense)
-    feats = _read(model, dense, reads, kept, arr["kernel"].shape[0])
-    (point,) = reads[dense] if reads[dense] != {IMAGE} else (None,)
-    rows, c_last = arr["kernel"].shape[0], next((p.size for p in model.mask_points() if p.name == point), rows)
+    point, feats = _read(model, dense, reads, kept, arr["kernel"].shape[0])
+    rows = arr["kernel"].shape[0]
+    c_last = rows if point is None else next(p.size for p in model.mask_points() if p.name == point)
     if rows % c_last:
         raise ExtractionError(f"{model.arch}: the dense layer {dense!r} reads {rows} values, not a multiple of the "
                               f"{c_last} channels of {point!r}")
@@ -212,11 +212,11 @@ def extract_adapted(model, masks, *, check: bool = True, graph=None) -> AdaptedM
             got = module(x)
         except Exception as e:
             raise ExtractionError(f"{model.arch}: the extracted module cannot run ({type(e).__name__}: {e}); "
-                                  "the convs do not form a chain: use the masked form") from e
+                                  "its graph is not one extraction can slice: use the masked form") from e
         want = model(x, {k: jnp.asarray(v) for k, v in eff.items()})
         if not np.allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4):
             raise ExtractionError(f"{model.arch}: the extracted module does not reproduce the masked forward pass; "
-                                  "the convs do not form a chain: use the masked form")
+                                  "its graph is not one extraction can slice: use the masked form")
     return module
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from .. import checkpoint as ckpt
 from ..models import adapt, load_variables
-from ..models.adapted_io import build_definition
+from ..models.adapted_io import build_definition, linen_template
 from ..train import accuracy
 from .runs import fit_images, prepare_out, train_data
 
@@ -47,8 +47,8 @@ def adapt_run(out: str | Path, definition: str, dataset: str, *, variables: str 
     else:
         if variables is None:
             raise ValueError(f"{definition!r} is a Linen module: pass its trained variables (--variables)")
-        like = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32), **kw))
-        params = load_variables(variables, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), like))
+        like = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), linen_template(net, shape, kw))
+        params = load_variables(variables, like)
     model = adapt(net, params, input_shape=shape, num_classes=ds.info.num_classes, ties=ties, apply_kwargs=kw,
                   kind=kind, definition=definition)
     info = dataclasses.replace(ds.info, mean=tuple(mean or ds.info.mean), std=tuple(std or ds.info.std))

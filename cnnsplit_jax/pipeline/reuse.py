@@ -4,8 +4,6 @@ it."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import re
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +18,7 @@ from ..modules.module_set import load_module_set
 from ..reuse import Source, compose_task, continuous_learning, evaluate_picks, patch, replace, select_picks, \
     train_from_scratch
 from ..train import RECIPES, TrainConfig
-from .runs import fit_images, prepare_out, run_data
+from .runs import fit_dataset, fit_images, prepare_out, run_data
 
 __all__ = ["parse_modules", "load_sources", "task_for", "compose_run", "patch_run", "replace_run"]
 
@@ -77,9 +75,7 @@ def compose_run(modules: Sequence[str], out: str | Path, *, dataset: str | None 
     shapes = {tuple(s.module_set.base.input_shape) for s in sources}
     if len(shapes) == 1:  # adapted models reading smaller images take centre crops (run_data's rule)
         shape = shapes.pop()
-        task = task._replace(ds=dataclasses.replace(task.ds, x_train=fit_images(task.ds.x_train, shape),
-                                                    x_test=fit_images(task.ds.x_test, shape)),
-                             x_eval=fit_images(task.x_eval, shape))
+        task = task._replace(ds=fit_dataset(task.ds, shape), x_eval=fit_images(task.x_eval, shape))
     res, picks = compose_task(sources, task, form=form, execution=execution, mesh=mesh)
     res = {"task": spec, "form": form, "execution": execution, **res}
     if continuous:

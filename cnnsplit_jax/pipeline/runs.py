@@ -22,7 +22,7 @@ from ..progress import RunWarning
 from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, split_indices, summary
 
 __all__ = ["RunWarning", "ARTIFACTS", "artifact_kind", "prepare_out", "RunData", "train_data", "run_data",
-           "fit_images", "train_run"]
+           "fit_images", "fit_dataset", "train_run"]
 
 
 #: artefact kinds: (files that identify one, every top-level entry it writes)
@@ -133,6 +133,12 @@ def fit_images(x: np.ndarray, shape) -> np.ndarray:
     return x[:, top:top + h, left:left + w]
 
 
+def fit_dataset(ds: Dataset, shape) -> Dataset:
+    """``ds`` with its train and test images as a model reading ``shape`` takes them
+    (``fit_images``)."""
+    return dataclasses.replace(ds, x_train=fit_images(ds.x_train, shape), x_test=fit_images(ds.x_test, shape))
+
+
 def run_data(meta: dict, data_dir=None) -> RunData:
     """The data of a run from its metadata (``model.json`` / ``modules.json``): plain datasets
     use the reference's test split (first 20% module evaluation / last 80% test); task specs
@@ -152,9 +158,10 @@ def run_data(meta: dict, data_dir=None) -> RunData:
     tr, va = split_indices(ds.y_train, sp["seed"], sp.get("val_fraction", 0.2), sp.get("dirichlet_alpha"),
                            sp.get("dirichlet_min_size", 100))
     if meta.get("input_shape"):
-        fit = lambda x: fit_images(x, meta["input_shape"])  # noqa: E731
-        ds = dataclasses.replace(ds, x_train=fit(ds.x_train), x_test=fit(ds.x_test))
-        eval_split, test_split = (fit(eval_split[0]), eval_split[1]), (fit(test_split[0]), test_split[1])
+        shape = meta["input_shape"]
+        ds = fit_dataset(ds, shape)
+        eval_split = (fit_images(eval_split[0], shape), eval_split[1])
+        test_split = (fit_images(test_split[0], shape), test_split[1])
     return RunData(ds, tr, va, eval_split, test_split)
 
 
