@@ -248,3 +248,39 @@ def test_concern_identification_splits_the_images_and_equals_one_device(digits, 
         assert eight.stats["inactive"] == single.stats["inactive"] and sum(single.stats["ti_restored"]) > 0
         split = [s for s in seen if s is not None and getattr(s, "spec", None) == P("data")]
         assert (len(split) > 0) == (bs == 32) and all(len(s.device_set) == 8 for s in split)
+
+
+def test_cli_split_with_a_mesh_runs_on_a_model_loaded_from_a_run_directory(digits, tmp_path):
+    """`cnnsplit split --mesh modules=8` and `evaluate --mesh data=8` on a run directory (a
+    restored checkpoint, whose arrays once came back committed to device 0 and clashed with
+    the masks on 8 devices): the split.json of one device (the pipeline on a one-device mesh)
+    within 0.02 kernel retention."""
+    import json
+
+    from cnnsplit_jax.checkpoint import load_model, save_model
+    from cnnsplit_jax.cli import main
+    from cnnsplit_jax.pipeline import run_data
+
+    run = tmp_path / "run"
+    save_model(run, _model(10), {"dataset": "digits", "class_names": list(digits.info.class_names),
+                                 "normalization": {"mean": list(digits.info.mean), "std": list(digits.info.std)},
+                                 "split": {"seed": 0, "val_fraction": 0.2}})
+    flags = {"head_epochs": 1, "modularity_epochs": 7, "lr_modularity": 0.05, "init": "random"}
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    assert main(["split", "--method", "grad", "--model-dir", str(run), *cli, "--train-subset", "192",
+                 "--out", str(tmp_path / "eight"), "--mesh", "modules=8"]) == 0
+    eight = json.loads((tmp_path / "eight" / "split.json").read_text())
+    # one device: the same search on the same data (what split_run reads), without its evaluation
+    model, meta = load_model(run)
+    rd = run_data(meta)
+    tr = rd.train_idx[:192]
+    data = cs.SplitData(rd.ds.x_train[tr], rd.ds.y_train[tr], rd.ds.x_train[rd.val_idx], rd.ds.y_train[rd.val_idx],
+                        digits.info.mean, digits.info.std)
+    single = gs.split(jax.random.key(0), model, data, cs.GradSplitterConfig(**flags), mesh=one())
+    retention = single.module_set.structure(flops=False)["mean_kernel_retention"]
+    assert retention < 0.9  # kernels were removed: the comparison is not vacuous
+    assert abs(eight["mean_kernel_retention"] - retention) <= 0.02
+    assert eight["selected_epoch"] == single.details["selected_epoch"]
+    assert main(["evaluate", str(tmp_path / "eight"), "--mesh", "data=8"]) == 0
+    ev = json.loads((tmp_path / "eight" / "evaluate.json").read_text())
+    assert ev["composed_accuracy"] == pytest.approx(eight["composed_accuracy"], abs=1e-6)
