@@ -14,8 +14,9 @@ module sets, class logits for module sets without heads, positive-class probabil
 concern modules. When every module is of a kind with its own rule (concern: Pan & Rajan's
 vote), ``apply`` applies it.
 
-**Inputs.** ``input="raw"`` (default): images with pixel values in [0, 255] (uint8 or float)
-``[B, 32, 32, C]``; every module normalises them with its own base model's statistics, so
+**Inputs.** ``input="raw"`` (default): uint8 images with pixel values in [0, 255]
+``[B, 32, 32, C]`` (float images are refused: convert them with ``data.to_uint8``, which
+checks their range); every module normalises them with its own base model's statistics, so
 modules of models trained on different datasets compose correctly. ``input="normalized"``:
 already-normalised images; all sources must then share one normalisation (else ValueError).
 
@@ -126,6 +127,12 @@ def _check_picks(picks: Sequence[Pick], input: str) -> None:
             raise ValueError(f"pick {k} ({p.source or 'module set'}): unknown class index "
                              f"{p.source_class}; the module set has classes 0..{n - 1}")
         p.module_set.normalization  # noqa: B018 - raises when missing
+    seen: dict = {}
+    for k, p in enumerate(picks):
+        j = seen.setdefault((id(p.module_set), int(p.source_class)), k)
+        if j != k:
+            raise ValueError(f"picks {j} and {k} are the same module (class {int(p.source_class)} of one module set): "
+                             "a composition's classes must be distinct")
     if input == "normalized":
         norms = {p.module_set.normalization for p in picks}
         if len(norms) > 1:
@@ -155,7 +162,8 @@ def compose(
     Args:
       form: ``"masked"`` (base model + masks) or ``"extracted"`` (pruned modules).
       execution: ``"vmap"``, ``"unrolled"`` or ``"auto"`` (``default_execution()``).
-      input: ``"raw"`` pixels in [0, 255] or ``"normalized"`` images (one shared normalisation).
+      input: ``"raw"`` uint8 pixels in [0, 255] or ``"normalized"`` float images (one shared
+        normalisation).
       chunk: masked modules of one base model per vmapped group (default: 2 on CPU, all else).
       align: extracted modules' kept channel counts are zero-padded up to a multiple of this
         (exact; measured ~18% faster on XLA:CPU with 8 than with ragged counts); 1 = no padding.

@@ -28,6 +28,7 @@ from . import mesh as meshlib
 from .data import Dataset, DatasetInfo, batches, dirichlet_subsample, map_batches, normalize, train_val_split
 from .models import MaskedCNN, count_params, total_kernels
 from .progress import Progress, callbacks_of, notify
+from .validate import at_least, finite, fraction
 
 __all__ = [
     "TrainConfig",
@@ -42,7 +43,12 @@ __all__ = [
     "accuracy",
     "fit",
     "FitResult",
+    "TrainingDivergedError",
 ]
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or infinite; the last good checkpoint is left intact."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,26 @@ class TrainConfig:
     keep: Literal["best", "last"] = "best"  # best-validation epoch (reference), or the final one
     patience: int = 0  # > 0: stop after this many epochs without a better val accuracy
     optimizer: Literal["sgd", "adam"] = "sgd"  # SGD with momentum, or Adam (Pan & Rajan's Keras ResNets)
+
+    def __post_init__(self):
+        at_least("epochs", self.epochs, 1)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("eval_batch_size", self.eval_batch_size, 1)
+        at_least("patience", self.patience, 0)
+        at_least("dirichlet_min_size", self.dirichlet_min_size, 1)
+        at_least("seed", self.seed, 0)
+        finite("lr", self.lr, lo=0.0, strict=True)
+        finite("momentum", self.momentum, lo=0.0, hi=1.0)
+        finite("weight_decay", self.weight_decay, lo=0.0)
+        finite("lr_gamma", self.lr_gamma, lo=0.0, strict=True)
+        finite("dirichlet_alpha", self.dirichlet_alpha, lo=0.0, strict=True, optional=True)
+        fraction("val_fraction", self.val_fraction)
+        for f in self.lr_milestones:
+            finite("every lr milestone (a fraction of the epochs)", f, lo=0.0, hi=1.0)
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"keep must be 'best' or 'last', got {self.keep!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
 
 #: CNNSplitter's patching recipes (spec cnnsplitter.md 1c.3), as TrainConfig overrides.
@@ -206,13 +232,16 @@ def fit(
     resume: bool = False,
     callbacks=None,
     mesh=None,
+    identity: dict | None = None,
 ) -> FitResult:
     """Train ``model`` on ``ds`` and return the best-validation model.
 
     Args:
       run_dir: if given, checkpoints the training state every epoch to
         ``run_dir/train_state`` (+ ``train_state.json``).
-      resume: continue from ``run_dir/train_state`` (same config required).
+      resume: continue from ``run_dir/train_state``: the same config, model structure and
+        data (a content digest of the training images and labels) are required, and the
+        caller's ``identity`` (e.g. the dataset spec) too; a difference is refused naming it.
       callbacks: ``Progress`` callbacks: stage ``"step"`` (metrics ``loss``, ``acc``) after
         each step, ``"epoch"`` (the epoch's history record) after each validation.
       mesh: data-parallel training: each batch split along the mesh's ``data`` axis
@@ -220,10 +249,14 @@ def fit(
         gradient (and BatchNorm's batch statistics) reduced over all devices by the
         partitioner; None: every local device. A batch that does not divide the axis runs
         whole on every device.
+      identity: what else a resume must find equal (JSON values; the pipeline's dataset spec).
+
+    Raises:
+      TrainingDivergedError: the mean loss of an epoch is NaN or infinite (that epoch is not
+        checkpointed; the previous one is intact).
+      CheckpointError: a resume of another run, or a damaged checkpoint.
     """
     check_compatible(model, ds.info)
-    if cfg.keep not in ("best", "last"):
-        raise ValueError(f"TrainConfig.keep must be 'best' or 'last', got {cfg.keep!r}")
     tr_idx, va_idx = _split_indices(ds, cfg)
     steps_per_epoch = -(-len(tr_idx) // cfg.batch_size)
     tx = make_optimizer(cfg, steps_per_epoch)
@@ -241,11 +274,14 @@ def fit(
     start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, -1, 0.0
     run_dir = Path(run_dir) if run_dir else None
     config = ckpt.config_json(cfg)
+    identity = {**(identity or {}), "model": ckpt.config_json(model.config()), "dataset": ds.info.name,
+                "training data digest": ckpt.fingerprint(ds.x_train, ds.y_train)}
     cbs = callbacks_of(callbacks)
     if resume:
         if run_dir is None:
             raise ValueError("resume=True needs run_dir")
-        restored, progress = ckpt.load_progress(run_dir, "train_state", {"state": state, "best": best}, config)
+        restored, progress = ckpt.load_progress(run_dir, "train_state", {"state": state, "best": best}, config,
+                                                identity)
         state, best = restored["state"], restored["best"]
         start_epoch = progress["epoch"] + 1
         best_acc, best_epoch = progress["best_val_accuracy"], progress["best_epoch"]
@@ -291,6 +327,12 @@ def fit(
             losses.append(loss)
             accs.append(acc)
         jax.block_until_ready(state)
+        train_loss = float(jnp.mean(jnp.stack(losses)))
+        if not np.isfinite(train_loss):
+            raise TrainingDivergedError(
+                f"the training loss became {train_loss} in epoch {epoch} (learning rate too large, or non-finite "
+                f"inputs); nothing of this epoch was kept" + (f", the last good checkpoint in {run_dir} is intact"
+                                                              if run_dir is not None and epoch > start_epoch else ""))
         cur = nnx.merge(graphdef, state["params"], state["stats"])
         val_acc = accuracy(cur, ds.x_train[va_idx], ds.y_train[va_idx], ds.info, cfg.eval_batch_size)
         elapsed += time.perf_counter() - t0
@@ -299,7 +341,7 @@ def fit(
             best = {"params": state["params"], "stats": state["stats"]}
         rec = {
             "epoch": epoch,
-            "train_loss": float(jnp.mean(jnp.stack(losses))),
+            "train_loss": train_loss,
             "train_accuracy": float(jnp.mean(jnp.stack(accs))),
             "val_accuracy": val_acc,
             "seconds": elapsed,
@@ -308,7 +350,7 @@ def fit(
         if run_dir is not None:
             ckpt.save_progress(run_dir, "train_state", {"state": state, "best": best}, {
                 "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
-                "history": history, "train_seconds": elapsed, "config": config})
+                "history": history, "train_seconds": elapsed, "config": config, "identity": identity})
         notify(cbs, Progress("epoch", epoch, cfg.epochs, metrics=rec))
         if cfg.patience > 0 and epoch - best_epoch >= cfg.patience:
             break

@@ -15,11 +15,53 @@ import numpy as np
 
 from .. import distributed as dist
 
-__all__ = ["normalize", "batches", "map_batches", "sum_batches"]
+__all__ = ["normalize", "batches", "map_batches", "sum_batches", "check_images", "check_labels", "to_uint8"]
+
+_FLOAT_HINT = ("convert float images with cnnsplit_jax.data.to_uint8(x, scale=1.0) (pixels in [0, 1]) or "
+               "scale=255.0 (pixels in [0, 255]), which checks their range")
+
+
+def check_images(x, name: str = "images", ndim: int | None = 4) -> None:
+    """Raise ``ValueError`` unless ``x`` holds uint8 pixels (``[N, H, W, C]`` when ``ndim`` is
+    4): float images are refused rather than guessed at (a [0, 1] float divided by 255 again
+    would quietly give near-constant inputs)."""
+    dt = np.dtype(x.dtype)
+    if dt != np.uint8:
+        raise ValueError(f"{name} must be uint8 pixels in [0, 255], got dtype {dt}; " + (
+            _FLOAT_HINT if dt.kind == "f" else "convert them with x.astype(np.uint8) if that is what they are"))
+    if ndim is not None and len(x.shape) != ndim:
+        raise ValueError(f"{name} must be [N, H, W, C] (NHWC), got shape {tuple(x.shape)}")
+
+
+def check_labels(y, name: str = "labels") -> None:
+    """Raise ``ValueError`` unless ``y`` is a 1-D array of integer class indices (float labels
+    are refused, not truncated)."""
+    dt = np.dtype(y.dtype)
+    if dt.kind not in "iu":
+        raise ValueError(f"{name} must be integer class indices, got dtype {dt}")
+    if len(y.shape) != 1:
+        raise ValueError(f"{name} must be one index per image [N], got shape {tuple(y.shape)}")
+
+
+def to_uint8(x, scale: float = 1.0) -> np.ndarray:
+    """Float images with pixels in ``[0, scale]`` as uint8 ``round(x / scale * 255)``.
+
+    Raises:
+      ValueError: NaN or infinite pixels, or pixels outside ``[0, scale]``.
+    """
+    x = np.asarray(x, np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"images hold {int((~np.isfinite(x)).sum())} NaN or infinite pixels")
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if lo < -1e-6 * scale or hi > scale * (1 + 1e-6):
+        raise ValueError(f"pixels lie in [{lo:g}, {hi:g}], outside [0, {scale:g}]: pass the scale they are on")
+    return np.clip(np.round(x / scale * 255.0), 0, 255).astype(np.uint8)
 
 
 def normalize(x, mean: Sequence[float], std: Sequence[float]):
-    """uint8 images [..., C] -> float32 ``(x / 255 - mean) / std`` (NumPy or JAX arrays)."""
+    """uint8 images [..., C] -> float32 ``(x / 255 - mean) / std`` (NumPy or JAX arrays; the
+    one normalisation formula). Other dtypes are refused (``check_images``)."""
+    check_images(x, ndim=None)
     if hasattr(x, "__jax_array__") or type(x).__module__.startswith("jax"):
         import jax.numpy as jnp
 

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .batching import check_images, check_labels
+
 __all__ = ["Dataset", "DatasetInfo", "DatasetError", "DATASETS", "load_dataset", "read_idx",
            "image_stats", "file_order"]
 
@@ -74,13 +76,27 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train and test arrays: x uint8 [N, 32, 32, C], y int32 [N]."""
+    """Train and test arrays: x uint8 [N, H, W, C] (32 x 32 from the loaders), y integer [N].
+
+    Raises ``ValueError`` on construction for float images, non-integer labels, or images and
+    labels of different counts or channels other than ``info.channels``."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     info: DatasetInfo
+
+    def __post_init__(self):
+        for part in ("train", "test"):
+            x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
+            check_images(x, f"{self.info.name} {part} images")
+            check_labels(y, f"{self.info.name} {part} labels")
+            if len(x) != len(y):
+                raise ValueError(f"{self.info.name}: {len(x)} {part} images but {len(y)} labels")
+            if x.shape[-1] != self.info.channels:
+                raise ValueError(f"{self.info.name}: {part} images have {x.shape[-1]} channels, its info says "
+                                 f"{self.info.channels}")
 
 
 FASHION_NAMES = (
@@ -232,9 +248,28 @@ def _load_idx_dataset(name: str, data_dir=None) -> Dataset:
         ) from None
 
 
+#: what a CIFAR "python batches" file may construct: NumPy arrays and dtypes, nothing else
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, strings, numbers and NumPy arrays only: a file
+    naming any other class or function (code to run) is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds arrays only")
+
+
 def _unpickle(p: Path):
-    with open(p, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    try:
+        with open(p, "rb") as f:
+            return _ArraysOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DatasetError(f"{p} is not a CIFAR python batch: {e}") from None
 
 
 def _cifar_batches(name: str, data_dir=None) -> Dataset | None:

@@ -88,6 +88,7 @@ def make_task(parts: Sequence[tuple[Dataset, Sequence[int]]], eval_fraction: flo
         raise ValueError(f"datasets have different channels {sorted(chans)}; cannot merge them")
     xs = {k: [] for k in ("xtr", "ytr", "xev", "yev", "xte", "yte")}
     names, sources, off = [], [], 0
+    _no_repeats([(d.info.name, int(c)) for d, cs in parts for c in cs], "the task's (dataset, class) pairs")
     for d, classes in parts:
         classes = [int(c) for c in classes]
         bad = [c for c in classes if not 0 <= c < d.info.num_classes]
@@ -120,7 +121,10 @@ def make_task(parts: Sequence[tuple[Dataset, Sequence[int]]], eval_fraction: flo
 
 
 def parse_classes(spec: str) -> list[int]:
-    """``"0,2,5-7"`` -> ``[0, 2, 5, 6, 7]`` (order kept)."""
+    """``"0,2,5-7"`` -> ``[0, 2, 5, 6, 7]`` (order kept).
+
+    Raises ValueError on anything else: a reversed range (``3-1``), a class named twice, or
+    no class at all."""
     out: list[int] = []
     for part in spec.split(","):
         part = part.strip()
@@ -128,13 +132,31 @@ def parse_classes(spec: str) -> list[int]:
             continue
         try:
             if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
+                a, b = (int(v) for v in part.split("-", 1))
+                if a > b:
+                    raise ValueError(f"bad class range {part!r} in {spec!r}: write it from the lower class ({b}-{a})")
+                out.extend(range(a, b + 1))
             else:
                 out.append(int(part))
-        except ValueError:
+        except ValueError as e:
+            if "class range" in str(e):
+                raise
             raise ValueError(f"bad class list {spec!r}: expected integers and ranges like 0,2,5-7") from None
+    if not out:
+        raise ValueError(f"bad class list {spec!r}: no class given")
+    _no_repeats(out, spec)
     return out
+
+
+def _no_repeats(classes, where: str) -> None:
+    seen, twice = set(), []
+    for c in classes:
+        if c in seen and c not in twice:
+            twice.append(c)
+        seen.add(c)
+    if twice:
+        raise ValueError(f"class(es) {twice} named more than once in {where!r}: a task's classes must be distinct "
+                         "(a repeated class would be a degenerate task)")
 
 
 def parse_task(spec: str) -> list[tuple[str, list[int] | None]]:
@@ -144,10 +166,17 @@ def parse_task(spec: str) -> list[tuple[str, list[int] | None]]:
     """
     parts = []
     for item in spec.split("+"):
-        name, _, classes = item.partition(":")
+        name, sep, classes = item.partition(":")
         if name not in DATASETS:
             raise DatasetError(f"unknown dataset {name!r} in {spec!r}; expected one of {sorted(DATASETS)}")
-        parts.append((name, parse_classes(classes) if classes else None))
+        if sep and not classes.strip():
+            raise ValueError(f"no classes after {name + ':'!r} in {spec!r}; leave out the ':' for all classes")
+        parts.append((name, parse_classes(classes) if sep else None))
+    for name in {n for n, classes in parts if classes is None}:
+        if sum(n == name for n, _ in parts) > 1:
+            raise ValueError(f"{spec!r} takes every class of {name!r} and names it again: a task's classes must "
+                             "be distinct")
+    _no_repeats([f"{n}:{c}" for n, classes in parts for c in classes or ()], spec)
     return parts
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from .. import mesh as meshlib
-from ..data import map_batches
+from ..data import map_batches, normalize
 from ..models import mask_points
 from ..models.masks import PerUse
 from .extract import ExtractedModule, effective_masks, extract_module, kept_indices
@@ -71,9 +71,9 @@ def default_chunk(n: int, chunk: int | None = 0) -> int:
 
 
 def prepare(x, mean, std, input: str):
-    """Images as the model reads them: raw pixels normalised with (mean, std), or as given."""
-    x = x.astype(jnp.float32)
-    return (x / 255.0 - mean) / std if input == "raw" else x
+    """Images as the model reads them: raw uint8 pixels normalised with (mean, std)
+    (``data.normalize``, which refuses other dtypes), or as given."""
+    return normalize(x, mean, std) if input == "raw" else x.astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------ cores
