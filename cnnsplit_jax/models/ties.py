@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-__all__ = ["trace_channels", "IMAGE"]
+__all__ = ["trace_channels", "relu_inputs", "IMAGE"]
 
 #: ops that combine operands channel by channel: two operands with provenance are tied
 _COMBINE = {"add", "sub", "add_any", "mul", "div", "max", "min", "select_n", "clamp", "pow", "atan2", "rem"}
@@ -161,3 +161,89 @@ def trace_channels(forward: Callable, sizes: Mapping[str, int], readers: Mapping
                   key=lambda g: rank[g[0]])
     reads = {r: frozenset(members.get(uf.find(f"{_READ}{r}"), ())) for r in readers}
     return ties, reads
+
+
+# ------------------------------------------------------------------ what a node feeds
+_PASS = {"convert_element_type", "reshape", "copy", "copy_p", "squeeze", "expand_dims"}
+
+
+def _inlined(jaxpr) -> tuple[list, dict]:
+    """The equations of ``jaxpr`` with nested call-like jaxprs inlined (``(primitive name,
+    inputs, outputs)``, variables resolved through the calls), and the alias map used."""
+    alias: dict = {}
+
+    def resolve(v):
+        while not isinstance(v, jcore.Literal) and v in alias:
+            v = alias[v]
+        return v
+
+    out = []
+
+    def walk(j):
+        for eqn in j.eqns:
+            sub = _sub_jaxpr(eqn)
+            if sub is None:
+                out.append((eqn.primitive.name, [resolve(v) for v in eqn.invars], list(eqn.outvars)))
+                continue
+            for sv, v in zip(sub.invars, eqn.invars):
+                alias[sv] = resolve(v)
+            walk(sub)
+            for ov, sv in zip(eqn.outvars, sub.outvars):
+                alias[ov] = resolve(sv)
+
+    walk(jaxpr)
+    return out, alias
+
+
+def _is_zero(v) -> bool:
+    return isinstance(v, jcore.Literal) and not getattr(v.aval, "shape", ()) and float(v.val) == 0.0
+
+
+def relu_inputs(forward: Callable, shapes: Mapping[str, tuple], image_shape) -> dict[str, bool]:
+    """Whether each node is a ReLU's input, from one trace of ``forward(keeps, x)`` (a model
+    on images ``[1, *image_shape]`` with each node's values multiplied by ``keeps[node]``).
+
+    A node is one when everything that reads its values is ``max(v, 0)`` (a ReLU, possibly
+    after dtype casts and reshapes), or an ``add`` whose sum only a ReLU reads (a
+    post-activation residual block's second conv, masked before the Add as the paper maps
+    it). Anything else (a norm, a pre-activation block's Add that a BatchNorm reads, another
+    activation) makes it not one.
+    """
+    names = list(shapes)
+    tree = {"k": {n: jnp.ones(tuple(shapes[n]), jnp.float32) for n in names},
+            "x": jnp.zeros((1, *image_shape), jnp.float32)}
+    closed = jax.make_jaxpr(lambda t: forward(t["k"], t["x"]))(tree)
+    eqns, _ = _inlined(closed.jaxpr)
+    readers: dict = {}
+    for e in eqns:
+        for v in e[1]:
+            if not isinstance(v, jcore.Literal):
+                readers.setdefault(v, []).append(e)
+
+    def reached(v) -> list:
+        """The equations reading v, through dtype casts and reshapes."""
+        got = []
+        for e in readers.get(v, []):
+            got += reached(e[2][0]) if e[0] in _PASS else [e]
+        return got
+
+    def relu(e) -> bool:
+        return e[0] == "max" and any(_is_zero(v) for v in e[1])
+
+    out = {}
+    for (path, _), var in zip(jax.tree_util.tree_flatten_with_path(tree)[0], closed.jaxpr.invars):
+        if path[0].key == "x":
+            continue
+        name = path[1].key
+        front, products = [var], []
+        while front:  # the keep map through its broadcast to its product with the node's values
+            v = front.pop()
+            for e in readers.get(v, []):
+                if e[0] == "mul":
+                    products.extend(e[2])
+                elif e[0] in _PASS or e[0] == "broadcast_in_dim":
+                    front.extend(e[2])
+        users = [e for v in products for e in reached(v)]
+        out[name] = bool(users) and all(relu(e) or (e[0] == "add" and reached(e[2][0]) and
+                                                    all(relu(r) for r in reached(e[2][0]))) for e in users)
+    return out

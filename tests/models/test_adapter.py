@@ -67,7 +67,7 @@ def linen_mnist():
 
 def test_adapted_linen_cnn_masks_equal_dropped_kernels(linen_mnist):
     m, params, data, acc = linen_mnist
-    assert acc > 0.9
+    assert acc > 0.85  # measured 0.933 (Intel Xeon and AMD EPYC): a trained model, with margin
     model = cs.adapt(m, params, input_shape=(28, 28, 1))
     assert model.num_classes == 10 and model.arch == "adapted:MnistCNN"
     assert [(p.name, p.size) for p in model.mask_points()] == [("Conv_0", 8), ("Conv_1", 16)]
@@ -253,7 +253,8 @@ def test_adapter_errors_are_specific():
         cs.adapt(Mlp(), v, input_shape=(8, 8, 1))
     m = MnistCNN()
     v = m.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    with pytest.raises(cs.AdapterError, match=r"shape \[1, 32, 32, 1\] failed"):
+    with pytest.raises(cs.AdapterError, match=r"not this model's \(other shapes: .*Dense_0.*\(the model has "
+                                              r"\(1024, 32\)\)\); pass .* the input_shape \(32, 32, 1\)"):
         cs.adapt(m, v, input_shape=(32, 32, 1))  # the Dense layer was built for 28x28
     with pytest.raises(cs.AdapterError, match="num_classes=5 but the model's logits have 10"):
         cs.adapt(m, v, input_shape=(28, 28, 1), num_classes=5)
