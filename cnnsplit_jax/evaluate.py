@@ -111,9 +111,10 @@ def evaluate_module_set(ms, eval_split: tuple[np.ndarray, np.ndarray], test_spli
     mesh = meshlib.resolve_data(mesh)
     xe, ye = eval_split
     xt, yt = test_split
-    _, pos_e = module_outputs(ms, xe, mesh=mesh)
+    # one pass over both splits: one compiled batch shape instead of one per split size
+    prob_all, pos_all = module_outputs(ms, np.concatenate([xe, xt]), mesh=mesh)
+    pos_e, prob, pos = pos_all[:len(xe)], prob_all[len(xe):], pos_all[len(xe):]
     prf = module_prf(pos_e, ye)
-    prob, pos = module_outputs(ms, xt, mesh=mesh)
     scores = composed_scores(ms, prob, pos)
     composed = scores.argmax(-1)
     logits = predict(ms.base, xt, info)

@@ -68,6 +68,8 @@ class Source:
         bad = [c for c in self.classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"{label}: unknown class index {bad}; the module set has classes 0..{n - 1}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"{label}: classes {list(self.classes)} name a class more than once")
         meta = module_set.meta
         src = meta.get("sources")
         if src:
@@ -328,7 +330,7 @@ def continuous_learning(picks: Sequence[Pick], task: Task, *, ratio: float = 1.0
         c = int(p.source_class)
         mean, std = ms.normalization
         new = retangle(ms.base, {n: v[c:c + 1] for n, v in ms.inactive.items()}, ms.removed[c:c + 1],
-                       task.ds.x_train[idx], mean, std)
+                       task.ds.x_train[idx], mean, std, residual=ms.residual)
         inactive = {n: v.copy() for n, v in ms.inactive.items()}
         for n in inactive:
             inactive[n][c] = new[n][0]

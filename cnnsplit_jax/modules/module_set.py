@@ -26,13 +26,23 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from ..models import MaskedCNN, count_params, flatten_masks, mask_points, total_kernels
-from ..models.resnet import residual_of
+from ..models.resnet import RESIDUAL_MAPPINGS
 from .extract import effective_masks, extract_all, forward_flops
 from .extract_adapted import ExtractionError, adapted_flops, extract_adapted_all
 from .heads import Heads
 from .weight_jaccard import weight_jaccard
 
-__all__ = ["ModuleSet", "ConcernModuleSet", "save_module_set", "load_module_set", "MODULE_SET_KINDS"]
+__all__ = ["ModuleSet", "ConcernModuleSet", "save_module_set", "load_module_set", "MODULE_SET_KINDS",
+           "residual_mapping"]
+
+#: the residual mapping of concern module sets that do not record one (written before it was an option)
+LEGACY_RESIDUAL = "sum"
+
+
+def residual_mapping(meta: dict) -> str:
+    """The residual mapping a concern module set was decomposed with: ``meta["residual"]``,
+    else its config's, else ``LEGACY_RESIDUAL``."""
+    return str(meta.get("residual") or (meta.get("config") or {}).get("residual") or LEGACY_RESIDUAL)
 
 
 class _Common:
@@ -190,8 +200,18 @@ class ConcernModuleSet(_Common):
 
     @property
     def residual(self) -> str:
-        """The residual mapping of the node maps (``"conv"``: the paper's, ``"sum"``)."""
-        return residual_of(self.inactive)
+        """The residual mapping of the node maps (``"conv"``: the paper's, ``"sum"``): as the
+        metadata records it (``residual_mapping``), else (a set built without it) the mapping
+        whose nodes the maps are."""
+        if self.meta.get("residual") or (self.meta.get("config") or {}).get("residual"):
+            return residual_mapping(self.meta)
+        for mapping in RESIDUAL_MAPPINGS:
+            try:
+                if {nd.name for nd in self.base.nodes(mapping)} == set(self.inactive):
+                    return mapping
+            except ValueError:  # a model with one mapping
+                continue
+        return LEGACY_RESIDUAL
 
     def forward_form(self, form: str) -> str:
         """Always ``"concern"``: these modules keep every weight and have no pruned form."""
@@ -260,7 +280,7 @@ class ConcernModuleSet(_Common):
         if base.mask_kind != "node":
             raise ckpt.CheckpointError(f"a concern module set needs a ResNet base, found {base.arch!r}")
         f = base.fc_in
-        residual = (meta.get("config") or {}).get("residual", "sum")  # "sum": sets saved before the option
+        residual = residual_mapping(meta)
         return {"inactive": {nd.name: np.zeros((n, *nd.shape), np.uint8) for nd in base.nodes(residual)},
                 "head_w": np.zeros((n, f, 2), np.float32), "head_b": np.zeros((n, 2), np.float32),
                 "removed": np.zeros((n, f), np.uint8)}
@@ -288,8 +308,11 @@ def save_module_set(out_dir: str | Path, ms: ModuleSet | ConcernModuleSet) -> No
     ckpt.write_json(out / "modules.json", {**ms.meta, **common})
 
 
-def load_module_set(mod_dir: str | Path) -> ModuleSet | ConcernModuleSet:
-    """Load a module set written by ``save_module_set`` (e.g. by ``cnnsplit split``)."""
+def load_module_set(mod_dir: str | Path, *, trust_definition: bool | str = False) -> ModuleSet | ConcernModuleSet:
+    """Load a module set written by ``save_module_set`` (e.g. by ``cnnsplit split``).
+
+    ``trust_definition``: a module set of an adapted model loads its base model by importing
+    the user's code; that needs this opt-in (``checkpoint.load_model``)."""
     mod_dir = Path(mod_dir)
     if not (mod_dir / "modules.json").is_file():
         raise ckpt.CheckpointError(f"no module set in {mod_dir} (expected modules.json from `cnnsplit split`)")
@@ -298,6 +321,6 @@ def load_module_set(mod_dir: str | Path) -> ModuleSet | ConcernModuleSet:
     if kind not in MODULE_SET_KINDS:
         raise ckpt.CheckpointError(f"{mod_dir}: unknown module-set kind {kind!r}")
     cls = MODULE_SET_KINDS[kind]
-    base, _ = ckpt.load_model(mod_dir / "base")
+    base, _ = ckpt.load_model(mod_dir / "base", trust_definition=trust_definition)
     template = cls.template(base, int(meta["num_modules"]), meta)
     return cls.from_tree(base, ckpt.load_tree(mod_dir / "modules", template), meta)

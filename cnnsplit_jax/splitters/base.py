@@ -20,8 +20,11 @@ import dataclasses
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from flax import nnx
 
-__all__ = ["SplitData", "SplitResult", "SearchDivergedError", "check_labels"]
+from .. import checkpoint, data
+
+__all__ = ["SplitData", "SplitResult", "SearchDivergedError", "check_labels", "check_data", "resume_identity"]
 
 
 class SearchDivergedError(FloatingPointError):
@@ -55,8 +58,38 @@ class SplitResult:
 
 
 def check_labels(num_classes: int, *labels: np.ndarray) -> None:
-    """Raise ValueError unless every label lies in ``[0, num_classes)``."""
+    """Raise ValueError unless every label is an integer in ``[0, num_classes)``."""
     for y in labels:
         y = np.asarray(y)
+        data.check_labels(y)
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+
+
+def check_data(d: SplitData, num_classes: int) -> None:
+    """Raise ValueError unless ``d`` holds uint8 images with as many integer labels in
+    ``[0, num_classes)`` and one finite positive normalisation value per channel."""
+    for part in ("train", "val"):
+        x, y = getattr(d, f"x_{part}"), getattr(d, f"y_{part}")
+        data.check_images(x, f"x_{part}")
+        if len(x) != len(y):
+            raise ValueError(f"x_{part} has {len(x)} images but y_{part} {len(y)} labels")
+        check_labels(num_classes, y)
+    c = d.x_val.shape[-1]
+    mean, std = np.asarray(d.mean, np.float64), np.asarray(d.std, np.float64)
+    if mean.shape != (c,) or std.shape != (c,) or not np.isfinite(mean).all() or not (std > 0).all():
+        raise ValueError(f"mean and std must be {c} finite values (std > 0), one per channel; got {d.mean} and {d.std}")
+
+
+def resume_identity(model, d: SplitData, extra: dict | None = None, *, train: bool = True) -> dict:
+    """What a resumed search must find equal to the run it continues: the caller's ``extra``
+    keys first (the pipeline's base run, dataset, subset), then the model's structure and
+    a digest of its weights, digests of the data it reads (the training split when
+    ``train``) and the normalisation."""
+    ident = {**(extra or {}), "model": checkpoint.config_json(model.config()),
+             "model weights digest": checkpoint.fingerprint(nnx.state(model))}
+    if train:
+        ident["training data digest"] = checkpoint.fingerprint(d.x_train, d.y_train)
+    ident["validation data digest"] = checkpoint.fingerprint(d.x_val, d.y_val)
+    ident["normalization"] = [[float(v) for v in d.mean], [float(v) for v in d.std]]
+    return ident

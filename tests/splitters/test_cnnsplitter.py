@@ -279,9 +279,12 @@ def test_cnnsplitter_search_improves_and_resumes_bit_identically(digits_run, tmp
     assert set(full.details["sensitivity"]) == {p.name for p in model.mask_points()}
     h = full.history
     assert [r["generation"] for r in h] == [0, 1, 2, 3, 4]
-    # measured: composed search accuracy 0.56 at generation 0, 0.94 at generation 4
-    assert h[-1]["valid_accuracy"] > h[0]["accuracy"] + 0.2
+    # the search improves: the selected generation's ensemble composes better than generation
+    # 0's. How much depends on the CPU's floating-point order (a few flipped fitness ties change
+    # the GA's path): measured 0.56 -> 0.94 on an Intel Xeon, 0.625 -> 0.7875 on an AMD EPYC;
+    # the 5 pt asserted here is a third of the smaller gain.
     best = full.details["best_generation"]
+    assert best > 0 and h[best]["valid_accuracy"] >= h[0]["valid_accuracy"] + 0.05
     assert max(r["valid_fitness"] for r in h) == h[best]["valid_fitness"]
     masks = full.module_set.masks
     assert all(masks[p.name].shape == (10, p.size) for p in model.mask_points())
@@ -314,7 +317,7 @@ def test_cnnsplitter_search_improves_and_resumes_bit_identically(digits_run, tmp
     assert resumed.seconds >= before["search_seconds"]  # cumulative over both calls
     assert resumed.details["phase_seconds"]["sensitivity"] == pytest.approx(
         before["prepare"]["seconds"]["sensitivity"], abs=1e-3)
-    with pytest.raises(ckpt.CheckpointError, match="config"):
+    with pytest.raises(ckpt.CheckpointError, match=r"it is another run \(population was 12, now 10\)"):
         split(key, model, data, dataclasses.replace(cfg, population=10), ckpt_dir=tmp_path / "part", resume=True,
               sensitivity_ratios=ratios)
 

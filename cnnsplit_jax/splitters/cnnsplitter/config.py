@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+from ...validate import at_least, finite
+
 __all__ = ["CNNSplitterConfig", "ALGORITHMS", "PRESETS", "preset_for"]
 
 ALGORITHMS = get_args(Literal["cnnsplitter", "simple_ga"])
@@ -68,8 +70,20 @@ class CNNSplitterConfig:
             raise ValueError(f"algorithm must be 'cnnsplitter' or 'simple_ga', got {self.algorithm!r}")
         if self.thresholds is not None and any(not 0 <= a <= 1 for _, a in self.thresholds):
             raise ValueError(f"thresholds must be accuracies in [0, 1], got {self.thresholds}")
-        if self.population < 1 or self.generations < 0:
-            raise ValueError("population must be >= 1 and generations >= 0")
+        for name, lo in (("population", 1), ("generations", 0), ("min_keep", 1), ("max_keep", 1), ("module_group", 1),
+                         ("num_parents", 1), ("keep_parents", 0), ("seed", 0)):
+            at_least(name, getattr(self, name), lo)
+        for name in ("early_stop", "eval_images", "sensitivity_images"):
+            at_least(name, getattr(self, name), 0, optional=True)
+        at_least("groups", self.groups, 1, optional=True)
+        finite("mutation_percent", self.mutation_percent, lo=0.0, hi=100.0)
+        for name in ("alpha", "gamma", "importance_threshold", "sensitivity_drop"):
+            finite(name, getattr(self, name), lo=0.0, hi=1.0)
+        for name in ("sensitive_ratios", "other_ratios"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must name at least one kept ratio")
+            for r in getattr(self, name):
+                finite(f"every one of {name}", r, lo=0.0, hi=1.0)
         if self.algorithm == "cnnsplitter" and not 0 < self.keep_parents <= self.num_parents <= self.population:
             raise ValueError(f"need 0 < keep_parents ({self.keep_parents}) <= num_parents ({self.num_parents}) <= "
                              f"population ({self.population})")

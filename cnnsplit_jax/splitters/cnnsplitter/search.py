@@ -24,7 +24,7 @@ from ...models import MaskedCNN, flatten_masks, kernel_multiplicity, mask_points
 from ...modules.extract import effective_masks
 from ...modules.module_set import ModuleSet
 from ...progress import Progress, RunWarning, callbacks_of, notify
-from ..base import SplitData, SplitResult, check_labels
+from ..base import SplitData, SplitResult, check_data, resume_identity
 from .config import CNNSplitterConfig
 from .fitness import FitnessConfig, jaccard_distance_table, joint_fitness
 from .genome import GenomeLayout, decode, genome_layout, heuristic_population
@@ -222,12 +222,14 @@ _COUNTERS = ("generation", "best_generation", "best_valid_fitness", "flat")
 
 def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterConfig = CNNSplitterConfig(), *,
           ckpt_dir: str | Path | None = None, resume: bool = False, callbacks=None,
-          sensitivity_ratios: Sequence[float] = RATIOS, mesh=None) -> SplitResult:
+          sensitivity_ratios: Sequence[float] = RATIOS, mesh=None, identity: dict | None = None) -> SplitResult:
     """The whole search on ``data``'s validation split (the reference's 20% of the training
     set: importance, sensitivity and fitness alike).
 
     Checkpoints every generation to ``ckpt_dir`` (``ga/`` + ``ga.json``, with the sensitivity
-    table); ``resume`` continues bit-identically without repeating the sensitivity analysis, and
+    table); ``resume`` continues bit-identically (the same config, model weights, search images
+    and the caller's ``identity`` required, a difference refused naming it) without repeating
+    the sensitivity analysis, and
     ``seconds`` / ``phase_seconds`` add up over the interrupted and the resumed calls. Callbacks get a ``Progress("generation", ...)`` per generation. Returns a
     ``ModuleSet`` without heads (module c scored by its class logit) of the best validation
     generation; details: ``importance``, ``sensitivity``, ``sensitive``, ``best_generation``,
@@ -242,17 +244,18 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
     x_u8, y = data.x_val, np.asarray(data.y_val)
     if len(x_u8) != len(y):
         raise ValueError(f"{len(x_u8)} images but {len(y)} labels")
-    check_labels(model.num_classes, y)
+    check_data(data, model.num_classes)
     cbs = callbacks_of(callbacks)
     t_start = time.perf_counter()
     config = ckpt.config_json(cfg)
+    identity = resume_identity(model, data, identity, train=False)
     ratios = [float(r) for r in sensitivity_ratios]
     known, prep_before = None, {}
     if resume:
         if ckpt_dir is None:
             raise ValueError("resume=True needs ckpt_dir")
         # the sensitivity table is checkpointed with the GA (minutes of work on a large model)
-        prep_before = ckpt.read_progress(ckpt_dir, CKPT, config).get("prepare", {})
+        prep_before = ckpt.read_progress(ckpt_dir, CKPT, config, identity).get("prepare", {})
         if prep_before.get("ratios") == ratios:
             known = prep_before.get("sensitivity")
     prep = prepare(model, x_u8, y, data.mean, data.std, cfg, sensitivity_ratios, sensitivity=known)
@@ -262,7 +265,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
     state = init(key, pb)
     history, seconds = [], 0.0
     if resume:
-        tree, prog = ckpt.load_progress(ckpt_dir, CKPT, _tree(state), config)
+        tree, prog = ckpt.load_progress(ckpt_dir, CKPT, _tree(state), config, identity)
         state = state._replace(ga=tree["states"], population=tree["pops"], acc_ratio=tree["acc_ratio"],
                                best_masks=tree["best_masks"], **{c: prog[c] for c in _COUNTERS})
         history, seconds = prog["history"], prog["seconds"]
@@ -273,7 +276,8 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
         seconds += rec["seconds"]
         if ckpt_dir is not None:
             ckpt.save_progress(ckpt_dir, CKPT, _tree(state), {
-                "history": history, "seconds": seconds, "config": config, "prepare": prep_record,
+                "history": history, "seconds": seconds, "config": config, "identity": identity,
+                "prepare": prep_record,
                 "search_seconds": time.perf_counter() - t_start,
                 **{c: getattr(state, c) for c in _COUNTERS}})
         chance = 1.0 / model.num_classes

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+from ...validate import at_least, finite
+
 __all__ = ["ConcernConfig", "BACKTRACK", "BLN_RULES", "RESIDUAL_MAPPINGS"]
 
 BACKTRACK = get_args(Literal["none", "bln", "bi"])
@@ -49,14 +51,14 @@ class ConcernConfig:
     def __post_init__(self):
         if self.backtrack not in BACKTRACK:
             raise ValueError(f"backtrack must be one of {BACKTRACK}, got {self.backtrack!r}")
-        if not self.negative_ratio >= 0:
-            raise ValueError(f"negative_ratio must be >= 0, got {self.negative_ratio}")
+        finite("negative_ratio", self.negative_ratio, lo=0.0)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("seed", self.seed, 0)
         if self.residual not in RESIDUAL_MAPPINGS:
             raise ValueError(f"residual must be one of {RESIDUAL_MAPPINGS}, got {self.residual!r}")
         if self.bln_rule not in BLN_RULES:
             raise ValueError(f"bln_rule must be one of {BLN_RULES}, got {self.bln_rule!r}")
-        if not 0 <= self.delta <= 1:
-            raise ValueError(f"delta must lie in [0, 1], got {self.delta}")
+        finite("delta", self.delta, lo=0.0, hi=1.0)
         if self.concerned_per_class is not None and self.concerned_per_class < 1:
             raise ValueError(f"concerned_per_class must be >= 1, got {self.concerned_per_class}")
         if self.min_confidence is not None and not 0 <= self.min_confidence < 1:

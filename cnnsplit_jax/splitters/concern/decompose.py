@@ -58,10 +58,9 @@ from ... import checkpoint as ckpt
 from ... import mesh as meshlib
 from ...data import normalize, sum_batches
 from ...models import MaskedCNN
-from ...models.resnet import residual_of
 from ...modules.module_set import ConcernModuleSet
 from ...progress import Progress, callbacks_of, notify
-from ..base import SplitData, SplitResult, check_labels
+from ..base import SplitData, SplitResult, check_data
 from .backtrack import apply_feature_removal, backtrack_bln, backtrack_input
 from .config import ConcernConfig
 from .inputs import confidence_filter, membership, sample_sets
@@ -237,12 +236,13 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: ConcernConfig 
     ``Decomposition``.
     """
     del ckpt_dir, resume
-    check_labels(model.num_classes, data.y_train)
+    check_data(data, model.num_classes)
     dec = decompose(model, data.x_train, data.y_train, data.mean, data.std, cfg, key=key, callbacks=callbacks,
                     mesh=mesh)
     norm = {"mean": list(map(float, data.mean)), "std": list(map(float, data.std))}
     ms = ConcernModuleSet(model, dec.inactive, dec.head_w, dec.head_b, dec.removed_features,
-                          {"method": "concern", "normalization": norm, "config": ckpt.config_json(cfg)})
+                          {"method": "concern", "normalization": norm, "residual": cfg.residual,
+                           "config": ckpt.config_json(cfg)})
     return SplitResult(ms, [dec.stats], dec.stats["seconds"], {"decomposition": dec})
 
 
@@ -262,19 +262,19 @@ def retangle(
     mean,
     std,
     *,
+    residual: str,
     batch_size: int = 256,
 ) -> dict:
     """Continuous learning (paper §"continuous learning"): re-run TI for modules with new
     negative inputs (e.g. another dataset's classes, raw uint8 images read with this model's
     normalisation), restoring every position they activate; MC-BLN removals stay.
 
-    inactive: ``{node: bool [N, H, W, C]}``; removed_features: bool [N, F].
-    Returns the new ``{node: bool [N, H, W, C]}``.
+    inactive: ``{node: bool [N, H, W, C]}`` of the ``residual`` mapping; removed_features:
+    bool [N, F]. Returns the new ``{node: bool [N, H, W, C]}``.
     """
     if len(x_neg_u8) == 0:
         return dict(inactive)
     n = next(iter(inactive.values())).shape[0]
-    residual = residual_of(inactive)
     counts = activity_counts(model, x_neg_u8, mean, std, np.ones((1, len(x_neg_u8)), np.float32),
                              batch_size=batch_size, residual=residual)
     new = {k: np.asarray(v) & (counts[k][0] == 0)[None] for k, v in inactive.items()}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+from ...validate import at_least, finite
+
 __all__ = ["GradSplitterConfig", "PRESETS", "MOD", "HEAD", "phase_schedule", "phase_lr",
            "round_modularity_epochs", "schedule_warnings"]
 
@@ -56,10 +58,14 @@ class GradSplitterConfig:
     def __post_init__(self):
         if self.init not in get_args(Literal["ones", "random", "zeros"]):
             raise ValueError(f"init must be ones, random or zeros, got {self.init!r}")
-        if self.head_epochs < 0 or self.modularity_epochs < 0 or self.batch_size < 1:
-            raise ValueError("epochs must be >= 0 and batch_size >= 1")
-        if self.cycle_mod < 1 or self.cycle_head < 0:
-            raise ValueError("cycle_mod must be >= 1 and cycle_head >= 0")
+        for name, lo in (("head_epochs", 0), ("modularity_epochs", 0), ("batch_size", 1), ("eval_batch_size", 1),
+                         ("cycle_mod", 1), ("cycle_head", 0), ("seed", 0)):
+            at_least(name, getattr(self, name), lo)
+        at_least("module_chunk", self.module_chunk, 1, optional=True)
+        for name in ("lr_head", "lr_modularity"):
+            finite(name, getattr(self, name), lo=0.0, strict=True)
+        finite("alpha", self.alpha, lo=0.0)
+        finite("select_tolerance", self.select_tolerance, lo=0.0, hi=1.0)
         cycle = self.cycle_mod + self.cycle_head
         if self.modularity_epochs % cycle:
             lo = self.modularity_epochs - self.modularity_epochs % cycle

@@ -18,7 +18,7 @@ from ...models import MaskedCNN, mask_points, total_kernels
 from ...modules.heads import Heads
 from ...modules.module_set import ModuleSet
 from ...progress import Progress, callbacks_of, notify
-from ..base import SearchDivergedError, SplitData, SplitResult, check_labels
+from ..base import SearchDivergedError, SplitData, SplitResult, check_data, resume_identity
 from .config import HEAD, MOD, GradSplitterConfig, phase_lr, phase_schedule
 from .step import (composed_scores, features_for_dataset, head_step, init, modularity_step, place,
                    reset_optimizer, unplace)
@@ -48,7 +48,7 @@ def _history_tree(model: MaskedCNN, epochs: int) -> dict:
 
 def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterConfig = GradSplitterConfig(),
           *, ckpt_dir: str | Path | None = None, resume: bool = False, callbacks=None,
-          mesh=None) -> SplitResult:
+          mesh=None, identity: dict | None = None) -> SplitResult:
     """Run the whole schedule on ``data`` (trains on its training split, validates on its
     validation split) and return the selected epoch's modules.
 
@@ -56,7 +56,10 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
       key: PRNG key of the search (mask init, heads, epoch shuffles).
       model: the trained base model (frozen: used in inference mode).
       ckpt_dir: checkpoint every epoch to ``ckpt_dir/search`` (+ ``search.json``); with
-        ``resume=True`` continue from there bit-identically (same config required).
+        ``resume=True`` continue from there bit-identically: the same config, model (its
+        weights' digest), data (digests of both splits) and normalisation are required, and
+        the caller's ``identity`` (e.g. the base run and dataset) too; a difference is
+        refused naming it.
       callbacks: ``Progress`` callbacks (stage ``"step"`` and ``"epoch"``).
       mesh: devices to split the modules over (``mesh.make_mesh`` spec or ``Mesh``; axes
         ``modules`` and ``data``); None: every device on ``modules``. Masks, heads and
@@ -78,7 +81,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
     x_tr, y_tr, x_va, y_va = data.x_train, data.y_train, data.x_val, data.y_val
     if len(x_tr) == 0 or len(x_va) == 0:
         raise ValueError("GradSplitter needs non-empty training and validation splits")
-    check_labels(model.num_classes, y_tr, y_va)
+    check_data(data, model.num_classes)
     cbs = callbacks_of(callbacks)
     phases = phase_schedule(cfg)
     mean_j, std_j = jnp.asarray(data.mean), jnp.asarray(data.std)
@@ -86,6 +89,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
     ktot = total_kernels(model)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
     config = ckpt.config_json(cfg)
+    identity = resume_identity(model, data, identity)
     mesh = meshlib.resolve(mesh)
     n = model.num_classes
     feats = lambda masks, x: features_for_dataset(  # noqa: E731
@@ -105,7 +109,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
         if ckpt_dir is None:
             raise ValueError("resume=True needs ckpt_dir")
         tree, prog = ckpt.load_progress(ckpt_dir, CKPT, lambda p: {
-            "state": state, **_history_tree(model, len(p["history"]))}, config)
+            "state": state, **_history_tree(model, len(p["history"]))}, config, identity)
         state, hist = tree["state"], {"masks": tree["masks"], "heads": tree["heads"]}
         hist = jax.tree.map(np.asarray, hist)
         history, elapsed = prog["history"], prog["search_seconds"]
@@ -166,7 +170,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
                 "heads": Heads(*(np.concatenate([a, dist.host(b)[None]]) for a, b in zip(hist["heads"], real(state.heads))))}
         if ckpt_dir is not None:
             ckpt.save_progress(ckpt_dir, CKPT, {"state": saved(state), **hist}, {
-                "history": history, "search_seconds": elapsed, "config": config,
+                "history": history, "search_seconds": elapsed, "config": config, "identity": identity,
                 "base_val_accuracy": base_val_acc})
         notify(cbs, Progress("epoch", epoch, len(phases), metrics=rec))
 
