@@ -15,30 +15,82 @@ Packages, bottom to top: ``models`` (architectures, masks, conv, interop), ``dat
 ``splitters`` (``gradsplitter``, ``cnnsplitter``, ``concern``: one ``split`` API each),
 ``compose`` / ``evaluate`` / ``reuse``, ``pipeline`` (runs on disk), ``cli``; ``mesh`` (devices)
 and ``distributed`` (several processes: call ``cs.distributed.initialize()`` before any JAX work).
+
+Names are imported on first use (PEP 562), so ``import cnnsplit_jax`` loads neither JAX nor
+anything else until a name is read, and ``python -m cnnsplit_jax`` can drop the current
+directory from the import path before it imports a dependency.
 """
 
-from . import checkpoint, data, distributed, mesh, models, modules, pipeline, splitters
-from .checkpoint import CheckpointError, load_model, save_model
-from .compose import ClassRef, Composition, apply, compose, predict_scores
-from .data import Dataset, DatasetError, DatasetInfo, load_dataset, load_task, normalize
-from .evaluate import evaluate_module_set
-from .models import (ARCHITECTURES, AdaptedCNN, AdapterError, InceCNN, MaskedCNN, ResCNN, ResNet, SimCNN, build_model, count_params,
-                     adapt, kept_kernels, load_variables, mask_points, ones_masks, total_kernels)
-from .modules import ConcernModuleSet, ModuleSet, Pick, load_module_set, module_outputs, save_module_set
-from .progress import Progress
-from .splitters import (CNNSplitterConfig, ConcernConfig, GradSplitterConfig, SearchDivergedError, SplitData,
-                        SplitResult, cnnsplitter, concern, gradsplitter)
-from .train import TrainConfig, fit
+from __future__ import annotations
 
-__version__ = "0.2.0"
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "ARCHITECTURES", "AdaptedCNN", "AdapterError", "adapt", "load_variables", "CNNSplitterConfig", "CheckpointError", "ClassRef", "Composition", "ConcernConfig",
-    "ConcernModuleSet", "Dataset", "DatasetError", "DatasetInfo", "GradSplitterConfig", "InceCNN", "MaskedCNN",
-    "ModuleSet", "Pick", "Progress", "ResCNN", "ResNet", "SearchDivergedError", "SimCNN", "SplitData",
-    "SplitResult", "TrainConfig", "apply", "build_model", "checkpoint", "cnnsplitter", "compose", "concern",
-    "count_params", "data", "distributed", "evaluate_module_set", "fit", "gradsplitter", "kept_kernels", "load_dataset",
-    "load_model", "load_module_set", "load_task", "mask_points", "mesh", "models", "module_outputs", "modules",
-    "normalize", "ones_masks", "pipeline", "predict_scores", "save_model", "save_module_set", "splitters",
-    "total_kernels",
-]
+__version__ = "0.3.0"
+
+#: public name -> the module that defines it (a name equal to its module is that subpackage)
+_NAMES = {
+    **{n: "checkpoint" for n in ("CheckpointError", "UntrustedDefinitionError", "load_model", "save_model")},
+    **{n: "compose" for n in ("ClassRef", "Composition", "apply", "compose", "predict_scores")},
+    **{n: "data" for n in ("Dataset", "DatasetError", "DatasetInfo", "load_dataset", "load_task", "normalize",
+                           "to_uint8")},
+    "evaluate_module_set": "evaluate",
+    **{n: "models" for n in ("ARCHITECTURES", "AdaptedCNN", "AdapterError", "InceCNN", "MaskedCNN", "ResCNN", "ResNet",
+                             "SimCNN", "build_model", "count_params", "adapt", "kept_kernels", "load_variables",
+                             "mask_points", "ones_masks", "total_kernels")},
+    **{n: "modules" for n in ("ConcernModuleSet", "ModuleSet", "Pick", "load_module_set", "module_outputs",
+                              "save_module_set")},
+    "Progress": "progress",
+    **{n: "splitters" for n in ("CNNSplitterConfig", "ConcernConfig", "GradSplitterConfig", "SearchDivergedError",
+                                "SplitData", "SplitResult", "cnnsplitter", "concern", "gradsplitter")},
+    **{n: "train" for n in ("TrainConfig", "TrainingDivergedError", "fit")},
+}
+_SUBPACKAGES = ("checkpoint", "data", "distributed", "mesh", "models", "modules", "pipeline", "splitters")
+
+__all__ = sorted([*_NAMES, *_SUBPACKAGES])
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing a submodule binds it to the package's attribute
+    of the same name, and ``compose`` is the public function, not ``compose.py`` (which stays
+    importable as ``cnnsplit_jax.compose`` through ``sys.modules``)."""
+
+    def __setattr__(self, name, value):
+        if name in _NAMES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # what static tools see (the same names, imported eagerly)
+    from . import checkpoint, data, distributed, mesh, models, modules, pipeline, splitters  # noqa: F401
+    from .checkpoint import CheckpointError, UntrustedDefinitionError, load_model, save_model  # noqa: F401
+    from .compose import ClassRef, Composition, apply, compose, predict_scores  # noqa: F401
+    from .data import Dataset, DatasetError, DatasetInfo, load_dataset, load_task, normalize, to_uint8  # noqa: F401
+    from .evaluate import evaluate_module_set  # noqa: F401
+    from .models import (ARCHITECTURES, AdaptedCNN, AdapterError, InceCNN, MaskedCNN, ResCNN, ResNet,  # noqa: F401
+                         SimCNN, adapt, build_model, count_params, kept_kernels, load_variables, mask_points,
+                         ones_masks, total_kernels)
+    from .modules import ConcernModuleSet, ModuleSet, Pick, load_module_set, module_outputs, save_module_set  # noqa: F401
+    from .progress import Progress  # noqa: F401
+    from .splitters import (CNNSplitterConfig, ConcernConfig, GradSplitterConfig, SearchDivergedError,  # noqa: F401
+                            SplitData, SplitResult, cnnsplitter, concern, gradsplitter)
+    from .train import TrainConfig, TrainingDivergedError, fit  # noqa: F401

@@ -1,9 +1,21 @@
 """Shared fixtures: trained runs and module sets built once per session with the library's
 pipeline (only tests under tests/cli/ go through ``main([...])``)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# One persistent compilation cache for the session and the processes it starts (the 8-device
+# and two-process runs, the CLI): a computation compiled by one test is not compiled again by
+# another. Results are the same; only compile time is saved.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="cnnsplit-jax-test-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from pathlib import Path  # noqa: E402
 

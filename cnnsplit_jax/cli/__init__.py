@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from .. import distributed as dist
     from ..checkpoint import CheckpointError
     from ..data import DatasetError
-    from ..pipeline import RunWarning
+    from ..pipeline import RunBusyError, RunWarning
     from .commands import COMMANDS
     from .parser import build_parser
 
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             quiet = contextlib.nullcontext() if dist.is_primary() else contextlib.redirect_stdout(io.StringIO())
             with quiet:
                 return COMMANDS[args.command](args)
-        except (DatasetError, CheckpointError, ValueError) as e:
+        except (DatasetError, CheckpointError, ValueError, FloatingPointError, RunBusyError, OSError) as e:
+            # a user's error, a damaged file, a diverged loss, a busy or unwritable directory: one line
             print(f"error: {e}", file=sys.stderr)
             detail = getattr(e, "detail", None)
             if verbose:

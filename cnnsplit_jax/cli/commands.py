@@ -53,9 +53,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _info_untrusted(run: Path, meta: dict, as_json: bool) -> int:
+    """What ``info`` shows of an adapted model without importing its definition."""
+    spec = meta["adapted"]
+    rows = [("model", meta.get("arch", "?")), ("definition", f"{spec.get('definition')} (not imported; "
+            "--trust-definition loads the model)"), ("input shape", spec.get("input_shape")),
+            ("classes", spec.get("num_classes")), ("dataset", meta.get("dataset", "?")),
+            ("test accuracy", meta.get("test_accuracy", "?")),
+            ("mask points", ", ".join(f"{n}" + ("=" + "+".join(ls) if len(ls) > 1 else "")
+                                      for n, ls in spec.get("points", [])))]
+    for k, v in rows:
+        print(f"{k:>16}: {v}")
+    if as_json:
+        print(json.dumps(meta, indent=2))
+    return 0
+
+
 def cmd_info(args) -> int:
     run = Path(args.run_dir)
-    model, meta = ckpt.load_model(run)
+    meta = ckpt.read_model_meta(run)
+    if "adapted" in meta and not args.trust_definition:
+        return _info_untrusted(run, meta, args.json)
+    model, meta = ckpt.load_model(run, trust_definition=args.trust_definition)
     counts = summary(model)
     train = ckpt.read_json(run / "train.json") if (run / "train.json").is_file() else {}
     rows = [("model", model.arch), ("width", model.width), ("classes", model.num_classes),
@@ -87,7 +106,9 @@ def cmd_adapt(args) -> int:
     print(f"{'test accuracy':>16}: {res['test_accuracy']:.4f}")
     print(f"{'mask points':>16}: " + ", ".join(
         f"{n}[{c}]" + ("=" + "+".join(ls) if len(ls) > 1 else "") for n, c, ls in res["mask_points"]))
-    log(f"wrote {Path(args.out) / 'adapt.json'}; next: cnnsplit split --model-dir {args.out} --out MODULES")
+    method = "concern" if args.kind == "node" else "grad"
+    log(f"wrote {Path(args.out) / 'adapt.json'}; next: cnnsplit split --method {method} --model-dir {args.out} "
+        "--out MODULES --trust-definition")
     return 0
 
 
@@ -149,7 +170,8 @@ def cmd_split(args) -> int:
     log(f"{args.method} split of {args.model_dir} into {args.out}")
     res = pipeline.split_run(args.model_dir, args.out, args.method, cfg, resume=args.resume,
                              overwrite=args.overwrite, train_subset=args.train_subset,
-                             callbacks=ProgressPrinter(label=_split_label, line=_split_line), mesh=args.mesh)
+                             callbacks=ProgressPrinter(label=_split_label, line=_split_line), mesh=args.mesh,
+                             trust_definition=args.trust_definition)
     out = Path(args.out)
     names = ckpt.read_json(out / "modules.json")["class_names"]
     write_split_plots(out, res, names)
@@ -166,7 +188,8 @@ def cmd_split(args) -> int:
 
 def cmd_evaluate(args) -> int:
     mod = Path(args.mod_dir)
-    res = pipeline.evaluate_run(mod, args.dataset, args.data_dir, mesh=args.mesh)
+    res = pipeline.evaluate_run(mod, args.dataset, args.data_dir, mesh=args.mesh,
+                                trust_definition=args.trust_definition)
     names = ckpt.read_json(mod / "modules.json").get("class_names") or [str(i) for i in range(len(res["module_f1"]))]
     write_split_plots(mod, res, names)
     print(module_table(res, names))
@@ -179,7 +202,8 @@ def cmd_compose(args) -> int:
         + (f"; training a from-scratch baseline for up to {args.baseline_epochs} epochs" if args.baseline_epochs else ""))
     res = pipeline.compose_run(args.modules, args.out, dataset=args.dataset, data_dir=args.data_dir, form=args.form,
                                execution=args.execution, baseline_epochs=args.baseline_epochs, seed=args.seed,
-                               continuous=args.continuous_learning, overwrite=args.overwrite, mesh=args.mesh)
+                               continuous=args.continuous_learning, overwrite=args.overwrite, mesh=args.mesh,
+                               trust_definition=args.trust_definition)
     out = Path(args.out)
     plots.confusion_matrix(res["confusion"], out / "confusion.png", res["class_names"],
                            f"composed model ({res['accuracy']:.3f})")
@@ -205,7 +229,7 @@ def _patch_plots(out: Path, res: dict) -> None:
 
 def cmd_patch(args) -> int:
     res = pipeline.patch_run(args.weak, args.modules, args.target_class, args.out, data_dir=args.data_dir,
-                             overwrite=args.overwrite, mesh=args.mesh)
+                             overwrite=args.overwrite, mesh=args.mesh, trust_definition=args.trust_definition)
     _patch_plots(Path(args.out), res)
     print(patch_table(res))
     log(f"wrote {Path(args.out) / 'patch.json'} and confusion PNGs")
@@ -215,7 +239,7 @@ def cmd_patch(args) -> int:
 def cmd_replace(args) -> int:
     res = pipeline.replace_run(args.modules, args.with_, args.class_, args.out, dataset=args.dataset,
                                data_dir=args.data_dir, form=args.form, execution=args.execution,
-                               overwrite=args.overwrite, mesh=args.mesh)
+                               overwrite=args.overwrite, mesh=args.mesh, trust_definition=args.trust_definition)
     out = Path(args.out)
     for key in ("before", "after"):
         plots.confusion_matrix(res[key]["confusion"], out / f"confusion_{key}.png", res[key]["class_names"],

@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show the full cause of errors")
+    common.add_argument("--trust-definition", action="store_true",
+                        help="allow loading models adapted from your own code (cnnsplit adapt): that imports and "
+                             "calls the definition recorded in the artefact; without it such artefacts are refused")
     mh = common.add_argument_group("several processes (jax.distributed; one command per host, same flags "
                                    "but --process-id)")
     mh.add_argument("--coordinator", default=None, metavar="HOST:PORT",

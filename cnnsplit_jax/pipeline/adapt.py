@@ -16,11 +16,12 @@ from .. import checkpoint as ckpt
 from ..models import adapt, load_variables
 from ..models.adapted_io import build_definition, linen_template
 from ..train import accuracy
-from .runs import fit_images, prepare_out, train_data
+from .runs import exclusive, fit_images, prepare_out, train_data
 
 __all__ = ["adapt_run"]
 
 
+@exclusive("out")
 def adapt_run(out: str | Path, definition: str, dataset: str, *, variables: str | None = None,
               input_shape=None, ties="auto", apply_kwargs: dict | None = None, kind: str = "kernel",
               mean=None, std=None, data_dir=None, seed: int = 0, overwrite: bool = False) -> dict:
@@ -54,12 +55,12 @@ def adapt_run(out: str | Path, definition: str, dataset: str, *, variables: str 
     info = dataclasses.replace(ds.info, mean=tuple(mean or ds.info.mean), std=tuple(std or ds.info.std))
     if len(info.mean) != shape[-1] or len(info.std) != shape[-1]:
         raise ValueError(f"--mean/--std need {shape[-1]} values (one per channel), got {list(info.mean)} / {list(info.std)}")
-    prepare_out(out, "model", overwrite=overwrite)
+    prepare_out(out, "adapted_model", overwrite=overwrite, in_progress=True, resumable=False)
     test_acc = accuracy(model, fit_images(ds.x_test, shape), ds.y_test, info)
     norm = {"mean": list(info.mean), "std": list(info.std)}
     ckpt.save_model(out, model, {
         "dataset": dataset, "sources": sources, "normalization": norm, "class_names": list(info.class_names),
-        "test_accuracy": test_acc, "seed": seed, "split": {"seed": seed, "val_fraction": 0.2}, "data_dir": data_dir})
+        "test_accuracy": test_acc, "seed": seed, "split": {"seed": seed, "val_fraction": 0.2}})
     result = {"model": model.arch, "definition": definition, "dataset": dataset, "input_shape": list(shape),
               "test_accuracy": test_acc, "normalization": norm, "kind": kind,
               "mask_points": [[p.name, p.size, list(p.layers)] for p in model.mask_points()]}

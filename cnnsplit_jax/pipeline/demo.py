@@ -13,7 +13,7 @@ from .. import mesh as meshlib
 from ..splitters.gradsplitter import PRESETS, GradSplitterConfig
 from ..train import RECIPES, TrainConfig
 from .reuse import compose_run, patch_run
-from .runs import prepare_out, train_run
+from .runs import exclusive, prepare_out, train_run
 from .split import split_run
 
 __all__ = ["DemoConfig", "demo"]
@@ -28,6 +28,7 @@ class DemoConfig:
     modularity_epochs: int = PRESETS["quick"]["modularity_epochs"]
 
 
+@exclusive("out")
 def demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, callbacks=None, overwrite: bool = False,
          mesh=None) -> dict:
     """Run the demo into ``out`` (``base/``, ``modules/``, ``compose/``, ``weak/``, ``patch/`` and

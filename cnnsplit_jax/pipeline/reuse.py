@@ -18,7 +18,8 @@ from ..modules.module_set import load_module_set
 from ..reuse import Source, compose_task, continuous_learning, evaluate_picks, patch, replace, select_picks, \
     train_from_scratch
 from ..train import RECIPES, TrainConfig
-from .runs import fit_dataset, fit_images, prepare_out, run_data
+from ..validate import at_least
+from .runs import exclusive, fit_dataset, fit_images, prepare_out, run_data
 
 __all__ = ["parse_modules", "load_sources", "task_for", "compose_run", "patch_run", "replace_run"]
 
@@ -31,12 +32,13 @@ def parse_modules(spec: str) -> tuple[str, list[int] | None]:
     return spec, None
 
 
-def load_sources(specs: Sequence[str]) -> list[Source]:
-    """Module sets offered to a composition, from ``MOD_DIR[:CLASSES]`` specs."""
+def load_sources(specs: Sequence[str], *, trust_definition: bool | str = False) -> list[Source]:
+    """Module sets offered to a composition, from ``MOD_DIR[:CLASSES]`` specs
+    (``trust_definition``: ``modules.load_module_set``)."""
     out = []
     for spec in specs:
         path, classes = parse_modules(spec)
-        out.append(Source(path, load_module_set(path), classes))
+        out.append(Source(path, load_module_set(path, trust_definition=trust_definition), classes))
     return out
 
 
@@ -61,16 +63,20 @@ def task_for(sources: Sequence[Source], dataset: str | None = None, data_dir=Non
     return spec, load_task(spec, data_dir)
 
 
+@exclusive("out")
 def compose_run(modules: Sequence[str], out: str | Path, *, dataset: str | None = None, data_dir=None,
                 form: str = "masked", execution: str = "auto", baseline_epochs: int = 0, seed: int = 0,
-                continuous: bool = False, overwrite: bool = False, mesh=None) -> dict:
+                continuous: bool = False, overwrite: bool = False, mesh=None,
+                trust_definition: bool | str = False) -> dict:
     """Compose the best-F1 module of every class of the task (``task_for``) from the module
     sets ``modules`` (``MOD_DIR[:CLASSES]``); ``continuous``: also after continuous learning
     (concern modules); ``baseline_epochs``: also train the same architecture from scratch on
-    the task. ``mesh``: devices each batch is split over. Writes and returns ``compose.json``."""
+    the task. ``mesh``: devices each batch is split over; ``trust_definition``: module sets of
+    adapted models (``modules.load_module_set``). Writes and returns ``compose.json``."""
     mesh = meshlib.resolve_data(mesh)  # a bad spec fails before any work
+    at_least("baseline_epochs", baseline_epochs, 0)
     out = prepare_out(out, "composition", overwrite=overwrite)
-    sources = load_sources(modules)
+    sources = load_sources(modules, trust_definition=trust_definition)
     spec, task = task_for(sources, dataset, data_dir)
     shapes = {tuple(s.module_set.base.input_shape) for s in sources}
     if len(shapes) == 1:  # adapted models reading smaller images take centre crops (run_data's rule)
@@ -93,15 +99,16 @@ def compose_run(modules: Sequence[str], out: str | Path, *, dataset: str | None 
     return res
 
 
+@exclusive("out")
 def patch_run(weak_dir: str | Path, modules: str, target_class: int, out: str | Path, *, data_dir=None,
-              overwrite: bool = False, mesh=None) -> dict:
+              overwrite: bool = False, mesh=None, trust_definition: bool | str = False) -> dict:
     """Patch the weak model of run ``weak_dir`` (trained with the target class last) with
     module ``target_class`` of the module set ``modules`` (CNNSplitter's protocol). ``mesh``:
     devices the module's batches are split over. Writes and returns ``patch.json``."""
     mesh = meshlib.resolve_data(mesh)  # a bad spec fails before any work
     out = prepare_out(out, "patch", overwrite=overwrite)
-    weak, meta = ckpt.load_model(Path(weak_dir))
-    (src,) = load_sources([modules])
+    weak, meta = ckpt.load_model(Path(weak_dir), trust_definition=trust_definition)
+    (src,) = load_sources([modules], trust_definition=trust_definition)
     k = int(target_class)
     if not 0 <= k < src.module_set.num_modules:
         raise ValueError(f"unknown class index {k}; {modules} has classes 0..{src.module_set.num_modules - 1}")
@@ -116,11 +123,6 @@ def patch_run(weak_dir: str | Path, modules: str, target_class: int, out: str | 
     # the module's score range comes from its target-class images of its base model's
     # validation split (the reference's module_output_collector)
     ms_meta = dict(src.module_set.meta)
-    if "split" not in ms_meta and ms_meta.get("base_run"):
-        try:
-            ms_meta["split"] = ckpt.read_json(Path(ms_meta["base_run"]) / "model.json")["split"]
-        except (OSError, KeyError, ckpt.CheckpointError):
-            pass
     if "split" not in ms_meta:
         raise ValueError(f"{modules} does not record its base model's train/val split; re-run the split")
     rd = run_data(ms_meta, data_dir)
@@ -135,16 +137,17 @@ def patch_run(weak_dir: str | Path, modules: str, target_class: int, out: str | 
     return res
 
 
+@exclusive("out")
 def replace_run(modules: Sequence[str], with_: str, class_: int, out: str | Path, *, dataset: str | None = None,
                 data_dir=None, form: str = "masked", execution: str = "auto", overwrite: bool = False,
-                mesh=None) -> dict:
+                mesh=None, trust_definition: bool | str = False) -> dict:
     """Compose the module sets ``modules`` for their task, then swap the module of the class
     that module ``class_`` of ``with_`` recognises for it (``mesh``: devices each batch is
     split over). Writes and returns ``replace.json``."""
     mesh = meshlib.resolve_data(mesh)  # a bad spec fails before any work
     out = prepare_out(out, "replace", overwrite=overwrite)
-    sources = load_sources(modules)
-    (new,) = load_sources([with_])
+    sources = load_sources(modules, trust_definition=trust_definition)
+    (new,) = load_sources([with_], trust_definition=trust_definition)
     k = int(class_)
     if not 0 <= k < new.module_set.num_modules:
         raise ValueError(f"unknown class index {k}; {with_} has classes 0..{new.module_set.num_modules - 1}")

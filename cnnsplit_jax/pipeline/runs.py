@@ -1,9 +1,14 @@
 """Run directories: what kind of artefact a directory holds (and the guard against mixing
-two), the data of a trained run (its splits), and training a base model into a directory."""
+two), one writer per directory (``exclusive``), the data of a trained run (its splits), and
+training a base model into a directory."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import inspect
+import os
 import shutil
 import time
 import warnings
@@ -21,12 +26,15 @@ from ..models import build_model
 from ..progress import RunWarning
 from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, split_indices, summary
 
-__all__ = ["RunWarning", "ARTIFACTS", "artifact_kind", "prepare_out", "RunData", "train_data", "run_data",
-           "fit_images", "fit_dataset", "train_run"]
+__all__ = ["RunWarning", "RunBusyError", "ARTIFACTS", "artifact_kind", "prepare_out", "exclusive", "run_lock",
+           "RunData", "train_data", "run_data", "fit_images", "fit_dataset", "train_run", "LOCK"]
 
 
-#: artefact kinds: (files that identify one, every top-level entry it writes)
+#: artefact kinds, in the order they are recognised: (files that identify one, every top-level
+#: entry it writes). A user's adapted model and a trained one are kinds apart: neither
+#: replaces the other without ``overwrite``.
 ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "adapted_model": (("adapt.json",), ("model.json", "model", "adapt.json")),
     "model": (("model.json", "train_state.json"),
               ("model.json", "model", "train.json", "train_state.json", "train_state", "adapt.json")),
     "module_set": (("modules.json", "search.json", "ga.json", "split.json"),
@@ -44,7 +52,7 @@ def artifact_kind(directory: str | Path) -> str | None:
     """The kind of artefact ``directory`` holds (``ARTIFACTS``), ``"other"`` for a non-empty
     directory of something else, None when it is missing or empty."""
     d = Path(directory)
-    if not d.is_dir() or not any(d.iterdir()):
+    if not d.is_dir() or not any(p.name != LOCK for p in d.iterdir()):
         return None
     for kind, (markers, _) in ARTIFACTS.items():
         if any((d / m).exists() for m in markers):
@@ -66,10 +74,9 @@ def prepare_out(out: str | Path, kind: str, *, resume: bool = False, overwrite: 
     have, remove = artifact_kind(out), ()
     if have not in (None, kind):
         if resume:
-            raise ValueError(f"cannot resume in {out}: it holds a {have.replace('_', ' ')}, not a "
-                             f"{kind.replace('_', ' ')}")
+            raise ValueError(f"cannot resume in {out}: it holds {_a(have)}, not {_a(kind)}")
         if not overwrite:
-            what = "files of another program" if have == "other" else f"a {have.replace('_', ' ')}"
+            what = "files of another program" if have == "other" else _a(have)
             raise ValueError(f"{out} already holds {what}; choose another --out, or pass --overwrite "
                              f"to replace it")
         remove = ARTIFACTS[have][1] if have != "other" else ()
@@ -77,7 +84,7 @@ def prepare_out(out: str | Path, kind: str, *, resume: bool = False, overwrite: 
         if not overwrite:
             how = "pass --resume to continue it, --overwrite to start again" if resumable else \
                 "pass --overwrite to replace it"
-            raise ValueError(f"{out} already holds a {kind.replace('_', ' ')}; {how}, or choose another --out")
+            raise ValueError(f"{out} already holds {_a(kind)}; {how}, or choose another --out")
         remove = ARTIFACTS[kind][1]
     dist.barrier("prepare_out checked")  # every process has looked before process 0 changes anything
     if dist.is_primary():
@@ -85,6 +92,85 @@ def prepare_out(out: str | Path, kind: str, *, resume: bool = False, overwrite: 
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier("prepare_out done")
     return out
+
+
+#: the lock file of a directory being written (``run_lock``); not part of any artefact
+LOCK = ".cnnsplit.lock"
+_HELD: set = set()
+
+
+class RunBusyError(RuntimeError):
+    """Another process is writing the same output directory."""
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path):
+    """Hold the exclusive lock of directory ``out`` (created when missing) while writing it, so
+    that two runs never write one directory: the second fails at once, naming the first's pid.
+    The lock is a ``flock`` on ``out/.cnnsplit.lock`` (released by the kernel if the process
+    dies, so a killed run never blocks its ``--resume``); the file is removed on exit, and so
+    is a directory this call created and left empty. Re-entrant within a process; process 0
+    alone locks in a multi-process run.
+
+    Raises:
+      RunBusyError: another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        fcntl = None
+    out = Path(out).absolute()
+    if fcntl is None or not dist.is_primary() or out in _HELD:
+        yield out
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:  # unlinked by its holder meanwhile
+            raise OSError("the lock file was replaced")
+    except OSError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise RunBusyError(f"{out} is being written by another cnnsplit run ({who}); wait for it to finish, "
+                           "or choose another output directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _HELD.add(out)
+    try:
+        yield out
+    finally:
+        _HELD.discard(out)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # while still locked: a process that opened it meanwhile sees it replaced
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def exclusive(param: str):
+    """Decorate a pipeline function so that it runs holding ``run_lock`` of its argument
+    ``param`` (the directory it writes)."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            with run_lock(sig.bind(*args, **kwargs).arguments[param]):
+                return fn(*args, **kwargs)
+        return locked
+    return wrap
+
+
+def _a(kind: str) -> str:
+    words = kind.replace("_", " ")
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def _remove(out: Path, entries) -> None:
@@ -140,13 +226,14 @@ def fit_dataset(ds: Dataset, shape) -> Dataset:
 
 
 def run_data(meta: dict, data_dir=None) -> RunData:
-    """The data of a run from its metadata (``model.json`` / ``modules.json``): plain datasets
+    """The data of a run from its metadata (``model.json`` / ``modules.json``; the dataset's
+    name, split seed and input shape, never a path: ``data_dir`` is the caller's): plain datasets
     use the reference's test split (first 20% module evaluation / last 80% test); task specs
     the per-part split of ``data.make_task``. A run of an adapted model reading smaller
     images (``input_shape``) gets centre crops (``fit_images``)."""
     spec = meta["dataset"]
     sp = meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2})
-    data_dir = data_dir or meta.get("data_dir")
+    # data_dir comes from the caller only: an artefact never chooses the files that are read
     if not is_task_spec(spec):
         ds = load_dataset(spec, data_dir)
         ev, te = test_splits(len(ds.y_test))
@@ -165,6 +252,7 @@ def run_data(meta: dict, data_dir=None) -> RunData:
     return RunData(ds, tr, va, eval_split, test_split)
 
 
+@exclusive("out")
 def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = TrainConfig(), *, width: float = 1.0,
               fc_hidden: int | None = None, recipe: str = "reference", data_dir=None, resume: bool = False,
               overwrite: bool = False, callbacks=None, mesh=None) -> dict:
@@ -183,7 +271,8 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     for w in recipe_warnings(cfg, recipe):
         warnings.warn(w, RunWarning, stacklevel=2)
     counts = summary(model)
-    res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks, mesh=mesh)
+    res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks, mesh=mesh,
+              identity={"dataset spec": dataset})
     t0 = time.perf_counter()
     test_acc = accuracy(res.model, ds.x_test, ds.y_test, ds.info)
     norm = {"mean": list(ds.info.mean), "std": list(ds.info.std)}

@@ -13,7 +13,8 @@ from ..evaluate import evaluate_module_set
 from ..modules.module_set import load_module_set, save_module_set
 from ..splitters import METHODS, SplitData
 from ..splitters.gradsplitter import schedule_warnings
-from .runs import RunWarning, prepare_out, run_data
+from ..validate import at_least
+from .runs import RunWarning, exclusive, prepare_out, run_data
 
 __all__ = ["split_run", "evaluate_run", "PROGRESS"]
 
@@ -21,9 +22,10 @@ __all__ = ["split_run", "evaluate_run", "PROGRESS"]
 PROGRESS = {"grad": "search", "ga": "ga", "concern": None}
 
 
+@exclusive("out")
 def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resume: bool = False,
               overwrite: bool = False, train_subset: int | None = None, data_dir=None, callbacks=None,
-              mesh=None) -> dict:
+              mesh=None, trust_definition: bool | str = False) -> dict:
     """Decompose the model of run ``model_dir`` with ``method`` (``grad``, ``ga``, ``concern``)
     and config ``cfg`` into the module-set directory ``out``: the search (checkpointed in
     ``out``; ``resume`` continues it), the module set, its evaluation (``split.json``).
@@ -31,18 +33,27 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     ``train_subset``: only the first N images of the base model's training split (CPU
     budgets). The search key is ``jax.random.key(cfg.seed)``. ``mesh``: devices the search's
     modules are split over (``grad``, ``ga``: axes ``modules``, ``data``), or the images of
-    concern identification (``data`` only). Returns the ``split.json`` dict.
+    concern identification (``data`` only). ``trust_definition``: a model adapted from the
+    user's code is rebuilt by importing that code, which needs this opt-in
+    (``checkpoint.load_model``). A resume must continue the same run: the same base run,
+    dataset, subset, config, model weights and data, or it is refused naming the difference.
+    Returns the ``split.json`` dict.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    at_least("train_subset (images of the training split; leave it out for all)", train_subset, 1, optional=True)
     # a bad spec fails before any work; concern identification splits its images (axis data)
     mesh = meshlib.resolve_data(mesh) if method == "concern" else meshlib.resolve(mesh)
     splitter, _, mask_kind = METHODS[method]
     model_dir, out = Path(model_dir), Path(out)
-    model, meta = ckpt.load_model(model_dir)
+    model, meta = ckpt.load_model(model_dir, trust_definition=trust_definition)
     if model.mask_kind != mask_kind:
-        raise ValueError(f"--method {method} does not apply to {model.arch}: ResNets (resnet20/32/56) are "
-                         "decomposed with --method concern, the other models with --method grad or ga")
+        fits = sorted(m for m, (_, _, k) in METHODS.items() if k == model.mask_kind)
+        what = ("a model adapted with --kind node (position nodes)" if model.mask_kind == "node" else
+                "a model with kernel masks") if model.arch.startswith("adapted:") else \
+            ("a ResNet (position nodes)" if model.mask_kind == "node" else "a kernel-mask CNN")
+        raise ValueError(f"--method {method} does not apply to {model.arch}, {what}: split it with "
+                         + " or ".join(f"--method {m}" for m in fits))
     rd = run_data(meta, data_dir)
     ds = rd.ds
     if ds.info.num_classes != model.num_classes:
@@ -61,8 +72,12 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     if method == "grad":
         for w in schedule_warnings(cfg, -(-len(tr) // cfg.batch_size)):
             warnings.warn(w, RunWarning, stacklevel=2)
+    extra = {"mesh": mesh} if mesh is not None else {}
+    if name is not None:  # what a resume must find as it was, named for people
+        extra["identity"] = {"base run": str(model_dir.absolute()), "dataset": meta["dataset"],
+                             "train subset": train_subset}
     res = splitter.split(jax.random.key(cfg.seed), model, data, cfg, ckpt_dir=out if name else None,
-                         resume=resume, callbacks=callbacks, **({"mesh": mesh} if mesh is not None else {}))
+                         resume=resume, callbacks=callbacks, **extra)
     ms = res.module_set
     ms.meta.update({
         "dataset": meta["dataset"], "normalization": norm, "class_names": list(ds.info.class_names),
@@ -77,13 +92,15 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     return result
 
 
-def evaluate_run(mod_dir: str | Path, dataset: str | None = None, data_dir=None, *, mesh=None) -> dict:
+@exclusive("mod_dir")
+def evaluate_run(mod_dir: str | Path, dataset: str | None = None, data_dir=None, *, mesh=None,
+                 trust_definition: bool | str = False) -> dict:
     """Re-evaluate the module set in ``mod_dir`` (on its own dataset, or ``dataset`` with the
-    same classes; ``mesh``: devices the batches are split over, axis ``data``); writes and
-    returns ``evaluate.json``."""
+    same classes; ``mesh``: devices the batches are split over, axis ``data``;
+    ``trust_definition``: see ``split_run``); writes and returns ``evaluate.json``."""
     mesh = meshlib.resolve_data(mesh)  # a bad spec fails before any work
     mod_dir = Path(mod_dir)
-    ms = load_module_set(mod_dir)
+    ms = load_module_set(mod_dir, trust_definition=trust_definition)
     rd = run_data({**ms.meta, "dataset": dataset or ms.meta["dataset"]}, data_dir)
     if rd.ds.info.num_classes != ms.num_modules:
         raise ValueError(f"class count mismatch: {ms.num_modules} modules, dataset {rd.ds.info.name!r} has "

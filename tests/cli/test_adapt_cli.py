@@ -84,26 +84,30 @@ def test_adapt_split_evaluate_compose_a_users_linen_model(user_model, tmp_path, 
     assert "Conv_0[8], Conv_1[16]" in capsys.readouterr().out
     res = json.loads((run / "adapt.json").read_text())
     assert res["test_accuracy"] == pytest.approx(acc, abs=1e-6) and acc > 0.9
-    model, meta = cs.checkpoint.load_model(run)  # rebuilt from the definition and the saved variables
+    with pytest.raises(cs.UntrustedDefinitionError, match="userpkg.nets"):  # the user's code: only when asked
+        cs.checkpoint.load_model(run)
+    model, meta = cs.checkpoint.load_model(run, trust_definition=True)  # rebuilt from the definition and the variables
     assert model.arch == "adapted:SmallCNN" and meta["adapted"]["definition"] == "userpkg.nets:build"
     assert main(["split", "--method", "grad", "--model-dir", str(run), "--out", str(mods), "--head-epochs", "1",
-                 "--modularity-epochs", "14", "--lr-modularity", "0.05", "--alpha", "0.5", "--train-subset", "600"]) == 0
+                 "--modularity-epochs", "14", "--lr-modularity", "0.05", "--alpha", "0.5", "--train-subset", "600",
+                 "--trust-definition"]) == 0
     split = json.loads((mods / "split.json").read_text())
     # measured: base 0.983 on the module-evaluation images, composed 0.962 at kernel retention 0.94
     assert split["model"] == "adapted:SmallCNN" and split["composed_accuracy"] > acc - 0.05
     assert split["mean_kernel_retention"] < 0.99  # kernels removed: extraction below slices for real
-    ms = cs.load_module_set(mods)
+    ms = cs.load_module_set(mods, trust_definition="userpkg.nets:build")  # the definition named again
     written = cs.checkpoint.load_tree(mods / "modules", ms.tree())
     for k in ms.masks:
         np.testing.assert_array_equal(np.asarray(ms.masks[k]), written["masks"][k])
     st = ms.structure()
     assert 0 < min(st["module_flops_ratio"]) < 1.0 and max(st["module_flops_ratio"]) <= 1.0
     capsys.readouterr()
-    assert main(["evaluate", str(mods)]) == 0
+    assert main(["evaluate", str(mods), "--trust-definition"]) == 0
     ev = json.loads((mods / "evaluate.json").read_text())
     assert ev["composed_accuracy"] == pytest.approx(split["composed_accuracy"], abs=1e-9)
     for form in ("masked", "extracted"):
-        assert main(["compose", "--modules", str(mods), "--form", form, "--out", str(tmp_path / form)]) == 0
+        assert main(["compose", "--modules", str(mods), "--form", form, "--out", str(tmp_path / form),
+                     "--trust-definition"]) == 0
     masked, extracted = (json.loads((tmp_path / f / "compose.json").read_text()) for f in ("masked", "extracted"))
     assert masked["accuracy"] == pytest.approx(split["composed_accuracy"], abs=0.02)  # the final-test images
     assert extracted["accuracy"] == pytest.approx(masked["accuracy"], abs=2e-3)
@@ -121,3 +125,13 @@ def test_adapt_errors_name_the_problem(user_model, tmp_path, capsys):
     assert main(["adapt", "--dataset", "digits", "--input-shape", "36,36,1", "--out", str(tmp_path / "r2"),
                  "--definition", "userpkg.nets:build", "--variables", str(weights)]) == 2
     assert "other shapes than the model" in capsys.readouterr().err  # 36x36 needs a wider dense layer
+    # a node model: the hints name --method concern, and an adapted run is replaced only on request
+    node = ["adapt", "--definition", "userpkg.nets:build", "--variables", str(weights), "--dataset", "digits",
+            "--input-shape", "28,28,1", "--kind", "node", "--out", str(tmp_path / "node")]
+    assert main(node) == 0
+    assert f"next: cnnsplit split --method concern --model-dir {tmp_path / 'node'}" in capsys.readouterr().err
+    assert main(["split", "--model-dir", str(tmp_path / "node"), "--out", str(tmp_path / "s"), "--trust-definition"]) == 2
+    assert ("adapted:SmallCNN, a model adapted with --kind node (position nodes): split it with --method concern"
+            in capsys.readouterr().err)
+    assert main(node) == 2
+    assert "already holds an adapted model; pass --overwrite to replace it" in capsys.readouterr().err
