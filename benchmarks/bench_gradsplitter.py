@@ -110,9 +110,11 @@ REFERENCE_CLASSES = {"simcnn": ("models.simcnn", "SimCNN"), "rescnn": ("models.r
                      "incecnn": ("models.incecnn", "InceCNN")}
 
 
-def reference_steps(checkout, model, n_modules, alpha, batch, seed=0):
-    """(mod_step, head_step) of the reference's own GradSplitter classes from ``checkout``,
-    on ``model``'s weights, masks at N(1, 1) as ours (mid-search)."""
+def reference_steps(checkout, model, n_modules, alpha, batch, seed=0, x=None, y=None):
+    """(mod_step, head_step, device) of the reference's own GradSplitter classes from
+    ``checkout``, on ``model``'s weights, masks at N(1, 1) as ours (mid-search), on the device
+    their module picks (``cuda`` when PyTorch sees one). ``x`` [B, 32, 32, 3] (normalised,
+    NHWC) and ``y`` [B]: the batch (default: N(0, 1) images, labels cycling over classes)."""
     import torch
     import torch.nn.functional as F
 
@@ -129,21 +131,24 @@ def reference_steps(checkout, model, n_modules, alpha, batch, seed=0):
     mod_name, cls_name = REFERENCE_CLASSES[model.arch]
     net = getattr(importlib.import_module(mod_name), cls_name)(num_classes=n_modules)
     net.load_state_dict({k: torch.tensor(np.array(v)) for k, v in to_torch_state_dict(model).items()}, strict=True)
-    splitter_cls = importlib.import_module(f"splitters.{model.arch}_splitter").GradSplitter
+    splitter_mod = importlib.import_module(f"splitters.{model.arch}_splitter")
+    dev = splitter_mod.device  # their masks and heads go there; the frozen model must too
+    net = net.to(dev)
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its first head
-        sp = splitter_cls(net, "ones")
+        sp = splitter_mod.GradSplitter(net, "ones")
     sp.train()
     sp.model.eval()  # BN in inference mode, as their training loop sets it
     g = torch.Generator().manual_seed(seed)
     for name, p in sp.named_parameters():
         if "_conv_" in name:
-            p.data = torch.randn(p.shape, generator=g) + 1.0
+            p.data = (torch.randn(p.shape, generator=g) + 1.0).to(dev)
     heads = [p for n, p in sp.named_parameters() if p.requires_grad and "head" in n]
     every = [p for p in sp.parameters() if p.requires_grad]
     opt_mod, opt_head = torch.optim.Adam(every, lr=1e-3), torch.optim.Adam(heads, lr=1e-3)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.arange(batch) % n_modules
+    x = torch.randn(batch, 3, 32, 32) if x is None else torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    y = torch.arange(batch) % n_modules if y is None else torch.from_numpy(np.asarray(y, np.int64))
+    x, y = x.to(dev), y.to(dev)
 
     def step(opt, ratio):
         out = sp(x)
@@ -152,16 +157,20 @@ def reference_steps(checkout, model, n_modules, alpha, batch, seed=0):
         loss.backward()
         opt.step()
 
-    return (lambda: step(opt_mod, alpha)), (lambda: step(opt_head, 0.0))
+    return (lambda: step(opt_mod, alpha)), (lambda: step(opt_head, 0.0)), str(dev)
 
 
 def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, module_chunk=None,
-          reference=None, torch_device="cpu"):
-    model = build_model(arch, num_classes=n_modules, in_channels=3, width=width, key=0)
+          reference=None, torch_device="cpu", model=None, images=None, labels=None):
+    """One row of timings. ``model`` (an RGB kernel-mask model) replaces the fresh
+    ``build_model(arch, ...)``; ``images`` [batch, 32, 32, 3] (normalised) and ``labels``
+    replace the N(0, 1) batch: both sides then run the same weights on the same images."""
+    if model is None:
+        model = build_model(arch, num_classes=n_modules, in_channels=3, width=width, key=0)
     cfg = gs.GradSplitterConfig()
     state = gs.init(jax.random.key(0), model, cfg)
-    x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
-    y = jnp.arange(batch) % n_modules
+    x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3)) if images is None else jnp.asarray(images)
+    y = jnp.arange(batch) % n_modules if labels is None else jnp.asarray(labels, jnp.int32)
     # give modules different masks (as mid-search), so nothing is trivially shared
     state = state._replace(masks={k: jax.random.normal(jax.random.key(len(k)), v.shape) + 1.0
                                   for k, v in state.masks.items()})
@@ -174,7 +183,9 @@ def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, 
     if use_torch:
         t_mod, t_head = torch_baseline(model, n_modules, cfg.alpha, batch, device=torch_device)
     if reference:
-        ref_mod, ref_head = reference_steps(reference, model, n_modules, cfg.alpha, batch)
+        ref_mod, ref_head, ref_dev = reference_steps(reference, model, n_modules, cfg.alpha, batch, x=images,
+                                                     y=labels)
+        row["reference_device"] = ref_dev
     r = {k: [] for k in ("mod", "head", "feat", "tmod", "thead", "rmod", "rhead")}
     for i in range(rounds):
         c, t, gf, _ = time_jax(mod, state, x, y, reps=reps)
@@ -191,8 +202,8 @@ def bench(arch, width, batch, n_modules, reps, rounds, train_images, use_torch, 
             r["tmod"].append(time_torch(t_mod, reps=reps, device=torch_device)[0])
             r["thead"].append(time_torch(t_head, reps=reps, device=torch_device)[0])
         if reference:
-            r["rmod"].append(time_torch(ref_mod, reps=reps)[0])
-            r["rhead"].append(time_torch(ref_head, reps=reps)[0])
+            r["rmod"].append(time_torch(ref_mod, reps=reps, device=ref_dev)[0])
+            r["rhead"].append(time_torch(ref_head, reps=reps, device=ref_dev)[0])
     med = statistics.median
     row.update(mod_step_s=med(r["mod"]), head_update_s=med(r["head"]), feature_pass_s=med(r["feat"]))
     row["head_step_effective_s"] = row["head_update_s"] + row["feature_pass_s"] / 2
