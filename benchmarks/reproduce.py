@@ -199,7 +199,8 @@ def plan_training(out: Path, archs: list[str], s: Settings, data: str, clock: Cl
         for a in todo:
             step_s, steps = timing[a]
             epoch_s = None if step_s is None else step_s * steps * 1.1  # + the validation pass
-            epochs = s.fixed_epochs or int(max(1, min(200, share // epoch_s)))
+            fits = share // epoch_s if epoch_s and np.isfinite(epoch_s) else 1  # no step measured: one epoch
+            epochs = s.fixed_epochs or int(max(1, min(200, fits)))
             plan[a] = {"epochs": epochs, "step_s": step_s, "steps_per_epoch": steps, "epoch_s_estimate": epoch_s}
         write_json(str(path), plan)
     return plan
