@@ -306,7 +306,7 @@ def stage_reference(out: Path, s: Settings, a) -> dict:
 
     res = {}
     if a.reference_gradsplitter:
-        res["gradsplitter"] = ref.gradsplitter_rows(a.reference_gradsplitter, out, DATASET, a.data,
+        res["gradsplitter"] = ref.gradsplitter_rows(a.reference_gradsplitter, out, a.data,
                                                     rounds=a.reference_rounds)
     if a.reference_cnnsplitter:
         res["cnnsplitter"] = ref.cnnsplitter_row(a.reference_cnnsplitter, out / "simcnn_cnnsplitter", s.ga, a.data,

@@ -31,7 +31,6 @@ import numpy as np
 
 import bench_gradsplitter
 from cnnsplit_jax import checkpoint as ckpt
-from cnnsplit_jax.data import load_dataset
 from cnnsplit_jax.models.interop import load_torch_state_dict, to_torch_state_dict
 from cnnsplit_jax.pipeline.runs import run_data
 from cnnsplit_jax.splitters import cnnsplitter as cs
@@ -76,7 +75,7 @@ def checkout(path: str | Path, marker: str):
         sys.path.remove(str(src))
 
 
-def gradsplitter_rows(path, out: Path, dataset: str, data_dir, *, rounds: int = 3, batch: int = 64) -> list[dict]:
+def gradsplitter_rows(path, out: Path, data_dir, *, rounds: int = 3, batch: int = 64) -> list[dict]:
     """Per trained GradSplitter model in ``out`` (``simcnn``, ``rescnn``): our steps and theirs."""
     rows = []
     for arch in ("simcnn", "rescnn"):
@@ -87,13 +86,14 @@ def gradsplitter_rows(path, out: Path, dataset: str, data_dir, *, rounds: int = 
         if model.width != 1.0:
             rows.append({"model": arch, "skipped": f"width {model.width}: their classes build width 1 only"})
             continue
-        ds = load_dataset(dataset, data_dir)
-        x, mean, std = rgb_images(ds.x_train[:batch], meta["normalization"]["mean"], meta["normalization"]["std"])
+        rd = run_data(meta, data_dir)
+        first = rd.train_idx[:batch]  # a batch of GradSplitter's training split
+        x, mean, std = rgb_images(rd.ds.x_train[first], meta["normalization"]["mean"], meta["normalization"]["std"])
         xn = (x.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
         with checkout(path, f"splitters/{arch}_splitter.py"):
-            rows.append(bench_gradsplitter.bench(arch, 1.0, batch, model.num_classes, 5, rounds, len(ds.y_train), False,
-                                                 reference=str(path), model=rgb_equivalent(model), images=xn,
-                                                 labels=ds.y_train[:batch]))
+            rows.append(bench_gradsplitter.bench(arch, 1.0, batch, model.num_classes, 5, rounds, len(rd.train_idx),
+                                                 False, reference=str(path), model=rgb_equivalent(model), images=xn,
+                                                 labels=rd.ds.y_train[first]))
     return [r for r in rows if "skipped" not in r] or rows
 
 
