@@ -47,10 +47,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # peaks are the runs', not the pool's
-# XLA's Triton GEMM pass aborts compiling a ResNet-20's node forward on GPUs (docs/performance.md,
-# "an XLA crash to avoid"); cuBLAS takes those matmuls. Ignored by the CPU.
-if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
@@ -334,6 +330,14 @@ def run_stage(name: str, fn, out: Path, compiles: Compiles, covers=lambda rec: T
     return rec
 
 
+def avoid_triton_gemm() -> None:
+    """XLA's Triton GEMM pass aborts compiling a ResNet-20's node forward on GPUs
+    (docs/performance.md, "an XLA crash to avoid"): cuBLAS takes those matmuls. Set before the
+    backend starts (ignored by the CPU; no effect once a backend runs)."""
+    if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget-minutes", type=float, required=True)
@@ -350,6 +354,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.budget_minutes <= 0:
         p.error("--budget-minutes must be > 0")
+    avoid_triton_gemm()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     s, clock, compiles = settings(a), Clock(60 * a.budget_minutes), Compiles()
@@ -377,7 +382,7 @@ def main(argv=None) -> int:
             break
     import reproduce_report
 
-    report = {"environment": {**environment(), "XLA_FLAGS": os.environ["XLA_FLAGS"]},
+    report = {"environment": {**environment(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
               "date": time.strftime("%Y-%m-%d"), "args": vars(a),
               "settings": {"width": s.width, "train_images": s.train_images, "dataset": DATASET,
                            "smoke": a.smoke}, "stages": stages}
