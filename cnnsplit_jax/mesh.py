@@ -5,9 +5,8 @@ Axes, by what they split:
 
 * ``modules``: the module axis (GradSplitter's masks, heads and their Adam state; CNNSplitter's
   class x individual axis);
-* ``data``: the image batch (GradSplitter steps, composition, data-parallel training).
-
-Concern identification is not split yet.
+* ``data``: the image batch (GradSplitter steps, composition, data-parallel training, and
+  concern identification's forward batches, the one axis it takes).
 
 A spec names each axis once with its size, and the sizes multiply to the number of devices
 (every device is used, none twice). ``None`` or ``"auto"`` puts all devices on the entry
