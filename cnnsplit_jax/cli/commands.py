@@ -11,7 +11,7 @@ from .. import pipeline
 from ..models import ARCHITECTURES, mask_points
 from ..pipeline import DemoConfig, RunWarning
 from ..splitters.cnnsplitter import PRESETS as GA_PRESETS
-from ..splitters.cnnsplitter import preset_for
+from ..splitters.cnnsplitter import preset_caveat, preset_for
 from ..splitters.gradsplitter import PRESETS, round_modularity_epochs
 from ..train import RECIPES, TrainConfig, summary
 from . import plots
@@ -114,14 +114,17 @@ def cmd_adapt(args) -> int:
 
 def _ga_preset(args) -> dict:
     name = args.recipe or "auto"
+    meta = ckpt.read_json(Path(args.model_dir) / "model.json") if (Path(args.model_dir) / "model.json").is_file() else {}
     if name == "auto":
-        meta = ckpt.read_json(Path(args.model_dir) / "model.json") if (Path(args.model_dir) / "model.json").is_file() else {}
         name = preset_for(meta.get("arch", ""), str(meta.get("dataset", "")))
         if name is None:
             return {}
         log(f"CNNSplitter settings: the reference's {name} configuration")
     if name not in GA_PRESETS:
         raise ValueError(f"--recipe {name} is not a CNNSplitter preset; expected auto or one of {sorted(GA_PRESETS)}")
+    caveat = preset_caveat(meta.get("arch", ""), name) if meta.get("arch") else None
+    if caveat:
+        _warn(caveat)
     return GA_PRESETS[name]
 
 

@@ -264,3 +264,31 @@ def test_optional_config_flags_take_none():
     assert cfg.min_confidence == 0.9 and cfg.concerned_per_class == 1000  # the lab's defaults
     cfg = config_from(ConcernConfig, build_parser().parse_args(base + ["--concerned-per-class", "None"]), fields)
     assert cfg.concerned_per_class is None
+
+
+def test_ga_recipe_auto_finds_the_family_preset_and_warns_on_a_model_it_was_not_tuned_for(tmp_path):
+    import warnings
+
+    from cnnsplit_jax.cli.commands import _ga_preset
+    from cnnsplit_jax.progress import RunWarning
+    from cnnsplit_jax.splitters.cnnsplitter import PRESETS
+
+    def preset(arch, dataset, recipe=None):
+        d = tmp_path / f"{arch}-{dataset}"
+        d.mkdir()
+        (d / "model.json").write_text(json.dumps({"arch": arch, "dataset": dataset}))
+        args = build_parser().parse_args(["split", "--method", "ga", "--model-dir", str(d), "--out", "o"]
+                                         + (["--recipe", recipe] if recipe else []))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got = _ga_preset(args)
+        return got, [str(x.message) for x in w if issubclass(x.category, RunWarning)]
+
+    got, said = preset("rescnn_cnnsplitter", "svhn_cropped")  # the reference's own model: its preset, no word
+    assert got == PRESETS["rescnn_svhn"] and said == []
+    got, said = preset("simcnn", "svhn_cropped")  # GradSplitter's BN variant: the same preset, one warning
+    assert got == PRESETS["simcnn_svhn"] and got["mutation_percent"] == 10.0 and got["gamma"] == 0.95
+    assert len(said) == 1 and "tuned its simcnn_svhn configuration on simcnn_cnnsplitter" in said[0]
+    got, said = preset("incecnn", "cifar10", recipe="rescnn_cifar10")  # an explicit preset on another model
+    assert got == PRESETS["rescnn_cifar10"] and len(said) == 1
+    assert preset("simcnn", "digits") == ({}, [])  # no preset for the data set: the defaults, no word

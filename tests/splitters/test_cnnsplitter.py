@@ -425,7 +425,7 @@ def test_kept_kernels_count_tied_points_per_layer():
 
 def test_presets_are_the_references_configurations():
     from cnnsplit_jax.models import build_model
-    from cnnsplit_jax.splitters.cnnsplitter import PRESETS, CNNSplitterConfig, preset_for
+    from cnnsplit_jax.splitters.cnnsplitter import PRESETS, CNNSplitterConfig, preset_caveat, preset_for
 
     # pinned from the reference's configures/*.py
     assert PRESETS["rescnn_svhn"]["thresholds"] == ((2, 0.95), (4, 0.95), (8, 0.90), (10, 0.85))
@@ -438,7 +438,20 @@ def test_presets_are_the_references_configurations():
         if cfg.sensitive is not None and arch in ("simcnn", "rescnn"):
             points = {p.name for p in build_model(arch, width=0.0625).mask_points()}
             assert set(cfg.sensitive) <= points, name
-    assert preset_for("rescnn", "svhn_cropped") == "rescnn_svhn" and preset_for("incecnn", "cifar10") is None
+    # every (model, dataset) pair: both variants of a family get the family's preset
+    expected = {("simcnn", "cifar10"): "simcnn_cifar10", ("simcnn", "svhn_cropped"): "simcnn_svhn",
+                ("rescnn", "cifar10"): "rescnn_cifar10", ("rescnn", "svhn_cropped"): "rescnn_svhn"}
+    for (family, dataset), preset in expected.items():
+        assert preset_for(family, dataset) == preset
+        assert preset_for(f"{family}_cnnsplitter", dataset) == preset
+    for arch, dataset in (("incecnn", "cifar10"), ("simcnn_weak", "cifar10"), ("resnet20", "cifar10"),
+                          ("simcnn", "fashion_mnist"), ("simcnn_cnnsplitter", "digits")):
+        assert preset_for(arch, dataset) is None, (arch, dataset)
+    # a preset on the model it was tuned for says nothing; on a BN variant or another model it says so
+    assert preset_caveat("rescnn_cnnsplitter", "rescnn_svhn") is None
+    assert preset_caveat("simcnn", "narrow") is None
+    assert "tuned its simcnn_cifar10 configuration on simcnn_cnnsplitter" in preset_caveat("simcnn", "simcnn_cifar10")
+    assert "on incecnn" in preset_caveat("incecnn", "rescnn_cifar10")
     with pytest.raises(ValueError, match="thresholds"):
         CNNSplitterConfig(thresholds=((2, 1.5),))
 

@@ -8,7 +8,7 @@ advanced together with vmap), ``fitness`` (the joint fitness: the reference's re
 ``init`` / ``step`` per generation, and ``split``: the whole checkpointed search).
 """
 
-from .config import ALGORITHMS, PRESETS, CNNSplitterConfig, preset_for
+from .config import ALGORITHMS, PRESET_MODELS, PRESETS, CNNSplitterConfig, preset_caveat, preset_for
 from .fitness import FitnessConfig, FitnessResult, jaccard_distance_table, joint_fitness, reference_thresholds
 from .genome import GenomeLayout, decode, genome_layout, heuristic_population
 from .importance import Importance, importance_order, kernel_importance
@@ -17,7 +17,7 @@ from .search import CNNSplitterState, Prepared, Problem, init, prepare, problem,
 from .sensitivity import RATIOS, layer_sensitivity, sensitive_layers
 
 __all__ = [
-    "ALGORITHMS", "PRESETS", "preset_for", "CNNSplitterConfig", "CNNSplitterGA", "CNNSplitterState", "FitnessConfig", "FitnessResult",
+    "ALGORITHMS", "PRESETS", "PRESET_MODELS", "preset_caveat", "preset_for", "CNNSplitterConfig", "CNNSplitterGA", "CNNSplitterState", "FitnessConfig", "FitnessResult",
     "GenomeLayout", "Importance", "LogitCache", "Prepared", "Problem", "RATIOS", "cached_module_logits",
     "decode", "genome_layout", "heuristic_population", "importance_order", "init", "jaccard_distance_table",
     "joint_fitness", "kernel_importance", "layer_sensitivity", "module_logits", "mutation_genes", "prepare",

@@ -7,7 +7,7 @@ from typing import Literal, get_args
 
 from ...validate import at_least, finite
 
-__all__ = ["CNNSplitterConfig", "ALGORITHMS", "PRESETS", "preset_for"]
+__all__ = ["CNNSplitterConfig", "ALGORITHMS", "PRESETS", "PRESET_MODELS", "preset_caveat", "preset_for"]
 
 ALGORITHMS = get_args(Literal["cnnsplitter", "simple_ga"])
 
@@ -120,8 +120,27 @@ PRESETS: dict[str, dict] = {
 }
 
 
+#: the model each preset family was tuned on: the reference's CNNSplitter models (plain conv, no BN)
+PRESET_MODELS = {"simcnn": "simcnn_cnnsplitter", "rescnn": "rescnn_cnnsplitter"}
+#: every zoo variant of those families -> its family
+_FAMILY = {"simcnn": "simcnn", "simcnn_cnnsplitter": "simcnn", "rescnn": "rescnn", "rescnn_cnnsplitter": "rescnn"}
+
+
 def preset_for(arch: str, dataset: str) -> str | None:
-    """The reference's preset for a model trained on ``dataset`` (``svhn_cropped`` is SVHN),
-    or None when it has none."""
-    name = f"{arch}_{dataset.replace('svhn_cropped', 'svhn')}"
-    return name if name in PRESETS else None
+    """The reference's preset for model ``arch`` (any variant of SimCNN or ResCNN: the
+    reference's own CNNSplitter models, or GradSplitter's BN variants) trained on ``dataset``
+    (``svhn_cropped`` is SVHN), or None when it has none."""
+    family = _FAMILY.get(arch)
+    name = f"{family}_{dataset.replace('svhn_cropped', 'svhn')}"
+    return name if family and name in PRESETS else None
+
+
+def preset_caveat(arch: str, preset: str) -> str | None:
+    """A warning when ``preset`` is applied to a model it was not tuned for (a BN variant, or
+    another architecture), else None (and None for the CPU preset ``narrow``)."""
+    tuned = PRESET_MODELS.get(preset.split("_")[0])
+    if preset == "narrow" or arch == tuned:
+        return None
+    return (f"the reference tuned its {preset} configuration on {tuned or 'another model'} (plain conv, no "
+            f"BatchNorm); on {arch} its initial ratios, sensitive layers and thresholds are a starting point, "
+            "not the paper's setting")
