@@ -116,6 +116,10 @@ class Compiles:
         if event in self.EVENTS:
             self.total += duration
 
+    def close(self) -> None:
+        """Stop listening (JAX's listeners are process-wide: each ``main`` call removes its own)."""
+        jax.monitoring.unregister_event_duration_listener(self._on)
+
 
 def device_peak_bytes() -> int | None:
     """The device's peak bytes in use by this process so far (None where the backend keeps no
@@ -370,16 +374,21 @@ def main(argv=None) -> int:
         "reference": lambda: stage_reference(out, s, a),
     }
     stages = {}
-    for name in STAGES:
-        if name not in a.stages or (name == "reference" and not (a.reference_gradsplitter or a.reference_cnnsplitter)):
-            continue
-        print(f"[reproduce] {name} (until {SHARES[name] * a.budget_minutes:.1f} min)", flush=True)
-        covers = (lambda rec: set(archs) <= set(rec["models"])) if name == "train" else (lambda rec: True)
-        stages[name] = run_stage(name, work[name], out, compiles, covers)
-        print(f"[reproduce] {name}: {stages[name]['status']} in {stages[name]['wall_s']:.1f} s", flush=True)
-        if name == "train" and stages[name]["status"] != "done":
-            print("[reproduce] a base model is not trained yet: run the same command again to continue", flush=True)
-            break
+    try:
+        for name in STAGES:
+            if name not in a.stages or (name == "reference" and not (a.reference_gradsplitter
+                                                                     or a.reference_cnnsplitter)):
+                continue
+            print(f"[reproduce] {name} (until {SHARES[name] * a.budget_minutes:.1f} min)", flush=True)
+            covers = (lambda rec: set(archs) <= set(rec["models"])) if name == "train" else (lambda rec: True)
+            stages[name] = run_stage(name, work[name], out, compiles, covers)
+            print(f"[reproduce] {name}: {stages[name]['status']} in {stages[name]['wall_s']:.1f} s", flush=True)
+            if name == "train" and stages[name]["status"] != "done":
+                print("[reproduce] a base model is not trained yet: run the same command again to continue",
+                      flush=True)
+                break
+    finally:
+        compiles.close()
     import reproduce_report
 
     report = {"environment": {**environment(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},

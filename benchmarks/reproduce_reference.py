@@ -31,6 +31,7 @@ import numpy as np
 
 import bench_gradsplitter
 from cnnsplit_jax import checkpoint as ckpt
+from cnnsplit_jax.data import normalize
 from cnnsplit_jax.models.interop import load_torch_state_dict, to_torch_state_dict
 from cnnsplit_jax.pipeline.runs import run_data
 from cnnsplit_jax.splitters import cnnsplitter as cs
@@ -89,7 +90,7 @@ def gradsplitter_rows(path, out: Path, data_dir, *, rounds: int = 3, batch: int 
         rd = run_data(meta, data_dir)
         first = rd.train_idx[:batch]  # a batch of GradSplitter's training split
         x, mean, std = rgb_images(rd.ds.x_train[first], meta["normalization"]["mean"], meta["normalization"]["std"])
-        xn = (x.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        xn = normalize(x, mean, std)
         with checkout(path, f"splitters/{arch}_splitter.py"):
             rows.append(bench_gradsplitter.bench(arch, 1.0, batch, model.num_classes, 5, rounds, len(rd.train_idx),
                                                  False, reference=str(path), model=rgb_equivalent(model), images=xn,
