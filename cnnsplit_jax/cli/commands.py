@@ -10,12 +10,10 @@ from .. import checkpoint as ckpt
 from .. import pipeline
 from ..models import ARCHITECTURES, mask_points
 from ..pipeline import DemoConfig, RunWarning
-from ..splitters.cnnsplitter import PRESETS as GA_PRESETS
-from ..splitters.cnnsplitter import preset_caveat, preset_for
-from ..splitters.gradsplitter import PRESETS, round_modularity_epochs
+from ..splitters import METHODS, methods_for
 from ..train import RECIPES, TrainConfig, summary
 from . import plots
-from .parser import METHOD_CONFIGS, config_from
+from .parser import config_from, given_flags
 from .report import (ProgressPrinter, class_table, log, module_table, patch_table, sources_table,
                      write_split_plots)
 
@@ -106,49 +104,26 @@ def cmd_adapt(args) -> int:
     print(f"{'test accuracy':>16}: {res['test_accuracy']:.4f}")
     print(f"{'mask points':>16}: " + ", ".join(
         f"{n}[{c}]" + ("=" + "+".join(ls) if len(ls) > 1 else "") for n, c, ls in res["mask_points"]))
-    method = "concern" if args.kind == "node" else "grad"
+    method = methods_for(args.kind)[0].name
     log(f"wrote {Path(args.out) / 'adapt.json'}; next: cnnsplit split --method {method} --model-dir {args.out} "
         "--out MODULES --trust-definition")
     return 0
 
 
-def _ga_preset(args) -> dict:
-    name = args.recipe or "auto"
-    meta = ckpt.read_json(Path(args.model_dir) / "model.json") if (Path(args.model_dir) / "model.json").is_file() else {}
-    if name == "auto":
-        name = preset_for(meta.get("arch", ""), str(meta.get("dataset", "")))
-        if name is None:
-            return {}
-        log(f"CNNSplitter settings: the reference's {name} configuration")
-    if name not in GA_PRESETS:
-        raise ValueError(f"--recipe {name} is not a CNNSplitter preset; expected auto or one of {sorted(GA_PRESETS)}")
-    caveat = preset_caveat(meta.get("arch", ""), name) if meta.get("arch") else None
-    if caveat:
-        _warn(caveat)
-    return GA_PRESETS[name]
-
-
 def _split_config(args):
-    cls, fields = METHOD_CONFIGS[args.method]
-    if args.method == "grad":
-        if (args.recipe or "reference") not in PRESETS:
-            raise ValueError(f"--recipe {args.recipe} is not a GradSplitter preset; expected one of {sorted(PRESETS)}")
-        preset = PRESETS[args.recipe or "reference"]
-        epochs = args.modularity_epochs if args.modularity_epochs is not None else \
-            preset.get("modularity_epochs", cls().modularity_epochs)
-        rounded = round_modularity_epochs(epochs)
-        if rounded != epochs:
-            _warn(f"--modularity-epochs {epochs} is not a whole number of 7-epoch cycles (5 modularization + "
-                  f"2 head); running {rounded}")
-        return config_from(cls, args, fields, preset, modularity_epochs=rounded)
-    if args.method == "ga":
-        preset = _ga_preset(args)
-        pop = args.population or preset.get("population", cls().population)
-        return config_from(cls, args, fields, preset, num_parents=min(cls().num_parents, pop),
-                           keep_parents=min(cls().keep_parents, pop))
-    if args.recipe:
-        raise ValueError("--recipe applies to --method grad and ga")
-    return config_from(cls, args, fields)
+    """The config of ``cnnsplit split``: the method's preset (``--recipe``; CNNSplitter's
+    ``auto`` reads the model's architecture and dataset from ``--model-dir``) and the flags
+    given; the method's warnings are issued and its notes logged."""
+    m = METHODS[args.method]
+    path = Path(args.model_dir) / "model.json"
+    meta = ckpt.read_json(path) if path.is_file() else {}
+    cfg, warns, notes = m.make_config(given_flags(args, m.cli_fields), args.recipe,
+                                      arch=meta.get("arch", ""), dataset=str(meta.get("dataset", "")))
+    for note in notes:
+        log(note)
+    for w in warns:
+        _warn(w)
+    return cfg
 
 
 def _split_line(p) -> str | None:
@@ -179,12 +154,7 @@ def cmd_split(args) -> int:
     names = ckpt.read_json(out / "modules.json")["class_names"]
     write_split_plots(out, res, names)
     print(module_table(res, names))
-    if args.method == "grad":
-        print(f"\nselected epoch {res['selected_epoch']} of {res['epochs']}; search {res['search_seconds']:.1f}s")
-    elif args.method == "ga":
-        print(f"\nbest generation {res['best_generation']} of {res['generations'] - 1}")
-    else:
-        print(f"\ndecomposed in {res['decomposition_seconds']:.1f} s")
+    print("\n" + METHODS[args.method].package.summary_line(res))
     log(f"wrote {out / 'split.json'} and plots")
     return 0
 
@@ -271,7 +241,7 @@ def cmd_demo(args) -> int:
     _patch_plots(out / "patch", pt)
     print("\n## cnnsplit demo: GradSplitter on a narrow SimCNN, digits\n")
     print(module_table(split, names))
-    print(f"\nselected epoch {split['selected_epoch']} of {split['epochs']}; search {split['search_seconds']:.1f}s")
+    print("\n" + METHODS["grad"].package.summary_line(split))
     print(f"\n## composition of the 10 extracted modules\n\naccuracy {comp['accuracy']:.4f} on {comp['images']} test "
           f"images (masked modules: {split['composed_accuracy']:.4f})")
     print("\n## patching a weak model's class 3 with module 3\n")

@@ -14,27 +14,15 @@ import typing
 from ..data import DATASETS
 from ..models import ARCHITECTURES
 from ..pipeline import DemoConfig
-from ..splitters import CNNSplitterConfig, ConcernConfig, GradSplitterConfig
+from ..splitters import METHODS, CNNSplitterConfig, ConcernConfig, GradSplitterConfig
 from ..splitters.cnnsplitter import PRESETS as GA_PRESETS
 from ..splitters.gradsplitter import PRESETS
 from ..train import RECIPES, TrainConfig
 
-__all__ = ["build_parser", "config_from", "CONFIG_FLAGS", "METHOD_CONFIGS"]
+__all__ = ["build_parser", "config_from", "given_flags", "CONFIG_FLAGS"]
 
 #: (config class, field) of every flag declared with ``config_flag``, by its dest
 CONFIG_FLAGS: dict[str, list[tuple[type, str]]] = {}
-
-#: the config class and the flags it reads, per split method
-METHOD_CONFIGS = {
-    "grad": (GradSplitterConfig, ("alpha", "head_epochs", "modularity_epochs", "lr_head", "lr_modularity",
-                                  "batch_size", "init", "seed", "select_tolerance")),
-    "ga": (CNNSplitterConfig, ("population", "generations", "groups", "mutation_percent", "eval_images",
-                               "sensitivity_images", "early_stop", "sensitive", "algorithm", "sensitive_ratios",
-                               "other_ratios", "thresholds", "shared_initial_population", "seed")),
-    "concern": (ConcernConfig, ("negative_ratio", "backtrack", "residual", "delta", "bln_rule", "concerned_per_class",
-                                "min_confidence", "seed")),
-}
-
 
 def _default(cls, field: str):
     f = {x.name: x for x in dataclasses.fields(cls)}[field]
@@ -63,13 +51,16 @@ def config_flag(group, cls, field: str, help: str, *, flag: str | None = None, p
     CONFIG_FLAGS.setdefault(field, []).append((cls, field))
 
 
+def given_flags(args: argparse.Namespace, fields) -> dict:
+    """The flags among ``fields`` given on the command line, as config values (``none`` ->
+    None)."""
+    values = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    return {k: None if v is NONE_GIVEN else v for k, v in values.items()}
+
+
 def config_from(cls, args: argparse.Namespace, fields, preset: dict | None = None, **fixed):
     """``cls(**{**preset, **given flags among fields, **fixed})``."""
-    values = dict(preset or {})
-    values.update({f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})
-    values = {k: None if v is NONE_GIVEN else v for k, v in values.items()}
-    values.update(fixed)
-    return cls(**values)
+    return cls(**{**(preset or {}), **given_flags(args, fields), **fixed})
 
 
 class _NoneGiven:
@@ -194,9 +185,9 @@ def _adapt_parser(sub, common) -> None:
 
 def _split_parser(sub, common) -> None:
     sp = sub.add_parser("split", parents=[common], help="decompose a trained model into per-class modules")
-    sp.add_argument("--method", default="grad", choices=sorted(METHOD_CONFIGS),
-                    help="grad: GradSplitter; ga: CNNSplitter; concern: concern identification (ResNets) "
-                         "(default grad)")
+    sp.add_argument("--method", default="grad", choices=sorted(METHODS),
+                    help="; ".join(f"{m.name}: {m.title}" + (" (ResNets)" if m.model_kind == "node" else "")
+                                   for m in METHODS.values()) + " (default grad)")
     sp.add_argument("--model-dir", required=True, help="run directory of `cnnsplit train`")
     sp.add_argument("--out", required=True, help="module-set directory")
     _mesh_flag(sp, "modules", "modules (grad) or class x individual modules (ga) split over the devices, "
@@ -206,7 +197,7 @@ def _split_parser(sub, common) -> None:
     sp.add_argument("--train-subset", type=int, default=None,
                     help="use only the first N images of the training split (CPU budgets; default all)")
     config_flag(sp, GradSplitterConfig, "seed", "seed of the search", type=int)
-    sp.add_argument("--recipe", default=None, choices=sorted(set(PRESETS) | set(GA_PRESETS) | {"auto"}),
+    sp.add_argument("--recipe", default=None, choices=sorted({n for m in METHODS.values() for n in m.presets} | {"auto"}),
                     help="preset of the method's settings (the flags below override it). grad: reference "
                          "(default) or quick, a short run that removes kernels in a few hundred steps (the "
                          "demo's). ga: auto (default: the reference's configuration for the model and dataset, "

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import distributed as dist
 from ..progress import Progress
+from ..splitters import METHODS
 
 __all__ = ["ProgressPrinter", "module_table", "class_table", "patch_table", "sources_table", "write_split_plots"]
 
@@ -129,8 +130,22 @@ def write_split_plots(out: Path, res: dict, class_names) -> None:
     if "layer_retention" in res:
         plots.retention_heatmap(res["layer_retention"], out / "retention_heatmap.png", class_names)
     history = res.get("history")
-    if res.get("method") == "grad" and history:
-        plots.accuracy_vs_kernels(history, out / "accuracy_vs_kernels.png",
-                                  res.get("base_val_accuracy", res["base_accuracy"]), res.get("selected_epoch"))
-    if res.get("method") == "ga" and history:
-        plots.fitness_over_generations(history, out / "fitness.png", res["best_generation"])
+    m = METHODS.get(res.get("method"))
+    if m is not None and m.history_plot and history:
+        HISTORY_PLOTS[m.history_plot](res, out)
+
+
+#: the plots of a search's history (a method's ``history_plot``): (report, directory) -> PNG
+HISTORY_PLOTS = {
+    "accuracy_vs_kernels": lambda res, out: _plots().accuracy_vs_kernels(
+        res["history"], out / "accuracy_vs_kernels.png", res.get("base_val_accuracy", res["base_accuracy"]),
+        res.get("selected_epoch")),
+    "fitness_over_generations": lambda res, out: _plots().fitness_over_generations(
+        res["history"], out / "fitness.png", res["best_generation"]),
+}
+
+
+def _plots():
+    from . import plots
+
+    return plots

@@ -8,10 +8,10 @@ from .demo import DemoConfig, demo
 from .reuse import compose_run, load_sources, parse_modules, patch_run, replace_run, task_for
 from .runs import (ARTIFACTS, RunBusyError, RunData, RunWarning, artifact_kind, exclusive, prepare_out, run_data,
                    run_lock, train_data, train_run)
-from .split import PROGRESS, evaluate_run, split_run
+from .split import evaluate_run, split_run
 
 __all__ = [
-    "ARTIFACTS", "DemoConfig", "RunBusyError", "exclusive", "run_lock", "adapt_run", "PROGRESS", "RunData", "RunWarning", "artifact_kind", "compose_run", "demo",
+    "ARTIFACTS", "DemoConfig", "RunBusyError", "exclusive", "run_lock", "adapt_run", "RunData", "RunWarning", "artifact_kind", "compose_run", "demo",
     "evaluate_run", "load_sources", "parse_modules", "patch_run", "prepare_out", "replace_run", "run_data",
     "split_run", "task_for", "train_data", "train_run",
 ]

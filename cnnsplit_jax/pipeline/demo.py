@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from .. import mesh as meshlib
+from ..splitters import METHODS
 from ..splitters.gradsplitter import PRESETS, GradSplitterConfig
 from ..train import RECIPES, TrainConfig
 from .reuse import compose_run, patch_run
@@ -52,8 +53,8 @@ def demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, callbacks=None, ove
     if (mods / "split.json").exists():
         split = ckpt.read_json(mods / "split.json")
     else:
-        split = split_run(run, mods, "grad", gcfg, resume=ckpt.progress_exists(mods, "search"), callbacks=callbacks,
-                          mesh=mesh)
+        split = split_run(run, mods, "grad", gcfg, resume=ckpt.progress_exists(mods, METHODS["grad"].progress),
+                          callbacks=callbacks, mesh=mesh)
     comp = compose_run([str(mods)], out / "compose", form="extracted", mesh=mesh)
     if not (weak / "train.json").exists():
         train_run(weak, "simcnn_weak", "digits:0-2,4-9,3",

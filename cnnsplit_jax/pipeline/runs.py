@@ -24,11 +24,16 @@ from .. import mesh as meshlib
 from ..data import Dataset, is_task_spec, load_dataset, load_task, test_splits
 from ..models import build_model
 from ..progress import RunWarning
+from ..splitters import METHODS
 from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, split_indices, summary
 
 __all__ = ["RunWarning", "RunBusyError", "ARTIFACTS", "artifact_kind", "prepare_out", "exclusive", "run_lock",
            "RunData", "train_data", "run_data", "fit_images", "fit_dataset", "train_run", "LOCK"]
 
+
+#: a resumable search's checkpoint files: its progress JSON marks a module set in the making
+_SEARCH_MARKERS = tuple(f"{m.progress}.json" for m in METHODS.values() if m.resumable)
+_SEARCH_ENTRIES = tuple(e for m in METHODS.values() if m.resumable for e in (f"{m.progress}.json", m.progress))
 
 #: artefact kinds, in the order they are recognised: (files that identify one, every top-level
 #: entry it writes). A user's adapted model and a trained one are kinds apart: neither
@@ -37,10 +42,9 @@ ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "adapted_model": (("adapt.json",), ("model.json", "model", "adapt.json")),
     "model": (("model.json", "train_state.json"),
               ("model.json", "model", "train.json", "train_state.json", "train_state", "adapt.json")),
-    "module_set": (("modules.json", "search.json", "ga.json", "split.json"),
-                   ("modules.json", "modules", "base", "split.json", "evaluate.json", "search.json", "search",
-                    "ga.json", "ga", "retention_heatmap.png", "module_f1.png", "accuracy_vs_kernels.png",
-                    "fitness.png")),
+    "module_set": (("modules.json", *_SEARCH_MARKERS, "split.json"),
+                   ("modules.json", "modules", "base", "split.json", "evaluate.json", *_SEARCH_ENTRIES,
+                    "retention_heatmap.png", "module_f1.png", "accuracy_vs_kernels.png", "fitness.png")),
     "composition": (("compose.json",), ("compose.json", "confusion.png")),
     "patch": (("patch.json",), ("patch.json", "confusion_before.png", "confusion_after.png")),
     "replace": (("replace.json",), ("replace.json", "confusion_before.png", "confusion_after.png")),

@@ -11,15 +11,24 @@ from .. import checkpoint as ckpt
 from .. import mesh as meshlib
 from ..evaluate import evaluate_module_set
 from ..modules.module_set import load_module_set, save_module_set
-from ..splitters import METHODS, SplitData
-from ..splitters.gradsplitter import schedule_warnings
+from ..splitters import Method, SplitData, methods_for
+from ..splitters import method as method_record
 from ..validate import at_least
 from .runs import RunWarning, exclusive, prepare_out, run_data
 
-__all__ = ["split_run", "evaluate_run", "PROGRESS"]
+__all__ = ["split_run", "evaluate_run"]
 
-#: the checkpoint a method's search resumes from (None: one pass, nothing to resume)
-PROGRESS = {"grad": "search", "ga": "ga", "concern": None}
+
+def _check_applies(m: Method, model) -> None:
+    """ValueError unless ``m`` decomposes ``model``'s kind of masks, naming the methods that do."""
+    if model.mask_kind == m.model_kind:
+        return
+    fits = sorted(x.name for x in methods_for(model.mask_kind))
+    what = ("a model adapted with --kind node (position nodes)" if model.mask_kind == "node" else
+            "a model with kernel masks") if model.arch.startswith("adapted:") else \
+        ("a ResNet (position nodes)" if model.mask_kind == "node" else "a kernel-mask CNN")
+    raise ValueError(f"--method {m.name} does not apply to {model.arch}, {what}: split it with "
+                     + " or ".join(f"--method {f}" for f in fits))
 
 
 @exclusive("out")
@@ -39,27 +48,18 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     dataset, subset, config, model weights and data, or it is refused naming the difference.
     Returns the ``split.json`` dict.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    m = method_record(method)
     at_least("train_subset (images of the training split; leave it out for all)", train_subset, 1, optional=True)
-    # a bad spec fails before any work; concern identification splits its images (axis data)
-    mesh = meshlib.resolve_data(mesh) if method == "concern" else meshlib.resolve(mesh)
-    splitter, _, mask_kind = METHODS[method]
+    mesh = meshlib.resolve(mesh, natural=m.natural_axis, allowed=m.mesh_axes)  # a bad spec fails before any work
     model_dir, out = Path(model_dir), Path(out)
     model, meta = ckpt.load_model(model_dir, trust_definition=trust_definition)
-    if model.mask_kind != mask_kind:
-        fits = sorted(m for m, (_, _, k) in METHODS.items() if k == model.mask_kind)
-        what = ("a model adapted with --kind node (position nodes)" if model.mask_kind == "node" else
-                "a model with kernel masks") if model.arch.startswith("adapted:") else \
-            ("a ResNet (position nodes)" if model.mask_kind == "node" else "a kernel-mask CNN")
-        raise ValueError(f"--method {method} does not apply to {model.arch}, {what}: split it with "
-                         + " or ".join(f"--method {m}" for m in fits))
+    _check_applies(m, model)
     rd = run_data(meta, data_dir)
     ds = rd.ds
     if ds.info.num_classes != model.num_classes:
         raise ValueError(f"class count mismatch: model has {model.num_classes} classes, dataset has "
                          f"{ds.info.num_classes}")
-    name = PROGRESS[method]
+    name = m.progress
     if name is None and resume:
         raise ValueError(f"--method {method} is a single pass: there is nothing to resume")
     in_progress = (ckpt.progress_exists(out, name) if name else False) or (out / "split.json").exists()
@@ -69,15 +69,14 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     tr = rd.train_idx[:train_subset] if train_subset else rd.train_idx
     data = SplitData(ds.x_train[tr], ds.y_train[tr], ds.x_train[rd.val_idx], ds.y_train[rd.val_idx],
                      norm["mean"], norm["std"])
-    if method == "grad":
-        for w in schedule_warnings(cfg, -(-len(tr) // cfg.batch_size)):
-            warnings.warn(w, RunWarning, stacklevel=2)
+    for w in m.run_warnings(cfg, len(tr)):
+        warnings.warn(w, RunWarning, stacklevel=2)
     extra = {"mesh": mesh} if mesh is not None else {}
     if name is not None:  # what a resume must find as it was, named for people
         extra["identity"] = {"base run": str(model_dir.absolute()), "dataset": meta["dataset"],
                              "train subset": train_subset}
-    res = splitter.split(jax.random.key(cfg.seed), model, data, cfg, ckpt_dir=out if name else None,
-                         resume=resume, callbacks=callbacks, **extra)
+    res = m.package.split(jax.random.key(cfg.seed), model, data, cfg, ckpt_dir=out if name else None,
+                          resume=resume, callbacks=callbacks, **extra)
     ms = res.module_set
     ms.meta.update({
         "dataset": meta["dataset"], "normalization": norm, "class_names": list(ds.info.class_names),
@@ -87,7 +86,7 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     save_module_set(out, ms)
     ev = evaluate_module_set(ms, rd.eval_split, rd.test_split, ds.info)
     result = {"method": method, "model": model.arch, "dataset": meta["dataset"], **ev,
-              **splitter.report(res, data), "config": ms.meta["config"]}
+              **m.package.report(res, data), "config": ms.meta["config"]}
     ckpt.write_json(out / "split.json", result)
     return result
 

@@ -5,8 +5,8 @@ ckpt_dir=None, resume=False, callbacks=None) -> SplitResult``.
 * ``cnnsplitter``: kernel masks searched by a genetic algorithm (Qi et al., ASE 2022);
 * ``concern``: decomposition by concern identification (Pan & Rajan, ICSE 2022; ResNets).
 
-``METHODS`` maps the CLI's method names to (module, config class, the model ``mask_kind`` it
-applies to).
+``registry``: one ``Method`` record per method (``METHODS``, ``method(name)``), the only
+place that knows a method by its name.
 """
 
 from . import cnnsplitter, concern, gradsplitter
@@ -14,13 +14,7 @@ from .base import SearchDivergedError, SplitData, SplitResult
 from .cnnsplitter import CNNSplitterConfig
 from .concern import ConcernConfig
 from .gradsplitter import GradSplitterConfig
+from .registry import METHODS, Method, method, methods_for
 
-__all__ = ["METHODS", "CNNSplitterConfig", "ConcernConfig", "GradSplitterConfig", "SearchDivergedError",
+__all__ = ["METHODS", "Method", "method", "methods_for", "CNNSplitterConfig", "ConcernConfig", "GradSplitterConfig", "SearchDivergedError",
            "SplitData", "SplitResult", "cnnsplitter", "concern", "gradsplitter"]
-
-#: method name -> (splitter module with ``split``, its config class, the ``mask_kind`` of models it splits)
-METHODS = {
-    "grad": (gradsplitter, GradSplitterConfig, "kernel"),
-    "ga": (cnnsplitter, CNNSplitterConfig, "kernel"),
-    "concern": (concern, ConcernConfig, "node"),
-}

@@ -269,9 +269,9 @@ def test_optional_config_flags_take_none():
 def test_ga_recipe_auto_finds_the_family_preset_and_warns_on_a_model_it_was_not_tuned_for(tmp_path):
     import warnings
 
-    from cnnsplit_jax.cli.commands import _ga_preset
+    from cnnsplit_jax.cli.commands import _split_config
     from cnnsplit_jax.progress import RunWarning
-    from cnnsplit_jax.splitters.cnnsplitter import PRESETS
+    from cnnsplit_jax.splitters.cnnsplitter import PRESETS, resolve_preset
 
     def preset(arch, dataset, recipe=None):
         d = tmp_path / f"{arch}-{dataset}"
@@ -281,8 +281,12 @@ def test_ga_recipe_auto_finds_the_family_preset_and_warns_on_a_model_it_was_not_
                                          + (["--recipe", recipe] if recipe else []))
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            got = _ga_preset(args)
-        return got, [str(x.message) for x in w if issubclass(x.category, RunWarning)]
+            cfg = _split_config(args)
+        said = [str(x.message) for x in w if issubclass(x.category, RunWarning)]
+        name, got, lib_said, _ = resolve_preset(arch, dataset, recipe)  # the library's answer, the same
+        assert lib_said == said and (name is None) == (got == {})
+        assert all(getattr(cfg, k) == v for k, v in got.items() if k not in ("num_parents", "keep_parents")), name
+        return got, said
 
     got, said = preset("rescnn_cnnsplitter", "svhn_cropped")  # the reference's own model: its preset, no word
     assert got == PRESETS["rescnn_svhn"] and said == []
@@ -292,3 +296,29 @@ def test_ga_recipe_auto_finds_the_family_preset_and_warns_on_a_model_it_was_not_
     got, said = preset("incecnn", "cifar10", recipe="rescnn_cifar10")  # an explicit preset on another model
     assert got == PRESETS["rescnn_cifar10"] and len(said) == 1
     assert preset("simcnn", "digits") == ({}, [])  # no preset for the data set: the defaults, no word
+
+
+def test_the_method_registry_is_what_the_cli_and_pipeline_read():
+    from cnnsplit_jax.splitters import METHODS, CNNSplitterConfig, ConcernConfig, method, methods_for
+
+    parser = build_parser()
+    split = next(a for a in parser._subparsers._group_actions[0].choices["split"]._actions if a.dest == "method")
+    assert sorted(split.choices) == sorted(METHODS) == ["concern", "ga", "grad"]
+    for m in METHODS.values():  # every flag the record names exists and sets a field of its config
+        assert set(m.cli_fields) <= {f.name for f in __import__("dataclasses").fields(m.config)}, m.name
+        args = parser.parse_args(["split", "--method", m.name, "--model-dir", "m", "--out", "o"])
+        assert all(hasattr(args, f) for f in m.cli_fields)
+        assert callable(m.package.split) and callable(m.package.report) and callable(m.package.summary_line)
+    assert [x.name for x in methods_for("node")] == ["concern"]
+    assert [x.name for x in methods_for("kernel")] == ["grad", "ga"]
+    assert (METHODS["grad"].progress, METHODS["ga"].progress, METHODS["concern"].progress) == ("search", "ga", None)
+    with pytest.raises(ValueError, match="unknown method 'mwt'; expected one of"):
+        method("mwt")
+    with pytest.raises(ValueError, match="--recipe applies to --method grad and ga"):
+        METHODS["concern"].make_config({}, "quick")
+    cfg, warns, notes = METHODS["ga"].make_config({"population": 8}, "narrow")
+    assert isinstance(cfg, CNNSplitterConfig) and (cfg.population, cfg.num_parents, cfg.keep_parents) == (8, 8, 8)
+    assert cfg.generations == 30 and warns == [] and notes == []
+    cfg, warns, _ = METHODS["grad"].make_config({"modularity_epochs": 10}, "quick")
+    assert cfg.modularity_epochs == 14 and "running 14" in warns[0]
+    assert METHODS["concern"].make_config({"delta": 0.5})[0] == ConcernConfig(delta=0.5)

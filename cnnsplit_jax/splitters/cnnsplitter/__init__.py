@@ -8,12 +8,14 @@ advanced together with vmap), ``fitness`` (the joint fitness: the reference's re
 ``init`` / ``step`` per generation, and ``split``: the whole checkpointed search).
 """
 
-from .config import ALGORITHMS, PRESET_MODELS, PRESETS, CNNSplitterConfig, preset_caveat, preset_for
+from .config import (ALGORITHMS, PRESET_MODELS, PRESETS, CNNSplitterConfig, configure, preset_caveat, preset_for,
+                     resolve_preset)
 from .fitness import FitnessConfig, FitnessResult, jaccard_distance_table, joint_fitness, reference_thresholds
 from .genome import GenomeLayout, decode, genome_layout, heuristic_population
 from .importance import Importance, importance_order, kernel_importance
 from .logits import LogitCache, cached_module_logits, module_logits
-from .search import CNNSplitterState, Prepared, Problem, init, prepare, problem, report, split, step
+from .search import (CNNSplitterState, Prepared, Problem, init, prepare, problem, report, split, step,
+                     summary_line)
 from .sensitivity import RATIOS, layer_sensitivity, sensitive_layers
 
 __all__ = [
@@ -21,7 +23,8 @@ __all__ = [
     "GenomeLayout", "Importance", "LogitCache", "Prepared", "Problem", "RATIOS", "cached_module_logits",
     "decode", "genome_layout", "heuristic_population", "importance_order", "init", "jaccard_distance_table",
     "joint_fitness", "kernel_importance", "layer_sensitivity", "module_logits", "mutation_genes", "prepare",
-    "problem", "reference_thresholds", "report", "sensitive_layers", "split", "step",
+    "problem", "reference_thresholds", "report", "sensitive_layers", "split", "step", "summary_line", "configure",
+    "resolve_preset",
 ]
 
 

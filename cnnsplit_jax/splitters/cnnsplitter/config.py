@@ -7,7 +7,8 @@ from typing import Literal, get_args
 
 from ...validate import at_least, finite
 
-__all__ = ["CNNSplitterConfig", "ALGORITHMS", "PRESETS", "PRESET_MODELS", "preset_caveat", "preset_for"]
+__all__ = ["CNNSplitterConfig", "ALGORITHMS", "PRESETS", "PRESET_MODELS", "configure", "preset_caveat", "preset_for",
+           "resolve_preset"]
 
 ALGORITHMS = get_args(Literal["cnnsplitter", "simple_ga"])
 
@@ -144,3 +145,32 @@ def preset_caveat(arch: str, preset: str) -> str | None:
     return (f"the reference tuned its {preset} configuration on {tuned or 'another model'} (plain conv, no "
             f"BatchNorm); on {arch} its initial ratios, sensitive layers and thresholds are a starting point, "
             "not the paper's setting")
+
+
+def resolve_preset(arch: str, dataset: str, recipe: str | None = None) -> tuple[str | None, dict, list[str], list[str]]:
+    """The preset a search of model ``arch`` on ``dataset`` starts from: ``recipe`` (None or
+    ``"auto"``: ``preset_for(arch, dataset)``, none when the reference has none). Returns
+    ``(name or None, its settings, warnings, notes)``: the warning is ``preset_caveat``'s, the
+    note names a preset found automatically. Raises ValueError for an unknown ``recipe``."""
+    name, notes = recipe or "auto", []
+    if name == "auto":
+        name = preset_for(arch, dataset)
+        if name is None:
+            return None, {}, [], []
+        notes.append(f"CNNSplitter settings: the reference's {name} configuration")
+    if name not in PRESETS:
+        raise ValueError(f"--recipe {name} is not a CNNSplitter preset; expected auto or one of {sorted(PRESETS)}")
+    caveat = preset_caveat(arch, name) if arch else None
+    return name, PRESETS[name], [caveat] if caveat else [], notes
+
+
+def configure(overrides: dict, recipe: str | None = None, *, arch: str = "", dataset: str = ""):
+    """The config of a search of model ``arch`` on ``dataset``: the preset of
+    ``resolve_preset`` with ``overrides`` (config fields) on top, parents capped at the
+    population. Returns ``(config, warnings, notes)``."""
+    _, preset, warnings, notes = resolve_preset(arch, dataset, recipe)
+    default = CNNSplitterConfig()
+    pop = overrides.get("population") or preset.get("population", default.population)
+    cfg = CNNSplitterConfig(**{**preset, **overrides, "num_parents": min(default.num_parents, pop),
+                               "keep_parents": min(default.keep_parents, pop)})
+    return cfg, warnings, notes

@@ -319,3 +319,8 @@ def report(result: SplitResult, data: SplitData) -> dict:
             "sensitivity": d["sensitivity"], "sensitive_layers": list(d["sensitive"]),
             "search_seconds": result.seconds, "phase_seconds": d["phase_seconds"],
             "search_images": int(len(data.y_val))}
+
+
+def summary_line(report: dict) -> str:
+    """One line under the module table of ``split.json``'s CNNSplitter fields."""
+    return f"best generation {report['best_generation']} of {report['generations'] - 1}"

@@ -290,3 +290,8 @@ def energy_estimate(seconds: float, cpu_watts: float = 65.0, dram_watts: float =
     kwh = 1.58 * (seconds / 3600.0) * (cpu_watts + dram_watts + gpus * gpu_watts) / 1000.0
     return {"kwh": kwh, "co2e_lbs": 0.954 * kwh, "assumed_watts": {
         "cpu": cpu_watts, "dram": dram_watts, "gpu": gpu_watts, "gpus": gpus}}
+
+
+def summary_line(report: dict) -> str:
+    """One line under the module table of ``split.json``'s concern-identification fields."""
+    return f"decomposed in {report['decomposition_seconds']:.1f} s"

@@ -24,9 +24,9 @@ API (optax style)::
 from ...modules.heads import Heads, head_scores, init_heads
 from ..base import SearchDivergedError
 from .config import (HEAD, MOD, PRESETS, GradSplitterConfig, phase_lr, phase_schedule,
-                     round_modularity_epochs, schedule_warnings)
+                     round_modularity_epochs, run_warnings, schedule_warnings, configure)
 from .loss import binarize, head_loss, loss_fn
-from .search import report, select_epoch, split
+from .search import report, select_epoch, split, summary_line
 from .step import (GradSplitterState, composed_scores, features_for_dataset, head_step, head_step_plain, init,
                    module_features, modularity_step, place, reset_optimizer, unplace)
 
@@ -35,5 +35,5 @@ __all__ = [
     "binarize", "composed_scores", "features_for_dataset", "head_loss", "head_scores", "head_step",
     "head_step_plain", "init", "init_heads", "loss_fn", "module_features", "modularity_step",
     "phase_lr", "phase_schedule", "place", "reset_optimizer", "unplace", "round_modularity_epochs", "schedule_warnings",
-    "report", "select_epoch", "split",
+    "report", "select_epoch", "split", "summary_line", "configure", "run_warnings",
 ]

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from ...validate import at_least, finite
 
 __all__ = ["GradSplitterConfig", "PRESETS", "MOD", "HEAD", "phase_schedule", "phase_lr",
-           "round_modularity_epochs", "schedule_warnings"]
+           "round_modularity_epochs", "schedule_warnings", "configure", "run_warnings"]
 
 MOD, HEAD = 1, 0
 
@@ -119,3 +119,27 @@ def schedule_warnings(cfg: GradSplitterConfig, steps_per_epoch: int) -> list[str
             f"about {mod_steps * cfg.lr_modularity:.2f}, but masks start at 1: no kernel can be "
             "removed; use more epochs or images, a larger lr_modularity, or the 'quick' preset")
     return out
+
+
+def configure(overrides: dict, recipe: str | None = None, *, arch: str = "", dataset: str = ""):
+    """The config of a run: preset ``recipe`` (None: ``reference``) with ``overrides`` (config
+    fields) on top; ``modularity_epochs`` rounded up to whole cycles. ``arch`` / ``dataset``
+    are unused (every GradSplitter preset fits every model). Returns ``(config, warnings,
+    notes)``: the rounding, when it changed the value, is a warning."""
+    del arch, dataset
+    name = recipe or "reference"
+    if name not in PRESETS:
+        raise ValueError(f"--recipe {recipe} is not a GradSplitter preset; expected one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    epochs = overrides.get("modularity_epochs")
+    epochs = epochs if epochs is not None else preset.get("modularity_epochs", GradSplitterConfig.modularity_epochs)
+    rounded = round_modularity_epochs(epochs)
+    warnings = [] if rounded == epochs else [
+        f"--modularity-epochs {epochs} is not a whole number of 7-epoch cycles (5 modularization + 2 head); "
+        f"running {rounded}"]
+    return GradSplitterConfig(**{**preset, **overrides, "modularity_epochs": rounded}), warnings, []
+
+
+def run_warnings(cfg: GradSplitterConfig, train_images: int) -> list[str]:
+    """``schedule_warnings`` for a search over ``train_images`` training images."""
+    return schedule_warnings(cfg, -(-train_images // cfg.batch_size))

@@ -194,3 +194,8 @@ def report(result: SplitResult, data: SplitData) -> dict:
             "selected_val_accuracy": result.history[sel]["val_accuracy"], "search_seconds": result.seconds,
             "epochs": len(result.history), "history": result.history, "train_images": int(len(data.y_train)),
             "val_images": int(len(data.y_val))}
+
+
+def summary_line(report: dict) -> str:
+    """One line under the module table of ``split.json``'s GradSplitter fields."""
+    return f"selected epoch {report['selected_epoch']} of {report['epochs']}; search {report['search_seconds']:.1f}s"
