@@ -2,7 +2,7 @@
 
 Runs, through the CLI in a subprocess (``python -m cnnsplit_jax``, the tree on ``PYTHONPATH``):
 the demo, then a round trip on the demo's base model: ``split --method ga`` (a short search),
-``evaluate`` of both module sets, ``compose`` of GradSplitter and CNNSplitter modules (masked),
+``evaluate`` and a masked ``compose`` of both module sets,
 ``replace``, ``info``, and a small ResNet-20 through ``train`` + ``split --method concern`` +
 ``evaluate``. Every JSON the commands write is read back; keys that are timings or paths are
 dropped; the rest is written to ``OUT/numbers.json`` (flattened ``file/key.path: value``).
@@ -59,8 +59,9 @@ def run(out: Path) -> dict:
          "--train-subset", 400, "--eval-images", 64, "--sensitivity-images", 64, "--seed", 1, cwd=out)
     for m in (grad, rt / "ga"):
         (rt / f"evaluate_{m.name}.txt").write_text(_cli("evaluate", m, cwd=out))
-    _cli("compose", "--modules", f"{grad}:0-4", "--modules", f"{rt / 'ga'}:5-9", "--form", "masked",
-         "--baseline-epochs", 0, "--out", rt / "compose_mixed", cwd=out)
+    for m in (grad, rt / "ga"):
+        _cli("compose", "--modules", f"{m}:0-4", "--modules", f"{m}:5-9", "--form", "masked", "--baseline-epochs", 0,
+             "--out", rt / f"compose_{m.name}", cwd=out)
     _cli("replace", "--help", cwd=out)
     _cli("train", "--model", "resnet20", "--dataset", "digits", "--width", 0.25, "--recipe", "quick", "--epochs", 2,
          "--out", rt / "resnet20", cwd=out)

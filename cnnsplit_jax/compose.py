@@ -186,9 +186,10 @@ def compose(
     groups_idx: dict[tuple, list[int]] = {}
     for k, p in enumerate(picks):
         kind = p.module_set.forward_form(form)
-        groups_idx.setdefault((kind, _structure_key(p.module_set.base)), []).append(k)
+        key = (kind, _structure_key(p.module_set.base), p.module_set.stack_key())
+        groups_idx.setdefault(key, []).append(k)
     groups, cols = [], []
-    for (kind, _), idx in groups_idx.items():
+    for (kind, *_), idx in groups_idx.items():
         groups.append(KINDS[kind].stack([picks[k] for k in idx], execution=execution, chunk=chunk, align=align))
         cols.extend(idx)
     order = tuple(int(i) for i in np.argsort(cols))

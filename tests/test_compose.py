@@ -35,13 +35,14 @@ def random_sets():
         "sim_b": _random_set("simcnn", 2, mean=0.2, std=0.5),  # same structure, other weights
         "res": _random_set("rescnn", 3, heads=False),  # scored by class logits
         "ince": _random_set("incecnn", 4),
+        "sim_logit": _random_set("simcnn", 5, heads=False),  # a SimCNN scored by class logits (CNNSplitter's)
     }
 
 
 def test_composition_equals_per_module_loop(random_sets):
     s = random_sets
     picks = [Pick(s["sim_a"], 0), Pick(s["sim_b"], 1), Pick(s["res"], 2), Pick(s["sim_a"], 3),
-             Pick(s["ince"], 4), Pick(s["res"], 6), Pick(s["sim_a"], 1)]
+             Pick(s["ince"], 4), Pick(s["res"], 6), Pick(s["sim_a"], 1), Pick(s["sim_logit"], 7)]
     x = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 1)).astype(np.uint8)
     # reference: each module on its own, outside any composition (module_outputs is checked
     # against the base model's plain forward in tests/modules/test_forward.py)
@@ -50,15 +51,16 @@ def test_composition_equals_per_module_loop(random_sets):
         for execution in ("vmap", "unrolled"):
             comp = compose(picks, form=form, execution=execution)
             got = np.asarray(jax.jit(apply)(comp, jnp.asarray(x)))
-            assert got.shape == (12, 7)
+            assert got.shape == (12, 8)
             np.testing.assert_allclose(got, loop, rtol=1e-4, atol=1e-5, err_msg=f"{form}/{execution}")
-            # groups: simcnn (two bases), rescnn, incecnn -> three calls inside the one apply
-            assert len(comp.groups) == 3
+            # groups: simcnn with heads (two bases), simcnn scored by logits (GradSplitter's and
+            # CNNSplitter's modules of one architecture), rescnn, incecnn -> four calls in one apply
+            assert len(comp.groups) == 4
     # a pytree a JAX user can flatten, rebuild and vmap
     leaves, tree = jax.tree.flatten(comp)
     again = jax.tree.unflatten(tree, leaves)
     vm = jax.vmap(apply, in_axes=(None, 0))(again, jnp.asarray(x).reshape(2, 6, 32, 32, 1))
-    np.testing.assert_allclose(np.asarray(vm).reshape(12, 7), loop, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(vm).reshape(12, 8), loop, rtol=1e-4, atol=1e-5)
 
 
 def test_extracted_module_scores_equal_composition(random_sets):

@@ -72,6 +72,10 @@ class _Common:
     def num_modules(self) -> int:
         raise NotImplementedError
 
+    def stack_key(self) -> tuple:
+        """What modules of one base structure must also share to run in one forward group."""
+        return ()
+
     def forward_form(self, form: str) -> str:
         """The forward kind (``modules.forward.KINDS``) this set runs as when ``form`` is
         asked for; raises ValueError when the set cannot run that way."""
@@ -120,6 +124,10 @@ class ModuleSet(_Common):
     def module_masks(self, c: int) -> dict:
         """Module c's masks ``{point: [C]}`` as stored (apply ``effective_masks`` to run them)."""
         return {k: np.asarray(v[c]) for k, v in self.masks.items()}
+
+    def stack_key(self) -> tuple:
+        """Modules scored by heads (GradSplitter) and by class logits (CNNSplitter) run apart."""
+        return (self.heads is None,)
 
     def module_head(self, c: int):
         """Module c's head ``(w1, b1, w2, b2)``, or None for class-logit modules."""
