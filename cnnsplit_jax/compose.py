@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import mesh as meshlib
 from .data import map_batches
-from .modules.forward import INPUTS, KINDS, Pick, group_outputs
+from .modules.forward import INPUTS, FORWARD_FORMS, Pick, group_outputs
 
 __all__ = ["Pick", "ClassRef", "Composition", "compose", "apply", "predict_scores", "default_execution",
            "FORMS", "EXECUTIONS"]
@@ -185,12 +185,12 @@ def compose(
     execution = default_execution() if execution == "auto" else execution
     groups_idx: dict[tuple, list[int]] = {}
     for k, p in enumerate(picks):
-        kind = p.module_set.forward_form(form)
-        key = (kind, _structure_key(p.module_set.base), p.module_set.stack_key())
+        fwd = p.module_set.forward_form(form)
+        key = (fwd, _structure_key(p.module_set.base), p.module_set.stack_key())
         groups_idx.setdefault(key, []).append(k)
     groups, cols = [], []
-    for (kind, *_), idx in groups_idx.items():
-        groups.append(KINDS[kind].stack([picks[k] for k in idx], execution=execution, chunk=chunk, align=align))
+    for (fwd, *_), idx in groups_idx.items():
+        groups.append(FORWARD_FORMS[fwd].stack([picks[k] for k in idx], execution=execution, chunk=chunk, align=align))
         cols.extend(idx)
     order = tuple(int(i) for i in np.argsort(cols))
     return Composition(tuple(groups), order, _labels(picks), input, tuple(picks[0].module_set.base.input_shape), form,
@@ -218,7 +218,7 @@ def apply(comp: Composition, x: jax.Array) -> jax.Array:
     outs = [group_outputs(g, x, comp.input) for g in comp.groups]
     cat = lambda parts: jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]  # noqa: E731
     s = cat([o[0] for o in outs])
-    rules = {KINDS[g.kind].combine for g in comp.groups}
+    rules = {FORWARD_FORMS[g.form].combine for g in comp.groups}
     if len(rules) == 1 and None not in rules:  # every module of one kind with its own rule
         s = rules.pop()(s, cat([o[1] for o in outs]))
     s = s[:, np.asarray(comp.order)] if comp.order != tuple(range(len(comp.order))) else s

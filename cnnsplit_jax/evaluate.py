@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import mesh as meshlib
-from .modules.forward import KINDS, module_outputs
+from .modules.forward import FORWARD_FORMS, module_outputs
 from .train import predict
 
 __all__ = [
@@ -56,7 +56,7 @@ def module_f1(ms, x_u8: np.ndarray, y: np.ndarray, undefined: float = 0.0) -> np
 
 def composed_scores(ms, scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """Scores whose argmax is the composition of all modules of ``ms`` (the kind's rule)."""
-    combine = KINDS[ms.forward_form("masked")].combine
+    combine = FORWARD_FORMS[ms.forward_form("masked")].combine
     return scores if combine is None else np.asarray(combine(scores, positive))
 
 

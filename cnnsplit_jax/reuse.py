@@ -316,7 +316,7 @@ def continuous_learning(picks: Sequence[Pick], task: Task, *, ratio: float = 1.0
         ms = p.module_set
         seen = set(Source("", ms).origins)
         others = [t for t, o in enumerate(task.sources) if tuple(o) not in seen]
-        if ms.kind != "concern" or not others:
+        if not ms.retangles or not others:
             out.append(p)
             continue
         want = int(round(ratio * int((y == k).sum())))

@@ -26,7 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from . import checkpoint as ckpt
 from . import mesh as meshlib
 from .data import Dataset, DatasetInfo, batches, dirichlet_subsample, map_batches, normalize, train_val_split
-from .models import MaskedCNN, count_params, total_kernels
+from .models import count_params, total_kernels
+from .models.protocol import SplittableModel
 from .progress import Progress, callbacks_of, notify
 from .validate import at_least, finite, fraction
 
@@ -148,7 +149,7 @@ def augment(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
     return jax.vmap(crop)(xp, oy, ox)
 
 
-def check_compatible(model: MaskedCNN, info: DatasetInfo) -> None:
+def check_compatible(model: SplittableModel, info: DatasetInfo) -> None:
     """Raise ``ValueError`` when the dataset's classes or channels differ from the model's."""
     if info.num_classes != model.num_classes:
         raise ValueError(
@@ -167,13 +168,13 @@ def _logits(model, x_u8, mean, std):
     return model(normalize(x_u8, mean, std))
 
 
-def predict(model: MaskedCNN, x: np.ndarray, info: DatasetInfo, batch_size: int = 512):
+def predict(model: SplittableModel, x: np.ndarray, info: DatasetInfo, batch_size: int = 512):
     """Logits [N, num_classes] for uint8 images x [N, 32, 32, C] (eval mode, batched)."""
     mean, std = jnp.asarray(info.mean), jnp.asarray(info.std)
     return map_batches(lambda xb: _logits(model, jnp.asarray(xb), mean, std), [x], batch_size, pad=False)
 
 
-def accuracy(model: MaskedCNN, x: np.ndarray, y: np.ndarray, info: DatasetInfo, batch_size=512):
+def accuracy(model: SplittableModel, x: np.ndarray, y: np.ndarray, info: DatasetInfo, batch_size=512):
     """Exact top-1 accuracy (fraction correct over all images)."""
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
@@ -188,7 +189,7 @@ def accuracy(model: MaskedCNN, x: np.ndarray, y: np.ndarray, info: DatasetInfo, 
 class FitResult:
     """What ``fit`` returns: the best-validation model and its history."""
 
-    model: MaskedCNN
+    model: SplittableModel
     best_val_accuracy: float
     best_epoch: int
     history: list[dict]
@@ -224,7 +225,7 @@ def _split_indices(ds: Dataset, cfg: TrainConfig):
 
 
 def fit(
-    model: MaskedCNN,
+    model: SplittableModel,
     ds: Dataset,
     cfg: TrainConfig = TrainConfig(),
     *,
@@ -359,6 +360,6 @@ def fit(
     return FitResult(final, best_acc, best_epoch, history, elapsed)
 
 
-def summary(model: MaskedCNN) -> dict:
+def summary(model: SplittableModel) -> dict:
     """Kernel and parameter counts of ``model``."""
     return {"num_kernels": total_kernels(model), "num_params": count_params(model)}

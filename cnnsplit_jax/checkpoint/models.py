@@ -22,7 +22,8 @@ from pathlib import Path
 
 from flax import nnx
 
-from ..models import MaskedCNN, adapt, build_model
+from ..models import adapt, build_model
+from ..models.protocol import SplittableModel
 from ..models.adapted_io import rebuild, variables_of
 from ..models.intercept import AdapterError
 from ..progress import RunWarning
@@ -38,18 +39,19 @@ class UntrustedDefinitionError(CheckpointError):
     """Loading the artefact would import and call code it names, and the caller did not opt in."""
 
 
-def save_model(run_dir: str | os.PathLike, model: MaskedCNN, meta: dict | None = None) -> None:
+def save_model(run_dir: str | os.PathLike, model: SplittableModel, meta: dict | None = None) -> None:
     """Write ``model`` (params + BN stats) and ``meta`` to ``run_dir``. An adapted model
     (``cnnsplit_jax.adapt``) is written as its user's variables and ``spec()`` (the
     definition it is rebuilt from, the mask points as adapted)."""
     run_dir = Path(run_dir)
-    if getattr(model, "adapted", False):
+    spec = model.definition_spec()
+    if spec is not None:
         if model.definition is None:
             raise CheckpointError(
                 f"{model.arch} cannot be saved without its definition: pass definition='package.module:name' "
                 "(a callable with no arguments returning the model) to cnnsplit_jax.adapt")
         save_tree(run_dir / MODEL_DIR, variables_of(model))
-        write_json(run_dir / MODEL_JSON, {**model.config(), "adapted": model.spec(), **(meta or {})})
+        write_json(run_dir / MODEL_JSON, {**model.config(), "adapted": spec, **(meta or {})})
         return
     save_tree(run_dir / MODEL_DIR, nnx.state(model))
     write_json(run_dir / MODEL_JSON, {**model.config(), **(meta or {})})
@@ -66,7 +68,7 @@ def read_model_meta(run_dir: str | os.PathLike) -> dict:
     return read_json(run_dir / MODEL_JSON)
 
 
-def load_model(run_dir: str | os.PathLike, *, trust_definition: bool | str = False) -> tuple[MaskedCNN, dict]:
+def load_model(run_dir: str | os.PathLike, *, trust_definition: bool | str = False) -> tuple[SplittableModel, dict]:
     """Rebuild the model saved in ``run_dir``; returns ``(model, metadata)``.
 
     Args:

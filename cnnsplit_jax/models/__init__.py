@@ -16,6 +16,8 @@ from .base import IMAGE_SIZE, ConvBN, ConvSpec, Dense, MaskedCNN, MaskPoint, sca
 from .cnn import CNNS, InceCNN, ResCNN, ResCNNWeak, SimCNN, SimCNNWeak
 from .masks import (count_params, flatten_masks, kept_kernels, kernel_multiplicity, mask_points,
                     ones_masks, total_kernels)
+from .protocol import (DECLARED_GRAPH, KERNEL_MASKS, POSITION_NODES, USER_DEFINITION, ModelCapabilityError,
+                       SplittableModel, has, require)
 from .resnet import RESNETS, Node, ResNet, ResNet20, ResNet32, ResNet56
 
 __all__ = [
@@ -24,6 +26,8 @@ __all__ = [
     "MaskedCNN", "Node", "ResCNN", "ResCNNWeak", "ResNet", "ResNet20", "ResNet32", "ResNet56",
     "SimCNN", "SimCNNWeak", "build_model", "count_params", "flatten_masks", "kept_kernels",
     "kernel_multiplicity", "mask_points", "ones_masks", "scaled", "total_kernels",
+    "DECLARED_GRAPH", "KERNEL_MASKS", "POSITION_NODES", "USER_DEFINITION", "ModelCapabilityError", "SplittableModel",
+    "has", "require",
 ]
 
 #: every architecture ``build_model`` knows, by name

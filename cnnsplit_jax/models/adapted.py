@@ -13,8 +13,9 @@ from flax import linen as nn
 from flax import nnx
 
 from .base import ConvSpec, MaskedCNN, MaskPoint
+from .protocol import CAPABILITY_KINDS, USER_DEFINITION
 from .intercept import AdapterError, intercept_nnx, linen_interceptor
-from .resnet import Node
+from .resnet import DEFAULT_RESIDUAL, Node
 from .ties import trace_channels
 
 __all__ = ["AdaptedCNN", "DenseHead", "LinenDefinition"]
@@ -66,9 +67,6 @@ class AdaptedCNN(nnx.Module):
     """
 
     mask_kind = "kernel"
-    #: a user's model: modules are extracted by ``modules.extract_adapted``, saved with the
-    #: definition it was adapted from (``checkpoint.save_model``)
-    adapted = True
     batch_norm = False
     width = 1.0
     fc_layers: tuple[str, ...] = ()
@@ -106,6 +104,16 @@ class AdaptedCNN(nnx.Module):
         self._nodes = tuple(Node(name, by_path[at].out_shape, "conv", ()) for at, name in where.items())
         self.fc_in = int(self.fc.kernel.shape[0]) if head is not None else 0
         self.definition = definition
+
+    @property
+    def capabilities(self) -> frozenset:
+        """A user's model: modules are extracted by ``modules.extract_adapted`` (traced graph),
+        saved with the definition it was adapted from (``definition_spec``)."""
+        return frozenset({CAPABILITY_KINDS[self.mask_kind], USER_DEFINITION})
+
+    def definition_spec(self) -> dict:
+        """``spec()``: what ``checkpoint.save_model`` stores to rebuild this model."""
+        return self.spec()
 
     def spec(self) -> dict:
         """What rebuilds this model from its saved variables (``checkpoint.save_model``): the
@@ -240,7 +248,7 @@ class AdaptedCNN(nnx.Module):
         return trace_channels(forward, {p.name: p.size for p in self._points}, readers, self.input_shape, order)
 
     # --- concern identification's interface (kind="node") ---------------------------------
-    def nodes(self, residual: str = "conv") -> tuple[Node, ...]:
+    def nodes(self, residual: str = DEFAULT_RESIDUAL) -> tuple[Node, ...]:
         """One node per mask point's place ([H, W, C] of its output), in call order. An
         adapted model has one mapping, ``"conv"`` (every conv output after its norm; a residual
         sum's inputs masked before the Add); any other ``residual`` is refused."""
@@ -249,7 +257,7 @@ class AdaptedCNN(nnx.Module):
                              f"residual={residual!r} needs the zoo's ResNets, whose blocks are known")
         return self._nodes
 
-    def feature_nodes(self, residual: str = "conv") -> tuple[str, ...]:
+    def feature_nodes(self, residual: str = DEFAULT_RESIDUAL) -> tuple[str, ...]:
         """None: the pooling before the final dense layer is not known, so MC-BLN removes a
         feature from the channeled head instead of deactivating its positions."""
         return ()

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .conv import conv2d
+from .protocol import DECLARED_GRAPH, KERNEL_MASKS
 
 __all__ = ["ConvSpec", "MaskPoint", "ConvBN", "Dense", "MaskedCNN", "scaled", "dropout",
            "IMAGE_SIZE", "BN_EPS", "BN_MOMENTUM"]
@@ -166,6 +167,8 @@ class MaskedCNN(nnx.Module):
     conv_init: str = "torch"
     batch_norm: bool = True
     mask_kind: str = "kernel"
+    #: what this model can do (``models.protocol``)
+    capabilities: frozenset = frozenset({KERNEL_MASKS, DECLARED_GRAPH})
 
     def __init__(
         self,
@@ -232,6 +235,10 @@ class MaskedCNN(nnx.Module):
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def definition_spec(self) -> None:
+        """None: a zoo model is rebuilt from ``config()`` (``models.protocol``)."""
+        return None
 
     def config(self) -> dict:
         """Constructor arguments that rebuild this model's structure (``build_model``)."""

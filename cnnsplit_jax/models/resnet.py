@@ -32,11 +32,15 @@ from typing import Literal, Mapping
 import jax
 
 from .base import ConvSpec, Dense, MaskedCNN
+from .protocol import DECLARED_GRAPH, POSITION_NODES
 
-__all__ = ["Node", "ResNet", "ResNet20", "ResNet32", "ResNet56", "RESNETS", "RESIDUAL_MAPPINGS", "residual_of"]
+__all__ = ["Node", "ResNet", "ResNet20", "ResNet32", "ResNet56", "RESNETS", "RESIDUAL_MAPPINGS", "DEFAULT_RESIDUAL",
+           "residual_of"]
 
 #: how a residual block's Add is mapped to nodes (see the module docstring)
 RESIDUAL_MAPPINGS = ("conv", "sum")
+#: the one default mapping (concern identification's, every ``nodes`` / ``feature_nodes`` call)
+DEFAULT_RESIDUAL = "conv"
 
 
 def residual_of(names) -> str:
@@ -69,6 +73,7 @@ class ResNet(MaskedCNN):
     conv_init = "he"
     batch_norm = False
     mask_kind = "node"
+    capabilities = frozenset({POSITION_NODES, DECLARED_GRAPH})
     blocks = 3
     fc_layers = ("fc",)
 
@@ -106,7 +111,7 @@ class ResNet(MaskedCNN):
     def _build_head(self, rngs):
         self.fc = Dense(self.fc_in, self.num_classes, rngs=rngs)
 
-    def nodes(self, residual: Literal["conv", "sum"] = "sum") -> tuple[Node, ...]:
+    def nodes(self, residual: Literal["conv", "sum"] = DEFAULT_RESIDUAL) -> tuple[Node, ...]:
         """Nodes in forward order under a residual mapping (see the module docstring)."""
         if residual not in RESIDUAL_MAPPINGS:
             raise ValueError(f"residual must be one of {RESIDUAL_MAPPINGS}, got {residual!r}")
@@ -128,7 +133,7 @@ class ResNet(MaskedCNN):
                     nodes.append(Node(f"{p}_short", shape, "branch", (f"{p}_short",) if down else ()))
         return tuple(nodes)
 
-    def feature_nodes(self, residual: Literal["conv", "sum"] = "sum") -> tuple[str, ...]:
+    def feature_nodes(self, residual: Literal["conv", "sum"] = DEFAULT_RESIDUAL) -> tuple[str, ...]:
         """The nodes whose positions the pooled features average (the last block's Add, or its
         two branches under ``"conv"``): MC-BLN deactivates a removed feature in all of them."""
         p = f"s2b{self.blocks - 1}"

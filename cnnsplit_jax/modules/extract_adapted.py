@@ -33,6 +33,7 @@ import numpy as np
 from flax.linen.linear import canonicalize_padding
 
 from ..models.ties import IMAGE
+from ..models.protocol import KERNEL_MASKS, USER_DEFINITION, has
 from .extract import effective_masks
 
 __all__ = ["AdaptedModule", "extract_adapted", "extract_adapted_all", "adapted_flops", "ExtractionError"]
@@ -178,7 +179,7 @@ def extract_adapted(model, masks, *, check: bool = True, graph=None) -> AdaptedM
 
     ``graph``: ``model.channel_graph()`` when already traced (extracting many modules).
     """
-    if getattr(model, "mask_kind", None) != "kernel" or not hasattr(model, "calls"):
+    if not (has(model, KERNEL_MASKS) and has(model, USER_DEFINITION)):
         raise ExtractionError("extract_adapted takes a model from cnnsplit_jax.adapt (kind='kernel')")
     convs, norm_of, dense = _layers(model)
     _, reads = graph or model.channel_graph()

@@ -1,22 +1,22 @@
-"""The forward pass of modules: one interface, three kinds.
+"""The forward pass of modules: one interface, three forward forms.
 
-A *module* is module ``c`` of a module set. What computing it means depends on its kind:
+A *module* is module ``c`` of a module set. What computing it means depends on its forward form (``ModuleSet.forward_form``):
 
-| kind | computes | score | positive ("my class") |
+| form | computes | score | positive ("my class") |
 |---|---|---|---|
 | ``masked`` | the base model under module c's binary kernel masks (keep-one rule) | head sigmoid (GradSplitter), else logit c (CNNSplitter) | score > 0.5 / argmax of its logits is c |
 | ``extracted`` | the physically pruned model (``extract.extract_module``) | as ``masked`` | as ``masked`` |
 | ``concern`` | the base ResNet under module c's position maps, then its 2-column head | ``softmax([l_c, l_uc, 0, ...])[0]`` | argmax of ``[l_c, l_uc, 0, ...]`` is l_c |
 
-Every kind is a ``Kind`` of pure functions over a *group* (the picked modules stacked into one
+Every form is a ``ForwardForm`` of pure functions over a *group* (the picked modules stacked into one
 pytree; jit- and vmap-safe)::
 
-    group = kind.stack(picks, execution=..., chunk=..., align=...)   # host side
-    logits = kind.logits(group, x, input)     # [B, n, K]
-    scores = kind.scores(group, logits)       # [B, n]
-    positive = kind.positive(group, logits)   # bool [B, n]
+    group = fwd.stack(picks, execution=..., chunk=..., align=...)   # host side
+    logits = fwd.logits(group, x, input)     # [B, n, K]
+    scores = fwd.scores(group, logits)       # [B, n]
+    positive = fwd.positive(group, logits)   # bool [B, n]
 
-``kind.combine`` is how a composition made only of this kind turns (scores, positive) into
+``fwd.combine`` is how a composition made only of this form turns (scores, positive) into
 the scores whose argmax is the prediction (``None``: the scores themselves; concern: Pan &
 Rajan's vote). ``module_outputs`` runs all modules of a set on a dataset. The splitters share
 the cores: ``masked_logits`` (GradSplitter's loss and features, CNNSplitter's fitness) and
@@ -40,11 +40,12 @@ from .. import mesh as meshlib
 from ..data import map_batches, normalize
 from ..models import mask_points
 from ..models.masks import PerUse
+from ..models.protocol import DECLARED_GRAPH, has
 from .extract import ExtractedModule, effective_masks, extract_module, kept_indices
 from .extract_adapted import extract_adapted_all
 from .heads import Heads, concern_positive, positive_probability, scores_from_logits, vote_scores
 
-__all__ = ["Pick", "Kind", "KINDS", "MaskedGroup", "ExtractedGroup", "ConcernGroup", "default_chunk",
+__all__ = ["Pick", "ForwardForm", "FORWARD_FORMS", "MaskedGroup", "ExtractedGroup", "ConcernGroup", "default_chunk",
            "masked_logits", "node_logits", "prepare",
            "group_outputs", "module_outputs", "extracted_scores"]
 
@@ -161,7 +162,7 @@ class MaskedGroup:
     base_index: tuple
     execution: str
     chunk: int
-    kind = "masked"
+    form = "masked"
 
 
 @_pytree(["params", "heads", "classes", "mean", "std", "tails"], ["graphdefs", "execution", "tail_of"])
@@ -186,7 +187,7 @@ class ExtractedGroup:
     tails: tuple
     execution: str
     tail_of: tuple
-    kind = "extracted"
+    form = "extracted"
 
 
 @_pytree(["params", "keep", "head_w", "head_b", "mean", "std"],
@@ -210,7 +211,7 @@ class ConcernGroup:
     base_index: tuple
     num_classes: int
     chunk: int
-    kind = "concern"
+    form = "concern"
 
 
 def _distinct_bases(picks):
@@ -305,7 +306,7 @@ def _aligned(n: int, full: int, align: int) -> int:
 
 def _stack_extracted(picks, *, execution="unrolled", align=8, **_) -> ExtractedGroup:
     heads = [p.module_set.module_head(p.source_class) for p in picks]
-    if getattr(picks[0].module_set.base, "adapted", False):  # a user's model: one by one, each its own shapes
+    if not has(picks[0].module_set.base, DECLARED_GRAPH):  # a user's model: one by one, each its own shapes
         mods = extract_adapted_all([(p.module_set.base, p.module_set.module_masks(p.source_class)) for p in picks])
         return ExtractedGroup((), mods, _stack_heads(heads), _classes(picks), *_norms([p.module_set for p in picks]),
                               (), "adapted", ())
@@ -372,7 +373,7 @@ def _single_scores(g: ExtractedGroup, x):
 
 def extracted_scores(module: ExtractedModule, x: jax.Array) -> jax.Array:
     """Score [B] of one extracted module on normalised images x (its own pruned model, its
-    head or its class logit): the ``extracted`` kind for a single module."""
+    head or its class logit): the ``extracted`` form for a single module."""
     g = ExtractedGroup((nnx.graphdef(module.model),), (nnx.state(module.model),),
                        _stack_heads([module.head]), jnp.asarray([module.class_index], jnp.int32),
                        jnp.zeros((1, 1)), jnp.ones((1, 1)), (), "unrolled", ())
@@ -403,8 +404,8 @@ def _concern_logits(g: ConcernGroup, x, input) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ the kinds
-class Kind(NamedTuple):
-    """The forward of one kind of module (see the module docstring)."""
+class ForwardForm(NamedTuple):
+    """The forward of one form of module (see the module docstring)."""
 
     name: str
     stack: Callable
@@ -414,10 +415,10 @@ class Kind(NamedTuple):
     combine: Callable | None = None
 
 
-KINDS: dict[str, Kind] = {
-    "masked": Kind("masked", _stack_masked, _masked_logits, _kernel_scores, _kernel_positive),
-    "extracted": Kind("extracted", _stack_extracted, _extracted_logits, _kernel_scores, _kernel_positive),
-    "concern": Kind("concern", _stack_concern, _concern_logits,
+FORWARD_FORMS: dict[str, ForwardForm] = {
+    "masked": ForwardForm("masked", _stack_masked, _masked_logits, _kernel_scores, _kernel_positive),
+    "extracted": ForwardForm("extracted", _stack_extracted, _extracted_logits, _kernel_scores, _kernel_positive),
+    "concern": ForwardForm("concern", _stack_concern, _concern_logits,
                     lambda g, lg: positive_probability(lg, g.num_classes),
                     lambda g, lg: concern_positive(lg, g.num_classes), vote_scores),
 }
@@ -425,9 +426,9 @@ KINDS: dict[str, Kind] = {
 
 def group_outputs(group, x: jax.Array, input: str = "raw") -> tuple[jax.Array, jax.Array]:
     """(scores [B, n], positive bool [B, n]) of a group's modules on images x."""
-    kind = KINDS[group.kind]
-    logits = kind.logits(group, x, input)
-    return kind.scores(group, logits), kind.positive(group, logits)
+    fwd = FORWARD_FORMS[group.form]
+    logits = fwd.logits(group, x, input)
+    return fwd.scores(group, logits), fwd.positive(group, logits)
 
 
 _group_outputs_jit = jax.jit(group_outputs, static_argnames=("input",))
@@ -439,7 +440,7 @@ def module_outputs(ms, x_u8: np.ndarray, *, form: str = "masked", batch_size: in
     set ``ms`` on raw images ``x_u8`` [n, 32, 32, C], in padded batches; ``mesh`` (a
     ``Mesh`` or None): each batch split over its ``data`` axis when it divides it."""
     classes = range(ms.num_modules) if classes is None else classes
-    kind = KINDS[ms.forward_form(form)]
-    group = kind.stack([Pick(ms, int(c)) for c in classes])
+    fwd = FORWARD_FORMS[ms.forward_form(form)]
+    group = fwd.stack([Pick(ms, int(c)) for c in classes])
     return map_batches(lambda xb: _group_outputs_jit(group, meshlib.shard_batch(jnp.asarray(xb), mesh), input="raw"),
                        [x_u8], batch_size)

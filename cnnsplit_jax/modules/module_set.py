@@ -1,12 +1,12 @@
 """Saved sets of modules: a base model plus what makes each of its N modules.
 
-Two kinds, one interface (``num_modules``, ``normalization``, ``class_names``, ``kind``,
+Two kinds, one interface (``num_modules``, ``normalization``, ``class_names``, ``set_kind``,
 ``forward_form``, ``active_sets``, ``structure``, saving):
 
-* ``ModuleSet`` (kind ``"kernel"``, GradSplitter / CNNSplitter): per-module binary kernel
+* ``ModuleSet`` (set kind ``"kernel"``, GradSplitter / CNNSplitter): per-module binary kernel
   masks and, for GradSplitter, per-module heads. Runs as the masked base model or as
   physically extracted modules (``forward_form("masked" | "extracted")``).
-* ``ConcernModuleSet`` (kind ``"concern"``, Pan & Rajan): per-module maps of deactivated
+* ``ConcernModuleSet`` (set kind ``"concern"``, Pan & Rajan): per-module maps of deactivated
   ReLU-input positions of a ResNet and channeled 2-column output layers. Runs only as the
   base model under its maps (no weight is removed): every form resolves to ``"concern"``.
 
@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..models import MaskedCNN, count_params, flatten_masks, mask_points, total_kernels
+from ..models import count_params, flatten_masks, mask_points, total_kernels
+from ..models.protocol import SplittableModel
 from ..models.resnet import RESIDUAL_MAPPINGS
+from ..models.protocol import DECLARED_GRAPH, KERNEL_MASKS, POSITION_NODES, has, require
 from .extract import effective_masks, extract_all, forward_flops
 from .extract_adapted import ExtractionError, adapted_flops, extract_adapted_all
 from .heads import Heads
@@ -46,12 +48,16 @@ def residual_mapping(meta: dict) -> str:
 
 
 class _Common:
-    """What every module set offers; subclasses set ``kind`` and ``forms``."""
+    """What every module set offers; subclasses set ``set_kind``, ``forms`` and ``retangles``."""
 
-    kind: str = ""
+    #: ``"kernel"`` or ``"concern"``, the ``kind`` key of ``modules.json`` (not a model's
+    #: ``mask_kind``, nor a forward form, nor a run directory's artefact kind)
+    set_kind: str = ""
+    #: continuous learning re-tangles these modules against the other datasets' inputs
+    retangles: bool = False
     #: forward forms this kind can run as (``modules.forward``)
     forms: tuple[str, ...] = ()
-    base: MaskedCNN
+    base: SplittableModel
     meta: dict
 
     @property
@@ -80,7 +86,7 @@ class _Common:
         """The forward kind (``modules.forward.KINDS``) this set runs as when ``form`` is
         asked for; raises ValueError when the set cannot run that way."""
         if form not in self.forms:
-            raise ValueError(f"{self.kind} module sets run as {self.forms}, not {form!r}")
+            raise ValueError(f"{self.set_kind} module sets run as {self.forms}, not {form!r}")
         return form
 
 
@@ -93,12 +99,12 @@ class ModuleSet(_Common):
     meta: ``method``, ``dataset``, ``normalization`` {mean, std}, ``class_names``, ...
     """
 
-    base: MaskedCNN
+    base: SplittableModel
     masks: dict
     heads: Heads | None
     meta: dict
 
-    kind = "kernel"
+    set_kind = "kernel"
     forms = ("masked", "extracted")
 
     @property
@@ -106,9 +112,7 @@ class ModuleSet(_Common):
         return next(iter(self.masks.values())).shape[0]
 
     def __post_init__(self):
-        if self.base.mask_kind != "kernel":
-            raise ValueError(f"{self.base.arch} takes position maps, not kernel masks; "
-                             "its modules are a ConcernModuleSet")
+        require(self.base, KERNEL_MASKS, "a ModuleSet (kernel masks)", "its modules are a ConcernModuleSet")
         points = {p.name: p.size for p in mask_points(self.base)}
         if set(points) != set(self.masks):
             raise ValueError(f"masks have points {sorted(self.masks)}, model has {sorted(points)}")
@@ -147,7 +151,7 @@ class ModuleSet(_Common):
                "kernel_retention": per_module.tolist(),
                "layer_retention": {s.name: (eff[s.mask].sum(-1) / s.out_channels).tolist()
                                    for s in self.base.topology}}
-        if flops and getattr(self.base, "adapted", False):  # a user's model: extracted where its graph allows
+        if flops and not has(self.base, DECLARED_GRAPH):  # a user's model: extracted where its traced graph allows
             try:
                 mods = extract_adapted_all([(self.base, self.module_masks(c)) for c in range(self.num_modules)])
             except ExtractionError as e:
@@ -169,7 +173,7 @@ class ModuleSet(_Common):
         return tree
 
     @classmethod
-    def template(cls, base: MaskedCNN, n: int, meta: dict) -> dict:
+    def template(cls, base: SplittableModel, n: int, meta: dict) -> dict:
         t = {"masks": {p.name: np.zeros((n, p.size), np.float32) for p in mask_points(base)}}
         if meta.get("heads", True):
             k = base.num_classes
@@ -178,7 +182,7 @@ class ModuleSet(_Common):
         return t
 
     @classmethod
-    def from_tree(cls, base: MaskedCNN, tree: dict, meta: dict) -> "ModuleSet":
+    def from_tree(cls, base: SplittableModel, tree: dict, meta: dict) -> "ModuleSet":
         heads = Heads(*(np.asarray(h) for h in tree["heads"])) if "heads" in tree else None
         return cls(base, {k: np.asarray(v) for k, v in tree["masks"].items()}, heads, meta)
 
@@ -192,14 +196,15 @@ class ConcernModuleSet(_Common):
     unconcerned); removed: bool [N, F] pooled features removed by MC-BLN; meta as ModuleSet.
     """
 
-    base: MaskedCNN
+    base: SplittableModel
     inactive: dict
     head_w: np.ndarray
     head_b: np.ndarray
     removed: np.ndarray
     meta: dict
 
-    kind = "concern"
+    set_kind = "concern"
+    retangles = True
     forms = ("concern",)
 
     @property
@@ -243,7 +248,7 @@ class ConcernModuleSet(_Common):
         ``flops`` is ignored (modules run the whole model)."""
         del flops
         active = self.active_sets().mean(-1)
-        if not getattr(self.base, "adapted", False):
+        if has(self.base, DECLARED_GRAPH):
             ji_values, ji_positions = weight_jaccard(self, "values"), weight_jaccard(self, "positions")
         else:  # an adapted model: which weights feed which node is not known
             ji_values = ji_positions = np.full(self.num_modules, np.nan)
@@ -261,8 +266,7 @@ class ConcernModuleSet(_Common):
                 "mean_position_jaccard_vs_model": float(active.mean())}
 
     def __post_init__(self):
-        if self.base.mask_kind != "node":
-            raise ValueError(f"concern module sets need a ResNet base model, got {self.base.arch!r}")
+        require(self.base, POSITION_NODES, "a ConcernModuleSet")
         shapes = {nd.name: nd.shape for nd in self.base.nodes(self.residual)}
         if set(shapes) != set(self.inactive):
             raise ValueError(f"node maps {sorted(self.inactive)} do not match the model's nodes {sorted(shapes)}")
@@ -284,9 +288,9 @@ class ConcernModuleSet(_Common):
                 "removed": np.asarray(self.removed, np.uint8)}
 
     @classmethod
-    def template(cls, base: MaskedCNN, n: int, meta: dict) -> dict:
-        if base.mask_kind != "node":
-            raise ckpt.CheckpointError(f"a concern module set needs a ResNet base, found {base.arch!r}")
+    def template(cls, base: SplittableModel, n: int, meta: dict) -> dict:
+        if not has(base, POSITION_NODES):
+            raise ckpt.CheckpointError(f"a concern module set needs a base model with position nodes, found {base.arch!r}")
         f = base.fc_in
         residual = residual_mapping(meta)
         return {"inactive": {nd.name: np.zeros((n, *nd.shape), np.uint8) for nd in base.nodes(residual)},
@@ -294,14 +298,14 @@ class ConcernModuleSet(_Common):
                 "removed": np.zeros((n, f), np.uint8)}
 
     @classmethod
-    def from_tree(cls, base: MaskedCNN, tree: dict, meta: dict) -> "ConcernModuleSet":
+    def from_tree(cls, base: SplittableModel, tree: dict, meta: dict) -> "ConcernModuleSet":
         return cls(base, {k: np.asarray(v).astype(bool) for k, v in tree["inactive"].items()},
                    np.asarray(tree["head_w"]), np.asarray(tree["head_b"]),
                    np.asarray(tree["removed"]).astype(bool), meta)
 
 
-#: module-set classes by ``kind`` (the ``kind`` key of ``modules.json``)
-MODULE_SET_KINDS = {cls.kind: cls for cls in (ModuleSet, ConcernModuleSet)}
+#: module-set classes by ``set_kind`` (the ``kind`` key of ``modules.json``)
+MODULE_SET_KINDS = {cls.set_kind: cls for cls in (ModuleSet, ConcernModuleSet)}
 
 
 def save_module_set(out_dir: str | Path, ms: ModuleSet | ConcernModuleSet) -> None:
@@ -312,7 +316,7 @@ def save_module_set(out_dir: str | Path, ms: ModuleSet | ConcernModuleSet) -> No
     tree = ms.tree()
     ckpt.save_tree(out / "modules", tree)
     common = {"num_modules": ms.num_modules, "arch": ms.base.arch, "width": ms.base.width,
-              "kind": ms.kind, "heads": "heads" in tree}
+              "kind": ms.set_kind, "heads": "heads" in tree}
     ckpt.write_json(out / "modules.json", {**ms.meta, **common})
 
 
@@ -325,10 +329,12 @@ def load_module_set(mod_dir: str | Path, *, trust_definition: bool | str = False
     if not (mod_dir / "modules.json").is_file():
         raise ckpt.CheckpointError(f"no module set in {mod_dir} (expected modules.json from `cnnsplit split`)")
     meta = ckpt.read_json(mod_dir / "modules.json")
-    kind = meta.get("kind") or ("concern" if meta.get("method") == "concern" else "kernel")
-    if kind not in MODULE_SET_KINDS:
+    kind = meta.get("kind")
+    if kind is not None and kind not in MODULE_SET_KINDS:
         raise ckpt.CheckpointError(f"{mod_dir}: unknown module-set kind {kind!r}")
-    cls = MODULE_SET_KINDS[kind]
     base, _ = ckpt.load_model(mod_dir / "base", trust_definition=trust_definition)
+    if kind is None:  # written before the key existed: the base model's masks tell
+        kind = "concern" if has(base, POSITION_NODES) else "kernel"
+    cls = MODULE_SET_KINDS[kind]
     template = cls.template(base, int(meta["num_modules"]), meta)
     return cls.from_tree(base, ckpt.load_tree(mod_dir / "modules", template), meta)

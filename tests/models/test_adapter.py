@@ -364,9 +364,10 @@ def test_concern_identification_on_an_adapted_nnx_resnet18():
     # MC-BLN removes features from the channeled head (the pooling is the user's code)
     assert d.removed_features.any() and (d.head_w[d.removed_features] == 0).all()
     ms = concern.split(jax.random.key(0), model, cs.SplitData(imgs, y, imgs[:5], y[:5], mean, std), cfg).module_set
-    assert ms.kind == "concern" and ms.num_modules == 5
+    assert ms.set_kind == "concern" and ms.num_modules == 5
     assert predict_scores(compose([Pick(ms, c) for c in range(5)]), imgs).shape == (20, 5)
-    with pytest.raises(ValueError, match="MC-BI walks"):
+    with pytest.raises(cs.models.ModelCapabilityError, match=r"MC-BI \(backtrack='bi'\) needs a model with a "
+                       r"declared layer graph; adapted:\w+ has a user's definition and position nodes"):
         concern.decompose(model, imgs, y, mean, std, concern.ConcernConfig(min_confidence=None, backtrack="bi"))
     with pytest.raises(cs.AdapterError, match="never tied"):
         cs.adapt(net, input_shape=(64, 64, 3), kind="node", ties=[("blocks/2/proj", "blocks/2/conv2")])

@@ -18,7 +18,8 @@ def test_resnet_depths_and_nodes():
         m = build_model(arch, num_classes=10, in_channels=3, width=0.25)
         convs = [s for s in m.topology if not s.name.endswith("_short")]
         assert len(convs) + 1 == 6 * blocks + 2  # conv layers + the dense layer
-        nodes = m.nodes()
+        assert m.nodes() == m.nodes("conv")  # the one default mapping, concern identification's
+        nodes = m.nodes("sum")
         assert len(nodes) == 1 + 6 * blocks
         assert nodes[-1].shape == (8, 8, 16) and nodes[0].shape == (32, 32, 4)
         conv = m.nodes("conv")  # conv1, conv2 and the shortcut branch per block

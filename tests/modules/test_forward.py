@@ -10,7 +10,7 @@ import pytest
 from cnnsplit_jax.data import normalize
 from cnnsplit_jax.models import build_model, mask_points
 from cnnsplit_jax.modules.extract import effective_masks
-from cnnsplit_jax.modules.forward import KINDS, Pick, default_chunk, masked_logits, module_outputs, node_logits
+from cnnsplit_jax.modules.forward import FORWARD_FORMS, Pick, default_chunk, masked_logits, module_outputs, node_logits
 from cnnsplit_jax.modules.heads import concern_positive, head_scores, init_heads, positive_probability, vote_scores
 from cnnsplit_jax.modules.module_set import ConcernModuleSet, ModuleSet
 
@@ -53,7 +53,7 @@ def test_kernel_kinds_equal_each_module_on_its_own(heads, form):
 def test_concern_kind_equals_node_forward_per_module():
     model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=3)
     rng = np.random.default_rng(2)
-    inactive = {nd.name: rng.random((3, *nd.shape)) > 0.7 for nd in model.nodes()}
+    inactive = {nd.name: rng.random((3, *nd.shape)) > 0.7 for nd in model.nodes("sum")}
     hw = rng.normal(size=(3, model.fc_in, 2)).astype(np.float32)
     hb = rng.normal(size=(3, 2)).astype(np.float32)
     hb[:, 0] += np.asarray([2.0, 0.0, -2.0], np.float32)  # positive and negative decisions both occur
@@ -139,12 +139,12 @@ def test_positive_probability_decision_and_vote_follow_the_lab():
             assert several.sum() > 5
         got = np.asarray(vote_scores(positive_probability(l2, k), pos)).argmax(-1)
         np.testing.assert_array_equal(got, _lab_composition(l2, k))
-    assert KINDS["concern"].combine is vote_scores and KINDS["masked"].combine is None
+    assert FORWARD_FORMS["concern"].combine is vote_scores and FORWARD_FORMS["masked"].combine is None
 
 
 def test_stack_refuses_a_form_a_set_cannot_run():
     ms = _kernel_set(True)
     with pytest.raises(ValueError, match="kernel module sets run as"):
         ms.forward_form("concern")
-    group = KINDS["masked"].stack([Pick(ms, 2), Pick(ms, 0)])
-    assert group.kind == "masked" and group.classes.tolist() == [2, 0]
+    group = FORWARD_FORMS["masked"].stack([Pick(ms, 2), Pick(ms, 0)])
+    assert group.form == "masked" and group.classes.tolist() == [2, 0]

@@ -177,7 +177,7 @@ def test_concern_split_on_digits_reproduces_the_model(concern_modules, resnet_di
     assert b["config"]["residual"] == "conv" and b["config"]["bln_rule"] == "absolute"
     assert b["accuracy_loss"] >= r["accuracy_loss"]
     ms = load_module_set(concern_modules["bln"])
-    assert ms.kind == "concern" and ms.num_modules == 10 and ms.residual == "conv"
+    assert ms.set_kind == "concern" and ms.retangles and ms.num_modules == 10 and ms.residual == "conv"
     # positions, by hand: ResNet-20 at width 0.5 has 8 / 16 / 32 channels at 32 / 16 / 8 px;
     # `sum`: the stem + per block conv1 and the Add; `conv`: conv1, conv2 and the shortcut
     assert r["module_size"]["positions"] == 32 * 32 * 8 + 3 * 2 * (32 * 32 * 8 + 16 * 16 * 16 + 8 * 8 * 32)

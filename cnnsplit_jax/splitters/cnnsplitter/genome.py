@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...models import MaskedCNN, mask_points
+from ...models import mask_points
+from ...models.protocol import SplittableModel
 
 __all__ = ["GenomeLayer", "GenomeLayout", "genome_layout", "decode", "heuristic_population"]
 
@@ -53,7 +54,7 @@ def _default_groups(size: int) -> int:
     return 10 if size < 256 else 100
 
 
-def genome_layout(model: MaskedCNN, groups: int | Mapping[str, int] | None = None) -> GenomeLayout:
+def genome_layout(model: SplittableModel, groups: int | Mapping[str, int] | None = None) -> GenomeLayout:
     """The genome of ``model``: reference group counts (10 below 256 kernels, else 100),
     or ``groups`` (one count for every layer, or per mask point), capped at the kernel count."""
     last = {}

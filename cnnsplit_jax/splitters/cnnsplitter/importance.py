@@ -2,7 +2,7 @@
 
 For class c, the images of class c that the model classifies with ``softmax[c] >= threshold``
 (0.9) are kept; a kernel's importance is the mean over them of the sum of its feature map
-(``MaskedCNN.kernel_maps``: post-ReLU, before pooling; ResCNN's block outputs and residual
+(``SplittableModel.kernel_maps``: post-ReLU, before pooling; ResCNN's block outputs and residual
 sums for tied pairs). Batched, one jitted forward per padded batch (the reference runs batch 1).
 """
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...data import normalize, sum_batches
-from ...models import MaskedCNN
+from ...models import SplittableModel
 
 __all__ = ["Importance", "kernel_importance", "importance_order"]
 
@@ -40,7 +40,7 @@ def _batch_sums(model, x, y, onehot, valid, threshold):
     return sums, w.sum(0)
 
 
-def kernel_importance(model: MaskedCNN, x_u8: np.ndarray, y: np.ndarray, mean, std, *,
+def kernel_importance(model: SplittableModel, x_u8: np.ndarray, y: np.ndarray, mean, std, *,
                       threshold: float = 0.9, batch_size: int = 256) -> Importance:
     """Per-class kernel importance from labelled uint8 images (the reference: the 20%
     validation split of the training set)."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from ... import mesh as meshlib
 from ...data import map_batches
-from ...models import MaskedCNN
+from ...models import SplittableModel
 from ...modules.forward import masked_logits
 
 __all__ = ["module_logits", "LogitCache", "cached_module_logits"]
@@ -26,7 +26,7 @@ def _class_logits(model, masks, classes, x, group, shards=1):
     return jnp.take_along_axis(logits, classes[:, None, None], axis=2)[..., 0]
 
 
-def module_logits(model: MaskedCNN, masks: dict, classes: np.ndarray, x_norm: jax.Array,
+def module_logits(model: SplittableModel, masks: dict, classes: np.ndarray, x_norm: jax.Array,
                   batch_size: int = 256, group: int = 10, mesh=None) -> np.ndarray:
     """Class logits [M, n] of M masked modules (``{point: [M, C]}``) on normalised images.
 
@@ -50,7 +50,7 @@ class LogitCache(NamedTuple):
     logits: np.ndarray
 
 
-def cached_module_logits(model: MaskedCNN, masks: dict, rows: np.ndarray, classes: np.ndarray,
+def cached_module_logits(model: SplittableModel, masks: dict, rows: np.ndarray, classes: np.ndarray,
                          x_norm: jax.Array, cache: LogitCache | None, group: int = 10,
                          bucket: int = 100, mesh=None) -> tuple[np.ndarray, LogitCache]:
     """``module_logits`` computed once per distinct (class, genome): duplicates in the

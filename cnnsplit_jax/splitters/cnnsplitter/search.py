@@ -20,7 +20,9 @@ import numpy as np
 from ... import checkpoint as ckpt
 from ... import mesh as meshlib
 from ...data import normalize
-from ...models import MaskedCNN, flatten_masks, kernel_multiplicity, mask_points
+from ...models import flatten_masks, kernel_multiplicity, mask_points
+from ...models.protocol import SplittableModel
+from ...models.protocol import KERNEL_MASKS, require
 from ...modules.extract import effective_masks
 from ...modules.module_set import ModuleSet
 from ...progress import Progress, RunWarning, callbacks_of, notify
@@ -49,7 +51,7 @@ class Prepared(NamedTuple):
     seconds: dict
 
 
-def prepare(model: MaskedCNN, x_u8: np.ndarray, y: np.ndarray, mean, std, cfg: CNNSplitterConfig,
+def prepare(model: SplittableModel, x_u8: np.ndarray, y: np.ndarray, mean, std, cfg: CNNSplitterConfig,
             ratios: Sequence[float] = RATIOS, sensitivity: dict | None = None) -> Prepared:
     """Kernel importance on ``x_u8``, then (unless ``cfg.sensitive`` is given) layer sensitivity on
     its first ``cfg.sensitivity_images`` images and the automatic rule. A ``sensitivity`` table
@@ -78,7 +80,7 @@ class Problem:
     layout, the GA (evosax ``PopulationBasedAlgorithm``) and its params, the fitness config,
     the per-class kernel order, and the fitness images (normalised) with their labels."""
 
-    model: MaskedCNN
+    model: SplittableModel
     cfg: CNNSplitterConfig
     prepared: Prepared
     layout: GenomeLayout
@@ -92,7 +94,7 @@ class Problem:
     mesh: object = None  # splits the N x P modules of a generation over its ``modules`` axis
 
 
-def problem(model: MaskedCNN, cfg: CNNSplitterConfig, prepared: Prepared, x_u8: np.ndarray, y: np.ndarray,
+def problem(model: SplittableModel, cfg: CNNSplitterConfig, prepared: Prepared, x_u8: np.ndarray, y: np.ndarray,
             mean, std, mesh=None) -> Problem:
     """The fixed pieces of a search on the search images ``x_u8`` (fitness on the first
     ``cfg.eval_images``)."""
@@ -220,7 +222,7 @@ def step(key: jax.Array, pb: Problem, state: CNNSplitterState) -> tuple[CNNSplit
 _COUNTERS = ("generation", "best_generation", "best_valid_fitness", "flat")
 
 
-def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterConfig = CNNSplitterConfig(), *,
+def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: CNNSplitterConfig = CNNSplitterConfig(), *,
           ckpt_dir: str | Path | None = None, resume: bool = False, callbacks=None,
           sensitivity_ratios: Sequence[float] = RATIOS, mesh=None, identity: dict | None = None) -> SplitResult:
     """The whole search on ``data``'s validation split (the reference's 20% of the training
@@ -238,9 +240,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: CNNSplitterCon
     local device); the GA states stay whole (kilobytes) and the fitness runs where the logits
     are gathered.
     """
-    if model.mask_kind != "kernel":
-        raise ValueError(f"CNNSplitter searches kernel masks; {model.arch} takes position maps "
-                         "(decompose it by concern identification)")
+    require(model, KERNEL_MASKS, "CNNSplitter", "decompose it by concern identification")
     x_u8, y = data.x_val, np.asarray(data.y_val)
     if len(x_u8) != len(y):
         raise ValueError(f"{len(x_u8)} images but {len(y)} labels")

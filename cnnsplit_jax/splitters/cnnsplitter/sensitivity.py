@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...models import MaskedCNN, mask_points
+from ...models import mask_points
+from ...models.protocol import SplittableModel
 from ...modules.extract import effective_masks
 from .logits import module_logits
 
@@ -19,7 +20,7 @@ __all__ = ["RATIOS", "layer_sensitivity", "sensitive_layers"]
 RATIOS = tuple(np.round(np.arange(1, 11) / 10, 1))
 
 
-def layer_sensitivity(model: MaskedCNN, order: dict, x_norm: jax.Array, y: np.ndarray,
+def layer_sensitivity(model: SplittableModel, order: dict, x_norm: jax.Array, y: np.ndarray,
                       ratios: Sequence[float] = RATIOS) -> dict:
     """Composed accuracy when one mask point keeps only its top ``floor(r * C)`` kernels (by
     each class's importance) and all others are full: ``{point: [accuracy per ratio]}``.

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...models.protocol import DECLARED_GRAPH, require
 from .config import BLN_RULES
 
 __all__ = ["backtrack_bln", "apply_feature_removal", "backtrack_input", "window_reach"]
@@ -99,9 +100,8 @@ def _tensors(model, residual: str):
 def backtrack_input(model, inactive: dict, residual: str) -> dict:
     """MC-BI: extend the deactivation maps ``{node: bool [N, H, W, C]}`` backward from the
     output (see the module docstring); returns a new map dict (a superset of ``inactive``)."""
-    if not hasattr(model, "blocks"):
-        raise ValueError(f"MC-BI walks the zoo's ResNet graph; {model.arch} does not expose its layer graph "
-                         "(use backtrack='bln' or 'none')")
+    require(model, DECLARED_GRAPH, "MC-BI (backtrack='bi')",
+            "it walks the zoo's ResNet graph; use backtrack='bln' or 'none'")
     out = {k: np.asarray(v, bool).copy() for k, v in inactive.items()}
     for own, consumers in reversed(_tensors(model, residual)):
         n, h, w, c = out[own[0]].shape

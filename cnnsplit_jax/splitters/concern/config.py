@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+from ...models.resnet import DEFAULT_RESIDUAL, RESIDUAL_MAPPINGS
 from ...validate import at_least, finite
 
 __all__ = ["ConcernConfig", "BACKTRACK", "BLN_RULES", "RESIDUAL_MAPPINGS"]
 
 BACKTRACK = get_args(Literal["none", "bln", "bi"])
 BLN_RULES = ("absolute", "negative", "relative")
-RESIDUAL_MAPPINGS = ("conv", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ConcernConfig:
     min_confidence: float | None = 0.9
     negative_ratio: float = 1.0
     backtrack: Literal["none", "bln", "bi"] = "bln"
-    residual: Literal["conv", "sum"] = "conv"
+    residual: Literal["conv", "sum"] = DEFAULT_RESIDUAL
     delta: float = 0.5
     bln_rule: Literal["absolute", "negative", "relative"] = "absolute"
     batch_size: int = 256

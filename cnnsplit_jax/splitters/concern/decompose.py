@@ -57,7 +57,9 @@ from flax import nnx
 from ... import checkpoint as ckpt
 from ... import mesh as meshlib
 from ...data import normalize, sum_batches
-from ...models import MaskedCNN
+from ...models import SplittableModel
+from ...models.protocol import POSITION_NODES, require
+from ...models.resnet import DEFAULT_RESIDUAL
 from ...modules.module_set import ConcernModuleSet
 from ...progress import Progress, callbacks_of, notify
 from ..base import SplitData, SplitResult, check_data
@@ -88,10 +90,8 @@ class Decomposition:
 
 
 def _check_model(model) -> None:
-    if getattr(model, "mask_kind", None) != "node":
-        raise ValueError("concern identification needs a model with position nodes (resnet20/32/56, or your own "
-                         "model adapted with kind='node'), "
-                         f"got {getattr(model, 'arch', type(model).__name__)!r}")
+    require(model, POSITION_NODES, "concern identification",
+            "resnet20/32/56, or your own model adapted with kind='node'")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -104,14 +104,14 @@ def _counts(graphdef, state, x, mem, names):
 
 
 def activity_counts(
-    model: MaskedCNN,
+    model: SplittableModel,
     x_u8: np.ndarray,
     mean,
     std,
     mem: np.ndarray,
     *,
     batch_size: int = 256,
-    residual: str = "sum",
+    residual: str = DEFAULT_RESIDUAL,
     callbacks=None,
     mesh=None,
 ) -> dict:
@@ -160,7 +160,7 @@ def channel(fc_w: np.ndarray, fc_b: np.ndarray, classes: Sequence[int] | None = 
 
 
 def decompose(
-    model: MaskedCNN,
+    model: SplittableModel,
     x_train: np.ndarray,
     y_train: np.ndarray,
     mean,
@@ -225,7 +225,7 @@ def decompose(
     return Decomposition(final, ci, head_w, head_b, removed, stats)
 
 
-def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: ConcernConfig = ConcernConfig(), *,
+def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: ConcernConfig = ConcernConfig(), *,
           ckpt_dir=None, resume: bool = False, callbacks=None, mesh=None) -> SplitResult:
     """Decompose ``model`` with the training split of ``data`` (one pass, nothing to checkpoint:
     ``ckpt_dir`` and ``resume`` are accepted for the common signature and ignored). ``mesh``:
@@ -255,7 +255,7 @@ def report(result: SplitResult, data: SplitData) -> dict:
 
 
 def retangle(
-    model: MaskedCNN,
+    model: SplittableModel,
     inactive: Mapping[str, np.ndarray],
     removed_features: np.ndarray,
     x_neg_u8: np.ndarray,

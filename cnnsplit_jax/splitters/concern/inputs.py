@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from ...data import map_batches, normalize
-from ...models import MaskedCNN
+from ...models import SplittableModel
 from ...progress import RunWarning
 from .config import ConcernConfig
 
@@ -111,7 +111,7 @@ def _confident(graphdef, state, x, y, threshold):
     return (logits.argmax(-1) == y) & (jnp.take_along_axis(prob, y[:, None], -1)[:, 0] > threshold)
 
 
-def confidence_filter(model: MaskedCNN, x_u8: np.ndarray, y: np.ndarray, mean, std, threshold: float,
+def confidence_filter(model: SplittableModel, x_u8: np.ndarray, y: np.ndarray, mean, std, threshold: float,
                       batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
     """``indices -> bool``: whether the model predicts ``y[i]`` for image ``x_u8[i]`` with a
     softmax probability above ``threshold`` (the lab's choice of concerned inputs)."""

@@ -14,7 +14,9 @@ from ... import checkpoint as ckpt
 from ... import distributed as dist
 from ... import mesh as meshlib
 from ...data import batches, normalize
-from ...models import MaskedCNN, mask_points, total_kernels
+from ...models import mask_points, total_kernels
+from ...models.protocol import SplittableModel
+from ...models.protocol import KERNEL_MASKS, require
 from ...modules.heads import Heads
 from ...modules.module_set import ModuleSet
 from ...progress import Progress, callbacks_of, notify
@@ -38,7 +40,7 @@ def select_epoch(history: list[dict], base_val_accuracy: float, tolerance: float
     return max(history, key=lambda h: (h["val_accuracy"], h["epoch"]))["epoch"]
 
 
-def _history_tree(model: MaskedCNN, epochs: int) -> dict:
+def _history_tree(model: SplittableModel, epochs: int) -> dict:
     """Template of the per-epoch binary masks and heads (grows with the run)."""
     n, k = model.num_classes, model.num_classes
     return {"masks": {p.name: np.zeros((epochs, n, p.size), np.uint8) for p in mask_points(model)},
@@ -46,7 +48,7 @@ def _history_tree(model: MaskedCNN, epochs: int) -> dict:
                            np.zeros((epochs, n, 10), np.float32), np.zeros((epochs, n), np.float32))}
 
 
-def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterConfig = GradSplitterConfig(),
+def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: GradSplitterConfig = GradSplitterConfig(),
           *, ckpt_dir: str | Path | None = None, resume: bool = False, callbacks=None,
           mesh=None, identity: dict | None = None) -> SplitResult:
     """Run the whole schedule on ``data`` (trains on its training split, validates on its
@@ -75,9 +77,7 @@ def split(key: jax.Array, model: MaskedCNN, data: SplitData, cfg: GradSplitterCo
     Raises:
       SearchDivergedError: a NaN/inf loss; the previous epoch's checkpoint is kept.
     """
-    if model.mask_kind != "kernel":
-        raise ValueError(f"GradSplitter learns kernel masks; {model.arch} takes position maps "
-                         "(decompose it by concern identification)")
+    require(model, KERNEL_MASKS, "GradSplitter", "decompose it by concern identification")
     x_tr, y_tr, x_va, y_va = data.x_train, data.y_train, data.x_val, data.y_val
     if len(x_tr) == 0 or len(x_va) == 0:
         raise ValueError("GradSplitter needs non-empty training and validation splits")

@@ -21,7 +21,8 @@ import optax
 from ... import distributed as dist
 from ... import mesh as meshlib
 from ...data import map_batches, normalize
-from ...models import MaskedCNN, mask_points
+from ...models import mask_points
+from ...models.protocol import SplittableModel
 from ...modules.forward import default_chunk, masked_logits
 from ...modules.heads import Heads, head_scores, init_heads
 from .config import HEAD, GradSplitterConfig, phase_lr
@@ -52,7 +53,7 @@ def _tx():
     return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8)
 
 
-def init(key: jax.Array, model: MaskedCNN, cfg: GradSplitterConfig = GradSplitterConfig()) -> GradSplitterState:
+def init(key: jax.Array, model: SplittableModel, cfg: GradSplitterConfig = GradSplitterConfig()) -> GradSplitterState:
     """Fresh search state for ``model.num_classes`` modules."""
     n = model.num_classes
     k_mask, k_head, k_run = jax.random.split(key, 3)
@@ -186,7 +187,7 @@ def _features(model, masks_bin, x, chunk=None):
     return jnp.swapaxes(masked_logits(model, masks_bin, x, chunk), 0, 1)
 
 
-def module_features(model: MaskedCNN, masks: Mapping[str, jax.Array], x: jax.Array,
+def module_features(model: SplittableModel, masks: Mapping[str, jax.Array], x: jax.Array,
                     chunk: int | None = None) -> jax.Array:
     """Per-module logits [B, N, K] under the binarised ``masks`` (forward only)."""
     n = next(iter(masks.values())).shape[0]
@@ -194,7 +195,7 @@ def module_features(model: MaskedCNN, masks: Mapping[str, jax.Array], x: jax.Arr
                      chunk=default_chunk(n, chunk))
 
 
-def features_for_dataset(model: MaskedCNN, masks: Mapping[str, jax.Array], x_u8: np.ndarray, mean, std,
+def features_for_dataset(model: SplittableModel, masks: Mapping[str, jax.Array], x_u8: np.ndarray, mean, std,
                          batch_size: int = 256, dedupe: bool = True, chunk: int | None = None,
                          mesh=None) -> np.ndarray:
     """Module features [n, N, K] for uint8 images, computing modules with equal masks once.
