@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from .compose import Pick, compose, predict_scores
-from .data import DatasetInfo, Task
+from .data import Task
 from .evaluate import binary_metrics, classification_report, module_f1
 from .modules.module_set import ModuleSet
 from .progress import RunWarning
@@ -150,10 +150,8 @@ def _base_accuracy(s: Source, task: Task) -> float | None:
     if any(tuple(o) not in s.origins for o in task.sources):
         return None
     ms = s.module_set
-    mean, std = ms.normalization
-    info = DatasetInfo(s.dataset, tuple(map(str, range(ms.base.num_classes))), ms.base.in_channels, mean, std)
     cols = [s.origins.index(tuple(o)) for o in task.sources]
-    logits = predict(ms.base, task.ds.x_test, info)[:, cols]
+    logits = predict(ms.base, task.ds.x_test, ms.normalization)[:, cols]
     return float((logits.argmax(-1) == task.ds.y_test).mean())
 
 

@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import checkpoint as ckpt
 from . import mesh as meshlib
-from .data import Dataset, DatasetInfo, batches, dirichlet_subsample, map_batches, normalize, train_val_split
+from .data import (Dataset, DatasetInfo, Normalization, batches, dirichlet_subsample, map_batches, normalize,
+                   train_val_split)
 from .models import count_params, total_kernels
 from .models.protocol import SplittableModel
 from .progress import Progress, callbacks_of, notify
@@ -168,21 +169,23 @@ def _logits(model, x_u8, mean, std):
     return model(normalize(x_u8, mean, std))
 
 
-def predict(model: SplittableModel, x: np.ndarray, info: DatasetInfo, batch_size: int = 512):
-    """Logits [N, num_classes] for uint8 images x [N, 32, 32, C] (eval mode, batched)."""
-    mean, std = jnp.asarray(info.mean), jnp.asarray(info.std)
+def predict(model: SplittableModel, x: np.ndarray, norm, batch_size: int = 512):
+    """Logits [N, num_classes] for uint8 images x [N, 32, 32, C] (eval mode, batched);
+    ``norm``: a ``data.Normalization`` or anything ``Normalization.of`` reads (a
+    ``DatasetInfo``, ...)."""
+    mean, std = (jnp.asarray(v) for v in Normalization.of(norm))
     return map_batches(lambda xb: _logits(model, jnp.asarray(xb), mean, std), [x], batch_size, pad=False)
 
 
-def accuracy(model: SplittableModel, x: np.ndarray, y: np.ndarray, info: DatasetInfo, batch_size=512):
-    """Exact top-1 accuracy (fraction correct over all images)."""
+def accuracy(model: SplittableModel, x: np.ndarray, y: np.ndarray, norm, batch_size=512):
+    """Exact top-1 accuracy (fraction correct over all images); ``norm`` as ``predict``'s."""
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     if len(y) and (y.min() < 0 or y.max() >= model.num_classes):
         raise ValueError(
             f"labels must lie in [0, {model.num_classes}); got range [{y.min()}, {y.max()}]"
         )
-    return float((predict(model, x, info, batch_size).argmax(-1) == y).mean()) if len(y) else 0.0
+    return float((predict(model, x, norm, batch_size).argmax(-1) == y).mean()) if len(y) else 0.0
 
 
 @dataclasses.dataclass

@@ -8,14 +8,14 @@ reductions get a ``valid`` mask that is 0 on them.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from .. import distributed as dist
 
-__all__ = ["normalize", "batches", "map_batches", "sum_batches", "check_images", "check_labels", "to_uint8"]
+__all__ = ["Normalization", "normalize", "batches", "map_batches", "sum_batches", "check_images", "check_labels", "to_uint8"]
 
 _FLOAT_HINT = ("convert float images with cnnsplit_jax.data.to_uint8(x, scale=1.0) (pixels in [0, 1]) or "
                "scale=255.0 (pixels in [0, 255]), which checks their range")
@@ -71,6 +71,49 @@ def normalize(x, mean: Sequence[float], std: Sequence[float]):
     m = xp.asarray(mean, dtype=xp.float32)
     s = xp.asarray(std, dtype=xp.float32)
     return (x.astype(xp.float32) / 255.0 - m) / s
+
+
+class Normalization(NamedTuple):
+    """Per-channel input normalisation on the [0, 1] scale, the one value data sets, training,
+    splitters, module sets, composition and reuse pass around: ``(x / 255 - mean) / std``.
+
+    A pytree (a NamedTuple of two tuples of floats; ``mean, std = norm`` unpacks it).
+    ``norm(x)`` normalises uint8 images ``[..., C]`` (``normalize``); ``to_json()`` is the
+    ``{"mean": [...], "std": [...]}`` that run directories and module sets store;
+    ``Normalization.of(value)`` reads that dict, a ``(mean, std)`` pair, or anything with a
+    ``normalization`` attribute (``DatasetInfo``, ``SplitData``, module sets).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, value) -> "Normalization":
+        if isinstance(value, Normalization):
+            return value
+        if isinstance(value, Mapping):
+            mean, std = value["mean"], value["std"]
+        elif isinstance(value, (tuple, list)) and len(value) == 2:
+            mean, std = value
+        else:
+            return cls.of(value.normalization)
+        if np.ndim(mean) != 1 or np.ndim(std) != 1:
+            raise ValueError(f"mean and std must be sequences, one value per channel; got {mean!r} and {std!r}")
+        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def __call__(self, x):
+        return normalize(x, self.mean, self.std)
+
+    def to_json(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    def check(self, channels: int) -> None:
+        """ValueError unless there is one finite mean and one finite positive std per channel."""
+        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+        if mean.shape != (channels,) or std.shape != (channels,) or not np.isfinite(mean).all() \
+                or not (std > 0).all():
+            raise ValueError(f"mean and std must be {channels} finite values (std > 0), one per channel; got "
+                             f"{list(self.mean)} and {list(self.std)}")
 
 
 def batches(

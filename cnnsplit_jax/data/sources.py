@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .batching import check_images, check_labels
+from .batching import Normalization, check_images, check_labels
 
 __all__ = ["Dataset", "DatasetInfo", "DatasetError", "DATASETS", "load_dataset", "read_idx",
            "image_stats", "file_order"]
@@ -67,6 +67,10 @@ class DatasetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization.of((self.mean, self.std))
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

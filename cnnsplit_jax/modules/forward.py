@@ -46,7 +46,7 @@ from .extract_adapted import extract_adapted_all
 from .heads import Heads, concern_positive, positive_probability, scores_from_logits, vote_scores
 
 __all__ = ["Pick", "ForwardForm", "FORWARD_FORMS", "MaskedGroup", "ExtractedGroup", "ConcernGroup", "default_chunk",
-           "masked_logits", "node_logits", "prepare",
+           "masked_logits", "node_logits", "model_input",
            "group_outputs", "module_outputs", "extracted_scores"]
 
 INPUTS = ("raw", "normalized")
@@ -71,7 +71,7 @@ def default_chunk(n: int, chunk: int | None = 0) -> int:
     return min(2, n) if jax.default_backend() == "cpu" else n
 
 
-def prepare(x, mean, std, input: str):
+def model_input(x, mean, std, input: str):
     """Images as the model reads them: raw uint8 pixels normalised with (mean, std)
     (``data.normalize``, which refuses other dtypes), or as given."""
     return normalize(x, mean, std) if input == "raw" else x.astype(jnp.float32)
@@ -276,14 +276,14 @@ def _masked_logits(g: MaskedGroup, x, input) -> jax.Array:
         def run_base(b, idx):
             model = nnx.merge(g.graphdef, jax.tree.map(lambda a: a[b], g.params))
             return masked_logits(model, {k: v[idx] for k, v in g.masks.items()},
-                                 prepare(x, g.mean[b], g.std[b], input), g.chunk)
+                                 model_input(x, g.mean[b], g.std[b], input), g.chunk)
 
         logits = _by_base(n_bases, g.base_index, run_base)
     else:  # one vmap over modules with their base model's parameters gathered per module
         bi = np.asarray(g.base_index)
 
         def one(p, mk, mean, std):
-            return nnx.merge(g.graphdef, p)(prepare(x, mean, std, input), mk)
+            return nnx.merge(g.graphdef, p)(model_input(x, mean, std, input), mk)
 
         logits = jax.vmap(one)(jax.tree.map(lambda a: a[bi], g.params), g.masks, g.mean[bi], g.std[bi])
     return jnp.swapaxes(logits, 0, 1)
@@ -350,10 +350,10 @@ def _extracted_logits(g: ExtractedGroup, x, input) -> jax.Array:
     stop = 1 if g.tails else None  # with shared tails: modules run up to their first FC
 
     def run(model, mean, std):
-        return model.fc_chain(model.features(prepare(x, mean, std, input)), 0, stop)
+        return model.fc_chain(model.features(model_input(x, mean, std, input)), 0, stop)
 
     if g.execution == "adapted":  # AdaptedModule pytrees (modules.extract_adapted)
-        h = jnp.stack([m(prepare(x, g.mean[i], g.std[i], input)) for i, m in enumerate(g.params)])
+        h = jnp.stack([m(model_input(x, g.mean[i], g.std[i], input)) for i, m in enumerate(g.params)])
     elif g.execution == "vmap":
         h = jax.vmap(lambda p, m, s: run(nnx.merge(g.graphdefs[0], p), m, s))(g.params[0], g.mean, g.std)
     else:
@@ -397,7 +397,7 @@ def _concern_logits(g: ConcernGroup, x, input) -> jax.Array:
     def run_base(b, idx):
         model = nnx.merge(g.graphdef, jax.tree.map(lambda a: a[b], g.params))
         out = node_logits(model, {k: v[idx] for k, v in g.keep.items()}, g.head_w[idx], g.head_b[idx],
-                          prepare(x, g.mean[b], g.std[b], input), g.chunk)
+                          model_input(x, g.mean[b], g.std[b], input), g.chunk)
         return jnp.swapaxes(out, 0, 1)
 
     return jnp.swapaxes(_by_base(g.mean.shape[0], g.base_index, run_base), 0, 1)

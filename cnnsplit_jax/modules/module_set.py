@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
+from ..data import Normalization
 from ..models import count_params, flatten_masks, mask_points, total_kernels
 from ..models.protocol import SplittableModel
 from ..models.resnet import RESIDUAL_MAPPINGS
@@ -61,12 +62,12 @@ class _Common:
     meta: dict
 
     @property
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) per channel the base model was trained with."""
+    def normalization(self) -> Normalization:
+        """The input normalisation the base model was trained with (``mean, std = ...``)."""
         norm = self.meta.get("normalization")
         if not norm:
             raise ValueError("module set has no 'normalization' in its metadata")
-        return tuple(map(float, norm["mean"])), tuple(map(float, norm["std"]))
+        return Normalization.of(norm)
 
     @property
     def class_names(self) -> list[str]:

@@ -57,7 +57,7 @@ def adapt_run(out: str | Path, definition: str, dataset: str, *, variables: str 
         raise ValueError(f"--mean/--std need {shape[-1]} values (one per channel), got {list(info.mean)} / {list(info.std)}")
     prepare_out(out, "adapted_model", overwrite=overwrite, in_progress=True, resumable=False)
     test_acc = accuracy(model, fit_images(ds.x_test, shape), ds.y_test, info)
-    norm = {"mean": list(info.mean), "std": list(info.std)}
+    norm = info.normalization.to_json()
     ckpt.save_model(out, model, {
         "dataset": dataset, "sources": sources, "normalization": norm, "class_names": list(info.class_names),
         "test_accuracy": test_acc, "seed": seed, "split": {"seed": seed, "val_fraction": 0.2}})

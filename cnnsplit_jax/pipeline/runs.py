@@ -279,7 +279,7 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
               identity={"dataset spec": dataset})
     t0 = time.perf_counter()
     test_acc = accuracy(res.model, ds.x_test, ds.y_test, ds.info)
-    norm = {"mean": list(ds.info.mean), "std": list(ds.info.std)}
+    norm = ds.info.normalization.to_json()
     result = {
         "model": arch, "dataset": dataset, "width": width, "num_classes": ds.info.num_classes,
         "in_channels": ds.info.channels, "num_kernels": counts["num_kernels"], "num_params": counts["num_params"],

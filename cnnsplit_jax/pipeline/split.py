@@ -9,6 +9,7 @@ import jax
 
 from .. import checkpoint as ckpt
 from .. import mesh as meshlib
+from ..data import Normalization
 from ..evaluate import evaluate_module_set
 from ..modules.module_set import load_module_set, save_module_set
 from ..splitters import Method, SplitData, methods_for
@@ -65,10 +66,9 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     in_progress = (ckpt.progress_exists(out, name) if name else False) or (out / "split.json").exists()
     prepare_out(out, "module_set", resume=resume, overwrite=overwrite, in_progress=in_progress,
                 resumable=name is not None)
-    norm = meta.get("normalization", {"mean": list(ds.info.mean), "std": list(ds.info.std)})
+    norm = Normalization.of(meta.get("normalization") or ds.info)
     tr = rd.train_idx[:train_subset] if train_subset else rd.train_idx
-    data = SplitData(ds.x_train[tr], ds.y_train[tr], ds.x_train[rd.val_idx], ds.y_train[rd.val_idx],
-                     norm["mean"], norm["std"])
+    data = SplitData(ds.x_train[tr], ds.y_train[tr], ds.x_train[rd.val_idx], ds.y_train[rd.val_idx], *norm)
     for w in m.run_warnings(cfg, len(tr)):
         warnings.warn(w, RunWarning, stacklevel=2)
     extra = {"mesh": mesh} if mesh is not None else {}
@@ -79,7 +79,7 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
                           resume=resume, callbacks=callbacks, **extra)
     ms = res.module_set
     ms.meta.update({
-        "dataset": meta["dataset"], "normalization": norm, "class_names": list(ds.info.class_names),
+        "dataset": meta["dataset"], "normalization": norm.to_json(), "class_names": list(ds.info.class_names),
         "sources": meta.get("sources") or [[ds.info.name, c] for c in range(ds.info.num_classes)],
         "split": meta.get("split", {"seed": meta.get("seed", 0), "val_fraction": 0.2}),
         "base_run": str(model_dir), **({"input_shape": meta["input_shape"]} if meta.get("input_shape") else {})})

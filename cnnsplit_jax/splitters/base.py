@@ -46,6 +46,11 @@ class SplitData(NamedTuple):
     mean: Sequence[float]
     std: Sequence[float]
 
+    @property
+    def normalization(self) -> data.Normalization:
+        """``mean`` and ``std`` as one ``data.Normalization``."""
+        return data.Normalization.of((self.mean, self.std))
+
 
 @dataclasses.dataclass
 class SplitResult:
@@ -75,10 +80,7 @@ def check_data(d: SplitData, num_classes: int) -> None:
         if len(x) != len(y):
             raise ValueError(f"x_{part} has {len(x)} images but y_{part} {len(y)} labels")
         check_labels(num_classes, y)
-    c = d.x_val.shape[-1]
-    mean, std = np.asarray(d.mean, np.float64), np.asarray(d.std, np.float64)
-    if mean.shape != (c,) or std.shape != (c,) or not np.isfinite(mean).all() or not (std > 0).all():
-        raise ValueError(f"mean and std must be {c} finite values (std > 0), one per channel; got {d.mean} and {d.std}")
+    d.normalization.check(d.x_val.shape[-1])
 
 
 def resume_identity(model, d: SplitData, extra: dict | None = None, *, train: bool = True) -> dict:
@@ -91,5 +93,5 @@ def resume_identity(model, d: SplitData, extra: dict | None = None, *, train: bo
     if train:
         ident["training data digest"] = checkpoint.fingerprint(d.x_train, d.y_train)
     ident["validation data digest"] = checkpoint.fingerprint(d.x_val, d.y_val)
-    ident["normalization"] = [[float(v) for v in d.mean], [float(v) for v in d.std]]
+    ident["normalization"] = [list(v) for v in d.normalization]
     return ident

@@ -238,3 +238,27 @@ def test_tfds_file_order_from_record_ids():
     np.testing.assert_array_equal(file_order([b"test_00002", b"test_00000", b"test_00001"]), [1, 2, 0])
     assert file_order(["train_3", "train_x"]) is None  # not all numbered: order kept
     assert file_order(["a_1", "a_1"]) is None and file_order(["nounderscore"]) is None
+
+
+def test_one_normalization_value_reads_every_shape_it_used_to_come_in():
+    import jax
+
+    from cnnsplit_jax.data import Normalization
+    from cnnsplit_jax.splitters import SplitData
+
+    x = np.asarray([[[[0, 51]], [[255, 102]]]], np.uint8)  # [1, 2, 1, 2]
+    norm = Normalization.of({"mean": [0.5, 0.2], "std": [0.25, 0.5]})
+    want = (x / 255.0 - np.asarray([0.5, 0.2])) / np.asarray([0.25, 0.5])  # by hand: (x / 255 - mean) / std
+    np.testing.assert_allclose(norm(x), want, rtol=1e-6)
+    assert norm(x)[0, 0, 0].tolist() == pytest.approx([-2.0, 0.0])
+    assert Normalization.of(([0.5, 0.2], (0.25, 0.5))) == norm == Normalization.of(norm)
+    info = load_dataset("digits").info
+    assert Normalization.of(info) == info.normalization == Normalization(tuple(info.mean), tuple(info.std))
+    d = SplitData(x, np.zeros(1, int), x, np.zeros(1, int), [0.5, 0.2], [0.25, 0.5])
+    assert Normalization.of(d) == norm and norm.to_json() == {"mean": [0.5, 0.2], "std": [0.25, 0.5]}
+    mean, std = norm  # unpacks as the (mean, std) pairs it replaces
+    assert (mean, std) == ((0.5, 0.2), (0.25, 0.5)) and jax.tree.leaves(norm) == [0.5, 0.2, 0.25, 0.5]
+    with pytest.raises(ValueError, match="one value per channel"):
+        Normalization.of((0.5, 0.25))
+    with pytest.raises(ValueError, match="2 finite values"):
+        Normalization.of({"mean": [0.5, 0.2], "std": [0.25, 0.0]}).check(2)

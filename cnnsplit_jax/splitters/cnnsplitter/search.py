@@ -298,7 +298,7 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: CNNSplit
                                            for k, v in eff.items()})
         best = history[-1]["generation"]
     masks = {k: np.asarray(v, np.float32) for k, v in state.best_masks.items()}
-    norm = {"mean": list(map(float, data.mean)), "std": list(map(float, data.std))}
+    norm = data.normalization.to_json()
     ms = ModuleSet(model, masks, None, {"method": "ga", "normalization": norm, "best_generation": best,
                                         "config": config})
     return SplitResult(ms, history, time.perf_counter() - t_start, {

@@ -239,7 +239,7 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: ConcernC
     check_data(data, model.num_classes)
     dec = decompose(model, data.x_train, data.y_train, data.mean, data.std, cfg, key=key, callbacks=callbacks,
                     mesh=mesh)
-    norm = {"mean": list(map(float, data.mean)), "std": list(map(float, data.std))}
+    norm = data.normalization.to_json()
     ms = ConcernModuleSet(model, dec.inactive, dec.head_w, dec.head_b, dec.removed_features,
                           {"method": "concern", "normalization": norm, "residual": cfg.residual,
                            "config": ckpt.config_json(cfg)})

@@ -179,7 +179,7 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: GradSpli
     sel = select_epoch(history, base_val_acc, cfg.select_tolerance)
     masks = {k: v[sel].astype(np.float32) for k, v in hist["masks"].items()}
     heads = Heads(*(np.asarray(h[sel]) for h in hist["heads"]))
-    norm = {"mean": list(map(float, data.mean)), "std": list(map(float, data.std))}
+    norm = data.normalization.to_json()
     ms = ModuleSet(model, masks, heads, {"method": "grad", "normalization": norm, "selected_epoch": sel,
                                          "config": config})
     return SplitResult(ms, history, time.perf_counter() - t_start, {
