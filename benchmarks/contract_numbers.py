@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 VOLATILE = ("seconds", "time", "dir", "path", "out", "created", "version", "host", "device", "platform",
-            "compile", "_s", "per_step", "throughput", "images_per")
+            "compile", "_s", "per_step", "throughput", "images_per", "energy")
 
 
 def _cli(*args, cwd):
@@ -36,21 +36,28 @@ def _cli(*args, cwd):
     return r.stdout
 
 
-def _flatten(obj, prefix, out):
+def _flatten(obj, prefix, out, root: str):
+    """``out[prefix.key.path] = value`` for every leaf of ``obj``; the run's own directory
+    ``root`` reads ``OUT`` in keys and strings, so two runs in two directories compare."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             if any(s in str(k).lower() for s in VOLATILE):
                 continue
-            _flatten(v, f"{prefix}.{k}", out)
+            _flatten(v, f"{prefix}.{str(k).replace(root, 'OUT')}", out, root)
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            _flatten(v, f"{prefix}[{i}]", out)
+            _flatten(v, f"{prefix}[{i}]", out, root)
     else:
-        out[prefix] = obj
+        out[prefix] = obj.replace(root, "OUT") if isinstance(obj, str) else obj
 
 
 def run(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    _commands(out)
+    return collect(out)
+
+
+def _commands(out: Path) -> None:
     demo = out / "demo"
     _cli("demo", "--out", demo, cwd=out)
     base, grad = demo / "base", demo / "modules"
@@ -69,12 +76,16 @@ def run(out: Path) -> dict:
          "--concerned-per-class", 20, cwd=out)
     (rt / "evaluate_concern.txt").write_text(_cli("evaluate", rt / "concern", cwd=out))
     (rt / "info.txt").write_text(_cli("info", base, cwd=out))
+
+
+def collect(out: Path) -> dict:
+    """The flattened values of every JSON under ``out`` (written to ``out/numbers.json``)."""
     numbers = {}
     for f in sorted(out.rglob("*.json")):
         if f.name == "numbers.json" or "ckpt" in f.parts or f.parent.name.startswith("."):
             continue
         try:
-            _flatten(json.loads(f.read_text()), str(f.relative_to(out)), numbers)
+            _flatten(json.loads(f.read_text()), str(f.relative_to(out)), numbers, str(out))
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
     (out / "numbers.json").write_text(json.dumps(numbers, indent=1, sort_keys=True))
@@ -100,8 +111,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--compare", type=Path, help="numbers.json of an earlier run")
     ap.add_argument("--rtol", type=float, default=0.0)
+    ap.add_argument("--collect-only", action="store_true", help="re-read the JSON of an earlier run in --out")
     a = ap.parse_args(argv)
-    numbers = run(a.out)
+    numbers = collect(a.out) if a.collect_only else run(a.out)
     print(f"{len(numbers)} values -> {a.out / 'numbers.json'}")
     if a.compare:
         diffs = compare(numbers, json.loads(a.compare.read_text()), a.rtol)

@@ -126,8 +126,8 @@ def cnnsplitter_row(path, run: Path, cfg: cs.CNNSplitterConfig, data_dir, *, rou
     prep = cs.prepare(model, x, y, mean, std, cfg)
     pb = cs.problem(model, cfg, prep, x, y, mean, std)
     key = jax.random.key(cfg.seed)
-    state, _ = cs.step(key, pb, cs.init(key, pb))  # generation 0 compiles the evaluation,
-    state, _ = cs.step(key, pb, state)  # generation 1 the GA's ask / tell: neither is timed
+    state, _ = cs.step(key, cs.init(key, pb), pb)  # generation 0 compiles the evaluation,
+    state, _ = cs.step(key, state, pb)  # generation 1 the GA's ask / tell: neither is timed
     n, pop = model.num_classes, cfg.population
     with checkout(path, "utils/module_tools.py"):
         tools = importlib.import_module("utils.module_tools")
@@ -142,7 +142,7 @@ def cnnsplitter_row(path, run: Path, cfg: cs.CNNSplitterConfig, data_dir, *, rou
         ours, theirs, agree = [], [], True
         for r in range(rounds):
             t = time.perf_counter()
-            state, _ = cs.step(key, pb, state)
+            state, _ = cs.step(key, state, pb)
             ours.append(time.perf_counter() - t)
             pops = np.asarray(state.population).astype(np.int64)
             picks = [((r * sample + s) % n, (s * 7 + r) % pop) for s in range(sample)]

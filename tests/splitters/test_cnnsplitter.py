@@ -413,7 +413,7 @@ def test_kept_kernels_count_tied_points_per_layer():
                             min_keep=2, max_keep=10, thresholds=((2, 0.0), (3, 0.0)))
     order = {p.name: np.tile(np.arange(p.size), (3, 1)) for p in model.mask_points()}
     pb = problem(model, cfg, Prepared(None, order, {}, (), {}), x, y, [0.5], [0.25])
-    state, rec = step(jax.random.key(0), pb, init(jax.random.key(0), pb))
+    state, rec = step(jax.random.key(0), init(jax.random.key(0), pb), pb)
     ens = rec["ensemble"]
     bits = (np.asarray(state.population)[np.arange(3), ens] > 0).astype(np.float32)
     masks = effective_masks({k: np.asarray(v)[:, 0] for k, v in pb.decode(jnp.asarray(bits[:, None]), pb.order).items()})
@@ -477,3 +477,41 @@ def test_an_initial_population_near_chance_is_reported(digits_run):
             res = split(jax.random.key(0), model, data, cfg)
         warned = [x for x in w if issubclass(x.category, RunWarning) and "initial population" in str(x.message)]
         assert bool(warned) == should, (name, res.history[0]["accuracy"])
+
+
+def test_a_generation_jits_and_three_under_lax_scan_equal_three_python_steps_and_the_host_loop():
+    from cnnsplit_jax.models import build_model
+    from cnnsplit_jax.splitters.cnnsplitter import (CNNSplitterConfig, LogitStore, as_arrays, generation_step, init,
+                                                    problem, step)
+    from cnnsplit_jax.splitters.cnnsplitter.search import Prepared
+
+    model = build_model("simcnn", num_classes=4, in_channels=1, width=0.0625, key=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 32, 32, 1)).astype(np.uint8), np.arange(40) % 4
+    cfg = CNNSplitterConfig(population=6, generations=2, groups=4, sensitive=(), num_parents=4, keep_parents=2,
+                            min_keep=4, max_keep=20, thresholds=((2, 0.0), (4, 0.0)), module_group=4)
+    order = {p.name: np.tile(rng.permutation(p.size), (4, 1)) for p in model.mask_points()}
+    pb = problem(model, cfg, Prepared(None, order, {}, (), {}), x, y, [0.5], [0.25])
+    key = jax.random.key(3)
+    s0 = as_arrays(init(key, pb))
+    gen = jax.jit(generation_step(pb))
+    s, loop = s0, []
+    for _ in range(3):
+        s, m = gen(key, s)
+        loop.append(m)
+    scanned, ms = jax.lax.scan(lambda st, _: gen(key, st), s0, length=3)
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(scanned)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for k in loop[0]:
+        np.testing.assert_array_equal(np.stack([np.asarray(m[k]) for m in loop]), np.asarray(ms[k]), err_msg=k)
+    assert int(scanned.generation) == 3 and not (np.asarray(scanned.population) == np.asarray(s0.population)).all()
+    # the host loop (logit cache, float64 bookkeeping) runs the same generations
+    h, store, recs = init(key, pb), LogitStore(), []
+    for _ in range(3):
+        h, rec = step(key, h, pb, store=store)
+        recs.append(rec)
+    np.testing.assert_array_equal(np.asarray(h.population), np.asarray(s.population))
+    assert [r["ensemble"] for r in recs] == [np.asarray(m["ensemble"]).tolist() for m in loop]
+    for k in ("best_fitness", "accuracy", "diff", "valid_accuracy", "mean_kept_kernels"):
+        np.testing.assert_allclose([r[k] for r in recs], [float(m[k]) for m in loop], rtol=1e-5, err_msg=k)
+    assert h.best_generation == int(s.best_generation) and store.cache is not None

@@ -4,8 +4,9 @@ Files (spec cnnsplitter.md): ``importance`` (1a.3, kernel importance), ``sensiti
 layer sensitivity and an automatic rule), ``genome`` (grouped genome, heuristic initial
 population), ``ga`` (the reference's operators on evosax's init/ask/tell, one GA per class
 advanced together with vmap), ``fitness`` (the joint fitness: the reference's recorder),
-``logits`` (the fitness forward), ``config`` and ``search`` (``prepare`` / ``problem`` /
-``init`` / ``step`` per generation, and ``split``: the whole checkpointed search).
+``logits`` (the fitness forward), ``config``, ``search`` (``prepare`` / ``problem`` /
+``init`` / ``step(key, state, pb)`` per generation, and ``split``: the whole checkpointed search)
+and ``generation`` (one generation as a pure function: ``jax.jit`` / ``lax.scan``).
 """
 
 from .config import (ALGORITHMS, PRESET_MODELS, PRESETS, CNNSplitterConfig, configure, preset_caveat, preset_for,
@@ -13,14 +14,15 @@ from .config import (ALGORITHMS, PRESET_MODELS, PRESETS, CNNSplitterConfig, conf
 from .fitness import FitnessConfig, FitnessResult, jaccard_distance_table, joint_fitness, reference_thresholds
 from .genome import GenomeLayout, decode, genome_layout, heuristic_population
 from .importance import Importance, importance_order, kernel_importance
-from .logits import LogitCache, cached_module_logits, module_logits
+from .generation import as_arrays, generation_step
+from .logits import LogitCache, LogitStore, cached_module_logits, module_logits
 from .search import (CNNSplitterState, Prepared, Problem, init, prepare, problem, report, split, step,
                      summary_line)
 from .sensitivity import RATIOS, layer_sensitivity, sensitive_layers
 
 __all__ = [
     "ALGORITHMS", "PRESETS", "PRESET_MODELS", "preset_caveat", "preset_for", "CNNSplitterConfig", "CNNSplitterGA", "CNNSplitterState", "FitnessConfig", "FitnessResult",
-    "GenomeLayout", "Importance", "LogitCache", "Prepared", "Problem", "RATIOS", "cached_module_logits",
+    "GenomeLayout", "Importance", "LogitCache", "LogitStore", "as_arrays", "generation_step", "Prepared", "Problem", "RATIOS", "cached_module_logits",
     "decode", "genome_layout", "heuristic_population", "importance_order", "init", "jaccard_distance_table",
     "joint_fitness", "kernel_importance", "layer_sensitivity", "module_logits", "mutation_genes", "prepare",
     "problem", "reference_thresholds", "report", "sensitive_layers", "split", "step", "summary_line", "configure",

@@ -17,15 +17,14 @@ comparison (``>=`` keeps the left group on ties, numpy's first-occurrence argmax
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FitnessConfig", "FitnessResult", "jaccard_distance_table", "joint_fitness",
-           "reference_thresholds"]
+__all__ = ["FitnessConfig", "FitnessResult", "jaccard_distance_table", "joint_core", "joint_fitness",
+           "reference_thresholds", "thresholds_for"]
 
 
 def reference_thresholds(num_classes: int) -> dict[int, float]:
@@ -145,10 +144,12 @@ def _combine(A: _Group, B: _Group, cls_a, cls_b, y, D, thr, acc_ratio, cfg: Fitn
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _joint(logits, y, D, perm, acc_ratio, guard, thresholds, cfg: FitnessConfig):
+def joint_core(logits, y, D, perm, acc_ratio, guard, thresholds, cfg: FitnessConfig) -> FitnessResult:
+    """``joint_fitness`` without its host-side checks, traceable: ``perm`` an int array [N]
+    (the class order; the composition tree's shape depends only on N), ``guard`` a bool
+    array, ``thresholds`` ``{size: float32}`` (static keys). jit-, scan- and vmap-safe."""
     n_classes = logits.shape[0]
-    perm = list(perm)
+    perm = [perm[i] for i in range(n_classes)]
     groups = [(_leaf(c, logits[c], n_classes), (c,)) for c in perm]
     while len(groups) > 1:
         nxt = []
@@ -171,22 +172,12 @@ def _joint(logits, y, D, perm, acc_ratio, guard, thresholds, cfg: FitnessConfig)
                          final.dsum[best] / (m * (m - 1) / 2), final.fit[best])
 
 
-def joint_fitness(logits: jax.Array, labels: jax.Array, D: jax.Array, perm, *,
-                  acc_ratio: float, generation: int, cfg: FitnessConfig = FitnessConfig()) -> FitnessResult:
-    """Fitness [N, P] of every individual of every class.
+_joint = jax.jit(joint_core, static_argnames=("cfg",))
 
-    Args:
-      logits: [N, P, n] class-c logit of module (c, p) on each evaluation image.
-      labels: [n] int labels; D: [N, N, P, P] Jaccard distances (``jaccard_distance_table``).
-      perm: the class order of this generation (a permutation of range(N), static).
-      acc_ratio: accuracy weight (alpha at first, ``alpha + max(0, gamma - acc_top)`` later).
-      generation: the elitism guard applies from generation 1 on.
-    """
-    n = logits.shape[0]
-    if sorted(int(c) for c in perm) != list(range(n)):
-        raise ValueError(f"perm must be a permutation of range({n}), got {list(perm)}")
-    if not np.all(np.isfinite(np.asarray(logits))):
-        raise FloatingPointError("module logits contain NaN/inf")
+
+def thresholds_for(n: int, cfg: FitnessConfig) -> dict[int, float]:
+    """The accuracy threshold of every composition size the joint fitness of ``n`` classes
+    builds (``cfg.thresholds``, else the reference's); ValueError naming the sizes without one."""
     thr = dict(cfg.thresholds or reference_thresholds(n))
     sizes = set()
     groups = [1] * n
@@ -197,7 +188,28 @@ def joint_fitness(logits: jax.Array, labels: jax.Array, D: jax.Array, perm, *,
     missing = sorted(s for s in sizes if s > 1 and s not in thr)
     if missing:
         raise ValueError(f"no accuracy threshold for composition sizes {missing}")
+    return thr
+
+
+def joint_fitness(logits: jax.Array, labels: jax.Array, D: jax.Array, perm, *,
+                  acc_ratio: float, generation: int, cfg: FitnessConfig = FitnessConfig()) -> FitnessResult:
+    """Fitness [N, P] of every individual of every class.
+
+    Args:
+      logits: [N, P, n] class-c logit of module (c, p) on each evaluation image.
+      labels: [n] int labels; D: [N, N, P, P] Jaccard distances (``jaccard_distance_table``).
+      perm: the class order of this generation (a permutation of range(N); traced, so a new
+        order per generation does not recompile).
+      acc_ratio: accuracy weight (alpha at first, ``alpha + max(0, gamma - acc_top)`` later).
+      generation: the elitism guard applies from generation 1 on.
+    """
+    n = logits.shape[0]
+    if sorted(int(c) for c in perm) != list(range(n)):
+        raise ValueError(f"perm must be a permutation of range({n}), got {list(perm)}")
+    if not np.all(np.isfinite(np.asarray(logits))):
+        raise FloatingPointError("module logits contain NaN/inf")
+    thr = thresholds_for(n, cfg)
     cfg = cfg._replace(thresholds=None)
     return _joint(jnp.asarray(logits, jnp.float32), jnp.asarray(labels, jnp.int32), jnp.asarray(D),
-                  tuple(int(c) for c in perm), jnp.float32(acc_ratio), jnp.bool_(generation > 0),
+                  jnp.asarray([int(c) for c in perm], jnp.int32), jnp.float32(acc_ratio), jnp.bool_(generation > 0),
                   {k: jnp.float32(v) for k, v in thr.items()}, cfg)

@@ -16,7 +16,7 @@ from ...data import map_batches
 from ...models import SplittableModel
 from ...modules.forward import masked_logits
 
-__all__ = ["module_logits", "LogitCache", "cached_module_logits"]
+__all__ = ["module_logits", "LogitCache", "LogitStore", "cached_module_logits"]
 
 
 @functools.partial(jax.jit, static_argnames=("group", "shards"))
@@ -48,6 +48,15 @@ class LogitCache(NamedTuple):
 
     rows: np.ndarray
     logits: np.ndarray
+
+
+class LogitStore:
+    """Where a host loop keeps the ``LogitCache`` of the last population between generations
+    (outside the search state, which stays a pure pytree). ``cache``: None until the first
+    generation."""
+
+    def __init__(self):
+        self.cache: LogitCache | None = None
 
 
 def cached_module_logits(model: SplittableModel, masks: dict, rows: np.ndarray, classes: np.ndarray,

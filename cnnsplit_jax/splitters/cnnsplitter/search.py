@@ -31,7 +31,8 @@ from .config import CNNSplitterConfig
 from .fitness import FitnessConfig, jaccard_distance_table, joint_fitness
 from .genome import GenomeLayout, decode, genome_layout, heuristic_population
 from .importance import Importance, importance_order, kernel_importance
-from .logits import LogitCache, cached_module_logits
+from .generation import CNNSplitterState, ask_or_keep, generation_keys, init_or_tell
+from .logits import LogitCache, LogitStore, cached_module_logits
 from .sensitivity import RATIOS, layer_sensitivity, sensitive_layers
 
 __all__ = ["Prepared", "Problem", "CNNSplitterState", "prepare", "problem", "init", "step", "split", "report"]
@@ -122,29 +123,6 @@ def problem(model: SplittableModel, cfg: CNNSplitterConfig, prepared: Prepared, 
                    decode_all, mesh)
 
 
-class CNNSplitterState(NamedTuple):
-    """The search between generations.
-
-    ga: the N per-class GA states (evosax, stacked on a leading class axis); population:
-    genomes [N, P, G] of the generation just evaluated (before generation 0: the initial
-    population); acc_ratio: float32 accuracy weight of the next fitness; best_masks
-    ``{point: [N, C]}``: the ensemble of the best validation generation so far; generation:
-    the next generation to run; best_generation / best_valid_fitness / flat: the
-    best-generation rule's bookkeeping; cache: module logits of the last population (host
-    side; not checkpointed: a resumed run recomputes them, same numbers).
-    """
-
-    ga: object
-    population: jax.Array
-    acc_ratio: jax.Array
-    best_masks: dict
-    generation: int = 0
-    best_generation: int = -1
-    best_valid_fitness: float = 0.0
-    flat: int = 0
-    cache: LogitCache | None = None
-
-
 def init(key: jax.Array, pb: Problem) -> CNNSplitterState:
     """The importance-weighted initial population of every class (one draw shared by all
     classes unless ``cfg.shared_initial_population`` is False) and fresh GA states."""
@@ -161,7 +139,7 @@ def init(key: jax.Array, pb: Problem) -> CNNSplitterState:
     return CNNSplitterState(states, pops, jnp.float32(cfg.alpha), best)
 
 
-def _evaluate(pb: Problem, pops, cache):
+def _evaluate(pb: Problem, pops, cache: LogitCache | None):
     """Decoded masks (keep-one rule) ``{point: [N, P, C]}``, class logits [N, P, n], kept-kernel
     sets [N, P, K] and the logit cache of a population."""
     n, p = pb.model.num_classes, pb.cfg.population
@@ -176,29 +154,29 @@ def _evaluate(pb: Problem, pops, cache):
     return eff, logits.reshape(n, p, -1), kernels, cache
 
 
-def step(key: jax.Array, pb: Problem, state: CNNSplitterState) -> tuple[CNNSplitterState, dict]:
-    """Run generation ``state.generation``: ask (from generation 1 on), evaluate every
-    individual, the joint fitness, tell; the best-generation rule. ``key``: the search key
-    (the generation's key is derived from it). Returns (new state, the generation's record)."""
-    cfg, n, g = pb.cfg, pb.model.num_classes, state.generation
+def step(key: jax.Array, state: CNNSplitterState, pb: Problem, *,
+         store: LogitStore | None = None) -> tuple[CNNSplitterState, dict]:
+    """Run generation ``state.generation`` (evosax order: key, state, then the problem): ask
+    (from generation 1 on), evaluate every individual, the joint fitness, tell; the
+    best-generation rule. ``key``: the search key (the generation's keys are derived from it).
+    ``store``: a ``LogitStore`` whose cache of the last population's logits this generation
+    reads and replaces (individuals evaluated before are not recomputed); None: no cache.
+    Returns (new state, the generation's record). ``generation.generation_step`` is the same
+    generation as a pure, jittable function."""
+    cfg, n, g = pb.cfg, pb.model.num_classes, int(state.generation)
     tg = time.perf_counter()
-    k_perm, k_ask, k_tell = jax.random.split(jax.random.fold_in(key, 1000 + g), 3)
-    states, pops = state.ga, state.population
-    if g > 0:
-        pops, states = jax.vmap(pb.ga.ask, in_axes=(0, 0, None))(jax.random.split(k_ask, n), states, pb.params)
-    eff, L, kernels, cache = _evaluate(pb, pops, state.cache)
+    k_perm, k_ask, k_tell = generation_keys(key, g)
+    pops, states = ask_or_keep(pb, k_ask, state, g == 0)
+    eff, L, kernels, cache = _evaluate(pb, pops, store.cache if store is not None else None)
+    if store is not None:
+        store.cache = cache
     D = jaccard_distance_table(jnp.asarray(kernels))
     perm = [int(c) for c in np.asarray(jax.random.permutation(k_perm, n))]
     acc_ratio = float(np.float32(state.acc_ratio))
     res = joint_fitness(jnp.asarray(L), jnp.asarray(pb.y_fit), D, perm, acc_ratio=acc_ratio,
                         generation=g, cfg=pb.fitness)
     fit = np.asarray(res.fitness)
-    if g == 0:
-        states = jax.vmap(pb.ga.init, in_axes=(0, 0, 0, None))(jax.random.split(k_tell, n), pops, -res.fitness,
-                                                                pb.params)
-    else:
-        states, _ = jax.vmap(pb.ga.tell, in_axes=(0, 0, 0, 0, None))(jax.random.split(k_tell, n), pops,
-                                                                      -res.fitness, states, pb.params)
+    states = init_or_tell(pb, k_tell, pops, res.fitness, states, g == 0)
     ensemble = fit.argmax(1)
     valid_acc = float((L[np.arange(n), ensemble].argmax(0) == pb.y_fit).mean())
     valid_fitness = cfg.alpha * valid_acc + (1 - cfg.alpha) * float(res.best_diff) if g > 0 else 0.0
@@ -208,7 +186,7 @@ def step(key: jax.Array, pb: Problem, state: CNNSplitterState) -> tuple[CNNSplit
            "diff": float(res.best_diff), "valid_accuracy": valid_acc, "valid_fitness": valid_fitness,
            "acc_ratio": acc_ratio, "mean_kept_kernels": float(kept), "ensemble": ensemble.tolist(),
            "seconds": time.perf_counter() - tg}
-    new = state._replace(ga=states, population=pops, cache=cache, generation=g + 1,
+    new = state._replace(ga=states, population=pops, generation=g + 1,
                          # float32 like the checkpointed value: a resumed run computes the same fitness
                          acc_ratio=jnp.float32(cfg.alpha + max(0.0, cfg.gamma - float(res.best_accuracy))))
     if valid_fitness > state.best_valid_fitness:
@@ -270,8 +248,9 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: CNNSplit
                                best_masks=tree["best_masks"], **{c: prog[c] for c in _COUNTERS})
         history, seconds = prog["history"], prog["seconds"]
         t_start -= prog.get("search_seconds", 0.0)  # wall time is cumulative over resumes
+    store = LogitStore()  # the host cache of logits, outside the (pure) state
     while state.generation <= cfg.generations:
-        state, rec = step(key, pb, state)
+        state, rec = step(key, state, pb, store=store)
         history.append(rec)
         seconds += rec["seconds"]
         if ckpt_dir is not None:
