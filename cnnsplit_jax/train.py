@@ -25,8 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import checkpoint as ckpt
 from . import mesh as meshlib
-from .data import (Dataset, DatasetInfo, Normalization, batches, dirichlet_subsample, map_batches, normalize,
-                   train_val_split)
+from .data import (Dataset, DatasetInfo, Normalization, batches, map_batches, normalize, split_indices)
 from .models import count_params, total_kernels
 from .models.protocol import SplittableModel
 from .progress import Progress, callbacks_of, notify
@@ -37,7 +36,6 @@ __all__ = [
     "RECIPES",
     "recipe_warnings",
     "summary",
-    "split_indices",
     "make_optimizer",
     "augment",
     "check_compatible",
@@ -199,30 +197,6 @@ class FitResult:
     train_seconds: float
 
 
-def split_indices(
-    labels: np.ndarray,
-    seed: int,
-    val_fraction: float = 0.2,
-    dirichlet_alpha: float | None = None,
-    dirichlet_min_size: int = 100,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Train / validation indices into the training set, as ``fit`` uses them.
-
-    Without ``dirichlet_alpha``: a seeded permutation, its first ``1 - val_fraction`` for
-    training. With it: the reference's non-IID subsample (``data.dirichlet_subsample``, already
-    shuffled), split *in order* as the reference does: its first ``int((1 - val_fraction) * n)``
-    for training, the rest for validation. The splitters reuse the base model's split: their
-    training data is its training part and their validation data its validation part.
-    """
-    if dirichlet_alpha is None:
-        return train_val_split(len(labels), seed, val_fraction)
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    idx = dirichlet_subsample(labels, seed, dirichlet_alpha, dirichlet_min_size)
-    n_train = int((1.0 - val_fraction) * len(idx))
-    return idx[:n_train], idx[n_train:]
-
-
 def _split_indices(ds: Dataset, cfg: TrainConfig):
     return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, cfg.dirichlet_alpha, cfg.dirichlet_min_size)
 
@@ -265,34 +239,54 @@ def fit(
     steps_per_epoch = -(-len(tr_idx) // cfg.batch_size)
     tx = make_optimizer(cfg, steps_per_epoch)
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    opt_state = tx.init(params)
-    key = jax.random.key(cfg.seed)
-    mean, std = jnp.asarray(ds.info.mean), jnp.asarray(ds.info.std)
-    x_all = jnp.asarray(ds.x_train)
-    y_all = jnp.asarray(ds.y_train)
-
-    do_augment = cfg.augment if cfg.augment is not None else ds.info.channels == 3
-    state = {"params": params, "stats": stats, "opt": opt_state, "key": key}
+    state = {"params": params, "stats": stats, "opt": tx.init(params), "key": jax.random.key(cfg.seed)}
     best = {"params": params, "stats": stats}
-    history: list[dict] = []
-    start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, -1, 0.0
-    run_dir = Path(run_dir) if run_dir else None
-    config = ckpt.config_json(cfg)
     identity = {**(identity or {}), "model": ckpt.config_json(model.config()), "dataset": ds.info.name,
                 "training data digest": ckpt.fingerprint(ds.x_train, ds.y_train)}
-    cbs = callbacks_of(callbacks)
+    loop = ckpt.ResumableLoop(run_dir, "train_state", ckpt.config_json(cfg), identity, seconds_key="train_seconds")
+    best_acc, best_epoch = -1.0, -1
     if resume:
         if run_dir is None:
             raise ValueError("resume=True needs run_dir")
-        restored, progress = ckpt.load_progress(run_dir, "train_state", {"state": state, "best": best}, config,
-                                                identity)
+        restored = loop.resume({"state": state, "best": best})
         state, best = restored["state"], restored["best"]
-        start_epoch = progress["epoch"] + 1
-        best_acc, best_epoch = progress["best_val_accuracy"], progress["best_epoch"]
-        history, elapsed = progress["history"], progress["train_seconds"]
-
+        best_acc, best_epoch = loop.fields["best_val_accuracy"], loop.fields["best_epoch"]
     mesh = meshlib.resolve_data(mesh)
     state = meshlib.replicate(state, mesh)
+    step = _train_step(graphdef, tx, ds, cfg, mesh)
+    cbs = callbacks_of(callbacks)
+    for epoch in range(loop.done, cfg.epochs):
+        t0 = time.perf_counter()
+        state, train_loss, train_acc = _train_epoch(step, state, tr_idx, epoch, cfg, cbs)
+        if not np.isfinite(train_loss):
+            raise TrainingDivergedError(
+                f"the training loss became {train_loss} in epoch {epoch} (learning rate too large, or non-finite "
+                f"inputs); nothing of this epoch was kept" + (f", the last good checkpoint in {run_dir} is intact"
+                                                              if run_dir is not None and epoch > 0 else ""))
+        cur = nnx.merge(graphdef, state["params"], state["stats"])
+        val_acc = accuracy(cur, ds.x_train[va_idx], ds.y_train[va_idx], ds.info, cfg.eval_batch_size)
+        loop.seconds += time.perf_counter() - t0
+        if val_acc >= best_acc or cfg.keep == "last":
+            best_acc, best_epoch = val_acc, epoch
+            best = {"params": state["params"], "stats": state["stats"]}
+        rec = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_accuracy": val_acc,
+               "seconds": loop.seconds}
+        loop.record(rec, {"state": state, "best": best}, epoch=epoch, best_val_accuracy=best_acc,
+                    best_epoch=best_epoch)
+        notify(cbs, Progress("epoch", epoch, cfg.epochs, metrics=rec))
+        if cfg.patience > 0 and epoch - best_epoch >= cfg.patience:
+            break
+    final = nnx.merge(graphdef, best["params"], best["stats"])
+    return FitResult(final, best_acc, best_epoch, loop.history, loop.seconds)
+
+
+def _train_step(graphdef, tx, ds: Dataset, cfg: TrainConfig, mesh):
+    """The jitted ``step(state, idx) -> (state, loss, accuracy)`` of one batch of training
+    indices: augmentation (``cfg.augment``, default on for RGB), normalisation, cross-entropy,
+    the optimiser; a batch that divides the mesh's ``data`` axis is split over it."""
+    mean, std = jnp.asarray(ds.info.mean), jnp.asarray(ds.info.std)
+    x_all, y_all = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    do_augment = cfg.augment if cfg.augment is not None else ds.info.channels == 3
     n_data = meshlib.axis_size(mesh, "data")
 
     @jax.jit
@@ -318,49 +312,24 @@ def fit(
         params = optax.apply_updates(state["params"], upd)
         return {"params": params, "stats": stats, "opt": opt, "key": key}, loss, acc
 
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        key, k_epoch = jax.random.split(state["key"])
-        state = {**state, "key": key}
-        losses, accs = [], []
-        for s, bidx in enumerate(batches(len(tr_idx), cfg.batch_size, key=k_epoch)):
-            state, loss, acc = step(state, jnp.asarray(tr_idx[bidx]))
-            if cbs:
-                notify(cbs, Progress("step", epoch, cfg.epochs, s, steps_per_epoch,
-                                     {"loss": float(loss), "acc": float(acc)}))
-            losses.append(loss)
-            accs.append(acc)
-        jax.block_until_ready(state)
-        train_loss = float(jnp.mean(jnp.stack(losses)))
-        if not np.isfinite(train_loss):
-            raise TrainingDivergedError(
-                f"the training loss became {train_loss} in epoch {epoch} (learning rate too large, or non-finite "
-                f"inputs); nothing of this epoch was kept" + (f", the last good checkpoint in {run_dir} is intact"
-                                                              if run_dir is not None and epoch > start_epoch else ""))
-        cur = nnx.merge(graphdef, state["params"], state["stats"])
-        val_acc = accuracy(cur, ds.x_train[va_idx], ds.y_train[va_idx], ds.info, cfg.eval_batch_size)
-        elapsed += time.perf_counter() - t0
-        if val_acc >= best_acc or cfg.keep == "last":
-            best_acc, best_epoch = val_acc, epoch
-            best = {"params": state["params"], "stats": state["stats"]}
-        rec = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_accuracy": float(jnp.mean(jnp.stack(accs))),
-            "val_accuracy": val_acc,
-            "seconds": elapsed,
-        }
-        history.append(rec)
-        if run_dir is not None:
-            ckpt.save_progress(run_dir, "train_state", {"state": state, "best": best}, {
-                "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
-                "history": history, "train_seconds": elapsed, "config": config, "identity": identity})
-        notify(cbs, Progress("epoch", epoch, cfg.epochs, metrics=rec))
-        if cfg.patience > 0 and epoch - best_epoch >= cfg.patience:
-            break
+    return step
 
-    final = nnx.merge(graphdef, best["params"], best["stats"])
-    return FitResult(final, best_acc, best_epoch, history, elapsed)
+
+def _train_epoch(step, state, tr_idx, epoch: int, cfg: TrainConfig, cbs):
+    """One epoch of ``step`` over shuffled batches of ``tr_idx``: (state, mean loss, mean
+    accuracy); callbacks get a ``Progress("step", ...)`` per batch."""
+    key, k_epoch = jax.random.split(state["key"])
+    state = {**state, "key": key}
+    steps_per_epoch = -(-len(tr_idx) // cfg.batch_size)
+    losses, accs = [], []
+    for s, bidx in enumerate(batches(len(tr_idx), cfg.batch_size, key=k_epoch)):
+        state, loss, acc = step(state, jnp.asarray(tr_idx[bidx]))
+        if cbs:
+            notify(cbs, Progress("step", epoch, cfg.epochs, s, steps_per_epoch, {"loss": float(loss), "acc": float(acc)}))
+        losses.append(loss)
+        accs.append(acc)
+    jax.block_until_ready(state)
+    return state, float(jnp.mean(jnp.stack(losses))), float(jnp.mean(jnp.stack(accs)))
 
 
 def summary(model: SplittableModel) -> dict:

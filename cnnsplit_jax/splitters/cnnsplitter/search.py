@@ -23,7 +23,7 @@ from ...data import normalize
 from ...models import flatten_masks, kernel_multiplicity, mask_points
 from ...models.protocol import SplittableModel
 from ...models.protocol import KERNEL_MASKS, require
-from ...modules.extract import effective_masks
+from ...models import effective_masks
 from ...modules.module_set import ModuleSet
 from ...progress import Progress, RunWarning, callbacks_of, notify
 from ..base import SplitData, SplitResult, check_data, resume_identity
@@ -225,64 +225,63 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: CNNSplit
     check_data(data, model.num_classes)
     cbs = callbacks_of(callbacks)
     t_start = time.perf_counter()
-    config = ckpt.config_json(cfg)
-    identity = resume_identity(model, data, identity, train=False)
+    loop = ckpt.ResumableLoop(ckpt_dir, CKPT, ckpt.config_json(cfg), resume_identity(model, data, identity, train=False))
     ratios = [float(r) for r in sensitivity_ratios]
-    known, prep_before = None, {}
+    prep_before = {}
     if resume:
         if ckpt_dir is None:
             raise ValueError("resume=True needs ckpt_dir")
         # the sensitivity table is checkpointed with the GA (minutes of work on a large model)
-        prep_before = ckpt.read_progress(ckpt_dir, CKPT, config, identity).get("prepare", {})
-        if prep_before.get("ratios") == ratios:
-            known = prep_before.get("sensitivity")
+        prep_before = ckpt.read_progress(ckpt_dir, CKPT, loop.config, loop.identity).get("prepare", {})
+    known = prep_before.get("sensitivity") if prep_before.get("ratios") == ratios else None
     prep = prepare(model, x_u8, y, data.mean, data.std, cfg, sensitivity_ratios, sensitivity=known)
     prep_seconds = {k: v + prep_before.get("seconds", {}).get(k, 0.0) for k, v in prep.seconds.items()}
     prep_record = {"ratios": ratios, "sensitivity": prep.sensitivity, "seconds": prep_seconds}
     pb = problem(model, cfg, prep, x_u8, y, data.mean, data.std, meshlib.resolve(mesh))
     state = init(key, pb)
-    history, seconds = [], 0.0
     if resume:
-        tree, prog = ckpt.load_progress(ckpt_dir, CKPT, _tree(state), config, identity)
+        tree = loop.resume(_tree(state))
         state = state._replace(ga=tree["states"], population=tree["pops"], acc_ratio=tree["acc_ratio"],
-                               best_masks=tree["best_masks"], **{c: prog[c] for c in _COUNTERS})
-        history, seconds = prog["history"], prog["seconds"]
-        t_start -= prog.get("search_seconds", 0.0)  # wall time is cumulative over resumes
+                               best_masks=tree["best_masks"], **{c: loop.fields[c] for c in _COUNTERS})
+        t_start -= loop.fields.get("search_seconds", 0.0)  # wall time is cumulative over resumes
     store = LogitStore()  # the host cache of logits, outside the (pure) state
     while state.generation <= cfg.generations:
         state, rec = step(key, state, pb, store=store)
-        history.append(rec)
-        seconds += rec["seconds"]
-        if ckpt_dir is not None:
-            ckpt.save_progress(ckpt_dir, CKPT, _tree(state), {
-                "history": history, "seconds": seconds, "config": config, "identity": identity,
-                "prepare": prep_record,
-                "search_seconds": time.perf_counter() - t_start,
-                **{c: getattr(state, c) for c in _COUNTERS}})
-        chance = 1.0 / model.num_classes
-        if rec["generation"] == 0 and rec["accuracy"] < chance + 0.25 * (1.0 - chance):
-            warnings.warn(
-                f"the initial population composes to accuracy {rec['accuracy']:.3f} (chance {chance:.3f}): "
-                "its kept ratios remove too much of this model; raise the initial ratios (sensitive_ratios / "
-                "other_ratios) or use the 'narrow' preset", RunWarning, stacklevel=2)
+        loop.seconds += rec["seconds"]
+        loop.record(rec, _tree(state), prepare=prep_record, search_seconds=time.perf_counter() - t_start,
+                    **{c: getattr(state, c) for c in _COUNTERS})
+        _warn_near_chance(rec, model.num_classes)
         notify(cbs, Progress("generation", rec["generation"], cfg.generations + 1, metrics=rec))
         if cfg.early_stop and rec["generation"] > 0 and state.flat >= cfg.early_stop:
             break
-    phase_seconds = {**prep_seconds, "ga": seconds}
-    best = state.best_generation
-    if best < 0:  # only generation 0 ran: take its ensemble
-        eff, _, _, _ = _evaluate(pb, state.population, None)
-        ens = np.asarray(history[-1]["ensemble"])
-        state = state._replace(best_masks={k: jnp.asarray(v[np.arange(model.num_classes), ens])
-                                           for k, v in eff.items()})
-        best = history[-1]["generation"]
-    masks = {k: np.asarray(v, np.float32) for k, v in state.best_masks.items()}
-    norm = data.normalization.to_json()
-    ms = ModuleSet(model, masks, None, {"method": "ga", "normalization": norm, "best_generation": best,
-                                        "config": config})
-    return SplitResult(ms, history, time.perf_counter() - t_start, {
+    state, best = _best_ensemble(pb, state, loop.history)
+    ms = ModuleSet(model, {k: np.asarray(v, np.float32) for k, v in state.best_masks.items()}, None,
+                   {"method": "ga", "normalization": data.normalization.to_json(), "best_generation": best,
+                    "config": loop.config})
+    return SplitResult(ms, loop.history, time.perf_counter() - t_start, {
         "importance": prep.importance, "sensitivity": prep.sensitivity, "sensitive": prep.sensitive,
-        "best_generation": best, "phase_seconds": phase_seconds, "state": state})
+        "best_generation": best, "phase_seconds": {**prep_seconds, "ga": loop.seconds}, "state": state})
+
+
+def _warn_near_chance(rec: dict, num_classes: int) -> None:
+    chance = 1.0 / num_classes
+    if rec["generation"] == 0 and rec["accuracy"] < chance + 0.25 * (1.0 - chance):
+        warnings.warn(
+            f"the initial population composes to accuracy {rec['accuracy']:.3f} (chance {chance:.3f}): "
+            "its kept ratios remove too much of this model; raise the initial ratios (sensitive_ratios / "
+            "other_ratios) or use the 'narrow' preset", RunWarning, stacklevel=3)
+
+
+def _best_ensemble(pb: Problem, state: CNNSplitterState, history: list[dict]) -> tuple[CNNSplitterState, int]:
+    """(state, best generation): the best validation generation's ensemble, or, when only
+    generation 0 ran, that generation's."""
+    if state.best_generation >= 0:
+        return state, state.best_generation
+    eff, _, _, _ = _evaluate(pb, state.population, None)
+    ens = np.asarray(history[-1]["ensemble"])
+    n = pb.model.num_classes
+    return state._replace(best_masks={k: jnp.asarray(v[np.arange(n), ens]) for k, v in eff.items()}), \
+        history[-1]["generation"]
 
 
 def _tree(state: CNNSplitterState) -> dict:

@@ -22,7 +22,7 @@ from ...modules.module_set import ModuleSet
 from ...progress import Progress, callbacks_of, notify
 from ..base import SearchDivergedError, SplitData, SplitResult, check_data, resume_identity
 from .config import HEAD, MOD, GradSplitterConfig, phase_lr, phase_schedule
-from .step import (composed_scores, features_for_dataset, head_step, init, modularity_step, place,
+from .step import (feature_head_scores, features_for_dataset, head_step, init, modularity_step, place,
                    reset_optimizer, unplace)
 
 __all__ = ["split", "select_epoch", "report"]
@@ -78,113 +78,122 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: GradSpli
       SearchDivergedError: a NaN/inf loss; the previous epoch's checkpoint is kept.
     """
     require(model, KERNEL_MASKS, "GradSplitter", "decompose it by concern identification")
-    x_tr, y_tr, x_va, y_va = data.x_train, data.y_train, data.x_val, data.y_val
-    if len(x_tr) == 0 or len(x_va) == 0:
+    if len(data.x_train) == 0 or len(data.x_val) == 0:
         raise ValueError("GradSplitter needs non-empty training and validation splits")
     check_data(data, model.num_classes)
-    cbs = callbacks_of(callbacks)
-    phases = phase_schedule(cfg)
-    mean_j, std_j = jnp.asarray(data.mean), jnp.asarray(data.std)
-    x_tr_dev, y_tr_dev = jnp.asarray(x_tr), jnp.asarray(y_tr, jnp.int32)
-    ktot = total_kernels(model)
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
-    config = ckpt.config_json(cfg)
-    identity = resume_identity(model, data, identity)
+    cbs, phases, n = callbacks_of(callbacks), phase_schedule(cfg), model.num_classes
     mesh = meshlib.resolve(mesh)
-    n = model.num_classes
-    feats = lambda masks, x: features_for_dataset(  # noqa: E731
-        model, masks, x, data.mean, data.std, cfg.eval_batch_size, cfg.dedupe_features,
-        cfg.module_chunk or None, mesh=mesh)
-    real = lambda t: jax.tree.map(lambda v: v[:n], t)  # noqa: E731
-    saved = (lambda st: st) if mesh is None else (lambda st: unplace(st, n))  # noqa: E731
-
     ones = {p.name: jnp.ones((1, p.size)) for p in mask_points(model)}
-    base_val_acc = float((features_for_dataset(model, ones, x_va, data.mean, data.std,
-                                               cfg.eval_batch_size)[:, 0].argmax(-1) == y_va).mean())
+    base_val_acc = float((features_for_dataset(model, ones, data.x_val, data.mean, data.std,
+                                               cfg.eval_batch_size)[:, 0].argmax(-1) == data.y_val).mean())
     state = init(key, model, cfg)
-    history: list[dict] = []
     hist = _history_tree(model, 0)
-    elapsed = 0.0
+    loop = ckpt.ResumableLoop(ckpt_dir, CKPT, ckpt.config_json(cfg), resume_identity(model, data, identity),
+                              seconds_key="search_seconds")
     if resume:
         if ckpt_dir is None:
             raise ValueError("resume=True needs ckpt_dir")
-        tree, prog = ckpt.load_progress(ckpt_dir, CKPT, lambda p: {
-            "state": state, **_history_tree(model, len(p["history"]))}, config, identity)
-        state, hist = tree["state"], {"masks": tree["masks"], "heads": tree["heads"]}
-        hist = jax.tree.map(np.asarray, hist)
-        history, elapsed = prog["history"], prog["search_seconds"]
+        tree = loop.resume(lambda p: {"state": state, **_history_tree(model, len(p["history"]))})
+        state, hist = tree["state"], jax.tree.map(np.asarray, {"masks": tree["masks"], "heads": tree["heads"]})
     state = place(state, mesh)
-    t_start = time.perf_counter() - elapsed
+    t_start = time.perf_counter() - loop.seconds
+    run = _Epochs(model, data, cfg, mesh, cbs, phases, ckpt_dir)
+    for epoch in range(loop.done, len(phases)):
+        state, metrics = run.train(state, epoch)
+        val_acc = run.validate(state)
+        bin_masks = {k: dist.host(v[:n] > 0) for k, v in state.masks.items()}
+        loop.seconds = time.perf_counter() - t_start
+        rec = _epoch_record(model, epoch, phases[epoch], metrics, val_acc, bin_masks, state, loop.seconds)
+        hist = {"masks": {k: np.concatenate([hist["masks"][k], v[None].astype(np.uint8)])
+                          for k, v in bin_masks.items()},
+                "heads": Heads(*(np.concatenate([a, dist.host(b)[None]]) for a, b in zip(hist["heads"], run.real(state.heads))))}
+        loop.record(rec, {"state": run.saved(state), **hist}, base_val_accuracy=base_val_acc)
+        notify(cbs, Progress("epoch", epoch, len(phases), metrics=rec))
+    if not loop.history:
+        raise ValueError("the schedule has no epoch: set head_epochs or modularity_epochs > 0")
+    sel = select_epoch(loop.history, base_val_acc, cfg.select_tolerance)
+    ms = ModuleSet(model, {k: v[sel].astype(np.float32) for k, v in hist["masks"].items()},
+                   Heads(*(np.asarray(h[sel]) for h in hist["heads"])),
+                   {"method": "grad", "normalization": data.normalization.to_json(), "selected_epoch": sel,
+                    "config": loop.config})
+    return SplitResult(ms, loop.history, time.perf_counter() - t_start, {
+        "state": run.saved(state), "masks_history": {k: v.astype(bool) for k, v in hist["masks"].items()},
+        "heads_history": hist["heads"], "base_val_accuracy": base_val_acc, "selected_epoch": sel})
 
-    @jax.jit
-    def gather(idx):
-        return normalize(x_tr_dev[idx], mean_j, std_j), y_tr_dev[idx]
 
-    feats_tr = feats_va = None  # cached features while masks are frozen (head phases)
-    for epoch in range(len(history), len(phases)):
-        phase = phases[epoch]
-        if epoch == 0 or phases[epoch - 1] != phase:  # fresh Adam at every phase change
-            state = place(reset_optimizer(state, phase_lr(cfg, epoch, phase)), mesh)
+class _Epochs:
+    """One epoch of the schedule: the steps of its phase (modularization: masks and heads on
+    image batches; head: heads on features cached while the masks stay frozen) and the
+    validation accuracy of the composed heads."""
+
+    def __init__(self, model, data: SplitData, cfg: GradSplitterConfig, mesh, cbs, phases, ckpt_dir):
+        self.model, self.data, self.cfg, self.mesh, self.cbs, self.phases = model, data, cfg, mesh, cbs, phases
+        self.ckpt_dir, n = ckpt_dir, model.num_classes
+        self.x_tr, self.y_tr = jnp.asarray(data.x_train), jnp.asarray(data.y_train, jnp.int32)
+        self.mean, self.std = jnp.asarray(data.mean), jnp.asarray(data.std)
+        self.real = lambda t: jax.tree.map(lambda v: v[:n], t)
+        self.saved = (lambda st: st) if mesh is None else (lambda st: unplace(st, n))
+        self.gather = jax.jit(lambda idx: (normalize(self.x_tr[idx], self.mean, self.std), self.y_tr[idx]))
+        self.feats_tr = self.feats_va = None  # features cached while masks are frozen (head phases)
+
+    def features(self, masks, x):
+        d, c = self.data, self.cfg
+        return features_for_dataset(self.model, masks, x, d.mean, d.std, c.eval_batch_size, c.dedupe_features,
+                                    c.module_chunk or None, mesh=self.mesh)
+
+    def train(self, state, epoch: int):
+        """(state, per-step metrics) after epoch ``epoch``; a fresh Adam at every phase change."""
+        cfg, phase, n = self.cfg, self.phases[epoch], self.model.num_classes
+        if epoch == 0 or self.phases[epoch - 1] != phase:
+            state = place(reset_optimizer(state, phase_lr(cfg, epoch, phase)), self.mesh)
         k_next, k_epoch = jax.random.split(state.key)
         state = state._replace(key=k_next)
-        order = list(batches(len(y_tr), cfg.batch_size, key=k_epoch))
+        order = list(batches(len(self.data.y_train), cfg.batch_size, key=k_epoch))
+        if phase == HEAD and self.feats_tr is None:
+            self.feats_tr = jnp.asarray(self.features(state.masks, self.data.x_train))
         metrics = []
-        if phase == HEAD and feats_tr is None:
-            feats_tr = jnp.asarray(feats(state.masks, x_tr))
         for s, idx in enumerate(order):
             idx = jnp.asarray(idx)
             if phase == MOD:
-                state, m = modularity_step(model, cfg, state, *gather(idx), mesh=mesh, n_real=n)
+                state, m = modularity_step(self.model, cfg, state, *self.gather(idx), mesh=self.mesh, n_real=n)
             else:
-                state, m = head_step(cfg, state, feats_tr[idx], y_tr_dev[idx], n_real=n)
+                state, m = head_step(cfg, state, self.feats_tr[idx], self.y_tr[idx], n_real=n)
             m = {k: float(v) for k, v in m.items()}
             if not np.isfinite(m["loss"]):
                 raise SearchDivergedError(
                     f"GradSplitter loss became {m['loss']} at epoch {epoch}, step {s}; the last good "
-                    f"checkpoint (epoch {epoch - 1}) is intact" + (f" in {ckpt_dir}" if ckpt_dir else ""))
+                    f"checkpoint (epoch {epoch - 1}) is intact" + (f" in {self.ckpt_dir}" if self.ckpt_dir else ""))
             metrics.append(m)
-            notify(cbs, Progress("step", epoch, len(phases), s, len(order), m))
+            notify(self.cbs, Progress("step", epoch, len(self.phases), s, len(order), m))
         if phase == MOD:
-            feats_tr = feats_va = None
-        if feats_va is None:
-            feats_va = feats(state.masks, x_va)
-        val_acc = float((composed_scores(real(state.heads), feats_va[:, :n]).argmax(-1) == y_va).mean())
-        bin_masks = {k: dist.host(v[:n] > 0) for k, v in state.masks.items()}
-        kept = sum(bin_masks[p.name].sum(-1) * len(p.layers) for p in mask_points(model))
-        elapsed = time.perf_counter() - t_start
-        rec = {
-            "epoch": epoch,
-            "phase": "modularity" if phase == MOD else "head",
-            "loss": float(np.mean([m["loss"] for m in metrics])),
-            "ce": float(np.mean([m["ce"] for m in metrics])),
-            "train_accuracy": float(np.mean([m["acc"] for m in metrics])),
-            "val_accuracy": val_acc,
-            "mean_kernels": float(kept.mean()),
-            "mean_retention": float(kept.mean() / ktot),
-            "lr": float(state.opt_state.hyperparams["learning_rate"]),
-            "seconds": elapsed,
-        }
-        history.append(rec)
-        hist = {"masks": {k: np.concatenate([hist["masks"][k], v[None].astype(np.uint8)])
-                          for k, v in bin_masks.items()},
-                "heads": Heads(*(np.concatenate([a, dist.host(b)[None]]) for a, b in zip(hist["heads"], real(state.heads))))}
-        if ckpt_dir is not None:
-            ckpt.save_progress(ckpt_dir, CKPT, {"state": saved(state), **hist}, {
-                "history": history, "search_seconds": elapsed, "config": config, "identity": identity,
-                "base_val_accuracy": base_val_acc})
-        notify(cbs, Progress("epoch", epoch, len(phases), metrics=rec))
+            self.feats_tr = self.feats_va = None
+        return state, metrics
 
-    if not history:
-        raise ValueError("the schedule has no epoch: set head_epochs or modularity_epochs > 0")
-    sel = select_epoch(history, base_val_acc, cfg.select_tolerance)
-    masks = {k: v[sel].astype(np.float32) for k, v in hist["masks"].items()}
-    heads = Heads(*(np.asarray(h[sel]) for h in hist["heads"]))
-    norm = data.normalization.to_json()
-    ms = ModuleSet(model, masks, heads, {"method": "grad", "normalization": norm, "selected_epoch": sel,
-                                         "config": config})
-    return SplitResult(ms, history, time.perf_counter() - t_start, {
-        "state": saved(state), "masks_history": {k: v.astype(bool) for k, v in hist["masks"].items()},
-        "heads_history": hist["heads"], "base_val_accuracy": base_val_acc, "selected_epoch": sel})
+    def validate(self, state) -> float:
+        """Accuracy of the argmax of the N modules' head scores on the validation split."""
+        if self.feats_va is None:
+            self.feats_va = self.features(state.masks, self.data.x_val)
+        n = self.model.num_classes
+        scores = feature_head_scores(self.real(state.heads), self.feats_va[:, :n])
+        return float((scores.argmax(-1) == self.data.y_val).mean())
+
+
+def _epoch_record(model, epoch: int, phase: int, metrics: list[dict], val_acc: float, bin_masks: dict, state,
+                  seconds: float) -> dict:
+    """The history record of an epoch (means of its steps' metrics, kept kernels, lr)."""
+    kept = sum(bin_masks[p.name].sum(-1) * len(p.layers) for p in mask_points(model))
+    return {
+        "epoch": epoch,
+        "phase": "modularity" if phase == MOD else "head",
+        "loss": float(np.mean([m["loss"] for m in metrics])),
+        "ce": float(np.mean([m["ce"] for m in metrics])),
+        "train_accuracy": float(np.mean([m["acc"] for m in metrics])),
+        "val_accuracy": val_acc,
+        "mean_kernels": float(kept.mean()),
+        "mean_retention": float(kept.mean() / total_kernels(model)),
+        "lr": float(state.opt_state.hyperparams["learning_rate"]),
+        "seconds": seconds,
+    }
 
 
 def report(result: SplitResult, data: SplitData) -> dict:
