@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, torch_enabled, write_json  # noqa: E402
 
 from cnnsplit_jax.models import build_model, flatten_masks  # noqa: E402
-from cnnsplit_jax.modules.extract import effective_masks, extract_module  # noqa: E402
+from cnnsplit_jax.models import effective_masks  # noqa: E402
+from cnnsplit_jax.modules.extract import extract_module  # noqa: E402
 from cnnsplit_jax.splitters import cnnsplitter as cs  # noqa: E402
 from cnnsplit_jax.splitters.cnnsplitter import (CNNSplitterGA, FitnessConfig, decode, genome_layout,  # noqa: E402
                                                 heuristic_population, importance_order, jaccard_distance_table,

@@ -12,13 +12,18 @@ The names a JAX user needs, flat (optax style)::
 
 Packages, bottom to top: ``models`` (architectures, masks, conv, interop), ``data``,
 ``checkpoint``, ``train``, ``modules`` (module sets, heads, extraction, THE module forward),
-``splitters`` (``gradsplitter``, ``cnnsplitter``, ``concern``: one ``split`` API each),
+``splitters`` (``gradsplitter``, ``cnnsplitter``, ``concern``: one ``split`` API each, one
+``Method`` record each in ``METHODS``),
 ``compose`` / ``evaluate`` / ``reuse``, ``pipeline`` (runs on disk), ``cli``; ``mesh`` (devices)
 and ``distributed`` (several processes: call ``cs.distributed.initialize()`` before any JAX work).
 
 Names are imported on first use (PEP 562), so ``import cnnsplit_jax`` loads neither JAX nor
 anything else until a name is read, and ``python -m cnnsplit_jax`` can drop the current
 directory from the import path before it imports a dependency.
+
+The public API is what ``__all__`` lists here and in each subpackage; ``docs/api.md`` lists
+every such name with its one-line docstring (checked by ``tests/test_api_docs.py``). Modules
+inside a package (``splitters/gradsplitter/step.py`` ...) are internal: import from the package.
 """
 
 from __future__ import annotations
@@ -34,17 +39,19 @@ __version__ = "0.3.0"
 _NAMES = {
     **{n: "checkpoint" for n in ("CheckpointError", "UntrustedDefinitionError", "load_model", "save_model")},
     **{n: "compose" for n in ("ClassRef", "Composition", "apply", "compose", "predict_scores")},
-    **{n: "data" for n in ("Dataset", "DatasetError", "DatasetInfo", "load_dataset", "load_task", "normalize",
-                           "to_uint8")},
+    **{n: "data" for n in ("Dataset", "DatasetError", "DatasetInfo", "Normalization", "load_dataset", "load_task",
+                           "normalize", "to_uint8")},
     "evaluate_module_set": "evaluate",
     **{n: "models" for n in ("ARCHITECTURES", "AdaptedCNN", "AdapterError", "InceCNN", "MaskedCNN", "ResCNN", "ResNet",
                              "SimCNN", "build_model", "count_params", "adapt", "kept_kernels", "load_variables",
-                             "mask_points", "ones_masks", "total_kernels")},
+                             "mask_points", "ones_masks", "total_kernels", "SplittableModel", "ModelCapabilityError",
+                             "require")},
     **{n: "modules" for n in ("ConcernModuleSet", "ModuleSet", "Pick", "load_module_set", "module_outputs",
                               "save_module_set")},
     "Progress": "progress",
     **{n: "splitters" for n in ("CNNSplitterConfig", "ConcernConfig", "GradSplitterConfig", "SearchDivergedError",
-                                "SplitData", "SplitResult", "cnnsplitter", "concern", "gradsplitter")},
+                                "SplitData", "SplitResult", "cnnsplitter", "concern", "gradsplitter", "METHODS",
+                                "Method")},
     **{n: "train" for n in ("TrainConfig", "TrainingDivergedError", "fit")},
 }
 _SUBPACKAGES = ("checkpoint", "data", "distributed", "mesh", "models", "modules", "pipeline", "splitters")
@@ -84,13 +91,14 @@ if TYPE_CHECKING:  # what static tools see (the same names, imported eagerly)
     from . import checkpoint, data, distributed, mesh, models, modules, pipeline, splitters  # noqa: F401
     from .checkpoint import CheckpointError, UntrustedDefinitionError, load_model, save_model  # noqa: F401
     from .compose import ClassRef, Composition, apply, compose, predict_scores  # noqa: F401
-    from .data import Dataset, DatasetError, DatasetInfo, load_dataset, load_task, normalize, to_uint8  # noqa: F401
+    from .data import (Dataset, DatasetError, DatasetInfo, Normalization, load_dataset, load_task,  # noqa: F401
+                       normalize, to_uint8)
     from .evaluate import evaluate_module_set  # noqa: F401
     from .models import (ARCHITECTURES, AdaptedCNN, AdapterError, InceCNN, MaskedCNN, ResCNN, ResNet,  # noqa: F401
-                         SimCNN, adapt, build_model, count_params, kept_kernels, load_variables, mask_points,
-                         ones_masks, total_kernels)
+                         ModelCapabilityError, SimCNN, SplittableModel, adapt, build_model, count_params,
+                         kept_kernels, load_variables, mask_points, ones_masks, require, total_kernels)
     from .modules import ConcernModuleSet, ModuleSet, Pick, load_module_set, module_outputs, save_module_set  # noqa: F401
     from .progress import Progress  # noqa: F401
-    from .splitters import (CNNSplitterConfig, ConcernConfig, GradSplitterConfig, SearchDivergedError,  # noqa: F401
-                            SplitData, SplitResult, cnnsplitter, concern, gradsplitter)
+    from .splitters import (METHODS, CNNSplitterConfig, ConcernConfig, GradSplitterConfig, Method,  # noqa: F401
+                            SearchDivergedError, SplitData, SplitResult, cnnsplitter, concern, gradsplitter)
     from .train import TrainConfig, TrainingDivergedError, fit  # noqa: F401

@@ -114,3 +114,48 @@ def test_kinds_are_not_told_apart_by_type_checks():
                 if "nodes" in ast.unparse(node):
                     found.append(f"{f.relative_to(PKG)}: {ast.unparse(node)}")
     assert not found, found
+
+
+def _functions():
+    for f in _files():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield f, node
+
+
+def test_no_function_over_80_lines():
+    long = [f"{f.relative_to(PKG)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for f, n in _functions() if n.end_lineno - n.lineno + 1 > 80]
+    assert not long, long
+
+
+def test_models_are_asked_through_the_protocol_not_probed():
+    """``models.protocol.require`` / ``has`` answer what a model can do; no code probes a
+    model's attributes to guess its family (``adapted``, ``blocks``, ``calls``, ``mask_kind``)."""
+    probes = ("adapted", "blocks", "calls", "mask_kind", "nodes")
+    found = []
+    for f in _files():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr") \
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in probes:
+                found.append(f"{f.relative_to(PKG)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found
+
+
+def test_no_method_is_told_apart_by_its_name_outside_the_registry():
+    """A method is known by name only in ``splitters/registry.py``: no comparison (``==``,
+    ``!=``, ``in``) with a method name anywhere else in the package."""
+    from cnnsplit_jax.splitters import METHODS
+
+    names, found = set(METHODS), []
+    for f in _files():
+        if f.relative_to(PKG).as_posix() == "splitters/registry.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                consts += [e for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                           for e in c.elts if isinstance(e, ast.Constant)]
+                if any(c.value in names for c in consts):
+                    found.append(f"{f.relative_to(PKG)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found

@@ -1,16 +1,16 @@
 """Data: named datasets as uint8 NumPy arrays plus metadata (``sources``), splits and tasks
 (``splits``), normalisation and batching (``batching``)."""
 
-from .batching import Normalization, batches, check_images, check_labels, map_batches, normalize, sum_batches, to_uint8
+from .batching import Normalization, batches, check_images, fit_images, check_labels, map_batches, normalize, sum_batches, to_uint8
 from .sources import (DATASETS, Dataset, DatasetError, DatasetInfo, image_stats, load_dataset,
                       read_idx)
 from .splits import (Task, dirichlet_subsample, is_task_spec, load_task, make_task, parse_classes,
-                     parse_task, select_classes, test_splits, train_val_split)
+                     parse_task, select_classes, split_indices, test_splits, train_val_split)
 
 __all__ = [
-    "DATASETS", "Dataset", "DatasetError", "DatasetInfo", "Normalization", "Task", "batches", "check_images", "check_labels",
+    "DATASETS", "Dataset", "DatasetError", "DatasetInfo", "Normalization", "fit_images", "Task", "batches", "check_images", "check_labels",
     "dirichlet_subsample", "to_uint8",
     "image_stats", "is_task_spec", "load_dataset", "load_task", "make_task", "map_batches",
-    "normalize", "parse_classes", "parse_task", "read_idx", "select_classes", "sum_batches",
+    "normalize", "parse_classes", "split_indices", "parse_task", "read_idx", "select_classes", "sum_batches",
     "test_splits", "train_val_split",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import distributed as dist
 
-__all__ = ["Normalization", "normalize", "batches", "map_batches", "sum_batches", "check_images", "check_labels", "to_uint8"]
+__all__ = ["Normalization", "normalize", "fit_images", "batches", "map_batches", "sum_batches", "check_images", "check_labels", "to_uint8"]
 
 _FLOAT_HINT = ("convert float images with cnnsplit_jax.data.to_uint8(x, scale=1.0) (pixels in [0, 1]) or "
                "scale=255.0 (pixels in [0, 255]), which checks their range")
@@ -218,3 +218,20 @@ def sum_batches(
         if on_batch is not None:
             on_batch(i + 1, steps)
     return total
+
+
+def fit_images(x: np.ndarray, shape) -> np.ndarray:
+    """Images ``[N, H, W, C]`` as a model reading ``shape`` (H', W', C) takes them: centre crops
+    when H' <= H and W' <= W (Fashion-MNIST's 28x28 inside the loader's 32x32 padding).
+
+    Raises:
+      ValueError: larger images than the dataset's, or other channels.
+    """
+    h, w, c = (int(v) for v in shape)
+    if x.shape[1:] == (h, w, c):
+        return x
+    if x.shape[3] != c or h > x.shape[1] or w > x.shape[2]:
+        raise ValueError(f"the model reads images {[h, w, c]}, the dataset's are {list(x.shape[1:])}: "
+                         "only centre crops of the same channels are taken")
+    top, left = (x.shape[1] - h) // 2, (x.shape[2] - w) // 2
+    return x[:, top:top + h, left:left + w]

@@ -12,7 +12,7 @@ import numpy as np
 
 from .sources import DATASETS, Dataset, DatasetError, DatasetInfo, image_stats, load_dataset
 
-__all__ = ["train_val_split", "test_splits", "dirichlet_subsample", "select_classes", "Task",
+__all__ = ["train_val_split", "split_indices", "test_splits", "dirichlet_subsample", "select_classes", "Task",
            "make_task", "parse_classes", "parse_task", "load_task", "is_task_spec"]
 
 
@@ -228,3 +228,27 @@ def dirichlet_subsample(
 def is_task_spec(spec: str) -> bool:
     """True for a task spec (``digits:0-4``, ``a+b``), False for a plain dataset name."""
     return ":" in spec or "+" in spec
+
+
+def split_indices(
+    labels: np.ndarray,
+    seed: int,
+    val_fraction: float = 0.2,
+    dirichlet_alpha: float | None = None,
+    dirichlet_min_size: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train / validation indices into the training set, as ``fit`` uses them.
+
+    Without ``dirichlet_alpha``: a seeded permutation, its first ``1 - val_fraction`` for
+    training. With it: the reference's non-IID subsample (``data.dirichlet_subsample``, already
+    shuffled), split *in order* as the reference does: its first ``int((1 - val_fraction) * n)``
+    for training, the rest for validation. The splitters reuse the base model's split: their
+    training data is its training part and their validation data its validation part.
+    """
+    if dirichlet_alpha is None:
+        return train_val_split(len(labels), seed, val_fraction)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    idx = dirichlet_subsample(labels, seed, dirichlet_alpha, dirichlet_min_size)
+    n_train = int((1.0 - val_fraction) * len(idx))
+    return idx[:n_train], idx[n_train:]

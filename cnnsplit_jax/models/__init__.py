@@ -14,7 +14,7 @@ from .adapted_io import load_variables
 from .adapter import AdaptedCNN, AdapterError, adapt
 from .base import IMAGE_SIZE, ConvBN, ConvSpec, Dense, MaskedCNN, MaskPoint, scaled
 from .cnn import CNNS, InceCNN, ResCNN, ResCNNWeak, SimCNN, SimCNNWeak
-from .masks import (count_params, flatten_masks, kept_kernels, kernel_multiplicity, mask_points,
+from .masks import (count_params, effective_masks, flatten_masks, kept_kernels, kernel_multiplicity, mask_points,
                     ones_masks, total_kernels)
 from .protocol import (DECLARED_GRAPH, KERNEL_MASKS, POSITION_NODES, USER_DEFINITION, ModelCapabilityError,
                        SplittableModel, has, require)
@@ -24,7 +24,7 @@ __all__ = [
     "AdaptedCNN", "AdapterError", "adapt", "load_variables",
     "ARCHITECTURES", "IMAGE_SIZE", "ConvBN", "ConvSpec", "Dense", "InceCNN", "MaskPoint",
     "MaskedCNN", "Node", "ResCNN", "ResCNNWeak", "ResNet", "ResNet20", "ResNet32", "ResNet56",
-    "SimCNN", "SimCNNWeak", "build_model", "count_params", "flatten_masks", "kept_kernels",
+    "SimCNN", "SimCNNWeak", "build_model", "count_params", "effective_masks", "flatten_masks", "kept_kernels",
     "kernel_multiplicity", "mask_points", "ones_masks", "scaled", "total_kernels",
     "DECLARED_GRAPH", "KERNEL_MASKS", "POSITION_NODES", "USER_DEFINITION", "ModelCapabilityError", "SplittableModel",
     "has", "require",

@@ -108,6 +108,33 @@ def adapt(
         point that does not drop its kernel, or (``kind="node"``) nodes that are not ReLU
         inputs.
     """
+    auto, ties = _check_arguments(net, variables, input_shape, kind, ties)
+    definition = definition_of(net, definition)
+    calls, out, final_dense, convs = _discover_calls(net, variables, input_shape, apply_kwargs, kind, num_classes)
+    chosen = list(convs) if mask_points is None else list(mask_points)
+    unknown = [p for p in chosen + [q for g in ties for q in g] if p not in convs]
+    if unknown:
+        raise AdapterError(f"no conv layer at path(s) {unknown}; the convs found are {list(convs)}")
+
+    def build(where: Mapping[str, str]) -> AdaptedCNN:
+        make = lambda pts: AdaptedCNN(  # noqa: E731
+            net, variables, input_shape=input_shape, num_classes=out[1], points=pts, calls=calls,
+            apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__, kind=kind, head=final_dense,
+            definition=definition, placements=where)
+        # every chosen conv its own point, then the points combined channel by channel share one
+        found = make(_group(convs, chosen, ())).channel_graph(list(convs))[0] if auto else ties
+        return make(_group(convs, chosen, found))
+
+    model = build(placements or {})
+    if kind == "kernel" and verify:
+        model = _verified(model, build)
+    if kind == "node" and require_relu:
+        _require_relu_nodes(model)
+    return model
+
+
+def _check_arguments(net, variables, input_shape, kind: str, ties) -> tuple[bool, tuple]:
+    """``adapt``'s argument checks; returns (trace ties automatically, explicit tie groups)."""
     if isinstance(net, nnx.Module) == (variables is not None):
         raise AdapterError("pass an NNX module alone, or a Linen module with its variables")
     if len(tuple(input_shape)) != 3:
@@ -119,8 +146,12 @@ def adapt(
         raise AdapterError(f"ties must be 'auto', 'none' or groups of conv paths, got {ties!r}")
     if kind == "node" and not auto and ties:
         raise AdapterError("ties gate kernels; position nodes (kind='node') are never tied")
-    auto, ties = auto and ties == "auto" and kind == "kernel", (() if auto else ties)
-    definition = definition_of(net, definition)
+    return auto and ties == "auto" and kind == "kernel", (() if auto else ties)
+
+
+def _discover_calls(net, variables, input_shape, apply_kwargs, kind: str, num_classes):
+    """(layer calls, logits shape, the final dense layer or None, ``{path: conv call}``) of one
+    traced forward pass, each checked (``adapt``'s Raises)."""
     check_call(net, variables, input_shape, apply_kwargs)
     try:
         calls, out, final_dense = discover(net, variables, input_shape=input_shape, apply_kwargs=apply_kwargs)
@@ -140,27 +171,7 @@ def adapt(
     if len({c.path for c in calls}) != len(calls):
         raise AdapterError("a conv, norm or dense layer is called more than once per forward pass (weight sharing); "
                            "declare mask_points explicitly for layers called once")
-    chosen = list(convs) if mask_points is None else list(mask_points)
-    unknown = [p for p in chosen + [q for g in ties for q in g] if p not in convs]
-    if unknown:
-        raise AdapterError(f"no conv layer at path(s) {unknown}; the convs found are {list(convs)}")
-    order = list(convs)
-
-    def build(where: Mapping[str, str]) -> AdaptedCNN:
-        make = lambda pts: AdaptedCNN(  # noqa: E731
-            net, variables, input_shape=input_shape, num_classes=out[1], points=pts, calls=calls,
-            apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__, kind=kind, head=final_dense,
-            definition=definition, placements=where)
-        # every chosen conv its own point, then the points combined channel by channel share one
-        found = make(_group(convs, chosen, ())).channel_graph(order)[0] if auto else ties
-        return make(_group(convs, chosen, found))
-
-    model = build(placements or {})
-    if kind == "kernel" and verify:
-        model = _verified(model, build)
-    if kind == "node" and require_relu:
-        _require_relu_nodes(model)
-    return model
+    return calls, out, final_dense, convs
 
 
 def _verified(model: AdaptedCNN, build) -> AdaptedCNN:

@@ -192,28 +192,7 @@ def torch_model(model_or_arch, **kwargs):
             return y
 
         def features(self, x, masks=None):
-            L = lambda n, h: self._l(n, h, masks)  # noqa: E731
-            pool = lambda h: torch.max_pool2d(h, 2, 2)  # noqa: E731
-            if arch == "simcnn":
-                for i in range(13):
-                    x = L(f"conv_{i}", x)
-                    if i in (1, 3, 6, 9, 12):
-                        x = pool(x)
-                return x.flatten(1)
-            if arch == "rescnn":
-                x = pool(L("conv_1", L("conv_0", x)))
-                x = L("conv_3", L("conv_2", x)) + x
-                x = pool(L("conv_5", pool(L("conv_4", x))))
-                x = L("conv_7", L("conv_6", x)) + x
-                x = pool(L("conv_9", pool(L("conv_8", x))))
-                x = L("conv_11", L("conv_10", x)) + x
-                return x.flatten(1)
-            x = pool(L("conv_2", L("conv_1", L("conv_0", x))))
-            for b, first in enumerate((3, 6, 9)):
-                x = torch.cat([L(f"conv_{first + j}", x) for j in range(3)], 1)
-                if b < 2:
-                    x = pool(x)
-            return x.mean((2, 3))
+            return _torch_features(arch, lambda n, h: self._l(n, h, masks), x)
 
         def forward(self, x, masks=None):
             h = self.features(x, masks)
@@ -228,3 +207,31 @@ def torch_model(model_or_arch, **kwargs):
     if isinstance(model_or_arch, MaskedCNN):
         ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch_state_dict(src).items()}, strict=False)
     return ref.eval()
+
+
+def _torch_features(arch: str, L, x):
+    """The reference's conv stack of ``arch`` in PyTorch (NCHW): ``L(name, h)`` one masked
+    conv + BN + ReLU layer; returns the FC input."""
+    import torch
+
+    pool = lambda h: torch.max_pool2d(h, 2, 2)  # noqa: E731
+    if arch == "simcnn":
+        for i in range(13):
+            x = L(f"conv_{i}", x)
+            if i in (1, 3, 6, 9, 12):
+                x = pool(x)
+        return x.flatten(1)
+    if arch == "rescnn":
+        x = pool(L("conv_1", L("conv_0", x)))
+        x = L("conv_3", L("conv_2", x)) + x
+        x = pool(L("conv_5", pool(L("conv_4", x))))
+        x = L("conv_7", L("conv_6", x)) + x
+        x = pool(L("conv_9", pool(L("conv_8", x))))
+        x = L("conv_11", L("conv_10", x)) + x
+        return x.flatten(1)
+    x = pool(L("conv_2", L("conv_1", L("conv_0", x))))
+    for b, first in enumerate((3, 6, 9)):
+        x = torch.cat([L(f"conv_{first + j}", x) for j in range(3)], 1)
+        if b < 2:
+            x = pool(x)
+    return x.mean((2, 3))

@@ -25,6 +25,7 @@ __all__ = [
     "flatten_masks",
     "count_params",
     "PerUse",
+    "effective_masks",
 ]
 
 
@@ -96,3 +97,15 @@ class PerUse(Mapping):
 
     def __len__(self):
         return len(self._masks)
+
+
+def effective_masks(masks: Mapping[str, jax.Array]) -> dict:
+    """Binary float32 masks ``[..., C]`` with the keep-one rule applied: a row that keeps no
+    kernel keeps channel 0. NumPy in, NumPy out; JAX arrays (traced too) in, JAX out."""
+    out = {}
+    for k, v in masks.items():
+        xp = jnp if isinstance(v, jax.Array) else np
+        b = (xp.asarray(v) > 0).astype(xp.float32)
+        first = xp.where(b.sum(-1) == 0, 1.0, b[..., 0]).astype(xp.float32)
+        out[k] = xp.concatenate([first[..., None], b[..., 1:]], axis=-1)
+    return out

@@ -6,7 +6,7 @@ matching input channels (concatenated inputs are offset by the original branch w
 entries are sliced, and the first FC layer keeps the input rows of the kept kernels of the
 layers feeding it. Later FC layers and the head are copied unchanged.
 
-``effective_masks`` applies the same keep-one rule to dense masks, so the vmapped masked
+``models.effective_masks`` applies the same keep-one rule to dense masks, so the vmapped masked
 forward equals the extracted modules exactly (tests/test_extract.py).
 """
 
@@ -24,7 +24,6 @@ from ..models import MaskedCNN, build_model, mask_points
 __all__ = [
     "ExtractedModule",
     "kept_indices",
-    "effective_masks",
     "extract_module",
     "extract_all",
     "forward_flops",
@@ -51,17 +50,6 @@ def kept_indices(model: MaskedCNN, masks_i: Mapping[str, np.ndarray]) -> dict[st
     for p in mask_points(model):
         idx = np.flatnonzero(np.asarray(masks_i[p.name]) > 0)
         out[p.name] = idx if idx.size else np.array([0])
-    return out
-
-
-def effective_masks(masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Binary masks ``[..., C]`` with the keep-one rule applied (channel 0 of empty rows)."""
-    out = {}
-    for k, v in masks.items():
-        b = (np.asarray(v) > 0).astype(np.float32)
-        empty = b.sum(-1) == 0
-        b[..., 0] = np.where(empty, 1.0, b[..., 0])
-        out[k] = b
     return out
 
 

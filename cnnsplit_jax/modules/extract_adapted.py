@@ -34,7 +34,7 @@ from flax.linen.linear import canonicalize_padding
 
 from ..models.ties import IMAGE
 from ..models.protocol import KERNEL_MASKS, USER_DEFINITION, has
-from .extract import effective_masks
+from ..models import effective_masks
 
 __all__ = ["AdaptedModule", "extract_adapted", "extract_adapted_all", "adapted_flops", "ExtractionError"]
 

@@ -41,7 +41,8 @@ from ..data import map_batches, normalize
 from ..models import mask_points
 from ..models.masks import PerUse
 from ..models.protocol import DECLARED_GRAPH, has
-from .extract import ExtractedModule, effective_masks, extract_module, kept_indices
+from ..models import effective_masks
+from .extract import ExtractedModule, extract_module, kept_indices
 from .extract_adapted import extract_adapted_all
 from .heads import Heads, concern_positive, positive_probability, scores_from_logits, vote_scores
 

@@ -30,7 +30,8 @@ from ..models import count_params, flatten_masks, mask_points, total_kernels
 from ..models.protocol import SplittableModel
 from ..models.resnet import RESIDUAL_MAPPINGS
 from ..models.protocol import DECLARED_GRAPH, KERNEL_MASKS, POSITION_NODES, has, require
-from .extract import effective_masks, extract_all, forward_flops
+from ..models import effective_masks
+from .extract import extract_all, forward_flops
 from .extract_adapted import ExtractionError, adapted_flops, extract_adapted_all
 from .heads import Heads
 from .weight_jaccard import weight_jaccard

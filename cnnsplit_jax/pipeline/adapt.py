@@ -16,7 +16,8 @@ from .. import checkpoint as ckpt
 from ..models import adapt, load_variables
 from ..models.adapted_io import build_definition, linen_template
 from ..train import accuracy
-from .runs import exclusive, fit_images, prepare_out, train_data
+from ..data import fit_images
+from .runs import exclusive, prepare_out, train_data
 
 __all__ = ["adapt_run"]
 

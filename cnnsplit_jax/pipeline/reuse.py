@@ -19,7 +19,8 @@ from ..reuse import Source, compose_task, continuous_learning, evaluate_picks, p
     train_from_scratch
 from ..train import RECIPES, TrainConfig
 from ..validate import at_least
-from .runs import exclusive, fit_dataset, fit_images, prepare_out, run_data
+from ..data import fit_images
+from .runs import exclusive, fit_dataset, prepare_out, run_data
 
 __all__ = ["parse_modules", "load_sources", "task_for", "compose_run", "patch_run", "replace_run"]
 

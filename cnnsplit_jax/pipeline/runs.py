@@ -21,14 +21,14 @@ import numpy as np
 from .. import checkpoint as ckpt
 from .. import distributed as dist
 from .. import mesh as meshlib
-from ..data import Dataset, is_task_spec, load_dataset, load_task, test_splits
+from ..data import Dataset, fit_images, is_task_spec, load_dataset, load_task, split_indices, test_splits
 from ..models import build_model
 from ..progress import RunWarning
 from ..splitters import METHODS
-from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, split_indices, summary
+from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, summary
 
 __all__ = ["RunWarning", "RunBusyError", "ARTIFACTS", "artifact_kind", "prepare_out", "exclusive", "run_lock",
-           "RunData", "train_data", "run_data", "fit_images", "fit_dataset", "train_run", "LOCK"]
+           "RunData", "train_data", "run_data", "fit_dataset", "train_run", "LOCK"]
 
 
 #: a resumable search's checkpoint files: its progress JSON marks a module set in the making
@@ -204,23 +204,6 @@ def train_data(spec: str, data_dir=None) -> tuple[Dataset, list]:
         return ds, [[ds.info.name, c] for c in range(ds.info.num_classes)]
     task = load_task(spec, data_dir)
     return task.ds, [list(x) for x in task.sources]
-
-
-def fit_images(x: np.ndarray, shape) -> np.ndarray:
-    """Images ``[N, H, W, C]`` as a model reading ``shape`` (H', W', C) takes them: centre crops
-    when H' <= H and W' <= W (Fashion-MNIST's 28x28 inside the loader's 32x32 padding).
-
-    Raises:
-      ValueError: larger images than the dataset's, or other channels.
-    """
-    h, w, c = (int(v) for v in shape)
-    if x.shape[1:] == (h, w, c):
-        return x
-    if x.shape[3] != c or h > x.shape[1] or w > x.shape[2]:
-        raise ValueError(f"the model reads images {[h, w, c]}, the dataset's are {list(x.shape[1:])}: "
-                         "only centre crops of the same channels are taken")
-    top, left = (x.shape[1] - h) // 2, (x.shape[2] - w) // 2
-    return x[:, top:top + h, left:left + w]
 
 
 def fit_dataset(ds: Dataset, shape) -> Dataset:

@@ -215,7 +215,7 @@ def _reference_style_dirichlet(labels, n_classes, seed, min_size, alpha):
 
 
 def test_dirichlet_subsample_and_its_in_order_split_match_the_reference():
-    from cnnsplit_jax.train import split_indices
+    from cnnsplit_jax.data import split_indices
 
     labels = np.random.RandomState(0).permutation(np.repeat(np.arange(10), 500))
     saved = np.random.get_state()

@@ -106,7 +106,7 @@ def test_gradsplitter_and_cnnsplitter_decompose_an_adapted_linen_cnn(linen_mnist
     small = predict_scores(compose([Pick(ms, c) for c in range(10)], form="extracted"), xte[:100])
     np.testing.assert_allclose(small, predict_scores(comp, xte[:100]), rtol=1e-4, atol=1e-5)
     # a chain of convs: module 3 extracted is physically smaller and equals its masked forward
-    from cnnsplit_jax.modules.extract import effective_masks
+    from cnnsplit_jax.models import effective_masks
     from cnnsplit_jax.modules.extract_adapted import extract_adapted
 
     eff = effective_masks({k: v[3] for k, v in ms.masks.items()})

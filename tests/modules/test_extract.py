@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnsplit_jax.modules.extract import effective_masks, extract_all, extract_module, forward_flops
+from cnnsplit_jax.models import effective_masks
+from cnnsplit_jax.modules.extract import extract_all, extract_module, forward_flops
 from cnnsplit_jax.modules.forward import extracted_scores as module_scores
 from cnnsplit_jax.modules.heads import head_scores, init_heads
 from cnnsplit_jax.models import ones_masks, total_kernels

@@ -9,7 +9,7 @@ import pytest
 
 from cnnsplit_jax.data import normalize
 from cnnsplit_jax.models import build_model, mask_points
-from cnnsplit_jax.modules.extract import effective_masks
+from cnnsplit_jax.models import effective_masks
 from cnnsplit_jax.modules.forward import FORWARD_FORMS, Pick, default_chunk, masked_logits, module_outputs, node_logits
 from cnnsplit_jax.modules.heads import concern_positive, head_scores, init_heads, positive_probability, vote_scores
 from cnnsplit_jax.modules.module_set import ConcernModuleSet, ModuleSet

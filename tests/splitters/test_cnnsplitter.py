@@ -402,7 +402,7 @@ def test_classes_share_the_initial_population_by_default(digits_run):
 
 def test_kept_kernels_count_tied_points_per_layer():
     from cnnsplit_jax.models import build_model, flatten_masks
-    from cnnsplit_jax.modules.extract import effective_masks
+    from cnnsplit_jax.models import effective_masks
     from cnnsplit_jax.splitters.cnnsplitter import CNNSplitterConfig, init, problem, step
     from cnnsplit_jax.splitters.cnnsplitter.search import Prepared
 

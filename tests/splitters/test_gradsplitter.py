@@ -12,6 +12,8 @@ from cnnsplit_jax.models import build_model, flatten_masks
 from cnnsplit_jax.modules.forward import default_chunk
 from cnnsplit_jax.splitters import SplitData
 from cnnsplit_jax.splitters import gradsplitter as gs
+from cnnsplit_jax.splitters.gradsplitter.loss import loss_fn
+from cnnsplit_jax.splitters.gradsplitter.step import head_step_plain
 
 
 def test_ste_forward_and_backward():
@@ -122,7 +124,7 @@ def test_head_phase_shortcut_equals_plain_step():
     a, b = state, state
     for _ in range(3):
         a, ma = gs.head_step(cfg, a, feats, y)
-        b, mb = gs.head_step_plain(model, cfg, b, x, y)
+        b, mb = head_step_plain(model, cfg, b, x, y)
         np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
     for u, v in zip(a.heads, b.heads):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
@@ -166,7 +168,7 @@ def test_select_epoch_rule():
 
 
 def _tiny_run(digits, n_train=192):
-    from cnnsplit_jax.train import split_indices
+    from cnnsplit_jax.data import split_indices
 
     model = build_model("simcnn", num_classes=10, in_channels=1, width=0.0625, key=4)
     tr, va = split_indices(digits.y_train, 0)
@@ -295,7 +297,7 @@ def test_tied_mask_gets_the_sum_of_clipped_per_use_gradients():
     x = jax.random.normal(jax.random.key(2), (4, 32, 32, 1))
     y = jnp.array([0, 1, 2, 0])
     ratio = 2000.0  # the kernel term's per-use gradient ratio / (N * kernels) = 2.5 > 1
-    got = jax.jit(jax.grad(lambda m: gs.loss_fn({"masks": m, "heads": heads}, model, x, y, ratio)[0]))(masks)
+    got = jax.jit(jax.grad(lambda m: loss_fn({"masks": m, "heads": heads}, model, x, y, ratio)[0]))(masks)
     binary = {k: (v > 0).astype(jnp.float32) for k, v in masks.items()}
     reads = 6
 

@@ -22,11 +22,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ...models import flatten_masks, kernel_multiplicity
+from ...models import effective_masks, flatten_masks, kernel_multiplicity
 from .fitness import jaccard_distance_table, joint_core, thresholds_for
 from .logits import _class_logits
 
-__all__ = ["CNNSplitterState", "generation_keys", "ask_or_keep", "init_or_tell", "keep_one", "generation_step",
+__all__ = ["CNNSplitterState", "generation_keys", "ask_or_keep", "init_or_tell", "generation_step",
            "as_arrays"]
 
 
@@ -80,15 +80,6 @@ def init_or_tell(pb, k_tell, pops, fitness, states, first):
     return jax.tree.map(lambda a, b: jnp.where(first, a, b), fresh, told)
 
 
-def keep_one(masks: dict) -> dict:
-    """``modules.extract.effective_masks`` in JAX: binary masks, channel 0 kept in empty rows."""
-    out = {}
-    for k, v in masks.items():
-        b = (v > 0).astype(jnp.float32)
-        out[k] = b.at[..., 0].set(jnp.where(b.sum(-1) == 0, 1.0, b[..., 0]))
-    return out
-
-
 def generation_step(pb):
     """``step(key, state) -> (state, metrics)``: generation ``state.generation`` of problem
     ``pb`` (``search.problem``), pure. ``key``: the search key (as the host loop's). metrics:
@@ -106,7 +97,7 @@ def generation_step(pb):
         first = g == 0
         k_perm, k_ask, k_tell = generation_keys(key, g)
         pops, states = ask_or_keep(pb, k_ask, state, first)
-        eff = keep_one(pb.decode((pops > 0).astype(jnp.float32), pb.order))
+        eff = effective_masks(pb.decode((pops > 0).astype(jnp.float32), pb.order))
         flat = {k: v.reshape(n * p, -1) for k, v in eff.items()}
         L = _class_logits(pb.model, flat, classes, pb.x_fit, cfg.module_group).reshape(n, p, -1)
         kernels = flatten_masks(pb.model, eff, tied=True) > 0

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...models import mask_points
 from ...models.protocol import SplittableModel
-from ...modules.extract import effective_masks
+from ...models import effective_masks
 from .logits import module_logits
 
 __all__ = ["RATIOS", "layer_sensitivity", "sensitive_layers"]

@@ -25,15 +25,15 @@ from ...modules.heads import Heads, head_scores, init_heads
 from ..base import SearchDivergedError
 from .config import (HEAD, MOD, PRESETS, GradSplitterConfig, phase_lr, phase_schedule,
                      round_modularity_epochs, run_warnings, schedule_warnings, configure)
-from .loss import binarize, head_loss, loss_fn
+from .loss import binarize, head_loss
 from .search import report, select_epoch, split, summary_line
-from .step import (GradSplitterState, composed_scores, features_for_dataset, head_step, head_step_plain, init,
+from .step import (GradSplitterState, feature_head_scores, features_for_dataset, head_step, init,
                    module_features, modularity_step, place, reset_optimizer, unplace)
 
 __all__ = [
     "HEAD", "MOD", "PRESETS", "GradSplitterConfig", "GradSplitterState", "Heads", "SearchDivergedError",
-    "binarize", "composed_scores", "features_for_dataset", "head_loss", "head_scores", "head_step",
-    "head_step_plain", "init", "init_heads", "loss_fn", "module_features", "modularity_step",
+    "binarize", "feature_head_scores", "features_for_dataset", "head_loss", "head_scores", "head_step",
+    "init", "init_heads", "module_features", "modularity_step",
     "phase_lr", "phase_schedule", "place", "reset_optimizer", "unplace", "round_modularity_epochs", "schedule_warnings",
     "report", "select_epoch", "split", "summary_line", "configure", "run_warnings",
 ]

@@ -30,7 +30,7 @@ from .loss import binarize, head_loss, loss_fn
 from .memory import use_remat
 
 __all__ = ["GradSplitterState", "init", "reset_optimizer", "modularity_step", "head_step",
-           "head_step_plain", "module_features", "features_for_dataset", "composed_scores", "place",
+           "head_step_plain", "module_features", "features_for_dataset", "feature_head_scores", "place",
            "unplace"]
 
 
@@ -228,6 +228,6 @@ def features_for_dataset(model: SplittableModel, masks: Mapping[str, jax.Array],
 _scores_jit = jax.jit(head_scores)
 
 
-def composed_scores(heads: Heads, feats: np.ndarray) -> np.ndarray:
+def feature_head_scores(heads: Heads, feats: np.ndarray) -> np.ndarray:
     """Scores [n, N] of the composed modules from features [n, N, K]."""
     return dist.host(_scores_jit(heads, jnp.asarray(feats)))
