@@ -5,7 +5,7 @@ pooling, residual adds, reshapes) in between, then dense layers. Which point a l
 is traced from the graph (``models.ties.trace_channels``).
 
 A module keeps, at each conv, the output channels its mask keeps (the keep-one rule of
-``extract.effective_masks``). Its parameters are sliced: a conv's kernel on its input
+``models.effective_masks``). Its parameters are sliced: a conv's kernel on its input
 channels (the kept channels of the point it reads) and output channels, its bias, the BatchNorm
 that reads it (scale, bias, running mean and variance), and the rows of the first dense layer
 that read the kept channels of the point before it (positions x channels,

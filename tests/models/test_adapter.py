@@ -97,7 +97,7 @@ def test_gradsplitter_and_cnnsplitter_decompose_an_adapted_linen_cnn(linen_mnist
     # FLOPs by hand: conv 28x28 x (3x3x1x8), conv 14x14 x (3x3x8x16), dense 784x32, dense 32x10
     assert st["base_flops"] == 2 * (28 * 28 * 72 + 14 * 14 * 1152 + 784 * 32 + 32 * 10)
     assert max(st["module_flops_ratio"]) <= 1.0 and min(st["module_flops_ratio"]) < 1.0
-    k0, k1 = (int(cs.modules.effective_masks(ms.masks)[n][3].sum()) for n in ("Conv_0", "Conv_1"))
+    k0, k1 = (int(cs.models.effective_masks(ms.masks)[n][3].sum()) for n in ("Conv_0", "Conv_1"))
     assert st["module_flops"][3] == 2 * (28 * 28 * 9 * k0 + 14 * 14 * 9 * k0 * k1 + 49 * k1 * 32 + 32 * 10)
     comp = compose([Pick(ms, c) for c in range(10)])
     composed = float((predict_scores(comp, xte).argmax(1) == yte).mean())

@@ -64,9 +64,14 @@ def generation_keys(key: jax.Array, generation) -> tuple[jax.Array, jax.Array, j
 
 def ask_or_keep(pb, k_ask, state: CNNSplitterState, first):
     """(population [N, P, G], GA states): the state's population at generation 0 (``first``),
-    else each class's GA asked for a new one."""
+    else each class's GA asked for a new one. ``first``: a Python bool (the host loop runs
+    only the branch it needs) or a traced one (both run, one is selected)."""
+    if first is True:
+        return state.population, state.ga
     n = pb.model.num_classes
     pops, states = jax.vmap(pb.ga.ask, in_axes=(0, 0, None))(jax.random.split(k_ask, n), state.ga, pb.params)
+    if first is False:
+        return pops, states
     pick = lambda a, b: jnp.where(first, a, b)  # noqa: E731
     return pick(state.population, pops), jax.tree.map(pick, state.ga, states)
 
@@ -75,9 +80,12 @@ def init_or_tell(pb, k_tell, pops, fitness, states, first):
     """GA states after the fitness [N, P]: initialised with it at generation 0 (the reference
     scores the initial population first), else told."""
     keys = jax.random.split(k_tell, pb.model.num_classes)
-    fresh = jax.vmap(pb.ga.init, in_axes=(0, 0, 0, None))(keys, pops, -fitness, pb.params)
-    told, _ = jax.vmap(pb.ga.tell, in_axes=(0, 0, 0, 0, None))(keys, pops, -fitness, states, pb.params)
-    return jax.tree.map(lambda a, b: jnp.where(first, a, b), fresh, told)
+    init = lambda: jax.vmap(pb.ga.init, in_axes=(0, 0, 0, None))(keys, pops, -fitness, pb.params)  # noqa: E731
+    tell = lambda: jax.vmap(pb.ga.tell, in_axes=(0, 0, 0, 0, None))(  # noqa: E731
+        keys, pops, -fitness, states, pb.params)[0]
+    if first is True or first is False:  # the host loop: only the branch it needs
+        return init() if first else tell()
+    return jax.tree.map(lambda a, b: jnp.where(first, a, b), init(), tell())
 
 
 def generation_step(pb):
