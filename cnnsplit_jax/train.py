@@ -290,7 +290,7 @@ def _train_step(graphdef, tx, ds: Dataset, cfg: TrainConfig, mesh):
     n_data = meshlib.axis_size(mesh, "data")
 
     @jax.jit
-    def step(state, idx):
+    def step_on(state, idx, x_all, y_all):  # the data are arguments, not constants baked into the executable
         key, k_aug, k_drop = jax.random.split(state["key"], 3)
         x = x_all[idx]
         if mesh is not None and idx.shape[0] % n_data == 0:
@@ -312,7 +312,7 @@ def _train_step(graphdef, tx, ds: Dataset, cfg: TrainConfig, mesh):
         params = optax.apply_updates(state["params"], upd)
         return {"params": params, "stats": stats, "opt": opt, "key": key}, loss, acc
 
-    return step
+    return lambda state, idx: step_on(state, idx, x_all, y_all)
 
 
 def _train_epoch(step, state, tr_idx, epoch: int, cfg: TrainConfig, cbs):
