@@ -99,3 +99,55 @@ def concern_modules(resnet_digits, tmp_path_factory):
     for bt, cfg in (("none", ConcernConfig(backtrack="none", residual="sum")), ("bln", ConcernConfig())):
         split_run(resnet_digits, d / bt, "concern", cfg)
     return {"none": d / "none", "bln": d / "bln"}
+
+
+#: top-level module names the authors' repositories use (purged around each oracle import)
+_THEIR_PACKAGES = ("models", "utils", "splitters", "global_configure", "configures", "experiments", "ga",
+                   "module_recorder", "module_explorer", "preprocess")
+
+
+class ReferenceCheckout:
+    """A checkout of the authors' repository, named by an environment variable; nothing of it is
+    copied here. ``load(relpath, name)`` executes ``src/relpath`` as module ``name`` with
+    ``src`` first on ``sys.path`` (their own imports resolve inside the checkout)."""
+
+    def __init__(self, src: Path):
+        self.src = src
+
+    def load(self, relpath: str, name: str | None = None):
+        import importlib.util
+        import sys
+
+        for mod in list(sys.modules):
+            if mod.split(".")[0] in _THEIR_PACKAGES:
+                del sys.modules[mod]
+        sys.path.insert(0, str(self.src))
+        try:
+            spec = importlib.util.spec_from_file_location(name or Path(relpath).stem, self.src / relpath)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        finally:
+            sys.path.remove(str(self.src))
+
+
+def _reference(env: str, marker: str) -> ReferenceCheckout:
+    path = os.environ.get(env)
+    if not path:
+        pytest.skip(f"{env} is not set: point it at a checkout of the authors' repository to run this oracle")
+    src = Path(path) / "src"
+    if not (src / marker).is_file():
+        pytest.fail(f"{env}={path} is not a checkout of the authors' repository ({src / marker} is missing)")
+    return ReferenceCheckout(src)
+
+
+@pytest.fixture
+def reference_gradsplitter() -> ReferenceCheckout:
+    """The authors' GradSplitter (``CNNSPLIT_REFERENCE_GRADSPLITTER=/path/to/GradSplitter``)."""
+    return _reference("CNNSPLIT_REFERENCE_GRADSPLITTER", "splitters/simcnn_splitter.py")
+
+
+@pytest.fixture
+def reference_cnnsplitter() -> ReferenceCheckout:
+    """The authors' CNNSplitter (``CNNSPLIT_REFERENCE_CNNSPLITTER=/path/to/CNNSplitter``)."""
+    return _reference("CNNSPLIT_REFERENCE_CNNSPLITTER", "module_recorder.py")

@@ -31,6 +31,7 @@ __all__ = ["ConvSpec", "MaskPoint", "ConvBN", "Dense", "MaskedCNN", "scaled", "d
 IMAGE_SIZE = 32
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * running + m * batch
+PADDINGS = ("same", "valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +40,15 @@ class ConvSpec:
 
     Attributes:
       name: layer name, e.g. ``"conv_3"`` (also the attribute holding its ``ConvBN``).
-      ksize: odd kernel size (SAME padding).
+      ksize: kernel size (odd for SAME padding).
       out_channels: kernels of this layer.
       inputs: names of the conv layers whose (masked) outputs are concatenated, in order, to
         form this layer's input; ``()`` means the image.
       mask: name of the mask point gating this layer's output channels.
       spatial: the layer's input height (= width) for 32x32 images (used for FLOP counts).
       stride: spatial stride (SAME padding; the output is ``spatial / stride`` high).
+      padding: ``"same"`` (the default) or ``"valid"`` (no padding: the output is
+        ``spatial - ksize + 1`` high; stride 1 only; CNNSplitter's SVHN weak SimCNN).
     """
 
     name: str
@@ -55,6 +58,20 @@ class ConvSpec:
     mask: str
     spatial: int = 32
     stride: int = 1
+    padding: str = "same"
+
+    def __post_init__(self):
+        if self.padding not in PADDINGS:
+            raise ValueError(f"{self.name}: padding {self.padding!r}; expected one of {PADDINGS}")
+        if self.padding == "valid" and self.stride != 1:
+            raise ValueError(f"{self.name}: valid padding supports stride 1 only")
+
+    @property
+    def out_spatial(self) -> int:
+        """Output height (= width) for the 32x32 input convention of ``spatial``."""
+        if self.padding == "valid":
+            return self.spatial - self.ksize + 1
+        return -(-self.spatial // self.stride)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +112,11 @@ class ConvBN(nnx.Module):
     """
 
     def __init__(self, cin: int, cout: int, ksize: int, *, init: str, rngs: nnx.Rngs,
-                 stride: int = 1, bn: bool = True):
+                 stride: int = 1, bn: bool = True, padding: str = "same"):
         kk, kb = rngs.params(), rngs.params()
         fan_in = cin * ksize * ksize
         self.stride = int(stride)
+        self.padding = padding
         self.bn = bool(bn)
         if init == "vgg":  # SimCNN: N(0, sqrt(2 / (k*k*Cout))), bias 0
             w = jax.random.normal(kk, (ksize, ksize, cin, cout)) * math.sqrt(
@@ -121,7 +139,7 @@ class ConvBN(nnx.Module):
 
     def __call__(self, x, *, train: bool = False):
         if not self.bn:
-            return conv2d(x, self.kernel[...], self.bias[...], stride=self.stride)
+            return conv2d(x, self.kernel[...], self.bias[...], stride=self.stride, padding=self.padding)
         if not train:
             # Inference: fold BN into the conv on every call (kernel * inv, one bias). Measured
             # on XLA:CPU: SimCNN forward ~15% faster than conv -> scale/shift, and also faster
@@ -129,8 +147,8 @@ class ConvBN(nnx.Module):
             # layout the convolution wants).
             inv = jax.lax.rsqrt(self.var[...] + BN_EPS) * self.scale[...]
             bias = (self.bias[...] - self.mean[...]) * inv + self.offset[...]
-            return conv2d(x, self.kernel[...] * inv, bias, stride=self.stride)
-        y = conv2d(x, self.kernel[...], self.bias[...], stride=self.stride)
+            return conv2d(x, self.kernel[...] * inv, bias, stride=self.stride, padding=self.padding)
+        y = conv2d(x, self.kernel[...], self.bias[...], stride=self.stride, padding=self.padding)
         mean = y.mean(axis=(0, 1, 2))
         var = jnp.square(y - mean).mean(axis=(0, 1, 2))
         n = y.shape[0] * y.shape[1] * y.shape[2]
@@ -205,7 +223,8 @@ class MaskedCNN(nnx.Module):
         for s in self.topology:
             cin = sum(out[i] for i in s.inputs) if s.inputs else in_channels
             setattr(self, s.name, ConvBN(cin, s.out_channels, s.ksize, init=self.conv_init,
-                                         rngs=rngs, stride=s.stride, bn=self.batch_norm))
+                                         rngs=rngs, stride=s.stride, bn=self.batch_norm,
+                                         padding=s.padding))
         self.fc_in = sum(out[n] for n in self.fc_input_layers) * self.fc_positions
         self._build_head(rngs)
 

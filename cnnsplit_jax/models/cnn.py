@@ -1,6 +1,6 @@
 """The papers' CNNs: SimCNN, ResCNN, InceCNN (GradSplitter's models), CNNSplitter's own SimCNN /
 ResCNN (no BatchNorm; ``simcnn_cnnsplitter``, ``rescnn_cnnsplitter``), and CNNSplitter's weak
-SimCNN / ResCNN used in the patching experiments.
+SimCNN / ResCNN used in the patching experiments (no BatchNorm; CIFAR-10 and SVHN variants).
 
 Each class only states its topology (``_base_topology``), its FC head and its forward order;
 masking, recording and checks live in ``base.MaskedCNN``.
@@ -15,7 +15,7 @@ from .base import ConvSpec, Dense, MaskedCNN, dropout, scaled
 from .conv import max_pool_2x2
 
 __all__ = ["SimCNN", "ResCNN", "InceCNN", "SimCNNCNNSplitter", "ResCNNCNNSplitter", "SimCNNWeak", "ResCNNWeak",
-           "CNNS"]
+           "SimCNNSVHNWeak", "ResCNNSVHNWeak", "CNNS"]
 
 
 class SimCNN(MaskedCNN):
@@ -189,30 +189,32 @@ class InceCNN(MaskedCNN):
 
 
 class _WeakCNN(MaskedCNN):
-    """CNNSplitter's weak models for patching: 64-channel 3x3 convs, the flattened last conv
-    (``fc_positions`` positions) -> one FC layer, dropout ``head_dropout`` before it in
-    training (0: none)."""
+    """CNNSplitter's weak models for patching (``src/experiments/patch/patch_for_weak_model``):
+    plain convs with bias and ReLU, no BatchNorm, as the reference; the flattened last map
+    (``fc_positions`` positions, NHWC order) -> one FC layer (``fc_layers[0]``), dropout
+    ``head_dropout`` before it in training (0: none)."""
 
-    fc_input_layers = ("conv_3",)
-    fc_layers = ("fc_4",)
+    batch_norm = False
     head_dropout = 0.0
 
     def _build_head(self, rngs):
-        self.fc_4 = Dense(self.fc_in, self.num_classes, rngs=rngs)
+        setattr(self, self.fc_layers[0], Dense(self.fc_in, self.num_classes, rngs=rngs))
 
     def _head(self, h, train, key):
         if train and self.head_dropout:
             h = dropout(h, self.head_dropout, key)
-        return self.fc_4(h)
+        return getattr(self, self.fc_layers[0])(h)
 
 
 class SimCNNWeak(_WeakCNN):
-    """CNNSplitter's weak SimCNN: 4 conv (3x3, 64) each followed by a 2x2 pool, flatten
-    (2x2x64 = 256) -> FC N. No dropout. (BN as in our other models.)"""
+    """CNNSplitter's weak SimCNN (``simcnn_weak.py``): 4 conv (3x3, 64, SAME), each followed by
+    ReLU and a 2x2 pool, flatten (2x2x64 = 256) -> FC N. No BatchNorm, no dropout."""
 
     arch = "simcnn_weak"
     conv_init = "vgg"
     fc_positions = 4
+    fc_input_layers = ("conv_3",)
+    fc_layers = ("fc_4",)
 
     @classmethod
     def _base_topology(cls):
@@ -222,18 +224,36 @@ class SimCNNWeak(_WeakCNN):
         )
 
     def _body(self, x, masks, train, rec=None):
-        for i in range(4):
-            x = max_pool_2x2(self._layer(f"conv_{i}", x, masks, train, rec))
+        for s in self.topology:  # a chain: conv -> ReLU -> pool
+            x = max_pool_2x2(self._layer(s.name, x, masks, train, rec))
         return x.reshape(x.shape[0], -1)
 
 
+class SimCNNSVHNWeak(SimCNNWeak):
+    """CNNSplitter's weak SimCNN for SVHN (``simcnn_svhn_weak.py``): 2 conv (5x5, 8, no
+    padding), each followed by ReLU and a 2x2 pool (32 -> 28 -> 14 -> 10 -> 5), flatten
+    (5x5x8 = 200) -> FC N. No BatchNorm, no dropout."""
+
+    arch = "simcnn_svhn_weak"
+    fc_positions = 25
+    fc_input_layers = ("conv_1",)
+    fc_layers = ("fc_2",)
+
+    @classmethod
+    def _base_topology(cls):
+        return (ConvSpec("conv_0", 5, 8, (), "conv_0", 32, padding="valid"),
+                ConvSpec("conv_1", 5, 8, ("conv_0",), "conv_1", 14, padding="valid"))
+
+
 class ResCNNWeak(_WeakCNN):
-    """CNNSplitter's weak ResCNN: conv_0 (pool), conv_1, conv_2 + shortcut from conv_0, conv_3
-    (pool); 64 channels; flatten (8x8x64 = 4096) -> dropout 0.4 -> FC N. conv_2 shares conv_0's
-    mask (its output is the shortcut)."""
+    """CNNSplitter's weak ResCNN (``rescnn_weak.py``): conv_0 (pool), conv_1, conv_2 + shortcut
+    from conv_0, conv_3 (pool); 64 channels, 3x3; flatten (8x8x64 = 4096) -> dropout 0.4 ->
+    FC N. conv_2 shares conv_0's mask (its output is the shortcut). No BatchNorm."""
 
     arch = "rescnn_weak"
     fc_positions = 64
+    fc_input_layers = ("conv_3",)
+    fc_layers = ("fc_4",)
     head_dropout = 0.4
 
     @classmethod
@@ -253,6 +273,33 @@ class ResCNNWeak(_WeakCNN):
         return x.reshape(x.shape[0], -1)
 
 
+class ResCNNSVHNWeak(_WeakCNN):
+    """CNNSplitter's weak ResCNN for SVHN (``rescnn_svhn_weak.py``): conv_0 (pool), conv_1,
+    conv_2 + shortcut from conv_0, then a 2x2 pool; 8 channels, 5x5 SAME; flatten
+    (8x8x8 = 512) -> FC N; no dropout, no BatchNorm. The reference also defines a ``conv_3``
+    that its ``forward`` never calls; it is left out here (interop drops its weights)."""
+
+    arch = "rescnn_svhn_weak"
+    fc_positions = 64
+    fc_input_layers = ("conv_2",)
+    fc_layers = ("fc_4",)
+
+    @classmethod
+    def _base_topology(cls):
+        return (
+            ConvSpec("conv_0", 5, 8, (), "conv_0", 32),
+            ConvSpec("conv_1", 5, 8, ("conv_0",), "conv_1", 16),
+            ConvSpec("conv_2", 5, 8, ("conv_1",), "conv_0", 16),
+        )
+
+    def _body(self, x, masks, train, rec=None):
+        L = lambda n, h: self._layer(n, h, masks, train, rec)  # noqa: E731
+        r = max_pool_2x2(L("conv_0", x))
+        x = max_pool_2x2(L("conv_2", L("conv_1", r)) + r)
+        return x.reshape(x.shape[0], -1)
+
+
 CNNS: dict[str, type[MaskedCNN]] = {
-    c.arch: c for c in (SimCNN, ResCNN, InceCNN, SimCNNCNNSplitter, ResCNNCNNSplitter, SimCNNWeak, ResCNNWeak)
+    c.arch: c for c in (SimCNN, ResCNN, InceCNN, SimCNNCNNSplitter, ResCNNCNNSplitter, SimCNNWeak, ResCNNWeak,
+                        SimCNNSVHNWeak, ResCNNSVHNWeak)
 }

@@ -121,8 +121,8 @@ def _unrolled(x, w):
 
 
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | None = None,
-           stride: int = 1):
-    """SAME convolution (TensorFlow/Keras "same" padding for ``stride`` > 1).
+           stride: int = 1, padding: str = "same"):
+    """SAME convolution (TensorFlow/Keras "same" padding for ``stride`` > 1), or VALID.
 
     Args:
       x: input [B, H, W, Cin] (NHWC).
@@ -130,9 +130,10 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | N
       b: optional bias [Cout].
       impl: one of ``CONV_IMPLS``; ``None`` reads ``$CNNSPLIT_CONV_IMPL`` (default ``auto``).
       stride: spatial stride (ResNet's down-sampling convs use 2).
+      padding: ``"same"`` or ``"valid"`` (no padding, stride 1, always the native convolution).
 
     Returns:
-      [B, ceil(H / stride), ceil(W / stride), Cout].
+      [B, ceil(H / stride), ceil(W / stride), Cout] (SAME); [B, H - k + 1, W - k + 1, Cout] (VALID).
     """
     if x.ndim != 4 or w.ndim != 4 or x.shape[-1] != w.shape[2]:
         raise ValueError(
@@ -140,6 +141,14 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | N
             f"got x {x.shape}, w {w.shape}"
         )
     impl = impl or _default_impl()
+    if padding == "valid":
+        if stride != 1:
+            raise ValueError("conv2d: valid padding supports stride 1 only")
+        y = jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding="VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if b is None else y + b
+    if padding != "same":
+        raise ValueError(f"conv2d: padding {padding!r}; expected 'same' or 'valid'")
     if stride != 1:
         if w.shape[0] == 1 and impl != "native":  # 1x1 strided = subsample, then a matmul
             return conv2d(x[:, ::stride, ::stride, :], w, b, "im2col")

@@ -8,7 +8,14 @@ SimCNN's FC width) are read off the tensor shapes. Layouts (``LAYOUTS``):
   ``conv_{i}.1.weight|bias|running_mean|running_var`` (its BatchNorm), ``fc_{j}.weight|bias``;
 * CNNSplitter's ``simcnn_cnnsplitter``: ``conv_{i}.weight|bias`` (no BatchNorm), ``fc_13`` /
   ``fc_14`` / ``fc_15``; ``rescnn_cnnsplitter``: ``conv_{i}.0.weight|bias`` (conv, ReLU and pool
-  in one block, no BatchNorm), ``classifier.2.weight|bias`` (Flatten, Dropout, Linear).
+  in one block, no BatchNorm), ``classifier.2.weight|bias`` (Flatten, Dropout, Linear);
+* CNNSplitter's weak patching models: ``simcnn_weak`` ``conv_{i}`` + ``fc_4``, ``simcnn_svhn_weak``
+  ``conv_{i}`` + ``fc_2``, ``rescnn_weak`` ``conv_{i}.0`` + ``classifier.2``, ``rescnn_svhn_weak``
+  ``conv_{i}.0`` + ``classifier.1`` (no BatchNorm). Their FC reads a flattened map of several
+  positions: PyTorch flattens NCHW (channel-major), ours NHWC (position-major), so the first FC's
+  input rows are permuted on the way in and out. ``rescnn_svhn_weak``'s reference defines a
+  ``conv_3`` its forward never calls: its weights are dropped on loading, and written as zeros
+  (so the reference's strict ``load_state_dict`` accepts the file).
 
 A path is read with ``torch.load(path, map_location="cpu", weights_only=True)``; a mapping of
 NumPy arrays needs no torch at all.
@@ -38,7 +45,27 @@ LAYOUTS = {
     "incecnn": ("{}.0", "{}.1", {"fc_12": "fc_12"}),
     "simcnn_cnnsplitter": ("{}", None, _SIM_FC),
     "rescnn_cnnsplitter": ("{}.0", None, {"fc_12": "classifier.2"}),
+    "simcnn_weak": ("{}", None, {"fc_4": "fc_4"}),
+    "simcnn_svhn_weak": ("{}", None, {"fc_2": "fc_2"}),
+    "rescnn_weak": ("{}.0", None, {"fc_4": "classifier.2"}),
+    "rescnn_svhn_weak": ("{}.0", None, {"fc_4": "classifier.1"}),
 }
+
+#: reference convs that its forward never calls: (arch -> (key prefix, copy the shape of))
+_UNCALLED = {"rescnn_svhn_weak": ("conv_3.0", "conv_2")}
+
+
+def _fc_from_torch(positions: int):
+    """Torch Linear (out, C*P) reading an NCHW flatten -> our kernel (P*C, out) reading NHWC."""
+    def f(a):
+        out, n = a.shape
+        return a.reshape(out, n // positions, positions).transpose(2, 1, 0).reshape(n, out)
+    return f
+
+
+def _fc_to_torch(a, positions: int):
+    n, out = a.shape
+    return a.reshape(positions, n // positions, out).transpose(2, 1, 0).reshape(out, n)
 
 
 def _check_arch(arch: str) -> None:
@@ -94,6 +121,8 @@ def load_torch_state_dict(arch: str, path_or_state_dict) -> MaskedCNN:
         kwargs["fc_hidden"] = int(sd[fcs["fc_13"] + ".weight"].shape[0])
     model = build_model(arch, **kwargs)
     expected = set()
+    if arch in _UNCALLED:
+        expected |= {f"{_UNCALLED[arch][0]}.weight", f"{_UNCALLED[arch][0]}.bias"}
     for spec, layer, pairs in _pairs(model):
         for k, (var, fn) in pairs.items():
             _assign(sd, k, var, fn, arch)
@@ -119,9 +148,10 @@ def _pairs(model: MaskedCNN):
             pairs.update({f"{b}.weight": (layer.scale, None), f"{b}.bias": (layer.offset, None),
                           f"{b}.running_mean": (layer.mean, None), f"{b}.running_var": (layer.var, None)})
         yield spec, layer, pairs
-    for ours, theirs in fcs.items():
+    for j, (ours, theirs) in enumerate(fcs.items()):
         layer = getattr(model, ours)
-        yield ours, layer, {f"{theirs}.weight": (layer.kernel, lambda a: a.T), f"{theirs}.bias": (layer.bias, None)}
+        to_ours = _fc_from_torch(model.fc_positions) if j == 0 and model.fc_positions > 1 else (lambda a: a.T)
+        yield ours, layer, {f"{theirs}.weight": (layer.kernel, to_ours), f"{theirs}.bias": (layer.bias, None)}
 
 
 def _assign(sd, key, var, fn, arch):
@@ -139,11 +169,21 @@ def to_torch_state_dict(model: MaskedCNN) -> dict[str, np.ndarray]:
     """The reference-layout state dict (NumPy arrays) of ``model``; inverse of the loader."""
     _check_arch(model.arch)
     out = {}
+    first_fc = f"{LAYOUTS[model.arch][2][model.fc_layers[0]]}.weight"
     for _, _, pairs in _pairs(model):
         for k, (var, fn) in pairs.items():
             a = np.asarray(var[...])
             # the inverse of torch -> ours: kernels HWIO -> OIHW, FC (in, out) -> (out, in)
-            out[k] = a if fn is None else (a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T)
+            if fn is None:
+                out[k] = a
+            elif a.ndim == 4:
+                out[k] = a.transpose(3, 2, 0, 1)
+            else:
+                out[k] = _fc_to_torch(a, model.fc_positions) if k == first_fc else a.T
+    if model.arch in _UNCALLED:
+        prefix, like = _UNCALLED[model.arch]
+        out[f"{prefix}.weight"] = np.zeros_like(out[f"{LAYOUTS[model.arch][0].format(like)}.weight"])
+        out[f"{prefix}.bias"] = np.zeros_like(out[f"{LAYOUTS[model.arch][0].format(like)}.bias"])
     return out
 
 

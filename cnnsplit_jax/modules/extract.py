@@ -151,7 +151,7 @@ def forward_flops(model: MaskedCNN, batch: int = 1) -> float:
     total = 0
     for s in model.topology:
         cin = sum(out[i] for i in s.inputs) if s.inputs else model.in_channels
-        hw = s.spatial // s.stride  # output positions per side
+        hw = s.out_spatial  # output positions per side
         total += 2 * hw * hw * s.ksize * s.ksize * cin * s.out_channels
     for n in model.fc_layers:
         fin, fout = getattr(model, n).kernel.shape

@@ -173,3 +173,98 @@ def test_cnnsplitter_state_dicts_load_and_agree(arch):
     with pytest.raises(ValueError, match="not a reference"):
         load_torch_state_dict(arch, to_torch_state_dict(load_torch_state_dict(
             "rescnn", torch_model("rescnn", num_classes=10, width=0.125).state_dict())))
+
+
+def _weak_torch(arch: str, num_classes: int, seed: int):
+    """CNNSplitter's four weak patching models in PyTorch, transcribed from
+    ``src/experiments/patch/patch_for_weak_model`` (their key names, NCHW flatten, no BN)."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    k, c, n = {"simcnn_weak": (3, 64, 4), "rescnn_weak": (3, 64, 4), "simcnn_svhn_weak": (5, 8, 2),
+               "rescnn_svhn_weak": (5, 8, 4)}[arch]
+    pad = 0 if arch == "simcnn_svhn_weak" else k // 2
+    conv = lambda i: nn.Conv2d(3 if i == 0 else c, c, k, padding=pad)  # noqa: E731
+    pool = lambda h: torch.max_pool2d(h, 2, 2)  # noqa: E731
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            sim = arch.startswith("simcnn")
+            for i in range(n):
+                setattr(self, f"conv_{i}", conv(i) if sim else nn.Sequential(conv(i), nn.ReLU()))
+            fin = {"simcnn_weak": 256, "rescnn_weak": 4096, "simcnn_svhn_weak": 200, "rescnn_svhn_weak": 512}[arch]
+            if sim:
+                setattr(self, f"fc_{n}", nn.Linear(fin, num_classes))
+            elif arch == "rescnn_weak":
+                self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.4), nn.Linear(fin, num_classes))
+            else:
+                self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(fin, num_classes))
+
+        def forward(self, x):
+            if arch.startswith("simcnn"):
+                for i in range(n):
+                    x = pool(torch.relu(getattr(self, f"conv_{i}")(x)))
+                return getattr(self, f"fc_{n}")(x.flatten(1))
+            r = pool(self.conv_0(x))
+            x = self.conv_2(self.conv_1(r)) + r
+            x = pool(self.conv_3(x)) if arch == "rescnn_weak" else pool(x)  # svhn: conv_3 never called
+            return self.classifier(x)
+    return M().eval()
+
+
+WEAK = ["simcnn_weak", "rescnn_weak", "simcnn_svhn_weak", "rescnn_svhn_weak"]
+
+
+def _agree(tm, model, seed=1):
+    x = np.random.RandomState(seed).randn(3, 3, 32, 32).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x)).numpy()
+    got = np.asarray(model(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+@pytest.mark.parametrize("arch", WEAK)
+def test_weak_models_load_from_the_reference_layout_and_agree(arch):
+    tm = _weak_torch(arch, 10, seed=3)
+    model = load_torch_state_dict(arch, tm.state_dict())
+    assert model.arch == arch and model.width == 1.0 and not model.batch_norm
+    _agree(tm, model)
+    back = to_torch_state_dict(model)
+    assert set(back) == set(tm.state_dict())
+    tm2 = _weak_torch(arch, 10, seed=4)
+    tm2.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in back.items()}, strict=True)
+    _agree(tm2, model, seed=2)  # ours -> theirs: the flatten permutation inverted
+    if arch == "rescnn_svhn_weak":  # the uncalled conv_3 is written as zeros
+        assert not back["conv_3.0.weight"].any() and back["conv_3.0.weight"].shape == (8, 8, 5, 5)
+
+
+def test_weak_fc_permutation_is_not_the_identity():
+    """Loading the NCHW-flattened FC without the permutation would give other logits."""
+    tm = _weak_torch("simcnn_weak", 4, seed=5)
+    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+    good = load_torch_state_dict("simcnn_weak", sd)
+    bad = load_torch_state_dict("simcnn_weak", sd)
+    bad.fc_4.kernel[...] = jnp.asarray(sd["fc_4.weight"].T)
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32))
+    assert not np.allclose(np.asarray(good(x)), np.asarray(bad(x)), atol=1e-3)
+
+
+_WEAK_FILES = {"simcnn_weak": ("simcnn_weak.py", "SimCNNWeak"), "rescnn_weak": ("rescnn_weak.py", "ResCNNWeak"),
+               "simcnn_svhn_weak": ("simcnn_svhn_weak.py", "SimCNNSVHNWeak"),
+               "rescnn_svhn_weak": ("rescnn_svhn_weak.py", "ResCNNSVHNWeak")}
+
+
+@pytest.mark.parametrize("arch", WEAK)
+def test_weak_models_equal_the_authors_classes(arch, reference_cnnsplitter):
+    """Oracle: the authors' own weak model classes (a checkout named by
+    CNNSPLIT_REFERENCE_CNNSPLITTER), with their init, their key names and their forward."""
+    fname, cls = _WEAK_FILES[arch]
+    mod = reference_cnnsplitter.load(f"experiments/patch/patch_for_weak_model/{fname}")
+    torch.manual_seed(0)
+    theirs = getattr(mod, cls)(num_classes=10).eval()
+    ours = load_torch_state_dict(arch, theirs.state_dict())
+    _agree(theirs, ours)
+    theirs.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch_state_dict(ours).items()},
+                           strict=True)
+    _agree(theirs, ours, seed=5)

@@ -56,17 +56,24 @@ def test_output_shapes(arch, width, classes, channels):
     assert [p.size for p in mask_points(m)] == [want[width][by_width[c]] for c in full]
 
 
-@pytest.mark.parametrize("arch,kernels,fc_in", [("simcnn_weak", 256, 256), ("rescnn_weak", 256, 4096)])
-def test_weak_models_of_the_patching_experiments(arch, kernels, fc_in):
+@pytest.mark.parametrize("arch,kernels,fc_in,params", [
+    ("simcnn_weak", 256, 256, 4 * 64 + 9 * (3 * 64 + 3 * 64 * 64) + 257 * 10),
+    ("rescnn_weak", 256, 4096, 4 * 64 + 9 * (3 * 64 + 3 * 64 * 64) + 4097 * 10),
+    ("simcnn_svhn_weak", 16, 200, 2 * 8 + 25 * (3 * 8 + 8 * 8) + 201 * 10),
+    ("rescnn_svhn_weak", 24, 512, 3 * 8 + 25 * (3 * 8 + 2 * 8 * 8) + 513 * 10)])
+def test_weak_models_of_the_patching_experiments(arch, kernels, fc_in, params):
+    """Sizes of the reference's weak models (no BatchNorm: conv weights + biases + FC), by hand."""
     m = build_model(arch, num_classes=10, in_channels=3, width=1.0, key=0)
-    assert total_kernels(m) == kernels and m.fc_in == fc_in
+    assert total_kernels(m) == kernels and m.fc_in == fc_in and not m.batch_norm
+    assert count_params(m) == params
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)), jnp.float32)
     assert m(x).shape == (3, 10)
-    if arch == "rescnn_weak":  # conv_2 shares conv_0's mask: the shortcut's channels
+    if arch.startswith("rescnn"):  # conv_2 shares conv_0's mask: the shortcut's channels
         assert [p.layers for p in mask_points(m)][0] == ("conv_0", "conv_2")
 
 
-@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn", "simcnn_weak", "rescnn_weak"])
+@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn", "simcnn_weak", "rescnn_weak", "simcnn_svhn_weak",
+                                  "rescnn_svhn_weak"])
 def test_features_then_fc_chain_equal_forward(arch):
     m = build_model(arch, num_classes=7, in_channels=1, width=0.125, key=3)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 1)), jnp.float32)

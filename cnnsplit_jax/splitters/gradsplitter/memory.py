@@ -31,7 +31,7 @@ def activation_bytes(model, n: int, batch: int) -> int:
     64, against 31.1 GB measured on an H200 and 17.9 GB on the CPU."""
     per = 0
     for s in model.topology:
-        h = -(-s.spatial // s.stride)
+        h = s.out_spatial
         per += h * h * s.out_channels
     return int(n * batch * per * KEPT_PER_POSITION * 4)
 
