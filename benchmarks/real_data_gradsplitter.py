@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from cnnsplit_jax.cli.report import metric
 from cnnsplit_jax.pipeline import split_run, train_run
 from cnnsplit_jax.splitters import GradSplitterConfig
 from cnnsplit_jax.train import TrainConfig
@@ -53,7 +54,7 @@ def main(argv=None):
     for m, tr, sp in rows:
         print(f"| {m} | {tr['width']} | {tr['test_accuracy']:.4f} | {sp['base_accuracy']:.4f} | "
               f"{sp['composed_accuracy']:.4f} | {sp['mean_kernel_retention']:.3f} | "
-              f"{sum(sp['module_f1']) / len(sp['module_f1']):.3f} | {tr['train_seconds']:.0f} | "
+              f"{metric(sp['mean_module_f1'])} | {tr['train_seconds']:.0f} | "
               f"{sp['search_seconds']:.0f} | {sp['epochs']} |")
     return 0
 

@@ -23,16 +23,19 @@ __all__ = [
     "classification_report",
     "composed_scores",
     "jaccard_matrix",
+    "mean_defined",
     "topk_accuracy",
     "evaluate_module_set",
 ]
 
 
-def binary_metrics(pred: np.ndarray, truth: np.ndarray, undefined: float = 0.0) -> tuple[float, float, float]:
+def binary_metrics(pred: np.ndarray, truth: np.ndarray,
+                   undefined: float | None = None) -> tuple[float | None, float | None, float | None]:
     """Precision, recall, F1 of boolean predictions. Where a value is undefined (precision:
     no positive prediction; recall: no positive image; F1: either, or precision + recall = 0,
-    all 0/0 in the reference's arithmetic) it is ``undefined``: 0 in reports, NaN where a
-    choice must skip it (the reference's ``nanargmax``)."""
+    all 0/0 in the reference's arithmetic) it is ``undefined``: ``None`` (the default; JSON
+    ``null``, printed "undefined") in reports, NaN where a choice must skip it (the
+    reference's ``nanargmax``). Never 0: a module that never fires is not a module with F1 0."""
     tp, n_pred, n_true = float(np.sum(pred & truth)), float(np.sum(pred)), float(np.sum(truth))
     p = tp / n_pred if n_pred else undefined
     r = tp / n_true if n_true else undefined
@@ -46,10 +49,10 @@ def module_prf(positive: np.ndarray, y: np.ndarray) -> list[tuple[float, float, 
     return [binary_metrics(positive[:, c], y == c) for c in range(positive.shape[1])]
 
 
-def module_f1(ms, x_u8: np.ndarray, y: np.ndarray, undefined: float = 0.0) -> np.ndarray:
+def module_f1(ms, x_u8: np.ndarray, y: np.ndarray, undefined: float = float("nan")) -> np.ndarray:
     """F1 [N] of each module's binary decision (class c vs rest) on labelled images; labels
     are the module set's class indices (-1 or any other value: a negative image); an
-    undefined F1 is ``undefined``."""
+    undefined F1 is ``undefined`` (NaN by default)."""
     _, pos = module_outputs(ms, x_u8)
     return np.asarray([binary_metrics(pos[:, c], y == c, undefined)[2] for c in range(pos.shape[1])])
 
@@ -76,6 +79,13 @@ def classification_report(pred: np.ndarray, truth: np.ndarray, class_names) -> d
         "confusion": cm.tolist(),
         "images": int(len(truth)),
     }
+
+
+def mean_defined(values) -> float | None:
+    """Mean of the defined entries of ``values`` (``None`` / NaN: undefined, skipped); ``None``
+    when none is defined."""
+    v = [float(x) for x in values if x is not None and not np.isnan(x)]
+    return float(np.mean(v)) if v else None
 
 
 def jaccard_matrix(ms) -> np.ndarray:
@@ -131,7 +141,8 @@ def evaluate_module_set(ms, eval_split: tuple[np.ndarray, np.ndarray], test_spli
         "module_precision": [p for p, _, _ in prf],
         "module_recall": [r for _, r, _ in prf],
         "module_f1": [f for _, _, f in prf],
-        "mean_module_f1": float(np.mean([f for _, _, f in prf])),
+        "mean_module_f1": mean_defined(f for _, _, f in prf),
+        "undefined_module_f1": sum(f is None for _, _, f in prf),
         "jaccard": jac.tolist(),
         "mean_jaccard": float(off.mean()) if off.size else 1.0,
         **ms.structure(flops=flops),

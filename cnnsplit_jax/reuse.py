@@ -288,7 +288,8 @@ def replace(picks: Sequence[Pick], column: int, new: Pick, task: Task, **compose
         "before": before,
         "after": after,
         "accuracy_change": after["accuracy"] - before["accuracy"],
-        "f1_change": after["f1"][column] - before["f1"][column],
+        "f1_change": (None if after["f1"][column] is None or before["f1"][column] is None
+                      else after["f1"][column] - before["f1"][column]),
     }
 
 

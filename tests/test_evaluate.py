@@ -20,11 +20,21 @@ def test_binary_metrics_by_hand():
     truth = np.array([True, False, True, False, True])
     p, r, f = binary_metrics(pred, truth)  # tp 2, fp 1, fn 1
     assert (p, r) == (2 / 3, 2 / 3) and f == pytest.approx(2 / 3)
-    # no positive prediction and no positive image: 0, not NaN
-    assert binary_metrics(np.zeros(3, bool), np.zeros(3, bool)) == (0.0, 0.0, 0.0)
-    assert binary_metrics(np.zeros(3, bool), np.ones(3, bool)) == (0.0, 0.0, 0.0)
+    # 0/0 is undefined (None: JSON null), never 0: no positive prediction, no positive image,
+    # or precision + recall = 0 (the F1 of a module that fires only on other classes)
+    assert binary_metrics(np.zeros(3, bool), np.zeros(3, bool)) == (None, None, None)
+    assert binary_metrics(np.zeros(3, bool), np.ones(3, bool)) == (None, 0.0, None)
+    assert binary_metrics(np.array([1, 0, 0], bool), np.array([0, 1, 0], bool)) == (0.0, 0.0, None)
+    assert binary_metrics(np.ones(2, bool), np.zeros(2, bool)) == (0.0, None, None)
     prf = module_prf(np.array([[True, False], [True, True], [False, True]]), np.array([0, 1, -1]))
     assert prf[0] == (0.5, 1.0, pytest.approx(2 / 3)) and prf[1] == (0.5, 1.0, pytest.approx(2 / 3))
+
+
+def test_mean_of_defined_values():
+    from cnnsplit_jax.evaluate import mean_defined
+
+    assert mean_defined([0.5, None, 1.0, float("nan")]) == 0.75
+    assert mean_defined([None, None]) is None and mean_defined([]) is None
 
 
 def test_topk_accuracy_with_ties_and_classification_report():

@@ -14,7 +14,7 @@ from ..splitters import METHODS, methods_for
 from ..train import RECIPES, TrainConfig, summary
 from . import plots
 from .parser import config_from, given_flags
-from .report import (ProgressPrinter, class_table, log, module_table, patch_table, sources_table,
+from .report import (ProgressPrinter, class_table, log, metric, module_table, patch_table, sources_table,
                      write_split_plots)
 
 __all__ = ["COMMANDS"]
@@ -220,7 +220,7 @@ def cmd_replace(args) -> int:
     col = res["column"]
     print(f"class {res['class']}: {res['old_source']} -> {res['new_source']}")
     print(f"accuracy {res['before']['accuracy']:.4f} -> {res['after']['accuracy']:.4f}; "
-          f"F1 of the class {res['before']['f1'][col]:.3f} -> {res['after']['f1'][col]:.3f}")
+          f"F1 of the class {metric(res['before']['f1'][col])} -> {metric(res['after']['f1'][col])}")
     log(f"wrote {out / 'replace.json'}")
     return 0
 

@@ -45,6 +45,7 @@ def f1_bars(f1, path: Path, class_names=None) -> None:
     plt = _plt()
     names = class_names or [str(i) for i in range(len(f1))]
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(f1), 3.2))
+    f1 = [float("nan") if f is None else f for f in f1]  # undefined: no bar
     ax.bar(range(len(f1)), f1, color="tab:blue")
     ax.set_xticks(range(len(f1)), names, rotation=60, ha="right")
     ax.set_ylim(0, 1)

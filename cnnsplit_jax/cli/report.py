@@ -69,6 +69,12 @@ class ProgressPrinter:
             self.bar = None
 
 
+def metric(v, spec: str = ".3f") -> str:
+    """A report value: ``"undefined"`` for ``None`` / NaN (an F1 of a module that never fires
+    or of a class without images), else ``format(v, spec)``."""
+    return "undefined" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
 def module_table(res: dict, class_names) -> str:
     """Per-module P/R/F1 and the structure column of a split / evaluate report, then the
     summary line (kernel sets: retention and FLOPs; concern sets: active positions, top-5)."""
@@ -77,8 +83,8 @@ def module_table(res: dict, class_names) -> str:
     vals = res["module_size"]["active_fraction"] if concern else res["kernel_retention"]
     lines = [f"| class | precision | recall | F1 | {col} |", "|---|---|---|---|---|"]
     for c, name in enumerate(class_names):
-        lines.append(f"| {name} | {res['module_precision'][c]:.3f} | {res['module_recall'][c]:.3f} | "
-                     f"{res['module_f1'][c]:.3f} | {vals[c]:.3f} |")
+        lines.append(f"| {name} | {metric(res['module_precision'][c])} | {metric(res['module_recall'][c])} | "
+                     f"{metric(res['module_f1'][c])} | {vals[c]:.3f} |")
     lines.append("")
     if concern:
         size = res["module_size"]
@@ -101,7 +107,7 @@ def module_table(res: dict, class_names) -> str:
 def class_table(rep: dict) -> str:
     lines = ["| class | precision | recall | F1 |", "|---|---|---|---|"]
     for n, p, r, f in zip(rep["class_names"], rep["precision"], rep["recall"], rep["f1"]):
-        lines.append(f"| {n} | {p:.3f} | {r:.3f} | {f:.3f} |")
+        lines.append(f"| {n} | {metric(p)} | {metric(r)} | {metric(f)} |")
     return "\n".join(lines)
 
 
@@ -117,7 +123,8 @@ def patch_table(res: dict) -> str:
     lines = ["| | TC precision | TC recall | TC F1 | non-TC accuracy |", "|---|---|---|---|---|"]
     for key in ("before", "after"):
         r = res[key]
-        lines.append(f"| {key} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['accuracy']:.4f} |")
+        lines.append(f"| {key} | {metric(r['precision'])} | {metric(r['recall'])} | {metric(r['f1'])} | "
+                     f"{r['accuracy']:.4f} |")
     return "\n".join(lines)
 
 
