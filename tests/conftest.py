@@ -114,13 +114,19 @@ class ReferenceCheckout:
     def __init__(self, src: Path):
         self.src = src
 
-    def load(self, relpath: str, name: str | None = None):
+    def load(self, relpath: str, name: str | None = None, stubs: dict | None = None):
+        """``stubs``: ``{module name: {attribute: value}}`` put in ``sys.modules`` first, for
+        their imports that need what is not installed here (torchvision, their data files)."""
         import importlib.util
         import sys
+        import types
 
         for mod in list(sys.modules):
             if mod.split(".")[0] in _THEIR_PACKAGES:
                 del sys.modules[mod]
+        for mod, attrs in (stubs or {}).items():
+            sys.modules[mod] = types.ModuleType(mod)
+            sys.modules[mod].__dict__.update(attrs)
         sys.path.insert(0, str(self.src))
         try:
             spec = importlib.util.spec_from_file_location(name or Path(relpath).stem, self.src / relpath)
