@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import checkpoint as ckpt
 from . import mesh as meshlib
-from .data import (Dataset, DatasetInfo, Normalization, batches, map_batches, normalize, split_indices)
+from .data import (Dataset, DatasetInfo, Normalization, batches, estimator_recipe, map_batches, normalize,
+                   split_indices)
 from .models import count_params, total_kernels
 from .models.protocol import SplittableModel
 from .progress import Progress, callbacks_of, notify
@@ -34,6 +35,7 @@ from .validate import at_least, finite, fraction
 __all__ = [
     "TrainConfig",
     "RECIPES",
+    "dirichlet_settings",
     "recipe_warnings",
     "summary",
     "make_optimizer",
@@ -65,8 +67,10 @@ class TrainConfig:
     augment: bool | None = None  # None: on for 3-channel data (as the reference), off for
     #                               grayscale digits/clothes, where a mirror changes the class
     val_fraction: float = 0.2
-    dirichlet_alpha: float | None = None  # None: use the whole training split
-    dirichlet_min_size: int = 100
+    # the reference's non-IID estimator subsample: None: the whole training split; "auto": the
+    # dataset's recipe (data.estimator_recipe: SVHN 0.5, others 1); a number: that alpha
+    dirichlet_alpha: float | Literal["auto"] | None = None
+    dirichlet_min_size: int | None = None  # None: the dataset's recipe (SVHN 10, others 100)
     seed: int = 0
     eval_batch_size: int = 512
     dropout: bool = True  # False: the poor-fit recipe (no dropout while training)
@@ -79,13 +83,15 @@ class TrainConfig:
         at_least("batch_size", self.batch_size, 1)
         at_least("eval_batch_size", self.eval_batch_size, 1)
         at_least("patience", self.patience, 0)
-        at_least("dirichlet_min_size", self.dirichlet_min_size, 1)
+        if self.dirichlet_min_size is not None:
+            at_least("dirichlet_min_size", self.dirichlet_min_size, 1)
         at_least("seed", self.seed, 0)
         finite("lr", self.lr, lo=0.0, strict=True)
         finite("momentum", self.momentum, lo=0.0, hi=1.0)
         finite("weight_decay", self.weight_decay, lo=0.0)
         finite("lr_gamma", self.lr_gamma, lo=0.0, strict=True)
-        finite("dirichlet_alpha", self.dirichlet_alpha, lo=0.0, strict=True, optional=True)
+        if self.dirichlet_alpha != "auto":
+            finite("dirichlet_alpha", self.dirichlet_alpha, lo=0.0, strict=True, optional=True)
         fraction("val_fraction", self.val_fraction)
         for f in self.lr_milestones:
             finite("every lr milestone (a fraction of the epochs)", f, lo=0.0, hi=1.0)
@@ -197,8 +203,18 @@ class FitResult:
     train_seconds: float
 
 
+def dirichlet_settings(cfg: TrainConfig, dataset: str) -> tuple[float | None, int]:
+    """(alpha, min_size) of the Dirichlet subsample a run on ``dataset`` draws: the config's
+    values, ``"auto"`` / None filled in from ``data.estimator_recipe(dataset)``; alpha None: no
+    subsample (the whole training split)."""
+    recipe = estimator_recipe(dataset)
+    alpha = recipe.alpha if cfg.dirichlet_alpha == "auto" else cfg.dirichlet_alpha
+    return alpha, recipe.min_size if cfg.dirichlet_min_size is None else cfg.dirichlet_min_size
+
+
 def _split_indices(ds: Dataset, cfg: TrainConfig):
-    return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, cfg.dirichlet_alpha, cfg.dirichlet_min_size)
+    alpha, min_size = dirichlet_settings(cfg, ds.info.name)
+    return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, alpha, min_size)
 
 
 def fit(

@@ -35,6 +35,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _alpha(text: str):
+    """``--dirichlet-alpha``: ``auto`` or a number."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def config_flag(group, cls, field: str, help: str, *, flag: str | None = None, presets: dict | None = None,
                 **kw) -> None:
     """Declare ``--field`` for ``cls.field``: default None (not given); help shows the
@@ -130,8 +140,10 @@ def _train_parser(sub, common) -> None:
                 action="store_true")
     aug.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no augmentation")
     config_flag(g, TrainConfig, "dirichlet_alpha", "train on the reference's non-IID Dirichlet subsample "
-                "(seeded by --seed)", type=float)
-    config_flag(g, TrainConfig, "dirichlet_min_size", "minimum images per class of that subsample", type=int)
+                "(seeded by --seed) with this concentration, or 'auto': the dataset's (GradSplitter's "
+                "estimators: SVHN 0.5, CIFAR-10 and others 1)", type=_alpha)
+    config_flag(g, TrainConfig, "dirichlet_min_size", "minimum images per class of that subsample (none: the "
+                "dataset's, SVHN 10, others 100)", type=int)
     config_flag(g, TrainConfig, "seed", "seed of the model init, split and shuffles", type=int)
     t.add_argument("--out", required=True, help="run directory")
     _mesh_flag(t, "data", "data-parallel training: each batch split over the devices")

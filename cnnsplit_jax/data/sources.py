@@ -14,7 +14,10 @@ Sources, in the order they are tried:
   (Debian's ``dataset-fashion-mnist``); else TFDS.
 * ``cifar10`` / ``cifar100``: a CIFAR "python batches" directory (``data_batch_1``..., or
   ``train``/``test`` for CIFAR-100) under ``$CNNSPLIT_DATA``; else TFDS.
-* ``svhn_cropped``: TFDS.
+* ``svhn_cropped``: the original ``train_32x32.mat`` / ``test_32x32.mat`` (SciPy) under
+  ``$CNNSPLIT_DATA/svhn_cropped/``, ``$CNNSPLIT_DATA/svhn/`` or ``$CNNSPLIT_DATA``, in file order
+  with label 10 -> 0 (as torchvision's ``SVHN``, which the reference reads); else TFDS, whose
+  records are shuffled and carry no file index (a ``DatasetOrderWarning`` says so once).
 
 TFDS is read with ``tfds.data_source`` (array_record; no TensorFlow needed once prepared).
 """
@@ -26,6 +29,7 @@ import gzip
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -33,8 +37,8 @@ import numpy as np
 
 from .batching import Normalization, check_images, check_labels
 
-__all__ = ["Dataset", "DatasetInfo", "DatasetError", "DATASETS", "load_dataset", "read_idx",
-           "image_stats", "file_order"]
+__all__ = ["Dataset", "DatasetInfo", "DatasetError", "DatasetOrderWarning", "DATASETS", "load_dataset", "read_idx",
+           "image_stats", "file_order", "read_svhn_mat"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,6 +47,11 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 class DatasetError(RuntimeError):
     """A dataset is unknown, missing, or malformed; the message says how to obtain it."""
+
+
+class DatasetOrderWarning(UserWarning):
+    """The images are not in the original files' order, so order-based splits (the first 20%
+    of the test set, seeded subsamples) select other images than the reference's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,10 +331,54 @@ def _load_cifar(name: str, data_dir=None) -> Dataset:
         f"(`tfds build {name}` on a machine with network).")
 
 
+def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 32, 32, 3] and labels int32 [N] of an original SVHN ``*_32x32.mat``
+    (``X`` [32, 32, 3, N], ``y`` [N, 1] with 10 for the digit 0), in file order, label 10 -> 0."""
+    from scipy.io import loadmat
+
+    try:
+        m = loadmat(os.fspath(path))
+        x, y = np.asarray(m["X"]), np.asarray(m["y"]).reshape(-1).astype(np.int64)
+    except (KeyError, ValueError, OSError, TypeError) as e:
+        raise DatasetError(f"{path}: not an SVHN *_32x32.mat file ({type(e).__name__}: {e})") from None
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise DatasetError(f"{path}: X has shape {x.shape}, expected [32, 32, 3, N] with N = {len(y)} labels")
+    if len(y) and (y.min() < 0 or y.max() > 10):
+        raise DatasetError(f"{path}: labels outside 0..10 ({y.min()}..{y.max()})")
+    y[y == 10] = 0
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2).astype(np.uint8)), y.astype(np.int32)
+
+
+def _svhn_files(data_dir) -> Path | None:
+    for d in _data_dirs("svhn_cropped", data_dir) + _data_dirs("svhn", data_dir):
+        if (d / "train_32x32.mat").is_file() and (d / "test_32x32.mat").is_file():
+            return d
+    return None
+
+
+_WARNED_ORDER: set = set()
+
+
 def _load_svhn(name: str, data_dir=None) -> Dataset:
-    return _tfds_or_explain(
-        name, data_dir, "", "Prepare it with TFDS (`tfds build svhn_cropped` on a machine with network, "
-        "then copy its data_dir and pass --data-dir or set TFDS_DATA_DIR).")
+    root = _svhn_files(data_dir)
+    if root is not None:
+        xtr, ytr = read_svhn_mat(root / "train_32x32.mat")
+        xte, yte = read_svhn_mat(root / "test_32x32.mat")
+        info = DatasetInfo(name, tuple(str(i) for i in range(10)), 3, IMAGENET_MEAN, IMAGENET_STD,
+                           f"{root}, file order")
+        return Dataset(xtr, ytr, xte, yte, info)
+    ds = _tfds_or_explain(
+        name, data_dir, "no train_32x32.mat / test_32x32.mat under $CNNSPLIT_DATA or --data-dir, and ",
+        "Put the original SVHN .mat files in $CNNSPLIT_DATA/svhn_cropped/, or prepare it with TFDS "
+        "(`tfds build svhn_cropped` on a machine with network, then copy its data_dir and pass --data-dir "
+        "or set TFDS_DATA_DIR).")
+    if name not in _WARNED_ORDER:
+        _WARNED_ORDER.add(name)
+        warnings.warn(f"{name} from TFDS: its records are shuffled and carry no file index, so the first 20% "
+                      "of the test set, the Dirichlet subsample and the 80/20 splits select other images than "
+                      "the reference's; put train_32x32.mat / test_32x32.mat in $CNNSPLIT_DATA/svhn_cropped/ "
+                      "for the original order", DatasetOrderWarning, stacklevel=3)
+    return ds
 
 
 def file_order(ids) -> np.ndarray | None:

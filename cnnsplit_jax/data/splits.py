@@ -13,7 +13,34 @@ import numpy as np
 from .sources import DATASETS, Dataset, DatasetError, DatasetInfo, image_stats, load_dataset
 
 __all__ = ["train_val_split", "split_indices", "test_splits", "dirichlet_subsample", "select_classes", "Task",
-           "make_task", "parse_classes", "parse_task", "load_task", "is_task_spec"]
+           "make_task", "parse_classes", "parse_task", "load_task", "is_task_spec", "EstimatorRecipe",
+           "ESTIMATOR_RECIPES", "estimator_recipe"]
+
+
+class EstimatorRecipe(NamedTuple):
+    """The Dirichlet subsample of one base estimator: concentration ``alpha`` and the least
+    images every class keeps (``min_size``)."""
+
+    alpha: float
+    min_size: int
+
+
+#: GradSplitter's estimator samples per dataset (``utils/dataset_loader.py``: CIFAR-10 alpha 1,
+#: min_size 100; SVHN alpha 0.5, min_size 10)
+ESTIMATOR_RECIPES: dict[str, EstimatorRecipe] = {
+    "cifar10": EstimatorRecipe(1.0, 100),
+    "svhn_cropped": EstimatorRecipe(0.5, 10),
+}
+#: other datasets (our choice: the CIFAR-10 recipe)
+DEFAULT_ESTIMATOR = EstimatorRecipe(1.0, 100)
+
+
+def estimator_recipe(dataset: str) -> EstimatorRecipe:
+    """The reference's estimator recipe of ``dataset`` (a name, a task spec or a task's name
+    such as ``svhn_cropped[0,1]``: its first dataset), ``DEFAULT_ESTIMATOR`` where the reference
+    has none."""
+    name = dataset.split("+")[0].split(":")[0].split("[")[0]
+    return ESTIMATOR_RECIPES.get(name, DEFAULT_ESTIMATOR)
 
 
 def train_val_split(n: int, seed: int, val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from ..data import Dataset, fit_images, is_task_spec, load_dataset, load_task, s
 from ..models import build_model
 from ..progress import RunWarning
 from ..splitters import METHODS
-from ..train import TrainConfig, accuracy, check_compatible, fit, recipe_warnings, summary
+from ..train import TrainConfig, accuracy, check_compatible, dirichlet_settings, fit, recipe_warnings, summary
 
 __all__ = ["RunWarning", "RunBusyError", "ARTIFACTS", "artifact_kind", "prepare_out", "exclusive", "run_lock",
            "RunData", "train_data", "run_data", "fit_dataset", "train_run", "LOCK"]
@@ -263,6 +263,7 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     t0 = time.perf_counter()
     test_acc = accuracy(res.model, ds.x_test, ds.y_test, ds.info)
     norm = ds.info.normalization.to_json()
+    alpha, min_size = dirichlet_settings(cfg, ds.info.name)
     result = {
         "model": arch, "dataset": dataset, "width": width, "num_classes": ds.info.num_classes,
         "in_channels": ds.info.channels, "num_kernels": counts["num_kernels"], "num_params": counts["num_params"],
@@ -277,7 +278,7 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     ckpt.save_model(out, res.model, {
         "dataset": dataset, "sources": sources, "normalization": norm, "class_names": result["class_names"],
         "test_accuracy": test_acc, "val_accuracy": res.best_val_accuracy, "seed": cfg.seed,
-        "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "dirichlet_alpha": cfg.dirichlet_alpha,
-                  "dirichlet_min_size": cfg.dirichlet_min_size}})
+        "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "dirichlet_alpha": alpha,
+                  "dirichlet_min_size": min_size}})
     ckpt.write_json(out / "train.json", result)
     return result

@@ -145,6 +145,65 @@ def test_tfds_path_under_mock_data(tmp_path, monkeypatch, name, channels):
     assert ds.y_train.min() >= 0 and ds.y_train.max() < 10
 
 
+def test_svhn_from_the_original_mat_files_in_file_order(tmp_path, monkeypatch):
+    """The reference reads SVHN through torchvision (file order, label 10 -> 0); the .mat
+    layout is X [32, 32, 3, N], y [N, 1]."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "svhn_cropped"
+    d.mkdir()
+    files = {}
+    for split, n in (("train", 7), ("test", 5)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = np.array([10, 1, 2, 10, 9, 3, 4][:n])[:, None]
+        savemat(d / f"{split}_32x32.mat", {"X": x, "y": y})
+        files[split] = (x, y)
+    monkeypatch.setenv("CNNSPLIT_DATA", str(tmp_path))
+    ds = load_dataset("svhn_cropped")
+    x, y = files["train"]
+    assert ds.y_train.tolist() == [0, 1, 2, 0, 9, 3, 4] and ds.y_test.tolist() == [0, 1, 2, 0, 9]
+    np.testing.assert_array_equal(ds.x_train[3], x[:, :, :, 3])  # image 3 is the file's image 3
+    assert ds.x_train.shape == (7, 32, 32, 3) and ds.x_train.dtype == np.uint8
+    assert ds.info.source.endswith("file order") and ds.info.mean == (0.485, 0.456, 0.406)
+    savemat(d / "test_32x32.mat", {"X": files["test"][0][:, :, :, :4], "y": files["test"][1]})
+    with pytest.raises(DatasetError, match="expected \\[32, 32, 3, N\\] with N = 5"):
+        load_dataset("svhn_cropped")
+
+
+def test_svhn_through_tfds_warns_once_about_the_order(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import warnings
+
+    import cnnsplit_jax.data.sources as data
+    from cnnsplit_jax.data import DatasetOrderWarning
+
+    monkeypatch.setenv("CNNSPLIT_DATA", str(tmp_path))
+    monkeypatch.setattr(data, "_WARNED_ORDER", set())
+    with tfds.testing.mock_data(num_examples=4), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_dataset("svhn_cropped")
+        load_dataset("svhn_cropped")
+    order = [w for w in caught if issubclass(w.category, DatasetOrderWarning)]
+    assert len(order) == 1 and "shuffled" in str(order[0].message)
+
+
+def test_estimator_recipes_per_dataset():
+    """GradSplitter's dataset_loader: CIFAR-10 alpha 1 / min_size 100, SVHN alpha 0.5 / min 10."""
+    from cnnsplit_jax.data import estimator_recipe
+    from cnnsplit_jax.train import TrainConfig, dirichlet_settings
+
+    assert tuple(estimator_recipe("svhn_cropped")) == (0.5, 10)
+    assert tuple(estimator_recipe("svhn_cropped[0,1]")) == (0.5, 10)
+    assert tuple(estimator_recipe("cifar10:0-4")) == (1.0, 100)
+    assert tuple(estimator_recipe("fashion_mnist")) == (1.0, 100)
+    assert dirichlet_settings(TrainConfig(dirichlet_alpha="auto"), "svhn_cropped") == (0.5, 10)
+    assert dirichlet_settings(TrainConfig(dirichlet_alpha=0.3, dirichlet_min_size=5), "svhn_cropped") == (0.3, 5)
+    assert dirichlet_settings(TrainConfig(), "svhn_cropped") == (None, 10)  # no subsample
+    with pytest.raises(ValueError, match="dirichlet_alpha"):
+        TrainConfig(dirichlet_alpha="often")
+
+
 def test_train_val_split():
     tr, va = train_val_split(100, seed=3)
     assert len(tr) == 80 and len(va) == 20
