@@ -40,6 +40,7 @@ __all__ = [
     "summary",
     "make_optimizer",
     "augment",
+    "validation_images",
     "check_compatible",
     "predict",
     "accuracy",
@@ -67,6 +68,10 @@ class TrainConfig:
     augment: bool | None = None  # None: on for 3-channel data (as the reference), off for
     #                               grayscale digits/clothes, where a mirror changes the class
     val_fraction: float = 0.2
+    # True: pick the best epoch on a flip + crop augmented copy of the validation split, drawn
+    # afresh each epoch (seeded), as GradSplitter's base training (its validation set is a copy
+    # of the augmented training set); for exact replication of its epoch choice
+    augment_val: bool = False
     # the reference's non-IID estimator subsample: None: the whole training split; "auto": the
     # dataset's recipe (data.estimator_recipe: SVHN 0.5, others 1); a number: that alpha
     dirichlet_alpha: float | Literal["auto"] | None = None
@@ -217,6 +222,20 @@ def _split_indices(ds: Dataset, cfg: TrainConfig):
     return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, alpha, min_size)
 
 
+def validation_images(x_u8: np.ndarray, cfg: TrainConfig, epoch: int) -> np.ndarray:
+    """The validation images of ``epoch``: ``x_u8`` itself, or with ``cfg.augment_val`` a flip +
+    crop augmented copy (uint8, the key derived from ``cfg.seed`` and ``epoch`` only, so a
+    resumed run sees the same images)."""
+    if not cfg.augment_val:
+        return x_u8
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), _VAL_STREAM), epoch)
+    return np.asarray(_augment_u8(key, jnp.asarray(x_u8)))
+
+
+_VAL_STREAM = 0x76616C  # "val": the validation augmentation's key stream
+_augment_u8 = jax.jit(augment)
+
+
 def fit(
     model: SplittableModel,
     ds: Dataset,
@@ -280,7 +299,8 @@ def fit(
                 f"inputs); nothing of this epoch was kept" + (f", the last good checkpoint in {run_dir} is intact"
                                                               if run_dir is not None and epoch > 0 else ""))
         cur = nnx.merge(graphdef, state["params"], state["stats"])
-        val_acc = accuracy(cur, ds.x_train[va_idx], ds.y_train[va_idx], ds.info, cfg.eval_batch_size)
+        val_acc = accuracy(cur, validation_images(ds.x_train[va_idx], cfg, epoch), ds.y_train[va_idx], ds.info,
+                           cfg.eval_batch_size)
         loop.seconds += time.perf_counter() - t0
         if val_acc >= best_acc or cfg.keep == "last":
             best_acc, best_epoch = val_acc, epoch

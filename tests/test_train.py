@@ -96,6 +96,38 @@ def test_optimizer_matches_torch_sgd_rule():
     np.testing.assert_allclose(p, q, rtol=1e-6)
 
 
+def test_augmented_validation_changes_only_the_validation_images(digits):
+    """augment_val (the reference's epoch choice on augmented validation images): training is
+    the same, the validation images of an epoch are a seeded flip + crop of the split, redrawn
+    per epoch."""
+    from cnnsplit_jax.train import validation_images
+
+    ds = _subset(digits, 300)
+    base = TrainConfig(epochs=2, batch_size=64, lr=0.05, seed=2, augment=False)
+    aug = TrainConfig(epochs=2, batch_size=64, lr=0.05, seed=2, augment=False, augment_val=True)
+    plain, shifted = fit(_narrow(), ds, base), fit(_narrow(), ds, aug)
+    assert [h["train_loss"] for h in plain.history] == [h["train_loss"] for h in shifted.history]
+    assert [h["val_accuracy"] for h in plain.history] != [h["val_accuracy"] for h in shifted.history]
+    x = ds.x_train[:50]
+    assert validation_images(x, base, 0) is x
+    v0, v0b, v1 = validation_images(x, aug, 0), validation_images(x, aug, 0), validation_images(x, aug, 1)
+    assert v0.dtype == np.uint8 and v0.shape == x.shape
+    np.testing.assert_array_equal(v0, v0b)  # seeded by (seed, epoch): a resume sees the same images
+    assert not np.array_equal(v0, v1) and not np.array_equal(v0, x)
+    # every image is its original flipped or not, shifted by at most 4 pixels, zero-filled
+    for a, b in zip(v0[:10], x[:10]):
+        ok = any(np.array_equal(a, _shift(f, dy, dx)) for f in (b, b[:, ::-1]) for dy in range(-4, 5)
+                 for dx in range(-4, 5))
+        assert ok
+
+
+def _shift(img, dy, dx):
+    out = np.zeros_like(img)
+    h, w = img.shape[:2]
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = img[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 def test_augment_flip_and_crop():
     x = jnp.arange(2 * 6 * 6 * 1, dtype=jnp.float32).reshape(2, 6, 6, 1) + 1
     y = augment(jax.random.key(0), x, pad=0)  # no padding: only flips are possible

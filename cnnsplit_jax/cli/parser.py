@@ -139,6 +139,8 @@ def _train_parser(sub, common) -> None:
     config_flag(aug, TrainConfig, "augment", "flip + crop (None: on for 3-channel datasets)", presets=RECIPES,
                 action="store_true")
     aug.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no augmentation")
+    config_flag(g, TrainConfig, "augment_val", "pick the best epoch on a flip + crop augmented copy of the "
+                "validation split, redrawn each epoch, as GradSplitter's base training", action="store_true")
     config_flag(g, TrainConfig, "dirichlet_alpha", "train on the reference's non-IID Dirichlet subsample "
                 "(seeded by --seed) with this concentration, or 'auto': the dataset's (GradSplitter's "
                 "estimators: SVHN 0.5, CIFAR-10 and others 1)", type=_alpha)
