@@ -68,6 +68,9 @@ class TrainConfig:
     augment: bool | None = None  # None: on for 3-channel data (as the reference), off for
     #                               grayscale digits/clothes, where a mirror changes the class
     val_fraction: float = 0.2
+    # "seeded": a permutation seeded by `seed`; "cnnsplitter": CNNSplitter's split (seed 1009,
+    # int(0.8 n)), so its search images are held out from training as in the reference
+    split_scheme: Literal["seeded", "cnnsplitter"] = "seeded"
     # True: pick the best epoch on a flip + crop augmented copy of the validation split, drawn
     # afresh each epoch (seeded), as GradSplitter's base training (its validation set is a copy
     # of the augmented training set); for exact replication of its epoch choice
@@ -102,6 +105,10 @@ class TrainConfig:
             finite("every lr milestone (a fraction of the epochs)", f, lo=0.0, hi=1.0)
         if self.keep not in ("best", "last"):
             raise ValueError(f"keep must be 'best' or 'last', got {self.keep!r}")
+        if self.split_scheme not in ("seeded", "cnnsplitter"):
+            raise ValueError(f"split_scheme must be 'seeded' or 'cnnsplitter', got {self.split_scheme!r}")
+        if self.split_scheme == "cnnsplitter" and self.dirichlet_alpha is not None:
+            raise ValueError("split_scheme 'cnnsplitter' trains on the whole training set: no dirichlet_alpha")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
@@ -219,7 +226,7 @@ def dirichlet_settings(cfg: TrainConfig, dataset: str) -> tuple[float | None, in
 
 def _split_indices(ds: Dataset, cfg: TrainConfig):
     alpha, min_size = dirichlet_settings(cfg, ds.info.name)
-    return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, alpha, min_size)
+    return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, alpha, min_size, cfg.split_scheme)
 
 
 def validation_images(x_u8: np.ndarray, cfg: TrainConfig, epoch: int) -> np.ndarray:

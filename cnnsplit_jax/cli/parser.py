@@ -146,6 +146,8 @@ def _train_parser(sub, common) -> None:
                 "estimators: SVHN 0.5, CIFAR-10 and others 1)", type=_alpha)
     config_flag(g, TrainConfig, "dirichlet_min_size", "minimum images per class of that subsample (none: the "
                 "dataset's, SVHN 10, others 100)", type=int)
+    config_flag(g, TrainConfig, "split_scheme", "train / validation split: seeded by --seed, or CNNSplitter's "
+                "(seed 1009, int(0.8 n)), whose validation part is CNNSplitter's search data")
     config_flag(g, TrainConfig, "seed", "seed of the model init, split and shuffles", type=int)
     t.add_argument("--out", required=True, help="run directory")
     _mesh_flag(t, "data", "data-parallel training: each batch split over the devices")
@@ -263,6 +265,8 @@ def _split_parser(sub, common) -> None:
     config_flag(ga, CNNSplitterConfig, "other_ratios", "initial kept-group ratios of other layers", type=_floats)
     config_flag(ga, CNNSplitterConfig, "thresholds", "the joint fitness's accuracy thresholds per composition size, "
                 "SIZE:ACC,... (None: the reference's for the class count)", type=_thresholds)
+    config_flag(ga, CNNSplitterConfig, "importance_data", "kernel-importance images: the search split, or the "
+                "reference's (per class, the held-out 20%% of its training images after a seed-1009 shuffle)")
     config_flag(ga, CNNSplitterConfig, "shared_initial_population", "False: draw each class's initial population "
                 "on its own (the reference: one draw for all classes)", flag="--per-class-initial-population",
                 action="store_false")

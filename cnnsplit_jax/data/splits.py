@@ -14,7 +14,30 @@ from .sources import DATASETS, Dataset, DatasetError, DatasetInfo, image_stats, 
 
 __all__ = ["train_val_split", "split_indices", "test_splits", "dirichlet_subsample", "select_classes", "Task",
            "make_task", "parse_classes", "parse_task", "load_task", "is_task_spec", "EstimatorRecipe",
-           "ESTIMATOR_RECIPES", "estimator_recipe"]
+           "ESTIMATOR_RECIPES", "estimator_recipe", "SPLIT_SCHEMES", "CNNSPLITTER_SEED", "holdout_split",
+           "class_holdout"]
+
+#: ``seeded``: our seeded permutation (the run's seed; ``round`` for the cut); ``cnnsplitter``:
+#: CNNSplitter's (``utils/dataset_loader.py``: ``np.random.seed(1009)``, shuffle, ``int(0.8 n)``)
+SPLIT_SCHEMES = ("seeded", "cnnsplitter")
+CNNSPLITTER_SEED = 1009
+
+
+def holdout_split(n: int, seed: int = CNNSPLITTER_SEED, train_fraction: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    """CNNSplitter's split of ``range(n)``: shuffled by NumPy's legacy stream seeded ``seed``,
+    the first ``int(train_fraction * n)`` for training, the rest held out."""
+    idx = np.arange(n)
+    np.random.RandomState(seed).shuffle(idx)
+    cut = int(train_fraction * n)
+    return idx[:cut], idx[cut:]
+
+
+def class_holdout(labels: np.ndarray, c: int, seed: int = CNNSPLITTER_SEED, train_fraction: float = 0.8) -> np.ndarray:
+    """Indices into ``labels`` of CNNSplitter's kernel-importance images of class ``c``: the
+    class's images in file order, split by ``holdout_split`` (its per-class loader), the held-out
+    tail."""
+    own = np.flatnonzero(np.asarray(labels) == c)
+    return own[holdout_split(len(own), seed, train_fraction)[1]]
 
 
 class EstimatorRecipe(NamedTuple):
@@ -263,8 +286,12 @@ def split_indices(
     val_fraction: float = 0.2,
     dirichlet_alpha: float | None = None,
     dirichlet_min_size: int = 100,
+    scheme: str = "seeded",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train / validation indices into the training set, as ``fit`` uses them.
+
+    ``scheme="cnnsplitter"``: CNNSplitter's split (``holdout_split``: seed 1009, ``int``; the
+    run's ``seed`` and ``val_fraction`` are not used; no Dirichlet subsample).
 
     Without ``dirichlet_alpha``: a seeded permutation, its first ``1 - val_fraction`` for
     training. With it: the reference's non-IID subsample (``data.dirichlet_subsample``, already
@@ -272,6 +299,13 @@ def split_indices(
     for training, the rest for validation. The splitters reuse the base model's split: their
     training data is its training part and their validation data its validation part.
     """
+    if scheme not in SPLIT_SCHEMES:
+        raise ValueError(f"split scheme {scheme!r}; expected one of {SPLIT_SCHEMES}")
+    if scheme == "cnnsplitter":
+        if dirichlet_alpha is not None:
+            raise ValueError("the cnnsplitter split scheme has no Dirichlet subsample (CNNSplitter trains on "
+                             "the whole training set)")
+        return holdout_split(len(labels))
     if dirichlet_alpha is None:
         return train_val_split(len(labels), seed, val_fraction)
     if not 0.0 < val_fraction < 1.0:

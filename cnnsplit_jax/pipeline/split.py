@@ -68,7 +68,8 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
                 resumable=name is not None)
     norm = Normalization.of(meta.get("normalization") or ds.info)
     tr = rd.train_idx[:train_subset] if train_subset else rd.train_idx
-    data = SplitData(ds.x_train[tr], ds.y_train[tr], ds.x_train[rd.val_idx], ds.y_train[rd.val_idx], *norm)
+    data = SplitData(ds.x_train[tr], ds.y_train[tr], ds.x_train[rd.val_idx], ds.y_train[rd.val_idx], *norm,
+                     x_all=ds.x_train, y_all=ds.y_train)
     for w in m.run_warnings(cfg, len(tr)):
         warnings.warn(w, RunWarning, stacklevel=2)
     extra = {"mesh": mesh} if mesh is not None else {}

@@ -37,6 +37,8 @@ class SplitData(NamedTuple):
     x_train / y_train: the base model's training split (GradSplitter trains on it, concern
     identification reads it); x_val / y_val: its validation split (GradSplitter validates on
     it, CNNSplitter searches on it); mean / std: the base model's input normalisation.
+    x_all / y_all: optional, the dataset's whole training set in file order (CNNSplitter's
+    ``importance_data="reference"`` draws its per-class importance images from it).
     """
 
     x_train: np.ndarray
@@ -45,6 +47,8 @@ class SplitData(NamedTuple):
     y_val: np.ndarray
     mean: Sequence[float]
     std: Sequence[float]
+    x_all: np.ndarray | None = None
+    y_all: np.ndarray | None = None
 
     @property
     def normalization(self) -> data.Normalization:

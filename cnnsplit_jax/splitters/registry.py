@@ -79,7 +79,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ga", "CNNSplitter", cnnsplitter, cnnsplitter.CNNSplitterConfig, "kernel", ("modules", "data"),
            ("population", "generations", "groups", "mutation_percent", "eval_images", "sensitivity_images",
             "early_stop", "sensitive", "algorithm", "sensitive_ratios", "other_ratios", "thresholds",
-            "shared_initial_population", "seed"),
+            "shared_initial_population", "importance_data", "seed"),
            presets=cnnsplitter.PRESETS, configure=cnnsplitter_config.configure, progress=cnnsplitter_search.CKPT,
            history_plot="fitness_over_generations"),
     Method("concern", "concern identification", concern, concern.ConcernConfig, "node", ("data",),

@@ -321,3 +321,38 @@ def test_one_normalization_value_reads_every_shape_it_used_to_come_in():
         Normalization.of((0.5, 0.25))
     with pytest.raises(ValueError, match="2 finite values"):
         Normalization.of({"mean": [0.5, 0.2], "std": [0.25, 0.0]}).check(2)
+
+
+def _their_holdout(n):
+    """CNNSplitter's utils/dataset_loader.py, transcribed: a list shuffled under the global seed."""
+    saved = np.random.get_state()
+    try:
+        idx = list(range(n))
+        np.random.seed(1009)
+        np.random.shuffle(idx)
+        return idx[: int(0.8 * len(idx))], idx[int(0.8 * len(idx)):]
+    finally:
+        np.random.set_state(saved)
+
+
+def test_cnnsplitter_split_scheme_is_the_references():
+    from cnnsplit_jax.data import class_holdout, holdout_split, split_indices
+    from cnnsplit_jax.train import TrainConfig
+
+    for n in (10, 997, 73257):  # 73257: SVHN's training set, int(0.8 n) = 58605 (round: 58606)
+        tr, va = holdout_split(n)
+        their_tr, their_va = _their_holdout(n)
+        assert tr.tolist() == their_tr and va.tolist() == their_va
+    assert len(holdout_split(73257)[0]) == 58605
+    labels = np.random.RandomState(1).randint(0, 3, 500)
+    for c in range(3):  # their per-class loader: the class's images in file order, then the split
+        own = np.flatnonzero(labels == c)
+        assert class_holdout(labels, c).tolist() == own[_their_holdout(len(own))[1]].tolist()
+    tr, va = split_indices(labels, 5, 0.2, scheme="cnnsplitter")  # the run's seed is not used
+    assert tr.tolist() == _their_holdout(500)[0] and va.tolist() == _their_holdout(500)[1]
+    with pytest.raises(ValueError, match="Dirichlet"):
+        split_indices(labels, 5, 0.2, dirichlet_alpha=1.0, scheme="cnnsplitter")
+    with pytest.raises(ValueError, match="split scheme"):
+        split_indices(labels, 5, 0.2, scheme="other")
+    with pytest.raises(ValueError, match="dirichlet_alpha"):
+        TrainConfig(split_scheme="cnnsplitter", dirichlet_alpha=1.0)

@@ -515,3 +515,36 @@ def test_a_generation_jits_and_three_under_lax_scan_equal_three_python_steps_and
     for k in ("best_fitness", "accuracy", "diff", "valid_accuracy", "mean_kept_kernels"):
         np.testing.assert_allclose([r[k] for r in recs], [float(m[k]) for m in loop], rtol=1e-5, err_msg=k)
     assert h.best_generation == int(s.best_generation) and store.cache is not None
+
+
+def test_reference_importance_data_and_the_report_of_sensitive_layers(digits_run):
+    """importance_data="reference": per class, the held-out 20% of its training images after
+    the per-class seed-1009 shuffle (not the search split); the report says where the
+    sensitive layers came from and which importance images were used."""
+    from cnnsplit_jax.data import class_holdout
+    from cnnsplit_jax.splitters.cnnsplitter import CNNSplitterConfig, importance_images, report, split
+
+    model, data = _search_data(digits_run)
+    cfg = CNNSplitterConfig(population=6, generations=0, num_parents=6, keep_parents=2, min_keep=6, max_keep=30,
+                            groups=4, sensitive=(), other_ratios=(0.75, 1.0), eval_images=100,
+                            importance_data="reference")
+    with pytest.raises(ValueError, match="x_all"):
+        split(jax.random.key(0), model, data, cfg)
+    x_all = np.concatenate([data.x_train, data.x_val])
+    y_all = np.concatenate([data.y_train, data.y_val])
+    full = data._replace(x_all=x_all, y_all=y_all)
+    xi, yi = importance_images(full, cfg, model.num_classes)
+    want = np.concatenate([class_holdout(y_all, c) for c in range(10)])
+    np.testing.assert_array_equal(yi, y_all[want])
+    np.testing.assert_array_equal(xi, x_all[want])
+    per_class = np.bincount(yi, minlength=10)
+    own = np.bincount(y_all, minlength=10)
+    assert (per_class == own - (0.8 * own).astype(int)).all()  # int(0.8 n_c) kept for training
+    assert importance_images(full, dataclasses.replace(cfg, importance_data="search"), 10) is None
+    res = split(jax.random.key(0), model, full, cfg)
+    rep = report(res, full)
+    assert rep["importance_data"] == "reference" and rep["sensitive_layers_from"].startswith("the config")
+    res.module_set.meta["config"]["sensitive"] = None  # as a run whose config named no sensitive layers
+    assert report(res, full)["sensitive_layers_from"].startswith("the automatic rule: more than 5 pt")
+    with pytest.raises(ValueError, match="importance_data"):
+        dataclasses.replace(cfg, importance_data="train")

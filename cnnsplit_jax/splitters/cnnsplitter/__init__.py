@@ -16,14 +16,14 @@ from .genome import GenomeLayout, decode, genome_layout, heuristic_population
 from .importance import Importance, importance_order, kernel_importance
 from .generation import as_arrays, generation_step
 from .logits import LogitCache, LogitStore, cached_module_logits, module_logits
-from .search import (CNNSplitterState, Prepared, Problem, init, prepare, problem, report, split, step,
-                     summary_line)
+from .search import (CNNSplitterState, Prepared, Problem, importance_images, init, prepare, problem, report, split,
+                     step, summary_line)
 from .sensitivity import RATIOS, layer_sensitivity, sensitive_layers
 
 __all__ = [
     "ALGORITHMS", "PRESETS", "PRESET_MODELS", "preset_caveat", "preset_for", "CNNSplitterConfig", "CNNSplitterGA", "CNNSplitterState", "FitnessConfig", "FitnessResult",
     "GenomeLayout", "Importance", "LogitCache", "LogitStore", "as_arrays", "generation_step", "Prepared", "Problem", "RATIOS", "cached_module_logits",
-    "decode", "genome_layout", "heuristic_population", "importance_order", "init", "jaccard_distance_table",
+    "decode", "genome_layout", "heuristic_population", "importance_images", "importance_order", "init", "jaccard_distance_table",
     "joint_fitness", "kernel_importance", "layer_sensitivity", "module_logits", "mutation_genes", "prepare",
     "problem", "reference_thresholds", "report", "sensitive_layers", "split", "step", "summary_line", "configure",
     "resolve_preset",

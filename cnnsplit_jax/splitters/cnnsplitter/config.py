@@ -35,6 +35,11 @@ class CNNSplitterConfig:
     algorithm: ``"cnnsplitter"`` (the paper's operators, ``ga.CNNSplitterGA``) or
     ``"simple_ga"``: evosax's stock SimpleGA on a continuous genome thresholded at 0 (std
     0.5, crossover rate 0.5; no elitism) -- a fast alternative, not the paper's algorithm.
+    importance_data: the images of kernel importance: ``"search"`` (the search split, every
+    class's images in it) or ``"reference"`` (per class, the held-out 20% of that class's
+    training images after a seed-1009 shuffle, as the reference's per-class loader; needs
+    ``SplitData.x_all``). Pair it with a base model trained with ``split_scheme="cnnsplitter"``
+    for the reference's search split too.
     seed: the CLI's search key (``jax.random.key(seed)``).
     """
 
@@ -64,11 +69,14 @@ class CNNSplitterConfig:
     importance_threshold: float = 0.9
     sensitivity_drop: float = 0.05
     sensitivity_images: int | None = None
+    importance_data: Literal["search", "reference"] = "search"
     seed: int = 0
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be 'cnnsplitter' or 'simple_ga', got {self.algorithm!r}")
+        if self.importance_data not in ("search", "reference"):
+            raise ValueError(f"importance_data must be 'search' or 'reference', got {self.importance_data!r}")
         if self.thresholds is not None and any(not 0 <= a <= 1 for _, a in self.thresholds):
             raise ValueError(f"thresholds must be accuracies in [0, 1], got {self.thresholds}")
         for name, lo in (("population", 1), ("generations", 0), ("min_keep", 1), ("max_keep", 1), ("module_group", 1),

@@ -19,7 +19,7 @@ import numpy as np
 
 from ... import checkpoint as ckpt
 from ... import mesh as meshlib
-from ...data import normalize
+from ...data import class_holdout, normalize
 from ...models import flatten_masks, kernel_multiplicity, mask_points
 from ...models.protocol import SplittableModel
 from ...models.protocol import KERNEL_MASKS, require
@@ -53,12 +53,15 @@ class Prepared(NamedTuple):
 
 
 def prepare(model: SplittableModel, x_u8: np.ndarray, y: np.ndarray, mean, std, cfg: CNNSplitterConfig,
-            ratios: Sequence[float] = RATIOS, sensitivity: dict | None = None) -> Prepared:
-    """Kernel importance on ``x_u8``, then (unless ``cfg.sensitive`` is given) layer sensitivity on
-    its first ``cfg.sensitivity_images`` images and the automatic rule. A ``sensitivity`` table
+            ratios: Sequence[float] = RATIOS, sensitivity: dict | None = None,
+            importance_images: tuple[np.ndarray, np.ndarray] | None = None) -> Prepared:
+    """Kernel importance on ``x_u8`` (or on ``importance_images`` = (images, labels) when
+    given), then (unless ``cfg.sensitive`` is given) layer sensitivity on the first
+    ``cfg.sensitivity_images`` images of ``x_u8`` and the automatic rule. A ``sensitivity`` table
     computed before (``{point: [accuracy per ratio]}``, e.g. from a checkpoint) is used as is."""
     t0 = time.perf_counter()
-    imp = kernel_importance(model, x_u8, y, mean, std, threshold=cfg.importance_threshold)
+    xi, yi = importance_images if importance_images is not None else (x_u8, y)
+    imp = kernel_importance(model, xi, yi, mean, std, threshold=cfg.importance_threshold)
     order = importance_order(imp)
     t1 = time.perf_counter()
     if cfg.sensitive is None and sensitivity is not None:
@@ -234,7 +237,8 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: CNNSplit
         # the sensitivity table is checkpointed with the GA (minutes of work on a large model)
         prep_before = ckpt.read_progress(ckpt_dir, CKPT, loop.config, loop.identity).get("prepare", {})
     known = prep_before.get("sensitivity") if prep_before.get("ratios") == ratios else None
-    prep = prepare(model, x_u8, y, data.mean, data.std, cfg, sensitivity_ratios, sensitivity=known)
+    prep = prepare(model, x_u8, y, data.mean, data.std, cfg, sensitivity_ratios, sensitivity=known,
+                   importance_images=importance_images(data, cfg, model.num_classes))
     prep_seconds = {k: v + prep_before.get("seconds", {}).get(k, 0.0) for k, v in prep.seconds.items()}
     prep_record = {"ratios": ratios, "sensitivity": prep.sensitivity, "seconds": prep_seconds}
     pb = problem(model, cfg, prep, x_u8, y, data.mean, data.std, meshlib.resolve(mesh))
@@ -261,6 +265,19 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: CNNSplit
     return SplitResult(ms, loop.history, time.perf_counter() - t_start, {
         "importance": prep.importance, "sensitivity": prep.sensitivity, "sensitive": prep.sensitive,
         "best_generation": best, "phase_seconds": {**prep_seconds, "ga": loop.seconds}, "state": state})
+
+
+def importance_images(data: SplitData, cfg: CNNSplitterConfig, num_classes: int):
+    """``None`` (importance on the search split) or, for ``cfg.importance_data == "reference"``,
+    (images, labels): per class the reference's held-out 20% of its training images
+    (``data.class_holdout`` over ``data.x_all``)."""
+    if cfg.importance_data == "search":
+        return None
+    if data.x_all is None or data.y_all is None:
+        raise ValueError("importance_data='reference' needs SplitData.x_all / y_all (the whole training set in "
+                         "file order)")
+    idx = np.concatenate([class_holdout(data.y_all, c) for c in range(num_classes)])
+    return data.x_all[idx], np.asarray(data.y_all)[idx]
 
 
 def _warn_near_chance(rec: dict, num_classes: int) -> None:
@@ -295,8 +312,17 @@ def report(result: SplitResult, data: SplitData) -> dict:
     return {"best_generation": d["best_generation"], "generations": len(result.history),
             "best_fitness": [h["best_fitness"] for h in result.history], "history": result.history,
             "sensitivity": d["sensitivity"], "sensitive_layers": list(d["sensitive"]),
+            "sensitive_layers_from": _sensitive_source(result.module_set.meta["config"]),
+            "importance_data": result.module_set.meta["config"].get("importance_data", "search"),
             "search_seconds": result.seconds, "phase_seconds": d["phase_seconds"],
             "search_images": int(len(data.y_val))}
+
+
+def _sensitive_source(config: dict) -> str:
+    if config.get("sensitive") is not None:
+        return "the config (the preset's sensitive layers, or --sensitive)"
+    return (f"the automatic rule: more than {100 * config.get('sensitivity_drop', 0.05):.0f} pt accuracy lost "
+            "keeping half of a layer's kernels")
 
 
 def summary_line(report: dict) -> str:
