@@ -290,6 +290,10 @@ def test_ga_recipe_auto_finds_the_family_preset_and_warns_on_a_model_it_was_not_
 
     got, said = preset("rescnn_cnnsplitter", "svhn_cropped")  # the reference's own model: its preset, no word
     assert got == PRESETS["rescnn_svhn"] and said == []
+    args = build_parser().parse_args(["split", "--method", "ga", "--model-dir", str(tmp_path / "rescnn_cnnsplitter-"
+                                      "svhn_cropped"), "--out", "o", "--population", "8"])
+    cfg = _split_config(args)  # the preset is recorded in the config (split.json's "config")
+    assert cfg.preset == "rescnn_svhn" and cfg.population == 8 and cfg.mutation_percent == 10.0
     got, said = preset("simcnn", "svhn_cropped")  # GradSplitter's BN variant: the same preset, one warning
     assert got == PRESETS["simcnn_svhn"] and got["mutation_percent"] == 10.0 and got["gamma"] == 0.95
     assert len(said) == 1 and "tuned its simcnn_svhn configuration on simcnn_cnnsplitter" in said[0]

@@ -71,6 +71,8 @@ class CNNSplitterConfig:
     sensitivity_images: int | None = None
     importance_data: Literal["search", "reference"] = "search"
     seed: int = 0
+    #: the preset these settings started from (recorded in ``split.json``; set by ``configure``)
+    preset: str | None = None
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -176,9 +178,9 @@ def configure(overrides: dict, recipe: str | None = None, *, arch: str = "", dat
     """The config of a search of model ``arch`` on ``dataset``: the preset of
     ``resolve_preset`` with ``overrides`` (config fields) on top, parents capped at the
     population. Returns ``(config, warnings, notes)``."""
-    _, preset, warnings, notes = resolve_preset(arch, dataset, recipe)
+    name, preset, warnings, notes = resolve_preset(arch, dataset, recipe)
     default = CNNSplitterConfig()
     pop = overrides.get("population") or preset.get("population", default.population)
     cfg = CNNSplitterConfig(**{**preset, **overrides, "num_parents": min(default.num_parents, pop),
-                               "keep_parents": min(default.keep_parents, pop)})
+                               "keep_parents": min(default.keep_parents, pop), "preset": name})
     return cfg, warnings, notes
