@@ -122,18 +122,30 @@ def test_channeling_averages_the_unconcerned_columns():
     np.testing.assert_allclose(hb[0], [1.0, 5.0])
 
 
+def test_the_listing_rule_and_the_prose_readings_pick_four_different_sets():
+    """Algorithm 2, line 5, as printed: remove feature i when W[i, V_uc] <= -delta and
+    W[i, V_c] >= +delta (delta 0.5). Rows [W(V_c), W(V_uc)]; every set worked out by hand."""
+    hw = np.array([[[1.0, 0.1], [0.1, -1.0], [0.2, 0.9], [0.6, 0.7], [-0.8, -0.7], [0.7, -0.6], [0.5, -0.5]]])
+    picks = {r: np.flatnonzero(C.backtrack_bln(hw, 0.5, r)[0]).tolist() for r in C.BLN_RULES}
+    assert picks == {"listing": [5, 6],  # both bounds inclusive: row 6 sits on them
+                     "absolute": [2],  # V_uc > .5 and not V_c > .5
+                     "negative": [1, 5],  # V_uc < -.5 (strict: row 6's -0.5 is not) and not V_c < -.5
+                     "relative": [1, 2]}  # |w| >= .5 x the column's max |w| (1.0 both)
+    assert C.backtrack_bln(hw, 0.5).tolist() == C.backtrack_bln(hw, 0.5, "listing").tolist()  # the default
+
+
 def test_backtrack_bln_removes_features_serving_only_the_unconcerned_output():
     hw = np.array([[[1.0, 0.1], [0.1, -1.0], [0.8, 0.9], [0.2, 0.3]]])  # [1, F=4, 2]
     np.testing.assert_array_equal(C.backtrack_bln(hw, 0.5, "relative"), [[False, True, False, False]])
     np.testing.assert_array_equal(C.backtrack_bln(hw, 0.25, "relative"), [[False, True, False, True]])
-    # the absolute, signed reading (the default): only a strong positive unconcerned edge counts
+    # the absolute, signed reading: only a strong positive unconcerned edge counts
     hw2 = np.array([[[1.0, 0.1], [0.1, -1.0], [0.2, 0.9], [0.6, 0.7], [-0.8, -0.7]]])
-    np.testing.assert_array_equal(C.backtrack_bln(hw2), [[False, False, True, False, False]])
+    np.testing.assert_array_equal(C.backtrack_bln(hw2, 0.5, "absolute"), [[False, False, True, False, False]])
     np.testing.assert_array_equal(C.backtrack_bln(hw2, 0.5, "relative"), [[False, True, True, False, False]])
     np.testing.assert_array_equal(C.backtrack_bln(hw2, 0.95, "absolute"), [[False] * 5])
     # the opposite sign: a strongly negative unconcerned edge, unless the concerned one is too
     np.testing.assert_array_equal(C.backtrack_bln(hw2, 0.5, "negative"), [[False, True, False, False, False]])
-    assert C.ConcernConfig().bln_rule == "absolute" and C.ConcernConfig().residual == "conv"
+    assert C.ConcernConfig().bln_rule == "listing" and C.ConcernConfig().residual == "conv"
     with pytest.raises(ValueError, match="bln_rule"):
         C.ConcernConfig(bln_rule="signed")
     # in a decomposition, a removed feature deactivates its whole channel of the last node
@@ -174,7 +186,7 @@ def test_concern_split_on_digits_reproduces_the_model(concern_modules, resnet_di
     assert sum(r["decomposition"]["ti_restored"]) > 0
     # the defaults: the paper's mapping masks conv2's output and the shortcut before each Add
     b = res["bln"]
-    assert b["config"]["residual"] == "conv" and b["config"]["bln_rule"] == "absolute"
+    assert b["config"]["residual"] == "conv" and b["config"]["bln_rule"] == "listing"
     assert b["accuracy_loss"] >= r["accuracy_loss"]
     ms = load_module_set(concern_modules["bln"])
     assert ms.set_kind == "concern" and ms.retangles and ms.num_modules == 10 and ms.residual == "conv"

@@ -4,16 +4,21 @@
   the channeled unconcerned output are removed; through the global average pool one feature
   is every position of its channel in the nodes the pool reads (``ResNet.feature_nodes``:
   the last Add, or both branches merged by it under the paper's ``"conv"`` mapping).
-* **MC-BI** (``backtrack_input``): walking from the output to the input, a position of a
-  layer's output is deactivated when every position it feeds is already deactivated: its
-  value can no longer reach the output. Feeding follows the sliding windows (SAME padding,
-  strides; padding positions feed nothing), the identity shortcut (position to position) and
-  the 1x1 stride-2 projection. A conv consumer reads all input channels, so a spatial
-  position is dead for it only when every output channel of every window covering it is.
+* **MC-BI** (``backtrack_input``), walking from the output to the input, two rules:
+
+  - ``"listing"`` (the paper's Algorithm 3, ``backtrack="bi"``): per conv layer, an input
+    position that feeds at least one output position *of this conv* is deactivated when every
+    output position of this conv that it feeds (through the sliding windows, SAME padding,
+    strides; padding feeds nothing) is deactivated, in every output channel. Other consumers of the same tensor (an identity shortcut) are not
+    consulted, and each conv adds on its own (a tensor read by two convs gets the union). When
+    the tensor is an Add's output, the maps of both of the Add's inputs are updated (line 31).
+    This changes what a module computes wherever a shortcut still carried the value.
+  - ``"preserving"`` (``backtrack="bi_preserving"``): a position is deactivated only when
+    *every* consumer, identity shortcut and projection included, no longer reads it, so its
+    value cannot reach the output. It never changes what a module computes (a deactivated
+    position is multiplied by 0, so its inputs do not matter); it only makes the maps larger.
 
 Both edit ``{node: bool [N, H, W, C]}`` deactivation maps (True = deactivated) of N modules.
-MC-BI never changes what a module computes (a deactivated position is multiplied by 0, so
-its inputs do not matter); it only makes the maps larger.
 """
 
 from __future__ import annotations
@@ -27,20 +32,24 @@ import numpy as np
 from ...models.protocol import DECLARED_GRAPH, require
 from .config import BLN_RULES
 
-__all__ = ["backtrack_bln", "apply_feature_removal", "backtrack_input", "window_reach"]
+__all__ = ["backtrack_bln", "apply_feature_removal", "backtrack_input", "window_reach", "BI_RULES"]
 
 
-def backtrack_bln(head_w: np.ndarray, delta: float = 0.5, rule: str = "absolute") -> np.ndarray:
-    """bool [N, F]: pooled features that serve only the unconcerned output (MC-BLN): a feature
-    is removed when its edge to the unconcerned output is strong and its edge to the concerned
-    output is not.
+def backtrack_bln(head_w: np.ndarray, delta: float = 0.5, rule: str = "listing") -> np.ndarray:
+    """bool [N, F]: the pooled features MC-BLN removes, from the channeled head ``head_w``
+    [N, F, 2] (column 0: the concerned output V_c, column 1: the unconcerned V_uc).
 
-    rule ``"absolute"``: an edge is strong when ``w > delta`` (signed: a strongly *negative*
-    unconcerned edge, evidence for the class, never removes a feature); ``"negative"``: when
-    ``w < -delta``; ``"relative"``: when ``|w| >= delta * max |w|`` over its output column
-    (either sign).
+    rule ``"listing"`` (the default): the camera-ready paper's Algorithm 2, line 5, as printed:
+    feature i is removed when ``W[i, V_uc] <= -delta and W[i, V_c] >= +delta``. The prose
+    describes the intent otherwise ("nodes that only participate in identifying the
+    unconcerned classes"); the other rules are readings of that prose, where a feature is
+    removed when its edge to V_uc is strong and its edge to V_c is not:
+    ``"absolute"``: an edge is strong when ``w > delta``; ``"negative"``: when ``w < -delta``;
+    ``"relative"``: when ``|w| >= delta * max |w|`` over its output column (either sign).
     """
     w = np.asarray(head_w)  # [N, F, 2]
+    if rule == "listing":
+        return (w[..., 1] <= -delta) & (w[..., 0] >= delta)
     if rule == "relative":
         a = np.abs(w)
         strong = a >= delta * a.max(axis=1, keepdims=True)
@@ -97,21 +106,34 @@ def _tensors(model, residual: str):
     return tensors  # the last block's output feeds the pool: nothing to backtrack into
 
 
-def backtrack_input(model, inactive: dict, residual: str) -> dict:
+BI_RULES = ("listing", "preserving")
+
+
+def backtrack_input(model, inactive: dict, residual: str, rule: str = "listing") -> dict:
     """MC-BI: extend the deactivation maps ``{node: bool [N, H, W, C]}`` backward from the
-    output (see the module docstring); returns a new map dict (a superset of ``inactive``)."""
+    output by ``rule`` (``"listing"``: Algorithm 3; ``"preserving"``: output-preserving; see
+    the module docstring); returns a new map dict (a superset of ``inactive``)."""
     require(model, DECLARED_GRAPH, "MC-BI (backtrack='bi')",
             "it walks the zoo's ResNet graph; use backtrack='bln' or 'none'")
+    if rule not in BI_RULES:
+        raise ValueError(f"rule must be one of {BI_RULES}, got {rule!r}")
     out = {k: np.asarray(v, bool).copy() for k, v in inactive.items()}
     for own, consumers in reversed(_tensors(model, residual)):
         n, h, w, c = out[own[0]].shape
-        dead = np.ones((n, h, w, c), bool)
+        per_conv, dead = [], np.ones((n, h, w, c), bool)
         for kind, name, k, stride in consumers:
             if kind == "elementwise":
                 dead &= out[name]
             else:
                 alive = ~out[name].all(-1)
-                dead &= ~window_reach(alive, (h, w), k, stride)[..., None]
+                unread = ~window_reach(alive, (h, w), k, stride)[..., None]
+                dead &= unread
+                # the listing visits the inputs of this conv's dead outputs only: a position
+                # this conv never reads (a stride-2 1x1 projection's odd rows) is not its to add
+                fed = window_reach(np.ones_like(alive), (h, w), k, stride)[..., None]
+                per_conv.append(unread & fed)
+        if rule == "listing":  # each conv on its own, the shortcut not consulted
+            dead = np.broadcast_to(np.logical_or.reduce(per_conv), (n, h, w, c))
         for name in own:
             out[name] |= dead
     return out

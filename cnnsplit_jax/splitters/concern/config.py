@@ -10,8 +10,8 @@ from ...validate import at_least, finite
 
 __all__ = ["ConcernConfig", "BACKTRACK", "BLN_RULES", "RESIDUAL_MAPPINGS"]
 
-BACKTRACK = get_args(Literal["none", "bln", "bi"])
-BLN_RULES = ("absolute", "negative", "relative")
+BACKTRACK = get_args(Literal["none", "bln", "bi", "bi_preserving"])
+BLN_RULES = ("listing", "absolute", "negative", "relative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,28 +23,32 @@ class ConcernConfig:
       above this are concerned inputs (the lab's 0.9; ``None``: no filter). A class with no
       such input falls back to its unfiltered inputs, with a ``RunWarning``.
     negative_ratio: negatives per concerned input for TI (paper: 1.0).
-    backtrack: ``"bln"`` (MC-BLN, the paper's choice), ``"bi"`` (MC-BLN then MC-BI, back to the
-      input) or ``"none"`` (CI+TI+MC): the three columns of the paper's Table 1.
+    backtrack: ``"bln"`` (MC-BLN, the paper's choice), ``"bi"`` (MC-BLN then MC-BI as the paper's
+      Algorithm 3: per conv, its own outputs only; changes what a module computes),
+      ``"bi_preserving"`` (MC-BLN then an MC-BI that consults every consumer, identity
+      shortcuts included, and never changes a module's output) or ``"none"`` (CI+TI+MC).
+      none / bln / bi are the three columns of the paper's Table 1.
     residual: how a residual block's Add maps to nodes (``models.resnet``): ``"conv"``, the
       paper's (conv2's output and the shortcut branch are masked before the Add; this is what
       costs accuracy after CI+TI), or ``"sum"`` (the sum is masked at its ReLU: exact on the
       concerned inputs).
     delta: MC-BLN's threshold for a "strong" edge.
-    bln_rule: how ``delta`` reads (``backtrack.backtrack_bln``): ``"absolute"`` (default: the
-      paper's absolute threshold with the prose's sign, "nodes connected only to the
-      unconcerned node": a strong edge is ``w > delta``); ``"negative"`` (the same threshold
-      with the opposite sign, ``w < -delta``); ``"relative"`` (``|w| >= delta x`` the column's
-      largest ``|w|``, either sign: this library's earlier rule).
+    bln_rule: MC-BLN's removal rule (``backtrack.backtrack_bln``): ``"listing"`` (default: the
+      paper's Algorithm 2 as printed, removed when ``W[i, V_uc] <= -delta`` and
+      ``W[i, V_c] >= delta``); readings of the prose, "nodes connected only to the unconcerned
+      node" (a strong V_uc edge and a V_c edge that is not strong): ``"absolute"`` (strong:
+      ``w > delta``; the default before 2026-12-03), ``"negative"`` (``w < -delta``),
+      ``"relative"`` (``|w| >= delta x`` the column's largest ``|w|``, either sign).
     batch_size: images per forward pass. seed: negative sampling.
     """
 
     concerned_per_class: int | None = 1000
     min_confidence: float | None = 0.9
     negative_ratio: float = 1.0
-    backtrack: Literal["none", "bln", "bi"] = "bln"
+    backtrack: Literal["none", "bln", "bi", "bi_preserving"] = "bln"
     residual: Literal["conv", "sum"] = DEFAULT_RESIDUAL
     delta: float = 0.5
-    bln_rule: Literal["absolute", "negative", "relative"] = "absolute"
+    bln_rule: Literal["listing", "absolute", "negative", "relative"] = "listing"
     batch_size: int = 256
     seed: int = 0
 

@@ -22,7 +22,8 @@ Steps (spec field-survey.md §1.3-1.5), all classes at once:
    column's largest |w|, or the signed w > delta) while its edge to the concerned output is
    not, serves only the unconcerned output; it is removed, which deactivates all its
    positions in the nodes the average pool reads (the last Add, or both branches it
-   merges). MC-BI (``backtrack="bi"``) then walks back to the input.
+   merges). MC-BI (``backtrack="bi"``: the paper's Algorithm 3; ``"bi_preserving"``: an
+   output-preserving variant) then walks back to the input.
 
 Vectorised over classes: each training input runs through the model once; a node is
 active for a set of inputs when ``membership [N, B] @ (pre > 0) [B, P]`` is non-zero, one
@@ -206,8 +207,8 @@ def decompose(
         head_w = np.where(removed[..., None], 0.0, head_w).astype(np.float32)
     final = apply_feature_removal(model, inactive, removed, cfg.residual)
     bln_inactive = [int(sum(v[i].sum() for v in final.values())) for i in range(k)]
-    if cfg.backtrack == "bi":
-        final = backtrack_input(model, final, cfg.residual)
+    if cfg.backtrack in ("bi", "bi_preserving"):
+        final = backtrack_input(model, final, cfg.residual, "listing" if cfg.backtrack == "bi" else "preserving")
     seconds = time.perf_counter() - t0
     total = sum(nd.size for nd in model.nodes(cfg.residual))
     stats = {
