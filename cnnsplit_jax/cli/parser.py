@@ -235,16 +235,21 @@ def _split_parser(sub, common) -> None:
     config_flag(cc, ConcernConfig, "negative_ratio", "negative inputs per concerned input for tangling "
                 "identification", type=float)
     config_flag(cc, ConcernConfig, "backtrack", "bln: backtrack to the last conv layer (MC-BLN); bi: MC-BLN, then "
-                "back to the input (MC-BI); none: CI+TI+MC")
+                "back to the input as Algorithm 3 (MC-BI: per conv, its own outputs; changes the output); "
+                "bi_preserving: an MC-BI that also consults the shortcuts (output unchanged); none: CI+TI+MC")
     config_flag(cc, ConcernConfig, "residual", "conv: mask conv2's output and the shortcut before each Add (the "
                 "paper's mapping); sum: mask the sum at its ReLU (exact on concerned inputs)")
     config_flag(cc, ConcernConfig, "delta", "MC-BLN's strong-edge threshold", type=float)
-    config_flag(cc, ConcernConfig, "bln_rule", "absolute: an edge is strong when w > delta (the paper's prose); "
-                "negative: w < -delta; relative: |w| >= delta x the column's largest |w|")
+    config_flag(cc, ConcernConfig, "bln_rule", "listing: Algorithm 2 as printed, remove feature i when "
+                "W[i,V_uc] <= -delta and W[i,V_c] >= delta; readings of the prose (a strong V_uc edge, a V_c edge "
+                "that is not): absolute: strong when w > delta; negative: w < -delta; relative: |w| >= delta x "
+                "the column's largest |w|")
     config_flag(cc, ConcernConfig, "concerned_per_class", "class-c training inputs used per module (none: all)",
                 type=_optional(int))
     config_flag(cc, ConcernConfig, "min_confidence", "only inputs the model predicts as their class above this "
                 "softmax probability are concerned inputs (none: no filter)", type=_optional(float))
+    config_flag(cc, ConcernConfig, "unconfident", "a class with no input above --min-confidence: fallback to its "
+                "unfiltered inputs (warned, listed in split.json) or refuse")
     ga = sp.add_argument_group("CNNSplitter (--method ga)")
     for field, kind, help_ in (("population", int, "individuals per class"), ("generations", int, "generations"),
                                ("groups", int, "genes per layer (None: 10 below 256 kernels, else 100)"),

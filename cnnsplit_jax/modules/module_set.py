@@ -246,14 +246,16 @@ class ConcernModuleSet(_Common):
         weight is removed), the fraction of node positions each module keeps active (=
         ``position_jaccard_vs_model``, since the model keeps every position), and the paper's
         Jaccard index of each module's effective weights and biases with the model's
-        (``jaccard_vs_model``, ``weight_jaccard``: distinct values, and by position).
+        (``jaccard_vs_model``, ``weight_jaccard``: distinct values, ours; ``lab_jaccard_vs_model``:
+        the lab's function; and by position).
         ``flops`` is ignored (modules run the whole model)."""
         del flops
         active = self.active_sets().mean(-1)
         if has(self.base, DECLARED_GRAPH):
             ji_values, ji_positions = weight_jaccard(self, "values"), weight_jaccard(self, "positions")
+            ji_lab = weight_jaccard(self, "lab")
         else:  # an adapted model: which weights feed which node is not known
-            ji_values = ji_positions = np.full(self.num_modules, np.nan)
+            ji_values = ji_positions = ji_lab = np.full(self.num_modules, np.nan)
         params = count_params(self.base)
         f = self.base.fc_in
         size = {"model_params": params,
@@ -262,6 +264,7 @@ class ConcernModuleSet(_Common):
                 "active_fraction": active.tolist(), "mean_active_fraction": float(active.mean())}
         return {"module_size": size, "jaccard_vs_model": ji_values.tolist(),
                 "mean_jaccard_vs_model": float(ji_values.mean()),
+                "lab_jaccard_vs_model": ji_lab.tolist(), "mean_lab_jaccard_vs_model": float(ji_lab.mean()),
                 "weight_position_jaccard_vs_model": ji_positions.tolist(),
                 "mean_weight_position_jaccard_vs_model": float(ji_positions.mean()),
                 "position_jaccard_vs_model": active.tolist(),

@@ -9,10 +9,15 @@ A concern module keeps every weight (it deactivates positions, ``ConcernModuleSe
   as trained, the channeled unconcerned column (``head_w[:, 1]``) in the first other class's
   column, the other columns zero; rows of features removed by MC-BLN are zero.
 
-Two readings of "the Jaccard index of the flattened weights and biases" (spec field-survey.md
-§1.9), ``by``:
+Three readings of "the Jaccard index of the flattened weights" (spec field-survey.md §1.9),
+``by``:
 
-* ``"values"`` (the lab's RNN code): sets of distinct values, ``|A n B| / (|A| + |B| - |A n B|)``;
+* ``"lab"``: the lab's function (its RNN code, the same group): the kernels only (no biases)
+  flattened into lists A and B, the intersection of their value sets, and the union taken over
+  the *list lengths*, ``|set(A) n set(B)| / (len(A) + len(B) - |set(A) n set(B)|)``. With a
+  fraction f of the weights zeroed it is about ``(1 - f) / (1 + f)``;
+* ``"values"`` (ours): kernels and biases, sets of distinct values on both sides,
+  ``|A n B| / (|A| + |B| - |A n B|)`` with set sizes; about ``1 - f``;
 * ``"positions"``: non-zero entries at the same flat position with the same value, over the
   entries non-zero in either.
 
@@ -25,7 +30,7 @@ import numpy as np
 
 __all__ = ["effective_params", "weight_jaccard", "JACCARD_READINGS"]
 
-JACCARD_READINGS = ("values", "positions")
+JACCARD_READINGS = ("lab", "values", "positions")
 
 
 def _model_params(base) -> dict[str, np.ndarray]:
@@ -63,7 +68,10 @@ def effective_params(ms, i: int, model: dict | None = None) -> dict[str, np.ndar
 
 
 def _jaccard(a: np.ndarray, b: np.ndarray, by: str) -> float:
-    if by == "values":
+    if by == "lab":
+        inter = np.intersect1d(a, b).size
+        union = a.size + b.size - inter
+    elif by == "values":
         ua, ub = np.unique(a), np.unique(b)
         inter = np.intersect1d(ua, ub, assume_unique=True).size
         union = ua.size + ub.size - inter
@@ -75,12 +83,12 @@ def _jaccard(a: np.ndarray, b: np.ndarray, by: str) -> float:
 
 
 def weight_jaccard(ms, by: str = "values") -> np.ndarray:
-    """float [N]: each module's Jaccard index with the model over the flattened weights and
-    biases (``by``: ``"values"`` or ``"positions"``, see the module docstring)."""
+    """float [N]: each module's Jaccard index with the model over its flattened parameters
+    (``by``: ``"lab"``, ``"values"`` or ``"positions"``, see the module docstring)."""
     if by not in JACCARD_READINGS:
         raise ValueError(f"by must be one of {JACCARD_READINGS}, got {by!r}")
     model = _model_params(ms.base)
-    names = sorted(model)
+    names = sorted(n for n in model if by != "lab" or n.endswith(".kernel"))
     flat = np.concatenate([model[n].ravel() for n in names])
     return np.asarray([_jaccard(np.concatenate([p[n].ravel() for n in names]), flat, by)
                        for p in (effective_params(ms, i, model) for i in range(ms.num_modules))])

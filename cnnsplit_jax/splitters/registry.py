@@ -84,7 +84,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            history_plot="fitness_over_generations"),
     Method("concern", "concern identification", concern, concern.ConcernConfig, "node", ("data",),
            ("negative_ratio", "backtrack", "residual", "delta", "bln_rule", "concerned_per_class", "min_confidence",
-            "seed")),
+            "unconfident", "seed")),
 )}
 
 

@@ -38,11 +38,19 @@ def test_ci_and_ti_on_hand_checkable_inputs():
     expect[7, 7] = expect[0, 31] = False  # the two negatives (1:1) restore their positions
     np.testing.assert_array_equal(d.inactive["conv_0"][0, ..., 0], expect)
     assert d.stats["negatives"] == [2, 2] and d.stats["concerned"] == [2, 2]
-    assert d.stats["ti_restored"][0] >= 2
-    # without negatives nothing is restored
+    # TI's count, against a plain forward of module 0's two negatives (the class-1 images):
+    # every node position dead under CI that one of them activates
+    x = jnp.asarray(normalize(imgs[2:], (0.5,), (1.0,)))
+    _, rec = model.node_forward(x, record=True)  # both mappings recorded; CI's are the default "conv"
+    restored = sum(int((d.ci_inactive[k][0] & (np.asarray(v) > 0).any(0)).sum()) for k, v in rec.items()
+                   if k in d.ci_inactive)
+    assert d.stats["ti_restored"][0] == restored and restored >= 2
+    # without negatives nothing is restored: module 0's stem map is CI's hand map
     d0 = C.decompose(model, imgs, y, (0.5,), (1.0,), C.ConcernConfig(backtrack="none", negative_ratio=0.0, min_confidence=None))
-    for k in d0.inactive:
-        np.testing.assert_array_equal(d0.inactive[k], d0.ci_inactive[k])
+    ci_map = np.ones((32, 32), bool)
+    ci_map[3, 4] = ci_map[10, 20] = False
+    np.testing.assert_array_equal(d0.inactive["conv_0"][0, ..., 0], ci_map)
+    assert d0.stats["negatives"] == [0, 0] and d0.stats["ti_restored"] == [0, 0]
 
 
 @pytest.mark.parametrize("residual", ["conv", "sum"])
@@ -92,6 +100,10 @@ def test_concerned_inputs_are_the_first_confident_ones_within_the_budget():
                                      lambda idx: (idx % 2 == 1) & (y[idx] != 1))
     np.testing.assert_array_equal(np.sort(concerned[0]), [i for i in range(60) if y[i] == 0 and i % 2])
     np.testing.assert_array_equal(concerned[1], full[1])
+    not_one = lambda idx: (idx % 2 == 1) & (y[idx] != 1)  # noqa: E731
+    assert C.unconfident_classes(concerned, not_one) == [1] and C.unconfident_classes(concerned, None) == []
+    with pytest.raises(ValueError, match=r"class\(es\) \[1\]"):  # the option to refuse instead
+        C.sample_sets(y, 3, C.ConcernConfig(concerned_per_class=None, unconfident="refuse"), key, not_one)
 
 
 def test_confidence_filter_equals_the_softmax_of_the_models_logits():
@@ -160,7 +172,15 @@ def test_backtrack_bln_removes_features_serving_only_the_unconcerned_output():
             assert d.inactive[last][c, ..., f].all()
         kept = ~d.removed_features
         assert not d.inactive[last].all(axis=(1, 2))[kept].any()
-    assert d.stats["bln_removed_features"] == d.removed_features.sum(1).tolist()
+    # the relative rule by hand on the channeled head: V_uc = the mean of the other columns
+    w = np.asarray(model.fc.kernel[...])
+    want = []
+    for c in range(3):
+        vc, vuc = w[:, c], w[:, [j for j in range(3) if j != c]].mean(1)
+        strong = lambda v: np.abs(v) >= 0.5 * np.abs(v).max()  # noqa: E731
+        want.append(strong(vuc) & ~strong(vc))
+    np.testing.assert_array_equal(d.removed_features, np.stack(want))
+    assert d.stats["bln_removed_features"] == np.stack(want).sum(1).tolist()
 
 
 def test_energy_estimate_follows_the_papers_formula():

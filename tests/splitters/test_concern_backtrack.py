@@ -166,5 +166,23 @@ def test_weight_jaccard_counts_dropped_channels_and_the_channeled_head():
     vals = weight_jaccard(ms, "values")
     np.testing.assert_allclose(vals, [(p - dropped - changed) / (p + f + 2), (p - changed) / (p + f + 2),
                                       (p - changed) / (p + f + 2)])
+    # the lab's function, transcribed from the spec: kernels only, value sets intersected, the
+    # union over list lengths
+    kernels = [np.asarray(getattr(model, s.name).kernel[...]).ravel() for s in model.topology] + [
+        np.asarray(model.fc.kernel[...]).ravel()]
+    pk = sum(a.size for a in kernels)
+    conv0 = np.asarray(model.conv_0.kernel[...])
+    w_fc = np.asarray(model.fc.kernel[...])
+    for i in range(n):
+        mod = [np.asarray(getattr(model, s.name).kernel[...]).copy() for s in model.topology]
+        if i == 0:
+            mod[0] = conv0.copy()
+            mod[0][..., 1] = 0.0
+        fc = np.zeros_like(w_fc)
+        fc[:, i], fc[:, 0 if i else 1] = hw[i, :, 0], hw[i, :, 1]
+        a = np.concatenate([m.ravel() for m in mod] + [fc.ravel()])
+        inter = len(set(a.tolist()) & set(np.concatenate(kernels).tolist()))
+        assert weight_jaccard(ms, "lab")[i] == pytest.approx(inter / (a.size + pk - inter))
+    assert weight_jaccard(ms, "lab")[0] == pytest.approx((pk - 9 - f * (k - 1)) / (pk + 9 + f * (k - 1)))
     assert ms.structure()["mean_jaccard_vs_model"] == pytest.approx(
         np.mean([(p - dropped - changed) / (p + f + 2), (p - changed) / (p + f + 2), (p - changed) / (p + f + 2)]))

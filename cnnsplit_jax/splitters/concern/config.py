@@ -21,7 +21,10 @@ class ConcernConfig:
     concerned_per_class: class-c training inputs used for CI (the lab's 1000; ``None``: all).
     min_confidence: only inputs the model predicts as their class with a softmax probability
       above this are concerned inputs (the lab's 0.9; ``None``: no filter). A class with no
-      such input falls back to its unfiltered inputs, with a ``RunWarning``.
+      such input falls back to its unfiltered inputs, with a ``RunWarning``, and is listed in
+      ``split.json`` (``decomposition.unconfident_classes``); the lab has no such fallback.
+    unconfident: ``"fallback"`` (the above) or ``"refuse"`` (a ``ValueError`` naming the
+      classes instead).
     negative_ratio: negatives per concerned input for TI (paper: 1.0).
     backtrack: ``"bln"`` (MC-BLN, the paper's choice), ``"bi"`` (MC-BLN then MC-BI as the paper's
       Algorithm 3: per conv, its own outputs only; changes what a module computes),
@@ -49,6 +52,7 @@ class ConcernConfig:
     residual: Literal["conv", "sum"] = DEFAULT_RESIDUAL
     delta: float = 0.5
     bln_rule: Literal["listing", "absolute", "negative", "relative"] = "listing"
+    unconfident: Literal["fallback", "refuse"] = "fallback"
     batch_size: int = 256
     seed: int = 0
 
@@ -63,6 +67,8 @@ class ConcernConfig:
         if self.bln_rule not in BLN_RULES:
             raise ValueError(f"bln_rule must be one of {BLN_RULES}, got {self.bln_rule!r}")
         finite("delta", self.delta, lo=0.0, hi=1.0)
+        if self.unconfident not in ("fallback", "refuse"):
+            raise ValueError(f"unconfident must be 'fallback' or 'refuse', got {self.unconfident!r}")
         if self.concerned_per_class is not None and self.concerned_per_class < 1:
             raise ValueError(f"concerned_per_class must be >= 1, got {self.concerned_per_class}")
         if self.min_confidence is not None and not 0 <= self.min_confidence < 1:

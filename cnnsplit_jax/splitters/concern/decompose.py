@@ -66,7 +66,7 @@ from ...progress import Progress, callbacks_of, notify
 from ..base import SplitData, SplitResult, check_data
 from .backtrack import apply_feature_removal, backtrack_bln, backtrack_input
 from .config import ConcernConfig
-from .inputs import confidence_filter, membership, sample_sets
+from .inputs import confidence_filter, membership, sample_sets, unconfident_classes
 
 __all__ = ["Decomposition", "activity_counts", "channel", "backtrack_bln", "backtrack_input", "decompose",
            "split", "report", "retangle", "energy_estimate"]
@@ -193,6 +193,7 @@ def decompose(
     confident = (None if cfg.min_confidence is None else
                  confidence_filter(model, x_train, y_train, mean, std, cfg.min_confidence, cfg.batch_size))
     concerned, negatives = sample_sets(y_train, k, cfg, key, confident)
+    unconfident = unconfident_classes(concerned, confident)
     index = np.unique(np.concatenate(concerned + negatives))
     mem = np.concatenate([membership(concerned, index), membership(negatives, index)])
     mesh = meshlib.resolve_data(mesh)
@@ -215,6 +216,7 @@ def decompose(
         "seconds": seconds,
         "images_forwarded": int(len(index)),
         "concerned": [int(c.size) for c in concerned],
+        "unconfident_classes": unconfident,
         "negatives": [int(c.size) for c in negatives],
         "positions": int(total),
         "ci_inactive": [int(sum(v[i].sum() for v in ci.values())) for i in range(k)],

@@ -19,7 +19,7 @@ from ...models import SplittableModel
 from ...progress import RunWarning
 from .config import ConcernConfig
 
-__all__ = ["sample_sets", "confidence_filter", "membership"]
+__all__ = ["sample_sets", "confidence_filter", "membership", "unconfident_classes"]
 
 
 def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Array,
@@ -44,7 +44,7 @@ def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Ar
     if confident is None or cfg.min_confidence is None:
         concerned = [p if budget is None else p[:budget] for p in perm]
     else:
-        concerned = _confident_first(perm, budget, confident)
+        concerned = _confident_first(perm, budget, confident, refuse=cfg.unconfident == "refuse")
     negatives = []
     for c in range(num_classes):
         others = [q for q in range(num_classes) if q != c]
@@ -60,8 +60,10 @@ def sample_sets(y: np.ndarray, num_classes: int, cfg: ConcernConfig, key: jax.Ar
     return concerned, negatives
 
 
-def _confident_first(perm: list, budget: int | None, confident: Callable) -> list:
-    """Per class, the first ``budget`` indices of ``perm[c]`` that ``confident`` accepts."""
+def _confident_first(perm: list, budget: int | None, confident: Callable, refuse: bool = False) -> list:
+    """Per class, the first ``budget`` indices of ``perm[c]`` that ``confident`` accepts; a class
+    with none falls back to its unfiltered inputs with a ``RunWarning`` (``refuse``: a
+    ``ValueError`` naming every such class)."""
     chosen = [[] for _ in perm]
     seen = [0] * len(perm)
     while True:
@@ -79,6 +81,10 @@ def _confident_first(perm: list, budget: int | None, confident: Callable) -> lis
             keep = idx[ok[at: at + len(idx)]]
             at += len(idx)
             chosen[c].extend(keep[: None if budget is None else budget - len(chosen[c])].tolist())
+    empty = [c for c in range(len(perm)) if not chosen[c]]
+    if refuse and empty:
+        raise ValueError(f"class(es) {empty}: the model predicts none of their training inputs with "
+                         "min_confidence; lower min_confidence, or let them fall back (unconfident='fallback')")
     out = []
     for c, p in enumerate(perm):
         if not chosen[c]:
@@ -87,6 +93,17 @@ def _confident_first(perm: list, budget: int | None, confident: Callable) -> lis
             chosen[c] = p[:budget].tolist()
         out.append(np.asarray(chosen[c], np.int64))
     return out
+
+
+def unconfident_classes(concerned: Sequence[np.ndarray], confident: Callable | None) -> list[int]:
+    """The classes whose concerned inputs fell back to unfiltered ones: their first input is
+    not confident (a fallback happens only when none of the class's inputs is)."""
+    if confident is None:
+        return []
+    firsts = np.asarray([c[0] for c in concerned if len(c)], np.int64)
+    ok = np.asarray(confident(firsts), bool)
+    with_inputs = [c for c in range(len(concerned)) if len(concerned[c])]
+    return [c for c, good in zip(with_inputs, ok) if not good]
 
 
 def membership(sets: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
