@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from .batching import Normalization, check_images, check_labels
+from .svhn_mat import read_svhn_mat
 
 __all__ = ["Dataset", "DatasetInfo", "DatasetError", "DatasetOrderWarning", "DATASETS", "load_dataset", "read_idx",
            "image_stats", "file_order", "read_svhn_mat"]
@@ -331,24 +332,6 @@ def _load_cifar(name: str, data_dir=None) -> Dataset:
         f"(`tfds build {name}` on a machine with network).")
 
 
-def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [N, 32, 32, 3] and labels int32 [N] of an original SVHN ``*_32x32.mat``
-    (``X`` [32, 32, 3, N], ``y`` [N, 1] with 10 for the digit 0), in file order, label 10 -> 0."""
-    from scipy.io import loadmat
-
-    try:
-        m = loadmat(os.fspath(path))
-        x, y = np.asarray(m["X"]), np.asarray(m["y"]).reshape(-1).astype(np.int64)
-    except (KeyError, ValueError, OSError, TypeError) as e:
-        raise DatasetError(f"{path}: not an SVHN *_32x32.mat file ({type(e).__name__}: {e})") from None
-    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
-        raise DatasetError(f"{path}: X has shape {x.shape}, expected [32, 32, 3, N] with N = {len(y)} labels")
-    if len(y) and (y.min() < 0 or y.max() > 10):
-        raise DatasetError(f"{path}: labels outside 0..10 ({y.min()}..{y.max()})")
-    y[y == 10] = 0
-    return np.ascontiguousarray(x.transpose(3, 0, 1, 2).astype(np.uint8)), y.astype(np.int32)
-
-
 def _svhn_files(data_dir) -> Path | None:
     for d in _data_dirs("svhn_cropped", data_dir) + _data_dirs("svhn", data_dir):
         if (d / "train_32x32.mat").is_file() and (d / "test_32x32.mat").is_file():
@@ -362,8 +345,11 @@ _WARNED_ORDER: set = set()
 def _load_svhn(name: str, data_dir=None) -> Dataset:
     root = _svhn_files(data_dir)
     if root is not None:
-        xtr, ytr = read_svhn_mat(root / "train_32x32.mat")
-        xte, yte = read_svhn_mat(root / "test_32x32.mat")
+        try:
+            xtr, ytr = read_svhn_mat(root / "train_32x32.mat")
+            xte, yte = read_svhn_mat(root / "test_32x32.mat")
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
         info = DatasetInfo(name, tuple(str(i) for i in range(10)), 3, IMAGENET_MEAN, IMAGENET_STD,
                            f"{root}, file order")
         return Dataset(xtr, ytr, xte, yte, info)
