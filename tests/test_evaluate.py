@@ -81,5 +81,13 @@ def test_report_of_a_module_set_matches_its_outputs(digits_modules, digits_run):
         assert res["module_f1"][c] == pytest.approx(binary_metrics(pos_e[:, c], ye == c)[2])
     assert res["accuracy_loss"] == pytest.approx(res["base_accuracy"] - res["composed_accuracy"])
     assert res["eval_images"] == len(ye) == 72 and res["test_images"] == len(yt) == 287
+    # the whole test set (both splits), from separate passes over each split
+    whole = res["whole_test_set"]
+    scores_e, _ = module_outputs(ms, xe)
+    y_all = np.concatenate([ye, yt])
+    composed_all = np.concatenate([scores_e.argmax(-1), scores.argmax(-1)])
+    assert whole["images"] == 359 and whole["composed_accuracy"] == pytest.approx(float((composed_all == y_all).mean()))
+    assert whole["base_accuracy"] == pytest.approx(accuracy(base, np.concatenate([xe, xt]), y_all, rd.ds.info))
+    assert whole["accuracy_loss"] == pytest.approx(whole["base_accuracy"] - whole["composed_accuracy"])
     split = json.loads((digits_modules / "split.json").read_text())
     assert res["composed_accuracy"] == split["composed_accuracy"]

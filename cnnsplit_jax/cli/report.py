@@ -91,7 +91,10 @@ def module_table(res: dict, class_names) -> str:
         lines.append(
             f"model top-1 {res['base_accuracy']:.4f} / top-5 {res['base_top5']:.4f} | composed top-1 "
             f"{res['composed_accuracy']:.4f} / top-5 {res['composed_top5']:.4f} | decomposition cost "
-            f"{100 * res['accuracy_loss']:.2f} / {100 * res['top5_loss']:.2f} pt | Jaccard of weights vs model "
+            f"{100 * res['accuracy_loss']:.2f} / {100 * res['top5_loss']:.2f} pt"
+            + (f" (whole test set {100 * res['whole_test_set']['accuracy_loss']:.2f} / "
+               f"{100 * res['whole_test_set']['top5_loss']:.2f} pt)" if "whole_test_set" in res else "")
+            + f" | Jaccard of weights vs model "
             f"{res['mean_jaccard_vs_model']:.3f} | active positions {size['mean_active_fraction']:.3f} | "
             f"Jaccard of active positions between modules {res['mean_jaccard']:.3f} | module params "
             f"{size['module_params']:,} (model {size['model_params']:,}: no weight removed)")
