@@ -239,12 +239,12 @@ def test_their_parent_selection_and_elites_equal_ours(reference_cnnsplitter):
     assert not np.array_equal(stable, kept)
 
 
-def _logits_agree(theirs, ours, seed=0):
+def _logits(theirs, ours, seed=0):
+    """(our logits, theirs) on the same NCHW / NHWC images."""
     x = np.random.default_rng(seed).normal(size=(2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         ref = theirs(torch.from_numpy(x)).numpy()
-    got = np.asarray(ours(jnp.asarray(x.transpose(0, 2, 3, 1))))
-    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
+    return np.asarray(ours(jnp.asarray(x.transpose(0, 2, 3, 1)))), ref
 
 
 @pytest.mark.parametrize("arch,path,cls", [("simcnn", "models/simcnn.py", "SimCNN"),
@@ -261,7 +261,8 @@ def test_their_gradsplitter_models_give_our_logits(reference_gradsplitter, arch,
                 mod.running_mean.normal_(0, 0.1)
                 mod.running_var.uniform_(0.5, 1.5)
     theirs.eval()
-    _logits_agree(theirs, load_torch_state_dict(arch, theirs.state_dict()))
+    got, ref = _logits(theirs, load_torch_state_dict(arch, theirs.state_dict()))
+    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
 
 
 @pytest.mark.parametrize("arch,path,cls", [("simcnn_cnnsplitter", "models/simcnn.py", "SimCNN"),
@@ -269,4 +270,5 @@ def test_their_gradsplitter_models_give_our_logits(reference_gradsplitter, arch,
 def test_their_cnnsplitter_models_give_our_logits(reference_cnnsplitter, arch, path, cls):
     torch.manual_seed(2)
     theirs = getattr(reference_cnnsplitter.load(path), cls)(num_classes=10).eval()
-    _logits_agree(theirs, load_torch_state_dict(arch, theirs.state_dict()))
+    got, ref = _logits(theirs, load_torch_state_dict(arch, theirs.state_dict()))
+    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
