@@ -79,6 +79,9 @@ class TrainConfig:
     # dataset's recipe (data.estimator_recipe: SVHN 0.5, others 1); a number: that alpha
     dirichlet_alpha: float | Literal["auto"] | None = None
     dirichlet_min_size: int | None = None  # None: the dataset's recipe (SVHN 10, others 100)
+    # at most this many training images: the first of the (seeded, shuffled) training part, for
+    # CPU-sized experiments; None: all of it. The validation part is unchanged
+    train_images: int | None = None
     seed: int = 0
     eval_batch_size: int = 512
     dropout: bool = True  # False: the poor-fit recipe (no dropout while training)
@@ -91,6 +94,8 @@ class TrainConfig:
         at_least("batch_size", self.batch_size, 1)
         at_least("eval_batch_size", self.eval_batch_size, 1)
         at_least("patience", self.patience, 0)
+        if self.train_images is not None:
+            at_least("train_images", self.train_images, 1)
         if self.dirichlet_min_size is not None:
             at_least("dirichlet_min_size", self.dirichlet_min_size, 1)
         at_least("seed", self.seed, 0)
@@ -226,7 +231,8 @@ def dirichlet_settings(cfg: TrainConfig, dataset: str) -> tuple[float | None, in
 
 def _split_indices(ds: Dataset, cfg: TrainConfig):
     alpha, min_size = dirichlet_settings(cfg, ds.info.name)
-    return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, alpha, min_size, cfg.split_scheme)
+    return split_indices(ds.y_train, cfg.seed, cfg.val_fraction, alpha, min_size, cfg.split_scheme,
+                         cfg.train_images)
 
 
 def validation_images(x_u8: np.ndarray, cfg: TrainConfig, epoch: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from .report import (ProgressPrinter, class_table, log, metric, module_table, pa
 __all__ = ["COMMANDS"]
 
 TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "augment",
-                "augment_val", "split_scheme", "patience", "dirichlet_alpha", "dirichlet_min_size", "seed")
+                "augment_val", "split_scheme", "patience", "dirichlet_alpha", "dirichlet_min_size", "train_images", "seed")
 
 
 def _warn(msg: str) -> None:

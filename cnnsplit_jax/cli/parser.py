@@ -146,6 +146,8 @@ def _train_parser(sub, common) -> None:
                 "estimators: SVHN 0.5, CIFAR-10 and others 1)", type=_alpha)
     config_flag(g, TrainConfig, "dirichlet_min_size", "minimum images per class of that subsample (none: the "
                 "dataset's, SVHN 10, others 100)", type=int)
+    config_flag(g, TrainConfig, "train_images", "train on at most this many images: the first of the seeded, "
+                "shuffled training part (a CPU-sized run); the validation part is unchanged", type=int)
     config_flag(g, TrainConfig, "split_scheme", "train / validation split: seeded by --seed, or CNNSplitter's "
                 "(seed 1009, int(0.8 n)), whose validation part is CNNSplitter's search data")
     config_flag(g, TrainConfig, "seed", "seed of the model init, split and shuffles", type=int)
@@ -237,8 +239,9 @@ def _split_parser(sub, common) -> None:
     config_flag(cc, ConcernConfig, "backtrack", "bln: backtrack to the last conv layer (MC-BLN); bi: MC-BLN, then "
                 "back to the input as Algorithm 3 (MC-BI: per conv, its own outputs; changes the output); "
                 "bi_preserving: an MC-BI that also consults the shortcuts (output unchanged); none: CI+TI+MC")
-    config_flag(cc, ConcernConfig, "residual", "conv: mask conv2's output and the shortcut before each Add (the "
-                "paper's mapping); sum: mask the sum at its ReLU (exact on concerned inputs)")
+    config_flag(cc, ConcernConfig, "residual", "conv: maps for conv outputs only, conv2's output and a projection "
+                "shortcut's masked before each Add (the paper's mapping); conv_identity: the identity input masked "
+                "too; sum: mask the sum at its ReLU (exact on concerned inputs)")
     config_flag(cc, ConcernConfig, "delta", "MC-BLN's strong-edge threshold", type=float)
     config_flag(cc, ConcernConfig, "bln_rule", "listing: Algorithm 2 as printed, remove feature i when "
                 "W[i,V_uc] <= -delta and W[i,V_c] >= delta; readings of the prose (a strong V_uc edge, a V_c edge "

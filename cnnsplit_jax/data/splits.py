@@ -287,6 +287,7 @@ def split_indices(
     dirichlet_alpha: float | None = None,
     dirichlet_min_size: int = 100,
     scheme: str = "seeded",
+    train_images: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train / validation indices into the training set, as ``fit`` uses them.
 
@@ -298,7 +299,19 @@ def split_indices(
     shuffled), split *in order* as the reference does: its first ``int((1 - val_fraction) * n)``
     for training, the rest for validation. The splitters reuse the base model's split: their
     training data is its training part and their validation data its validation part.
+
+    ``train_images``: keep only the first this many of the training part (already in a seeded
+    random order; a CPU-sized run); the validation part is unchanged.
     """
+    tr, va = _train_val(labels, seed, val_fraction, dirichlet_alpha, dirichlet_min_size, scheme)
+    if train_images is not None:
+        if not 1 <= int(train_images) <= len(tr):
+            raise ValueError(f"train_images must lie in [1, {len(tr)}] (the training part), got {train_images}")
+        tr = tr[:int(train_images)]
+    return tr, va
+
+
+def _train_val(labels, seed, val_fraction, dirichlet_alpha, dirichlet_min_size, scheme):
     if scheme not in SPLIT_SCHEMES:
         raise ValueError(f"split scheme {scheme!r}; expected one of {SPLIT_SCHEMES}")
     if scheme == "cnnsplitter":

@@ -230,7 +230,7 @@ def run_data(meta: dict, data_dir=None) -> RunData:
         ds = task.ds
         eval_split, test_split = (task.x_eval, task.y_eval), (ds.x_test, ds.y_test)
     tr, va = split_indices(ds.y_train, sp["seed"], sp.get("val_fraction", 0.2), sp.get("dirichlet_alpha"),
-                           sp.get("dirichlet_min_size", 100), sp.get("scheme", "seeded"))
+                           sp.get("dirichlet_min_size", 100), sp.get("scheme", "seeded"), sp.get("train_images"))
     if meta.get("input_shape"):
         shape = meta["input_shape"]
         ds = fit_dataset(ds, shape)
@@ -279,6 +279,6 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
         "dataset": dataset, "sources": sources, "normalization": norm, "class_names": result["class_names"],
         "test_accuracy": test_acc, "val_accuracy": res.best_val_accuracy, "seed": cfg.seed,
         "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "dirichlet_alpha": alpha,
-                  "dirichlet_min_size": min_size, "scheme": cfg.split_scheme}})
+                  "dirichlet_min_size": min_size, "scheme": cfg.split_scheme, "train_images": cfg.train_images}})
     ckpt.write_json(out / "train.json", result)
     return result

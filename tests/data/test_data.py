@@ -356,3 +356,19 @@ def test_cnnsplitter_split_scheme_is_the_references():
         split_indices(labels, 5, 0.2, scheme="other")
     with pytest.raises(ValueError, match="dirichlet_alpha"):
         TrainConfig(split_scheme="cnnsplitter", dirichlet_alpha=1.0)
+
+
+def test_train_images_keeps_the_first_of_the_seeded_training_part():
+    from cnnsplit_jax.data import split_indices
+    from cnnsplit_jax.train import TrainConfig
+
+    labels = np.arange(100) % 10
+    tr, va = split_indices(labels, 5)
+    tr30, va30 = split_indices(labels, 5, train_images=30)
+    np.testing.assert_array_equal(tr30, tr[:30])  # a prefix of the same permutation
+    np.testing.assert_array_equal(va30, va)  # validation unchanged
+    assert len(set(tr30) & set(va30)) == 0
+    with pytest.raises(ValueError, match=r"train_images must lie in \[1, 80\]"):
+        split_indices(labels, 5, train_images=81)
+    with pytest.raises(ValueError, match="train_images"):
+        TrainConfig(train_images=0)
