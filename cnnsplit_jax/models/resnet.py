@@ -8,16 +8,23 @@ without BatchNorm, which is the default here (``batch_norm`` stays False); to ma
 trainable, every block's conv2 starts at He init / sqrt(blocks) (Fixup-style).
 
 **Nodes.** Concern identification (``cnnsplit_jax.concern``) works on *nodes*: the
-pre-activation values that a ReLU reads, one per output position ``(row, col, channel)``.
-``ResNet.nodes()`` lists them in forward order: the stem conv, every block's ``conv1`` and
-every block's residual sum ``add`` (conv2 + shortcut; the paper's "Add" layer, whose ReLU
-decides whether the position is active). That is ``nodes("sum")``, exact on concerned inputs.
-``nodes("conv")`` is the paper's mapping instead: every conv output is a node, so a block's
-Add is fed by two *branch* nodes, ``conv2`` (conv2's output before the Add) and ``short``
-(the shortcut branch: the projection's output, or the identity input), each masked before
-the sum. ``node_forward(x, keep)`` runs the model with ``keep = {node: float [H, W, C]}``
-multipliers (0 = position deactivated, the module's map; the names say which mapping) and
-can record every node's pre-activation values of both mappings.
+pre-activation values that a ReLU reads (or, for a residual sum's inputs, the values the Add
+reads), one per output position ``(row, col, channel)``. ``ResNet.nodes(residual)`` lists them
+in forward order under one of three mappings of a block's Add:
+
+* ``"conv"`` (the paper's: maps for conv outputs only): the stem, every ``conv1``, every
+  ``conv2`` (its output before the Add, a *branch* node) and every projection shortcut's
+  output (``short``, stride-2 blocks only). An identity shortcut has no node: its value always
+  reaches the Add.
+* ``"conv_identity"``: as ``"conv"``, plus a ``short`` branch node for every identity
+  shortcut, so the identity input is masked before the Add too (this library's ``"conv"``
+  before 2026-12-04; module sets saved then are read as this mapping).
+* ``"sum"``: the stem, every ``conv1`` and every block's residual sum ``add`` (conv2 +
+  shortcut, masked at its ReLU), exact on concerned inputs.
+
+``node_forward(x, keep)`` runs the model with ``keep = {node: float [H, W, C]}`` multipliers
+(0 = position deactivated, the module's map; the names say which mapping) and can record
+every node's values of all mappings.
 
 Kernel-mask methods (GradSplitter, CNNSplitter) do not apply to these models (``mask_kind`` is
 ``"node"``): ``__call__`` refuses kernel masks, and ``cnnsplit split`` points to
@@ -38,14 +45,28 @@ __all__ = ["Node", "ResNet", "ResNet20", "ResNet32", "ResNet56", "RESNETS", "RES
            "residual_of"]
 
 #: how a residual block's Add is mapped to nodes (see the module docstring)
-RESIDUAL_MAPPINGS = ("conv", "sum")
+RESIDUAL_MAPPINGS = ("conv", "conv_identity", "sum")
 #: the one default mapping (concern identification's, every ``nodes`` / ``feature_nodes`` call)
 DEFAULT_RESIDUAL = "conv"
 
 
+def _is_identity_short(name: str) -> bool:
+    """``s{stage}b{block}_short`` of a block whose shortcut is the identity (not a stride-2 projection)."""
+    head, _, tail = name.partition("_")
+    if tail != "short" or not head.startswith("s") or "b" not in head:
+        return False
+    stage, _, block = head[1:].partition("b")
+    return stage.isdigit() and block.isdigit() and (int(stage) == 0 or int(block) > 0)
+
+
 def residual_of(names) -> str:
-    """The residual mapping (``"conv"`` or ``"sum"``) that a set of node names belongs to."""
-    return "conv" if any(n.endswith("_conv2") for n in names) else "sum"
+    """The residual mapping (``"conv"``, ``"conv_identity"`` or ``"sum"``) whose nodes a
+    complete set of node names is: ``_add`` nodes are ``"sum"``'s, identity ``_short`` nodes
+    ``"conv_identity"``'s."""
+    names = list(names)
+    if any(n.endswith("_add") for n in names):
+        return "sum"
+    return "conv_identity" if any(_is_identity_short(n) for n in names) else "conv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +132,7 @@ class ResNet(MaskedCNN):
     def _build_head(self, rngs):
         self.fc = Dense(self.fc_in, self.num_classes, rngs=rngs)
 
-    def nodes(self, residual: Literal["conv", "sum"] = DEFAULT_RESIDUAL) -> tuple[Node, ...]:
+    def nodes(self, residual: Literal["conv", "conv_identity", "sum"] = DEFAULT_RESIDUAL) -> tuple[Node, ...]:
         """Nodes in forward order under a residual mapping (see the module docstring)."""
         if residual not in RESIDUAL_MAPPINGS:
             raise ValueError(f"residual must be one of {RESIDUAL_MAPPINGS}, got {residual!r}")
@@ -130,20 +151,29 @@ class ResNet(MaskedCNN):
                     nodes.append(Node(f"{p}_add", shape, "add", convs))
                 else:
                     nodes.append(Node(f"{p}_conv2", shape, "branch", (f"{p}_conv2",)))
-                    nodes.append(Node(f"{p}_short", shape, "branch", (f"{p}_short",) if down else ()))
+                    if down or residual == "conv_identity":
+                        nodes.append(Node(f"{p}_short", shape, "branch", (f"{p}_short",) if down else ()))
         return tuple(nodes)
 
-    def feature_nodes(self, residual: Literal["conv", "sum"] = DEFAULT_RESIDUAL) -> tuple[str, ...]:
-        """The nodes whose positions the pooled features average (the last block's Add, or its
-        two branches under ``"conv"``): MC-BLN deactivates a removed feature in all of them."""
+    def feature_nodes(self, residual: Literal["conv", "conv_identity", "sum"] = DEFAULT_RESIDUAL
+                      ) -> tuple[str, ...]:
+        """The nodes whose positions the pooled features average: the last block's Add, or the
+        branch nodes it merges (conv2's output; the shortcut's where it is a node). MC-BLN
+        deactivates a removed feature in all of them (under ``"conv"`` the identity input
+        still reaches the pool; the removed feature's head row is zeroed as well)."""
         p = f"s2b{self.blocks - 1}"
-        return (f"{p}_add",) if residual == "sum" else (f"{p}_conv2", f"{p}_short")
+        if residual == "sum":
+            return (f"{p}_add",)
+        names = {nd.name for nd in self.nodes(residual)}
+        return tuple(n for n in (f"{p}_conv2", f"{p}_short") if n in names)
 
     def _check_keep(self, keep):
         shapes = {n.name: n.shape for r in RESIDUAL_MAPPINGS for n in self.nodes(r)}
         self.check_named(keep, shapes, "node", "node mask")
-        if keep is not None and len({residual_of([k]) for k in keep if k.endswith(("_conv2", "_add"))}) > 1:
-            raise ValueError("node masks mix the two residual mappings (both '_add' and '_conv2' nodes)")
+        if keep is not None and any(k.endswith("_add") for k in keep) and any(
+                k.endswith(("_conv2", "_short")) for k in keep):
+            raise ValueError("node masks mix residual mappings (both '_add' nodes and branch nodes "
+                             "'_conv2' / '_short')")
 
     def _run(self, x, keep, train, record):
         """Pooled features [B, F] (and the recorded pre-activations when ``record`` is a dict)."""
@@ -192,10 +222,10 @@ class ResNet(MaskedCNN):
         Args:
           x: normalised images [B, 32, 32, C].
           keep: optional ``{node: float [H, W, C]}`` multipliers of the pre-activations
-            (0 deactivates a position), nodes of either residual mapping (not both); missing
-            nodes are kept whole.
+            (0 deactivates a position), nodes of one residual mapping (``_add`` nodes and
+            branch nodes are not mixed); missing nodes are kept whole.
           record: also return ``{node: pre-activation [B, H, W, C]}`` (before ``keep``) for the
-            nodes of both mappings.
+            nodes of every mapping.
 
         Returns:
           ``features [B, F]`` (the pooled input of ``fc``), plus the records if ``record``.

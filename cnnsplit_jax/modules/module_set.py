@@ -37,16 +37,25 @@ from .heads import Heads
 from .weight_jaccard import weight_jaccard
 
 __all__ = ["ModuleSet", "ConcernModuleSet", "save_module_set", "load_module_set", "MODULE_SET_KINDS",
-           "residual_mapping"]
+           "residual_mapping", "RESIDUAL_REVISION"]
 
 #: the residual mapping of concern module sets that do not record one (written before it was an option)
 LEGACY_RESIDUAL = "sum"
+#: the meaning of a recorded ``residual``: 2 since 2026-12-04, when ``"conv"`` became conv outputs
+#: only; a set without ``residual_revision`` that says ``"conv"`` masked the identity input too
+RESIDUAL_REVISION = 2
 
 
-def residual_mapping(meta: dict) -> str:
+def residual_mapping(meta: dict, base=None) -> str:
     """The residual mapping a concern module set was decomposed with: ``meta["residual"]``,
-    else its config's, else ``LEGACY_RESIDUAL``."""
-    return str(meta.get("residual") or (meta.get("config") or {}).get("residual") or LEGACY_RESIDUAL)
+    else its config's, else ``LEGACY_RESIDUAL``. A zoo ResNet's set written before
+    ``RESIDUAL_REVISION`` 2 that says ``"conv"`` is ``"conv_identity"`` (what ``"conv"`` meant
+    then); an adapted model's ``"conv"`` never masked an identity input and stays ``"conv"``."""
+    mapping = str(meta.get("residual") or (meta.get("config") or {}).get("residual") or LEGACY_RESIDUAL)
+    old = int(meta.get("residual_revision", 1)) < RESIDUAL_REVISION
+    if mapping == "conv" and old and (base is None or has(base, DECLARED_GRAPH)):
+        return "conv_identity"
+    return mapping
 
 
 class _Common:
@@ -83,6 +92,10 @@ class _Common:
     def stack_key(self) -> tuple:
         """What modules of one base structure must also share to run in one forward group."""
         return ()
+
+    def saved_meta(self) -> dict:
+        """``meta`` as ``modules.json`` records it."""
+        return dict(self.meta)
 
     def forward_form(self, form: str) -> str:
         """The forward kind (``modules.forward.KINDS``) this set runs as when ``form`` is
@@ -215,18 +228,22 @@ class ConcernModuleSet(_Common):
 
     @property
     def residual(self) -> str:
-        """The residual mapping of the node maps (``"conv"``: the paper's, ``"sum"``): as the
-        metadata records it (``residual_mapping``), else (a set built without it) the mapping
-        whose nodes the maps are."""
-        if self.meta.get("residual") or (self.meta.get("config") or {}).get("residual"):
-            return residual_mapping(self.meta)
+        """The residual mapping of the node maps (``"conv"``: the paper's, ``"conv_identity"``,
+        ``"sum"``): the one whose nodes the maps are (each mapping has its own node names),
+        else as the metadata records it (``residual_mapping``)."""
+        names = set(self.inactive)
         for mapping in RESIDUAL_MAPPINGS:
             try:
-                if {nd.name for nd in self.base.nodes(mapping)} == set(self.inactive):
+                if {nd.name for nd in self.base.nodes(mapping)} == names:
                     return mapping
             except ValueError:  # a model with one mapping
                 continue
-        return LEGACY_RESIDUAL
+        return residual_mapping(self.meta, self.base)
+
+    def saved_meta(self) -> dict:
+        """``meta`` as ``modules.json`` records it: with the mapping of the maps under its
+        current name (``RESIDUAL_REVISION``)."""
+        return {**self.meta, "residual": self.residual, "residual_revision": RESIDUAL_REVISION}
 
     def forward_form(self, form: str) -> str:
         """Always ``"concern"``: these modules keep every weight and have no pruned form."""
@@ -297,7 +314,7 @@ class ConcernModuleSet(_Common):
         if not has(base, POSITION_NODES):
             raise ckpt.CheckpointError(f"a concern module set needs a base model with position nodes, found {base.arch!r}")
         f = base.fc_in
-        residual = residual_mapping(meta)
+        residual = residual_mapping(meta, base)
         return {"inactive": {nd.name: np.zeros((n, *nd.shape), np.uint8) for nd in base.nodes(residual)},
                 "head_w": np.zeros((n, f, 2), np.float32), "head_b": np.zeros((n, 2), np.float32),
                 "removed": np.zeros((n, f), np.uint8)}
@@ -322,7 +339,7 @@ def save_module_set(out_dir: str | Path, ms: ModuleSet | ConcernModuleSet) -> No
     ckpt.save_tree(out / "modules", tree)
     common = {"num_modules": ms.num_modules, "arch": ms.base.arch, "width": ms.base.width,
               "kind": ms.set_kind, "heads": "heads" in tree}
-    ckpt.write_json(out / "modules.json", {**ms.meta, **common})
+    ckpt.write_json(out / "modules.json", {**ms.saved_meta(), **common})
 
 
 def load_module_set(mod_dir: str | Path, *, trust_definition: bool | str = False) -> ModuleSet | ConcernModuleSet:

@@ -53,7 +53,7 @@ def test_ci_and_ti_on_hand_checkable_inputs():
     assert d0.stats["negatives"] == [0, 0] and d0.stats["ti_restored"] == [0, 0]
 
 
-@pytest.mark.parametrize("residual", ["conv", "sum"])
+@pytest.mark.parametrize("residual", ["conv", "conv_identity", "sum"])
 def test_vectorised_counts_equal_a_per_class_loop(residual):
     model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=1)
     rng = np.random.default_rng(0)
@@ -166,8 +166,11 @@ def test_backtrack_bln_removes_features_serving_only_the_unconcerned_output():
     d = C.decompose(model, imgs, np.arange(12) % 3, (0.5,), (0.5,), C.ConcernConfig(backtrack="bln", min_confidence=None,
                                                                                    bln_rule="relative"))
     assert d.removed_features.any()
-    # under the paper's mapping both branches merged by the last Add lose the feature
-    for last in ("s2b2_conv2", "s2b2_short"):
+    # under the paper's mapping conv2's branch into the last Add loses the feature (the identity
+    # shortcut has no map) and its head row is zero
+    assert "s2b2_short" not in d.inactive
+    assert (d.head_w[d.removed_features] == 0).all() and (d.head_w[~d.removed_features] != 0).any()
+    for last in ("s2b2_conv2",):
         for c, f in zip(*np.nonzero(d.removed_features)):
             assert d.inactive[last][c, ..., f].all()
         kept = ~d.removed_features
@@ -211,6 +214,8 @@ def test_concern_split_on_digits_reproduces_the_model(concern_modules, resnet_di
     ms = load_module_set(concern_modules["bln"])
     assert ms.set_kind == "concern" and ms.retangles and ms.num_modules == 10 and ms.residual == "conv"
     # positions, by hand: ResNet-20 at width 0.5 has 8 / 16 / 32 channels at 32 / 16 / 8 px;
-    # `sum`: the stem + per block conv1 and the Add; `conv`: conv1, conv2 and the shortcut
-    assert r["module_size"]["positions"] == 32 * 32 * 8 + 3 * 2 * (32 * 32 * 8 + 16 * 16 * 16 + 8 * 8 * 32)
-    assert b["module_size"]["positions"] == 32 * 32 * 8 + 3 * 3 * (32 * 32 * 8 + 16 * 16 * 16 + 8 * 8 * 32)
+    # `sum`: the stem + per block conv1 and the Add; `conv`: conv1 and conv2 per block, and the
+    # two projection shortcuts (stages 2 and 3) -- no node for an identity shortcut
+    per_stage = 32 * 32 * 8 + 16 * 16 * 16 + 8 * 8 * 32
+    assert r["module_size"]["positions"] == 32 * 32 * 8 + 3 * 2 * per_stage
+    assert b["module_size"]["positions"] == 32 * 32 * 8 + 3 * 2 * per_stage + 16 * 16 * 16 + 8 * 8 * 32

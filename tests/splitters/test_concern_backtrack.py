@@ -38,7 +38,7 @@ def test_window_reach_follows_same_padding_and_strides():
     np.testing.assert_array_equal(C.window_reach(alive, (4, 4), 1, 2)[0], want)
 
 
-@pytest.mark.parametrize("residual", ["sum", "conv"])
+@pytest.mark.parametrize("residual", ["sum", "conv_identity", "conv"])
 def test_output_preserving_mc_bi_walks_back_from_a_single_live_output_position(residual):
     model = build_model("resnet20", num_classes=2, in_channels=1, width=1 / 16)  # 1 / 2 / 4 channels
     nodes = model.nodes(residual)
@@ -55,7 +55,10 @@ def test_output_preserving_mc_bi_walks_back_from_a_single_live_output_position(r
     # 0..1) and the identity shortcut at (0, 0, ch 0) only
     want = np.ones((8, 8, 4), bool)
     want[:3, :3, :] = False
-    prev = ("s2b1_add",) if residual == "sum" else ("s2b1_conv2", "s2b1_short")
+    prev = {"sum": ("s2b1_add",), "conv_identity": ("s2b1_conv2", "s2b1_short")}.get(residual, ("s2b1_conv2",))
+    if residual == "conv":  # an unmasked identity shortcut reads every position: nothing is dead
+        want[:] = False
+        assert "s2b1_short" not in out
     for name in prev:
         np.testing.assert_array_equal(out[name][0], want)
     # nothing is taken back; the stem, which still feeds live positions, loses nothing
@@ -64,7 +67,7 @@ def test_output_preserving_mc_bi_walks_back_from_a_single_live_output_position(r
     assert not out["conv_0"].any()
 
 
-@pytest.mark.parametrize("residual", ["sum", "conv"])
+@pytest.mark.parametrize("residual", ["sum", "conv_identity", "conv"])
 def test_output_preserving_mc_bi_never_changes_what_a_module_computes(residual):
     model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=4)
     rng = np.random.default_rng(3)
@@ -91,22 +94,25 @@ def test_output_preserving_mc_bi_never_changes_what_a_module_computes(residual):
     assert bi.stats["inactive"] == [sum(int(v[i].sum()) for v in bi.inactive.values()) for i in range(3)]
 
 
-def test_mc_bi_as_algorithm_3_consults_only_the_conv_and_changes_the_output():
+@pytest.mark.parametrize("residual", ["conv_identity", "conv"])
+def test_mc_bi_as_algorithm_3_consults_only_the_conv_and_changes_the_output(residual):
     """Algorithm 3 by hand: module 0 has every output of s0b1's conv1 deactivated, nothing
     else. Every position of the tensor feeding s0b1 then feeds only dead conv1 outputs, so
-    the listing deactivates it (both inputs of the Add that made it: s0b0's conv2 and
-    shortcut); that kills s0b0's conv1 outputs and the stem in turn, each read by one conv
-    and an identity shortcut. The output-preserving rule keeps all of it (the shortcut still
-    reads it), and the module's output differs between the two; module 1 is untouched."""
+    the listing deactivates it (the maps of the Add that made it: s0b0's conv2, and its
+    identity shortcut where the mapping gives it one); that kills s0b0's conv1 outputs and
+    the stem in turn, each read by one conv and an identity shortcut. The output-preserving
+    rule keeps all of it (the shortcut still reads it), and the module's output differs
+    between the two; module 1 is untouched."""
     model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=9)
-    inactive = {nd.name: np.zeros((2, *nd.shape), bool) for nd in model.nodes("conv")}
+    inactive = {nd.name: np.zeros((2, *nd.shape), bool) for nd in model.nodes(residual)}
     inactive["s0b1_conv1"][0] = True
-    listing = C.backtrack_input(model, inactive, "conv", "listing")
-    preserving = C.backtrack_input(model, inactive, "conv", "preserving")
-    for name in ("s0b0_conv2", "s0b0_short", "s0b0_conv1", "conv_0"):
+    listing = C.backtrack_input(model, inactive, residual, "listing")
+    preserving = C.backtrack_input(model, inactive, residual, "preserving")
+    killed = {"s0b0_conv2", "s0b0_conv1", "conv_0"} | ({"s0b0_short"} if residual == "conv_identity" else set())
+    for name in killed:
         assert listing[name][0].all() and not preserving[name][0].any(), name
     changed = {k for k in inactive if (listing[k] != inactive[k]).any()}
-    assert changed == {"s0b0_conv2", "s0b0_short", "s0b0_conv1", "conv_0"}
+    assert changed == killed
     assert not any(listing[k][1].any() for k in listing)  # module 1 had nothing deactivated
     assert all((preserving[k] == inactive[k]).all() for k in inactive)
     x = jnp.asarray(normalize(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8),
@@ -116,7 +122,7 @@ def test_mc_bi_as_algorithm_3_consults_only_the_conv_and_changes_the_output():
     np.testing.assert_allclose(np.asarray(model.node_forward(x, keep(preserving))), before, atol=1e-6, rtol=0)
     assert np.abs(np.asarray(model.node_forward(x, keep(listing))) - before).max() > 1e-3
     with pytest.raises(ValueError, match="rule"):
-        C.backtrack_input(model, inactive, "conv", "exact")
+        C.backtrack_input(model, inactive, residual, "exact")
 
 
 def test_conv_mapping_masks_a_branch_before_the_add_and_sum_mapping_after():
@@ -142,8 +148,65 @@ def test_conv_mapping_masks_a_branch_before_the_add_and_sum_mapping_after():
     want = np.asarray(feats[0]).copy()
     want[ch] -= (conv2 + short)[i, j, ch] / 64
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="mix the two residual mappings"):
+    with pytest.raises(ValueError, match="mix residual mappings"):
         model.node_forward(x, {"s2b2_add": jnp.ones((8, 8, 8)), "s2b2_conv2": jnp.ones((8, 8, 8))})
+
+
+def test_conv_mapping_never_masks_an_identity_shortcut():
+    """By hand: with both conv nodes of the last block (an identity block) deactivated, the
+    conv-only mapping passes the block's input through, so the pooled features are the mean of
+    that input (recorded as the identity branch); ``conv_identity`` also masks that branch and
+    the features vanish. Decomposition maps under ``conv`` have no identity-shortcut node."""
+    model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=5)
+    x = jnp.asarray(normalize(np.random.default_rng(1).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8),
+                              (0.4,), (0.3,)))
+    _, rec = model.node_forward(x, record=True)
+    block_input = np.asarray(rec["s2b2_short"])  # the identity branch: s2b1's output, >= 0
+    assert (block_input > 0).any()
+    dead = {"s2b2_conv1": jnp.zeros((8, 8, 8)), "s2b2_conv2": jnp.zeros((8, 8, 8))}
+    np.testing.assert_allclose(np.asarray(model.node_forward(x, dead)), block_input.mean((1, 2)), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.node_forward(x, {**dead, "s2b2_short": jnp.zeros((8, 8, 8))})),
+                               0.0, atol=0)
+    imgs = np.random.default_rng(2).integers(0, 256, (12, 32, 32, 1), dtype=np.uint8)
+    dec = C.decompose(model, imgs, np.arange(12) % 3, (0.4,), (0.3,),
+                      C.ConcernConfig(min_confidence=None, residual="conv", backtrack="bi"))
+    assert set(dec.inactive) == {nd.name for nd in model.nodes("conv")}
+    assert {k for k in dec.inactive if k.endswith("_short")} == {"s1b0_short", "s2b0_short"}
+
+
+def test_module_sets_saved_when_conv_masked_the_identity_load_as_conv_identity(tmp_path):
+    """Migration: before RESIDUAL_REVISION 2, ``"conv"`` also masked identity shortcuts. A set
+    written then (``residual: "conv"``, no revision, identity-shortcut maps) loads as
+    ``conv_identity`` with its maps intact; a set written now says what it is."""
+    import json
+
+    from cnnsplit_jax.modules.module_set import RESIDUAL_REVISION, load_module_set, save_module_set
+
+    model = build_model("resnet20", num_classes=3, in_channels=1, width=0.125, key=3)
+    rng = np.random.default_rng(4)
+    imgs = rng.integers(0, 256, (12, 32, 32, 1), dtype=np.uint8)
+    sets = {}
+    for residual in ("conv_identity", "conv"):
+        dec = C.decompose(model, imgs, np.arange(12) % 3, (0.4,), (0.3,),
+                          C.ConcernConfig(min_confidence=None, residual=residual, backtrack="bi"))
+        ms = ConcernModuleSet(model, dec.inactive, dec.head_w, dec.head_b, dec.removed_features,
+                              {"method": "concern", "normalization": {"mean": [0.4], "std": [0.3]}})
+        assert ms.residual == residual  # no recorded mapping: the maps' node names tell
+        save_module_set(tmp_path / residual, ms)
+        sets[residual] = ms
+    meta = json.loads((tmp_path / "conv" / "modules.json").read_text())
+    assert meta["residual"] == "conv" and meta["residual_revision"] == RESIDUAL_REVISION
+    assert load_module_set(tmp_path / "conv").residual == "conv"
+    legacy = tmp_path / "conv_identity" / "modules.json"  # as the library wrote it before
+    meta = json.loads(legacy.read_text())
+    meta["residual"] = "conv"
+    del meta["residual_revision"]
+    legacy.write_text(json.dumps(meta))
+    old = load_module_set(tmp_path / "conv_identity")
+    assert old.residual == "conv_identity" and "s0b0_short" in old.inactive
+    for k, v in sets["conv_identity"].inactive.items():
+        np.testing.assert_array_equal(old.inactive[k], v)
 
 
 def test_weight_jaccard_counts_dropped_channels_and_the_channeled_head():

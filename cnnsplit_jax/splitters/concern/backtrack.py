@@ -3,20 +3,23 @@
 * **MC-BLN** (``backtrack_bln`` + ``apply_feature_removal``): pooled features that serve only
   the channeled unconcerned output are removed; through the global average pool one feature
   is every position of its channel in the nodes the pool reads (``ResNet.feature_nodes``:
-  the last Add, or both branches merged by it under the paper's ``"conv"`` mapping).
+  the last Add, or the branch nodes it merges), and its row of the channeled head is zeroed.
 * **MC-BI** (``backtrack_input``), walking from the output to the input, two rules:
 
   - ``"listing"`` (the paper's Algorithm 3, ``backtrack="bi"``): per conv layer, an input
     position that feeds at least one output position *of this conv* is deactivated when every
     output position of this conv that it feeds (through the sliding windows, SAME padding,
-    strides; padding feeds nothing) is deactivated, in every output channel. Other consumers of the same tensor (an identity shortcut) are not
-    consulted, and each conv adds on its own (a tensor read by two convs gets the union). When
-    the tensor is an Add's output, the maps of both of the Add's inputs are updated (line 31).
+    strides; padding feeds nothing) is deactivated, in every output channel. Other consumers
+    of the same tensor (an identity shortcut) are not consulted, and each conv adds on its own
+    (a tensor read by two convs gets the union). When
+    the tensor is an Add's output, the maps of both of the Add's inputs are updated (line 31);
+    under the ``"conv"`` mapping an identity input has no map, so only conv2's is.
     This changes what a module computes wherever a shortcut still carried the value.
   - ``"preserving"`` (``backtrack="bi_preserving"``): a position is deactivated only when
     *every* consumer, identity shortcut and projection included, no longer reads it, so its
-    value cannot reach the output. It never changes what a module computes (a deactivated
-    position is multiplied by 0, so its inputs do not matter); it only makes the maps larger.
+    value cannot reach the output (an identity shortcut without a node always reads). It never
+    changes what a module computes (a deactivated position is multiplied by 0, so its inputs
+    do not matter); it only makes the maps larger.
 
 Both edit ``{node: bool [N, H, W, C]}`` deactivation maps (True = deactivated) of N modules.
 """
@@ -91,17 +94,21 @@ def window_reach(alive_out: np.ndarray, in_hw: tuple[int, int], k: int, stride: 
 
 def _tensors(model, residual: str):
     """Post-activation tensors in forward order: (own maps, consumers); a consumer is
-    (kind, out_map, k, stride) with kind "conv" (all channels read) or "elementwise"."""
-    sum_mode = residual == "sum"
-    out_of = lambda p: f"{p}_add" if sum_mode else f"{p}_conv2"  # noqa: E731  (conv2's output map)
-    short_of = lambda p: f"{p}_add" if sum_mode else f"{p}_short"  # noqa: E731
-    own_of = lambda p: (f"{p}_add",) if sum_mode else (f"{p}_conv2", f"{p}_short")  # noqa: E731
+    (kind, out_map, k, stride) with kind "conv" (all channels read) or "elementwise" (an
+    identity shortcut; out_map None when the mapping gives it no node: it always reads)."""
+    names = {nd.name for nd in model.nodes(residual)}
     blocks = [(f"s{s}b{b}", 2 if s > 0 and b == 0 else 1) for s in range(3) for b in range(model.blocks)]
+    if residual == "sum":  # a block's output is its Add's node
+        out_of = own_of = lambda p: (f"{p}_add",)  # noqa: E731
+    else:  # the branch nodes the Add merges: conv2's, and the shortcut's where it has one
+        out_of = lambda p: (f"{p}_conv2",)  # noqa: E731
+        own_of = lambda p: tuple(n for n in (f"{p}_conv2", f"{p}_short") if n in names)  # noqa: E731
+    short_of = lambda p: next((n for n in (f"{p}_add", f"{p}_short") if n in names), None)  # noqa: E731
     tensors, own = [], ("conv_0",)
     for p, stride in blocks:  # the tensor `own` feeds block p
         short = ("conv", short_of(p), 1, 2) if stride > 1 else ("elementwise", short_of(p), 1, 1)
         tensors.append((own, [("conv", f"{p}_conv1", 3, stride), short]))
-        tensors.append(((f"{p}_conv1",), [("conv", out_of(p), 3, 1)]))
+        tensors.append(((f"{p}_conv1",), [("conv", out_of(p)[0], 3, 1)]))
         own = own_of(p)
     return tensors  # the last block's output feeds the pool: nothing to backtrack into
 
@@ -120,20 +127,22 @@ def backtrack_input(model, inactive: dict, residual: str, rule: str = "listing")
     out = {k: np.asarray(v, bool).copy() for k, v in inactive.items()}
     for own, consumers in reversed(_tensors(model, residual)):
         n, h, w, c = out[own[0]].shape
-        per_conv, dead = [], np.ones((n, h, w, c), bool)
-        for kind, name, k, stride in consumers:
-            if kind == "elementwise":
-                dead &= out[name]
-            else:
-                alive = ~out[name].all(-1)
-                unread = ~window_reach(alive, (h, w), k, stride)[..., None]
-                dead &= unread
-                # the listing visits the inputs of this conv's dead outputs only: a position
-                # this conv never reads (a stride-2 1x1 projection's odd rows) is not its to add
-                fed = window_reach(np.ones_like(alive), (h, w), k, stride)[..., None]
-                per_conv.append(unread & fed)
         if rule == "listing":  # each conv on its own, the shortcut not consulted
-            dead = np.broadcast_to(np.logical_or.reduce(per_conv), (n, h, w, c))
+            dead = np.zeros((n, h, w, 1), bool)
+            for kind, name, k, stride in consumers:
+                if kind == "conv":
+                    # this conv's inputs that feed only its deactivated outputs; a position it
+                    # never reads (a stride-2 1x1 projection's odd rows) is not its to add
+                    alive = ~out[name].all(-1)
+                    fed = window_reach(np.ones_like(alive), (h, w), k, stride)
+                    dead |= (fed & ~window_reach(alive, (h, w), k, stride))[..., None]
+        else:  # every consumer must have stopped reading the position
+            dead = np.ones((n, h, w, c), bool)
+            for kind, name, k, stride in consumers:
+                if kind == "elementwise":
+                    dead &= out[name] if name is not None else False
+                else:
+                    dead &= ~window_reach(~out[name].all(-1), (h, w), k, stride)[..., None]
         for name in own:
-            out[name] |= dead
+            out[name] |= np.broadcast_to(dead, (n, h, w, c))
     return out

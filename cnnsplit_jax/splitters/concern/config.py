@@ -32,8 +32,10 @@ class ConcernConfig:
       shortcuts included, and never changes a module's output) or ``"none"`` (CI+TI+MC).
       none / bln / bi are the three columns of the paper's Table 1.
     residual: how a residual block's Add maps to nodes (``models.resnet``): ``"conv"``, the
-      paper's (conv2's output and the shortcut branch are masked before the Add; this is what
-      costs accuracy after CI+TI), or ``"sum"`` (the sum is masked at its ReLU: exact on the
+      paper's (maps for conv outputs only: conv2's output and a projection shortcut's are
+      masked before the Add, an identity shortcut is not; what costs accuracy after CI+TI),
+      ``"conv_identity"`` (the identity input masked before the Add too; this library's
+      ``"conv"`` before 2026-12-04) or ``"sum"`` (the sum is masked at its ReLU: exact on the
       concerned inputs).
     delta: MC-BLN's threshold for a "strong" edge.
     bln_rule: MC-BLN's removal rule (``backtrack.backtrack_bln``): ``"listing"`` (default: the
@@ -49,7 +51,7 @@ class ConcernConfig:
     min_confidence: float | None = 0.9
     negative_ratio: float = 1.0
     backtrack: Literal["none", "bln", "bi", "bi_preserving"] = "bln"
-    residual: Literal["conv", "sum"] = DEFAULT_RESIDUAL
+    residual: Literal["conv", "conv_identity", "sum"] = DEFAULT_RESIDUAL
     delta: float = 0.5
     bln_rule: Literal["listing", "absolute", "negative", "relative"] = "listing"
     unconfident: Literal["fallback", "refuse"] = "fallback"

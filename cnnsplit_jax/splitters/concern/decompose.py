@@ -18,22 +18,24 @@ Steps (spec field-survey.md §1.3-1.5), all classes at once:
 3. **Channeling**: the output layer becomes binary: the concerned column unchanged, the
    unconcerned column the mean of the other columns' weights and biases.
 4. **Backtracking** (``backtrack``): MC-BLN with delta = 0.5: a pooled feature whose
-   channeled edge to the unconcerned output is strong (``bln_rule``: |w| >= delta x the
-   column's largest |w|, or the signed w > delta) while its edge to the concerned output is
-   not, serves only the unconcerned output; it is removed, which deactivates all its
-   positions in the nodes the average pool reads (the last Add, or both branches it
-   merges). MC-BI (``backtrack="bi"``: the paper's Algorithm 3; ``"bi_preserving"``: an
-   output-preserving variant) then walks back to the input.
+   channeled edges meet ``bln_rule`` (default ``"listing"``: ``W[i, V_uc] <= -delta`` and
+   ``W[i, V_c] >= delta``, the paper's Algorithm 2 as printed; or readings of its prose)
+   serves only the unconcerned output and is removed: its row of the channeled head is
+   zeroed and all its positions are deactivated in the nodes the average pool reads (the
+   last Add, or the branch nodes it merges). MC-BI (``backtrack="bi"``: the paper's
+   Algorithm 3; ``"bi_preserving"``: an output-preserving variant) then walks back to the
+   input.
 
 Vectorised over classes: each training input runs through the model once; a node is
 active for a set of inputs when ``membership [N, B] @ (pre > 0) [B, P]`` is non-zero, one
 matmul per node for all N modules (vs. a forward pass per class and input in the reference).
 
-Residual blocks (``residual``): the paper's mapping (``"conv"``, default) treats conv2's
-output and the shortcut branch as conv layers of their own, deactivated *before* the Add
-where their value is <= 0 for every concerned input; a negative branch value that the Add
-needed is then lost, which is the decomposition's cost. ``"sum"`` deactivates the sum at
-its ReLU instead, which never changes a concerned input's forward pass.
+Residual blocks (``residual``): the paper's mapping (``"conv"``, default) keeps maps for conv
+outputs only: conv2's output and a projection shortcut's are deactivated *before* the Add
+where their value is <= 0 for every concerned input (a negative branch value that the Add
+needed is then lost, which is the decomposition's cost); an identity shortcut always passes.
+``"conv_identity"`` masks the identity input before the Add as well. ``"sum"`` deactivates
+the sum at its ReLU instead, which never changes a concerned input's forward pass.
 
 How a concern module scores and votes (the lab's K-column output ``[l_c, l_uc, 0, ..., 0]``:
 score ``softmax(...)[0]``, positive when its argmax is l_c; one positive wins, several go to
@@ -61,7 +63,7 @@ from ...data import normalize, sum_batches
 from ...models import SplittableModel
 from ...models.protocol import POSITION_NODES, require
 from ...models.resnet import DEFAULT_RESIDUAL
-from ...modules.module_set import ConcernModuleSet
+from ...modules.module_set import RESIDUAL_REVISION, ConcernModuleSet
 from ...progress import Progress, callbacks_of, notify
 from ..base import SplitData, SplitResult, check_data
 from .backtrack import apply_feature_removal, backtrack_bln, backtrack_input
@@ -204,8 +206,9 @@ def decompose(
     head_w, head_b = channel(model.fc.kernel[...], model.fc.bias[...])
     removed = (np.zeros(head_w.shape[:2], bool) if cfg.backtrack == "none"
                else backtrack_bln(head_w, cfg.delta, cfg.bln_rule))
-    if not model.feature_nodes(cfg.residual):  # an adapted model: remove the features from the head
-        head_w = np.where(removed[..., None], 0.0, head_w).astype(np.float32)
+    # a removed feature leaves the head; its positions are deactivated where the pool reads them
+    # (under "conv" an identity shortcut still carries a value there, which the zero row drops)
+    head_w = np.where(removed[..., None], 0.0, head_w).astype(np.float32)
     final = apply_feature_removal(model, inactive, removed, cfg.residual)
     bln_inactive = [int(sum(v[i].sum() for v in final.values())) for i in range(k)]
     if cfg.backtrack in ("bi", "bi_preserving"):
@@ -245,7 +248,7 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: ConcernC
     norm = data.normalization.to_json()
     ms = ConcernModuleSet(model, dec.inactive, dec.head_w, dec.head_b, dec.removed_features,
                           {"method": "concern", "normalization": norm, "residual": cfg.residual,
-                           "config": ckpt.config_json(cfg)})
+                           "residual_revision": RESIDUAL_REVISION, "config": ckpt.config_json(cfg)})
     return SplitResult(ms, [dec.stats], dec.stats["seconds"], {"decomposition": dec})
 
 
