@@ -1,0 +1,22 @@
+"""MwT, modularizing while training (Qi et al., ICSE 2024): its building blocks.
+
+* ``generators``: the per-layer mask generators (pooled layer input -> Linear -> ReLU ->
+  Linear -> relu(tanh)), as pure functions over a parameter pytree;
+* ``losses``: the cohesion and coupling losses over per-sample masks (cosine similarities of
+  same- and different-label pairs) and the kernel rate;
+* ``modularize``: per-class kernel frequencies, module masks by the frequency threshold
+  (lowered per layer when a layer would keep nothing), kernel retention, and the Jaccard
+  cohesion and coupling of the modules.
+
+Modular training of the zoo's and adapted models, the registry entry, the CLI and sub-task
+reuse build on these (issue 27; not yet a method of ``splitters.registry``).
+"""
+
+from .generators import generator_hidden, init_generator, generator_mask
+from .losses import mask_losses, mwt_loss
+from .modularize import (class_frequencies, module_masks, layer_threshold, rolling_jaccard, module_cohesion,
+                         module_coupling, kernel_retention)
+
+__all__ = ["generator_hidden", "init_generator", "generator_mask", "mask_losses", "mwt_loss", "class_frequencies",
+           "module_masks", "layer_threshold", "rolling_jaccard", "module_cohesion", "module_coupling",
+           "kernel_retention"]
