@@ -12,7 +12,7 @@ from flax import nnx
 
 from .adapted_io import load_variables
 from .adapter import AdaptedCNN, AdapterError, adapt
-from .base import IMAGE_SIZE, ConvBN, ConvSpec, Dense, MaskedCNN, MaskPoint, scaled
+from .base import IMAGE_SIZE, ConvBN, ConvSpec, Dense, MaskedCNN, MaskPoint, SampleGates, scaled
 from .cnn import CNNS, InceCNN, ResCNN, ResCNNSVHNWeak, ResCNNWeak, SimCNN, SimCNNSVHNWeak, SimCNNWeak
 from .masks import (count_params, effective_masks, flatten_masks, kept_kernels, kernel_multiplicity, mask_points,
                     ones_masks, total_kernels)
@@ -23,7 +23,7 @@ from .resnet import RESNETS, Node, ResNet, ResNet20, ResNet32, ResNet56
 __all__ = [
     "AdaptedCNN", "AdapterError", "adapt", "load_variables",
     "ARCHITECTURES", "IMAGE_SIZE", "ConvBN", "ConvSpec", "Dense", "InceCNN", "MaskPoint",
-    "MaskedCNN", "Node", "ResCNN", "ResCNNSVHNWeak", "ResCNNWeak", "ResNet", "ResNet20", "ResNet32", "ResNet56",
+    "MaskedCNN", "Node", "SampleGates", "ResCNN", "ResCNNSVHNWeak", "ResCNNWeak", "ResNet", "ResNet20", "ResNet32", "ResNet56",
     "SimCNN", "SimCNNSVHNWeak", "SimCNNWeak", "build_model", "count_params", "effective_masks", "flatten_masks", "kept_kernels",
     "kernel_multiplicity", "mask_points", "ones_masks", "scaled", "total_kernels",
     "DECLARED_GRAPH", "KERNEL_MASKS", "POSITION_NODES", "USER_DEFINITION", "ModelCapabilityError", "SplittableModel",

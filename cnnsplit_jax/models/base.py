@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from flax import nnx
 from .conv import conv2d
 from .protocol import DECLARED_GRAPH, KERNEL_MASKS
 
-__all__ = ["ConvSpec", "MaskPoint", "ConvBN", "Dense", "MaskedCNN", "scaled", "dropout",
+__all__ = ["ConvSpec", "MaskPoint", "ConvBN", "Dense", "MaskedCNN", "SampleGates", "scaled", "dropout",
            "IMAGE_SIZE", "BN_EPS", "BN_MOMENTUM"]
 
 IMAGE_SIZE = 32
@@ -85,6 +85,26 @@ class MaskPoint:
     name: str
     size: int
     layers: tuple[str, ...]
+
+
+class SampleGates:
+    """Per-sample kernel masks computed inside the forward pass from each gated layer's input
+    (MwT's mask generators), passed as a model's ``masks``.
+
+    ``gate(point, x_in) -> [B, C]`` maps a layer's input x_in [B, H, W, C_in] to the layer's
+    per-sample masks (>= 0), which multiply its post-ReLU output channel-wise (= multiplying the
+    BatchNorm output before the ReLU, since the masks are non-negative). ``points``: the mask
+    points that are gated (others run unmasked); each must gate one layer. Every mask computed
+    in a forward pass is stored in ``masks`` (point -> [B, C], in forward order), for the losses.
+    """
+
+    def __init__(self, gate: Callable[[str, jax.Array], jax.Array], points: Iterable[str]):
+        self.gate, self.points, self.masks = gate, tuple(points), {}
+
+    def __call__(self, point: str, x_in: jax.Array) -> jax.Array:
+        m = self.gate(point, x_in)
+        self.masks[point] = m
+        return m
 
 
 def scaled(channels: int, width: float) -> int:
@@ -293,6 +313,16 @@ class MaskedCNN(nnx.Module):
                                  f"got {tuple(v.shape)}")
 
     def _check_masks(self, masks):
+        if isinstance(masks, SampleGates):
+            points = {p.name: p for p in self.mask_points()}
+            unknown = set(masks.points) - set(points)
+            if unknown:
+                raise ValueError(f"unknown mask point(s) {sorted(unknown)} for {self.arch}; expected {list(points)}")
+            tied = [p for p in masks.points if len(points[p].layers) > 1]
+            if tied:
+                raise ValueError(f"per-sample gates read one layer's input, but mask point(s) {tied} of {self.arch} "
+                                 f"gate several layers ({[points[p].layers for p in tied]})")
+            return
         self.check_named(masks, {p.name: (p.size,) for p in self.mask_points()}, "mask point", "mask")
 
     # --- forward -----------------------------------------------------------------------
@@ -303,7 +333,10 @@ class MaskedCNN(nnx.Module):
     def _layer(self, name: str, x, masks, train: bool, rec: dict | None = None):
         spec = self.spec(name)
         y = jax.nn.relu(getattr(self, name)(x, train=train))
-        if masks is not None and spec.mask in masks:
+        if isinstance(masks, SampleGates):
+            if spec.mask in masks.points:  # per-sample masks from this layer's input
+                y = y * masks(spec.mask, x)[:, None, None, :].astype(y.dtype)
+        elif masks is not None and spec.mask in masks:
             y = y * masks[spec.mask].astype(y.dtype)
         if rec is not None and self.record_in_layer:
             rec[spec.mask] = y

@@ -181,3 +181,35 @@ def test_modules_cohesion_coupling_and_retention_by_hand():
     assert per == [pytest.approx(2 / 3), pytest.approx(1.0)] and coh == pytest.approx(5 / 6)
     with pytest.raises(ValueError, match=r"classes \[2\] have no samples"):
         mwt.class_frequencies([a, b], labels, 3)
+
+
+def test_sample_gates_mask_each_sample_from_its_layer_input():
+    """The zoo's SimCNN with MwT's generators: conv_3 reads conv_2's unpooled output, so the
+    masks recorded for conv_3 are the generator applied to conv_2's (gated) map; a closed
+    generator zeroes its layer; generators that output exactly 1 leave the model unchanged."""
+    from cnnsplit_jax.models import build_model
+
+    model = build_model("simcnn", num_classes=4, in_channels=3, width=0.0625, key=1)
+    params = mwt.init_generators(jax.random.key(2), model)
+    assert list(params) == [f"conv_{i}" for i in range(1, 13)]  # conv_0 reads the image: no generator
+    assert params["conv_3"]["w1"].shape == (model.spec("conv_2").out_channels, model.spec("conv_3").out_channels)
+    x = jax.random.normal(jax.random.key(3), (3, 32, 32, 3))
+    gates = mwt.sample_gates(params)
+    maps = model.kernel_maps(x, gates)
+    assert list(gates.masks) == list(params) and gates.masks["conv_3"].shape == (3, model.spec("conv_3").out_channels)
+    np.testing.assert_allclose(np.asarray(gates.masks["conv_3"]), np.asarray(mwt.generator_mask(params["conv_3"], maps["conv_2"])),
+                               rtol=1e-5, atol=1e-6)
+    # the masks are per sample: two images get different masks
+    masks3 = np.asarray(gates.masks["conv_3"])
+    assert not np.allclose(masks3[0], masks3[1])
+    closed = {**params, "conv_5": {**params["conv_5"], "b2": jnp.full_like(params["conv_5"]["b2"], -50.0),
+                                   "w2": jnp.zeros_like(params["conv_5"]["w2"])}}
+    shut = model.kernel_maps(x, mwt.sample_gates(closed))
+    assert float(jnp.abs(shut["conv_5"]).max()) == 0.0 and float(jnp.abs(shut["conv_4"]).max()) > 0
+    np.testing.assert_allclose(np.asarray(shut["conv_4"]), np.asarray(maps["conv_4"]), rtol=1e-6)
+    opened = {k: {**v, "w2": jnp.zeros_like(v["w2"]), "b2": jnp.full_like(v["b2"], 50.0)} for k, v in params.items()}
+    np.testing.assert_allclose(np.asarray(model(x, mwt.sample_gates(opened))), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="tied layers"):
+        mwt.generator_points(build_model("rescnn", num_classes=4, in_channels=3, width=0.0625))
+    with pytest.raises(ValueError, match="unknown mask point"):
+        model(x, mwt.sample_gates({"conv_99": params["conv_3"]}))

@@ -19,7 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["generator_hidden", "init_generator", "generator_mask"]
+__all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_points", "layer_input_channels",
+           "init_generators", "sample_gates"]
 
 
 def generator_hidden(c_out: int) -> int:
@@ -48,3 +49,41 @@ def generator_mask(params: dict, x: jax.Array) -> jax.Array:
     pooled = x.mean(axis=(1, 2))
     h = jax.nn.relu(pooled @ params["w1"])
     return jax.nn.relu(jnp.tanh(h @ params["w2"] + params["b2"]))
+
+
+def generator_points(model) -> tuple[str, ...]:
+    """The mask points of a zoo model that get a generator: every point gating one conv layer
+    that reads another conv's output (a layer reading the image has none, as the reference's
+    first conv). A point gating several layers (ResCNN's tied residual pairs) is refused: a
+    generator reads one layer's input."""
+    points = []
+    for p in model.mask_points():
+        if len(p.layers) > 1:
+            raise ValueError(f"MwT gives each masked conv its own generator, but mask point {p.name!r} of "
+                             f"{model.arch} gates the tied layers {p.layers}; use a model whose mask points "
+                             f"gate one layer each")
+        if model.spec(p.layers[0]).inputs:
+            points.append(p.name)
+    return tuple(points)
+
+
+def layer_input_channels(model, point: str) -> int:
+    """Channels of the input of the layer gated by ``point`` (the concatenation of its inputs)."""
+    spec = model.spec(next(p for p in model.mask_points() if p.name == point).layers[0])
+    return sum(model.spec(i).out_channels for i in spec.inputs)
+
+
+def init_generators(key: jax.Array, model) -> dict:
+    """``{point: generator params}`` for ``generator_points(model)``, each from its own key."""
+    points = generator_points(model)
+    sizes = {p.name: p.size for p in model.mask_points()}
+    keys = jax.random.split(key, max(len(points), 1))
+    return {p: init_generator(k, layer_input_channels(model, p), sizes[p]) for p, k in zip(points, keys)}
+
+
+def sample_gates(params: dict):
+    """``SampleGates`` running the generators ``params`` ({point: params}) in a forward pass;
+    after the pass its ``masks`` holds every point's per-sample masks [B, C]."""
+    from ...models import SampleGates
+
+    return SampleGates(lambda point, x: generator_mask(params[point], x), tuple(params))
