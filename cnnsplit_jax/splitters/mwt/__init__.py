@@ -14,11 +14,11 @@ reuse build on these (issue 27; not yet a method of ``splitters.registry``).
 
 from .generators import (generator_hidden, generator_mask, generator_points, init_generator, init_generators,
                          layer_input_channels, sample_gates)
-from .losses import mask_losses, mwt_loss
+from .losses import mask_losses, modular_loss, mwt_loss
 from .modularize import (class_frequencies, module_masks, layer_threshold, rolling_jaccard, module_cohesion,
                          module_coupling, kernel_retention)
 
 __all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_points", "layer_input_channels",
-           "init_generators", "sample_gates", "mask_losses", "mwt_loss", "class_frequencies",
+           "init_generators", "sample_gates", "mask_losses", "mwt_loss", "modular_loss", "class_frequencies",
            "module_masks", "layer_threshold", "rolling_jaccard", "module_cohesion", "module_coupling",
            "kernel_retention"]

@@ -24,7 +24,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["mask_losses", "mwt_loss"]
+__all__ = ["mask_losses", "mwt_loss", "modular_loss"]
 
 
 def _pair_means(m: jax.Array, same: jax.Array, diff: jax.Array):
@@ -64,3 +64,17 @@ def mwt_loss(logits: jax.Array, labels: jax.Array, masks: Sequence[jax.Array], a
                                        jnp.asarray(labels)[:, None], axis=1))
     parts = mask_losses(masks, labels)
     return ce + alpha * parts["cohesion"] + beta * parts["coupling"], {"ce": ce, **parts}
+
+
+def modular_loss(model, gen_params: dict, x: jax.Array, labels: jax.Array, *, alpha: float = 0.5,
+                 beta: float = 1.5, train: bool = False, dropout_key: jax.Array | None = None):
+    """MwT's loss of a zoo model run with the generators ``gen_params`` ({point: params},
+    ``generators.init_generators``) on normalised images x [B, 32, 32, C]: ``mwt_loss`` over the
+    masks of every generated point. Returns ``(loss, parts)``; jit- and grad-safe (BatchNorm in
+    ``train`` mode updates the model's running statistics, as any training forward)."""
+    from .generators import sample_gates
+
+    gates = sample_gates(gen_params)
+    logits = model(x, gates, train=train, dropout_key=dropout_key)
+    loss, parts = mwt_loss(logits, labels, [gates.masks[p] for p in gen_params], alpha, beta)
+    return loss, {**parts, "accuracy": jnp.mean(logits.argmax(-1) == labels)}
