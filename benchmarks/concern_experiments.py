@@ -48,6 +48,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cnnsplit_jax import checkpoint as ckpt
 from cnnsplit_jax.compose import Pick
 from cnnsplit_jax.data import load_task
 from cnnsplit_jax.modules import load_module_set
@@ -56,6 +57,8 @@ from cnnsplit_jax.modules.heads import vote_scores
 from cnnsplit_jax.pipeline import split_run, train_run
 from cnnsplit_jax.reuse import continuous_learning, train_from_scratch
 from cnnsplit_jax.splitters import ConcernConfig
+from cnnsplit_jax.splitters import concern
+from cnnsplit_jax.splitters.concern import BLN_RULES
 from cnnsplit_jax.train import RECIPES, TrainConfig
 
 STAGES = ("models", "baselines")
@@ -223,11 +226,38 @@ def table1(a, seeds, out, **_):
                         f"{ms_pm([r['features_removed'] for r in g], 1, 1)} |")
     paper = [f"| paper (mean of 9 models) | {VARIANT_NAMES[bt]} | {t1:.2f} | {t5:.2f} | {ji:.2f} | | | |"
              for bt, (t1, t5, ji) in PAPER_TABLE1.items()]
+    heads = _bln_on_heads(a, seeds)
     table = (f"Table 1 analogue. {setting(a)}. Cost = model minus composed modules, in points, mean ± std over "
              "seeds (n = seeds). MC-BLN rule: `listing` (Algorithm 2 as printed), delta 0.5.\n\n"
              "| mapping | variant | cost top-1 (pt) | cost top-5 (pt) | Jaccard (lab) | Jaccard (values) | "
-             "active positions | features removed |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows + paper))
-    write(out, "table1", recs, table)
+             "active positions | features removed |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows + paper)
+             + "\n\nMC-BLN on these models' channeled heads (delta 0.5): features removed per module by each rule, "
+             "of the F pooled features, and the largest |W[i, V_uc]| (the listing needs W[i, V_uc] <= -0.5)\n\n"
+             "| model | F | " + " | ".join(BLN_RULES) + " | largest abs(W[i, V_uc]) | largest W[i, V_c] |\n"
+             "|---|---|" + "---|" * (len(BLN_RULES) + 2) + "\n" + "\n".join(
+                 f"| {d} | {h['features']} | " + " | ".join(ms_pm(h[r], 1, 2) for r in BLN_RULES)
+                 + f" | {ms_pm(h['max_abs_uc'], 1, 3)} | {ms_pm(h['max_c'], 1, 3)} |" for d, h in heads.items()))
+    write(out, "table1", {"records": recs, "bln_on_heads": heads}, table)
+
+
+def _bln_on_heads(a, seeds) -> dict:
+    """Per depth: how many features each MC-BLN rule removes on the trained heads (cheap: the
+    channeled output layer only), per seed."""
+    out = {}
+    for depth in DEPTHS:
+        for s in seeds:
+            run = Path(a.runs) / f"seed{s}" / f"fm_r{depth[6:]}"
+            if not (run / "train.json").exists():
+                continue
+            model, _ = ckpt.load_model(run)
+            hw, _ = concern.channel(np.asarray(model.fc.kernel[...]), np.asarray(model.fc.bias[...]))
+            h = out.setdefault(depth, {"features": int(hw.shape[1]), "max_abs_uc": [], "max_c": [],
+                                       **{r: [] for r in BLN_RULES}})
+            for r in BLN_RULES:
+                h[r].append(float(concern.backtrack_bln(hw, 0.5, r).sum(1).mean()))
+            h["max_abs_uc"].append(float(np.abs(hw[..., 1]).max()))
+            h["max_c"].append(float(hw[..., 0].max()))
+    return out
 
 
 def _table1_records(a, s, depth, run, variants) -> list:
