@@ -54,7 +54,7 @@ from cnnsplit_jax.data import load_task
 from cnnsplit_jax.modules import load_module_set
 from cnnsplit_jax.modules.forward import module_outputs
 from cnnsplit_jax.modules.heads import vote_scores
-from cnnsplit_jax.pipeline import split_run, train_run
+from cnnsplit_jax.pipeline import RunBusyError, split_run, train_run
 from cnnsplit_jax.reuse import continuous_learning, train_from_scratch
 from cnnsplit_jax.splitters import ConcernConfig
 from cnnsplit_jax.splitters import concern
@@ -130,7 +130,11 @@ def split_of(run: Path, backtrack: str = "bln", residual: str = "conv") -> dict:
     out = run.parent / f"{run.name}-concern-{residual}-{backtrack}"
     if not (out / "split.json").exists():
         t0 = time.perf_counter()
-        split_run(run, out, "concern", ConcernConfig(backtrack=backtrack, residual=residual), overwrite=True)
+        try:
+            split_run(run, out, "concern", ConcernConfig(backtrack=backtrack, residual=residual), overwrite=True)
+        except RunBusyError:  # another stage of this script is writing it: wait for its result
+            while not (out / "split.json").exists():
+                time.sleep(10)
         print(f"[{out.name}: {time.perf_counter() - t0:.0f} s]", flush=True)
     return {"dir": out, **json.loads((out / "split.json").read_text())}
 
