@@ -41,32 +41,12 @@ import jax
 from .base import ConvSpec, Dense, MaskedCNN
 from .protocol import DECLARED_GRAPH, POSITION_NODES
 
-__all__ = ["Node", "ResNet", "ResNet20", "ResNet32", "ResNet56", "RESNETS", "RESIDUAL_MAPPINGS", "DEFAULT_RESIDUAL",
-           "residual_of"]
+__all__ = ["Node", "ResNet", "ResNet20", "ResNet32", "ResNet56", "RESNETS", "RESIDUAL_MAPPINGS", "DEFAULT_RESIDUAL"]
 
 #: how a residual block's Add is mapped to nodes (see the module docstring)
 RESIDUAL_MAPPINGS = ("conv", "conv_identity", "sum")
 #: the one default mapping (concern identification's, every ``nodes`` / ``feature_nodes`` call)
 DEFAULT_RESIDUAL = "conv"
-
-
-def _is_identity_short(name: str) -> bool:
-    """``s{stage}b{block}_short`` of a block whose shortcut is the identity (not a stride-2 projection)."""
-    head, _, tail = name.partition("_")
-    if tail != "short" or not head.startswith("s") or "b" not in head:
-        return False
-    stage, _, block = head[1:].partition("b")
-    return stage.isdigit() and block.isdigit() and (int(stage) == 0 or int(block) > 0)
-
-
-def residual_of(names) -> str:
-    """The residual mapping (``"conv"``, ``"conv_identity"`` or ``"sum"``) whose nodes a
-    complete set of node names is: ``_add`` nodes are ``"sum"``'s, identity ``_short`` nodes
-    ``"conv_identity"``'s."""
-    names = list(names)
-    if any(n.endswith("_add") for n in names):
-        return "sum"
-    return "conv_identity" if any(_is_identity_short(n) for n in names) else "conv"
 
 
 @dataclasses.dataclass(frozen=True)

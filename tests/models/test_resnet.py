@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from cnnsplit_jax.models import build_model
-from cnnsplit_jax.models.resnet import RESIDUAL_MAPPINGS, residual_of
+from cnnsplit_jax.models.resnet import RESIDUAL_MAPPINGS
 
 
 def nnx_params(model):
@@ -31,7 +31,7 @@ def test_resnet_depths_and_nodes():
         assert ident[-1].convs == () and ident[1 + 3 * blocks + 2].convs == ("s1b0_short",)
         assert {n.name for n in ident} - {n.name for n in conv} == {
             f"s{s}b{b}_short" for s in range(3) for b in range(blocks) if s == 0 or b > 0}
-        assert [residual_of(n.name for n in m.nodes(r)) for r in RESIDUAL_MAPPINGS] == list(RESIDUAL_MAPPINGS)
+        assert len({frozenset(n.name for n in m.nodes(r)) for r in RESIDUAL_MAPPINGS}) == 3  # names tell them apart
         assert m.feature_nodes("conv") == (f"s2b{blocks - 1}_conv2",)
         assert m.feature_nodes("conv_identity") == (f"s2b{blocks - 1}_conv2", f"s2b{blocks - 1}_short")
         x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
