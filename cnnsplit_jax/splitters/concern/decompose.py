@@ -63,7 +63,7 @@ from ...data import normalize, sum_batches
 from ...models import SplittableModel
 from ...models.protocol import POSITION_NODES, require
 from ...models.resnet import DEFAULT_RESIDUAL
-from ...modules.module_set import RESIDUAL_REVISION, ConcernModuleSet
+from ...modules.module_set import ConcernModuleSet
 from ...progress import Progress, callbacks_of, notify
 from ..base import SplitData, SplitResult, check_data
 from .backtrack import apply_feature_removal, backtrack_bln, backtrack_input
@@ -248,7 +248,7 @@ def split(key: jax.Array, model: SplittableModel, data: SplitData, cfg: ConcernC
     norm = data.normalization.to_json()
     ms = ConcernModuleSet(model, dec.inactive, dec.head_w, dec.head_b, dec.removed_features,
                           {"method": "concern", "normalization": norm, "residual": cfg.residual,
-                           "residual_revision": RESIDUAL_REVISION, "config": ckpt.config_json(cfg)})
+                           "config": ckpt.config_json(cfg)})
     return SplitResult(ms, [dec.stats], dec.stats["seconds"], {"decomposition": dec})
 
 
