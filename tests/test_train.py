@@ -36,7 +36,13 @@ def test_recipes_and_their_warnings():
     assert recipe_warnings(TrainConfig(epochs=10), "reference")  # 10 epochs of a 200-epoch schedule
     assert recipe_warnings(TrainConfig(), "reference") == []
     assert recipe_warnings(FAST, "quick") == []
-    assert set(RECIPES) == {"reference", "weak", "poor-fit", "resnet", "quick"}
+    assert set(RECIPES) == {"reference", "weak", "poor-fit", "resnet", "quick", "mwt", "mwt-quick"}
+    assert recipe_warnings(TrainConfig(**{**RECIPES["mwt"], "epochs": 12}), "mwt")  # MwT's 200-epoch cosine
+    assert recipe_warnings(TrainConfig(**RECIPES["mwt-quick"]), "mwt-quick") == []
+    with pytest.raises(ValueError, match="no milestones"):
+        TrainConfig(lr_schedule="cosine")  # the default milestones would be silently ignored
+    with pytest.raises(ValueError, match="nesterov"):
+        TrainConfig(optimizer="adam", nesterov=True)
 
 
 def _subset(ds, n):

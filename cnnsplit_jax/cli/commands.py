@@ -11,6 +11,7 @@ from .. import pipeline
 from ..models import ARCHITECTURES, mask_points
 from ..pipeline import DemoConfig, RunWarning
 from ..splitters import METHODS, methods_for
+from ..splitters.mwt import MwTConfig
 from ..train import RECIPES, TrainConfig, summary
 from . import plots
 from .parser import config_from, given_flags
@@ -20,7 +21,9 @@ from .report import (ProgressPrinter, class_table, log, metric, module_table, pa
 __all__ = ["COMMANDS"]
 
 TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "augment",
-                "augment_val", "split_scheme", "patience", "dirichlet_alpha", "dirichlet_min_size", "train_images", "seed")
+                "augment_val", "split_scheme", "patience", "dirichlet_alpha", "dirichlet_min_size", "train_images", "seed",
+                "lr_schedule", "nesterov")
+MWT_FIELDS = ("alpha", "beta")
 
 
 def _warn(msg: str) -> None:
@@ -38,16 +41,24 @@ def _train_line(p) -> str | None:
 
 
 def cmd_train(args) -> int:
-    recipe = args.recipe or ("resnet" if ARCHITECTURES[args.model].mask_kind == "node" else "reference")
+    modular = args.method == "mwt"
+    recipe = args.recipe or ("mwt" if modular else "resnet" if ARCHITECTURES[args.model].mask_kind == "node"
+                             else "reference")
     cfg = config_from(TrainConfig, args, TRAIN_FIELDS, RECIPES[recipe])
     if isinstance(cfg.lr_milestones, list):
         cfg = TrainConfig(**{**ckpt.config_json(cfg), "lr_milestones": tuple(cfg.lr_milestones)})
-    log(f"training {args.model} (width {args.width}) on {args.dataset} for {cfg.epochs} epochs ({recipe} recipe)")
+    given_mwt = given_flags(args, MWT_FIELDS)
+    if given_mwt and not modular:
+        raise ValueError(f"{', '.join('--' + k for k in given_mwt)} set MwT's loss: add --method mwt")
+    mwt = MwTConfig(**given_mwt) if modular else None
+    log(f"training {args.model} (width {args.width}) on {args.dataset} for {cfg.epochs} epochs ({recipe} recipe"
+        + (f", MwT alpha {mwt.alpha:g} beta {mwt.beta:g}" if modular else "") + ")")
     res = pipeline.train_run(args.out, args.model, args.dataset, cfg, width=args.width, fc_hidden=args.fc_hidden,
                              recipe=recipe, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
-                             callbacks=ProgressPrinter(line=_train_line), mesh=args.mesh)
-    log(f"{res['num_kernels']} kernels, {res['num_params']:,} params; test accuracy {res['test_accuracy']:.4f}; "
-        f"wrote {Path(args.out) / 'train.json'}")
+                             callbacks=ProgressPrinter(line=_train_line), mesh=args.mesh, modular=mwt)
+    log(f"{res['num_kernels']} kernels, {res['num_params']:,} params; test accuracy {res['test_accuracy']:.4f}"
+        + (f" with its generators, {res['test_accuracy_without_generators']:.4f} without" if modular else "")
+        + f"; wrote {Path(args.out) / 'train.json'}")
     return 0
 
 

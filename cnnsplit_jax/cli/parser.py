@@ -1,7 +1,8 @@
 """The ``cnnsplit`` argument parser. Every flag that sets a config field is declared with
 ``config_flag``: its argparse default is None ("not given") and its help text shows the
 config dataclass's default (and the presets' values), so each default lives once, in
-``TrainConfig`` / ``GradSplitterConfig`` / ``CNNSplitterConfig`` / ``ConcernConfig``;
+``TrainConfig`` / ``MwTConfig`` / ``GradSplitterConfig`` / ``CNNSplitterConfig`` /
+``ConcernConfig`` / ``MwTSplitConfig``;
 ``config_from`` builds the config from a preset and the given flags."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..pipeline import DemoConfig
 from ..splitters import METHODS, CNNSplitterConfig, ConcernConfig, GradSplitterConfig
 from ..splitters.cnnsplitter import PRESETS as GA_PRESETS
 from ..splitters.gradsplitter import PRESETS
+from ..splitters.mwt import MwTConfig, MwTSplitConfig
 from ..train import RECIPES, TrainConfig
 
 __all__ = ["build_parser", "config_from", "given_flags", "CONFIG_FLAGS"]
@@ -120,11 +122,16 @@ def _train_parser(sub, common) -> None:
     t.add_argument("--data-dir", default=None, help="where dataset files live (default: $CNNSPLIT_DATA)")
     t.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1 = the papers')")
     t.add_argument("--fc-hidden", type=int, default=None, help="SimCNN FC width (default 4096*width)")
+    t.add_argument("--method", default="standard", choices=["standard", "mwt"],
+                   help="standard: cross-entropy; mwt: modular training (MwT, Qi et al. ICSE 2024): mask "
+                        "generators trained with the model, cross-entropy + cohesion + coupling; split the run "
+                        "with `cnnsplit split --method mwt` (default standard)")
     t.add_argument("--recipe", default=None, choices=sorted(RECIPES),
-                   help="hyper-parameter preset (default: reference, resnet for resnet20/32/56): the papers' "
-                        "training; quick: a short run for small data (the demo's); weak / poor-fit: "
-                        "CNNSplitter's patching models; resnet: Adam 1e-3 as Pan & Rajan's Keras models. "
-                        "The flags below override it")
+                   help="hyper-parameter preset (default: reference, resnet for resnet20/32/56, mwt for --method "
+                        "mwt): the papers' training; quick: a short run for small data (the demo's); weak / "
+                        "poor-fit: CNNSplitter's patching models; resnet: Adam 1e-3 as Pan & Rajan's Keras "
+                        "models; mwt: MwT's (SGD Nesterov 0.05, cosine, 200 epochs); mwt-quick: that over 12 "
+                        "epochs. The flags below override it")
     g = t.add_argument_group("training (TrainConfig)")
     for field, kind, help_ in (("epochs", int, "epochs"), ("batch_size", int, "images per step"),
                                ("lr", float, "learning rate"), ("momentum", float, "SGD momentum"),
@@ -135,6 +142,9 @@ def _train_parser(sub, common) -> None:
         config_flag(g, TrainConfig, field, help_, presets=RECIPES, type=kind)
     config_flag(g, TrainConfig, "lr_milestones", "fractions of the epochs at which lr is multiplied by "
                 "--lr-gamma", presets=RECIPES, type=float, nargs="*")
+    config_flag(g, TrainConfig, "lr_schedule", "step: --lr-milestones; cosine: annealed once per epoch over "
+                "--epochs (needs --lr-milestones with no value)", presets=RECIPES)
+    config_flag(g, TrainConfig, "nesterov", "Nesterov momentum (SGD)", presets=RECIPES, action="store_true")
     aug = g.add_mutually_exclusive_group()
     config_flag(aug, TrainConfig, "augment", "flip + crop (None: on for 3-channel datasets)", presets=RECIPES,
                 action="store_true")
@@ -151,6 +161,9 @@ def _train_parser(sub, common) -> None:
     config_flag(g, TrainConfig, "split_scheme", "train / validation split: seeded by --seed, or CNNSplitter's "
                 "(seed 1009, int(0.8 n)), whose validation part is CNNSplitter's search data")
     config_flag(g, TrainConfig, "seed", "seed of the model init, split and shuffles", type=int)
+    mg = t.add_argument_group("MwT's modular loss (--method mwt)")
+    config_flag(mg, MwTConfig, "alpha", "weight of the cohesion loss", type=float)
+    config_flag(mg, MwTConfig, "beta", "weight of the coupling loss", type=float)
     t.add_argument("--out", required=True, help="run directory")
     _mesh_flag(t, "data", "data-parallel training: each batch split over the devices")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -253,6 +266,11 @@ def _split_parser(sub, common) -> None:
                 "softmax probability are concerned inputs (none: no filter)", type=_optional(float))
     config_flag(cc, ConcernConfig, "unconfident", "a class with no input above --min-confidence: fallback to its "
                 "unfiltered inputs (warned, listed in split.json) or refuse")
+    mw = sp.add_argument_group("MwT (--method mwt: a run of `cnnsplit train --method mwt`)")
+    config_flag(mw, MwTSplitConfig, "threshold", "a module keeps the kernels active for at least this fraction of "
+                "its class's training images", type=float)
+    config_flag(mw, MwTSplitConfig, "step", "how far a layer's threshold is lowered when it would keep no kernel",
+                type=float)
     ga = sp.add_argument_group("CNNSplitter (--method ga)")
     for field, kind, help_ in (("population", int, "individuals per class"), ("generations", int, "generations"),
                                ("groups", int, "genes per layer (None: 10 below 256 kernels, else 100)"),

@@ -25,7 +25,9 @@ from ..data import Dataset, fit_images, is_task_spec, load_dataset, load_task, s
 from ..models import build_model
 from ..progress import RunWarning
 from ..splitters import METHODS
-from ..train import TrainConfig, accuracy, check_compatible, dirichlet_settings, fit, recipe_warnings, summary
+from ..splitters.mwt.training import GENERATORS_DIR, MwTConfig, MwTObjective, save_generators
+from ..train import (TrainConfig, accuracy, check_compatible, dirichlet_settings, fit, objective_accuracy,
+                     recipe_warnings, summary)
 
 __all__ = ["RunWarning", "RunBusyError", "ARTIFACTS", "artifact_kind", "prepare_out", "exclusive", "run_lock",
            "RunData", "train_data", "run_data", "fit_dataset", "train_run", "LOCK"]
@@ -41,7 +43,8 @@ _SEARCH_ENTRIES = tuple(e for m in METHODS.values() if m.resumable for e in (f"{
 ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "adapted_model": (("adapt.json",), ("model.json", "model", "adapt.json")),
     "model": (("model.json", "train_state.json"),
-              ("model.json", "model", "train.json", "train_state.json", "train_state", "adapt.json")),
+              ("model.json", "model", "train.json", "train_state.json", "train_state", "adapt.json",
+               GENERATORS_DIR)),
     "module_set": (("modules.json", *_SEARCH_MARKERS, "split.json"),
                    ("modules.json", "modules", "base", "split.json", "evaluate.json", *_SEARCH_ENTRIES,
                     "retention_heatmap.png", "module_f1.png", "accuracy_vs_kernels.png", "fitness.png")),
@@ -242,11 +245,14 @@ def run_data(meta: dict, data_dir=None) -> RunData:
 @exclusive("out")
 def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = TrainConfig(), *, width: float = 1.0,
               fc_hidden: int | None = None, recipe: str = "reference", data_dir=None, resume: bool = False,
-              overwrite: bool = False, callbacks=None, mesh=None) -> dict:
+              overwrite: bool = False, callbacks=None, mesh=None, modular: MwTConfig | None = None) -> dict:
     """Train ``arch`` on ``dataset`` (a name or task spec) with ``cfg`` into the run directory
     ``out`` (``model.json`` + ``model/``, ``train.json``; checkpointed every epoch, ``resume``
     continues). ``recipe`` names where ``cfg`` came from (its warnings are raised as
-    ``RunWarning``). ``mesh``: data-parallel devices (``fit``). Returns the ``train.json`` dict."""
+    ``RunWarning``). ``mesh``: data-parallel devices (``fit``). ``modular``: train modularly
+    with MwT's mask generators and losses (``splitters.mwt``), saved in ``out/generators``; the
+    test accuracy is then the model's with its generators, and ``train.json`` adds the model's
+    accuracy without them. Returns the ``train.json`` dict."""
     out = Path(out)
     meshlib.resolve_data(mesh)  # a bad spec fails before any work
     ds, sources = train_data(dataset, data_dir)
@@ -258,27 +264,37 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     for w in recipe_warnings(cfg, recipe):
         warnings.warn(w, RunWarning, stacklevel=2)
     counts = summary(model)
+    objective = MwTObjective(modular) if modular is not None else None
     res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks, mesh=mesh,
-              identity={"dataset spec": dataset})
+              identity={"dataset spec": dataset}, objective=objective)
     t0 = time.perf_counter()
-    test_acc = accuracy(res.model, ds.x_test, ds.y_test, ds.info)
+    extra, mwt_meta = {}, {}
+    if objective is not None:
+        test_acc = objective_accuracy(objective, res.model, res.extra, ds.x_test, ds.y_test, ds.info)
+        extra = {"method": "mwt", "test_accuracy_without_generators": accuracy(res.model, ds.x_test, ds.y_test,
+                                                                               ds.info)}
+        mwt_meta = {"mwt": save_generators(out, res.model, res.extra, modular)}
+    else:
+        test_acc = accuracy(res.model, ds.x_test, ds.y_test, ds.info)
     norm = ds.info.normalization.to_json()
     alpha, min_size = dirichlet_settings(cfg, ds.info.name)
     result = {
         "model": arch, "dataset": dataset, "width": width, "num_classes": ds.info.num_classes,
         "in_channels": ds.info.channels, "num_kernels": counts["num_kernels"], "num_params": counts["num_params"],
-        "test_accuracy": test_acc, "val_accuracy": res.best_val_accuracy, "best_epoch": res.best_epoch,
+        "test_accuracy": test_acc, **extra, "val_accuracy": res.best_val_accuracy, "best_epoch": res.best_epoch,
         "epochs": cfg.epochs, "train_seconds": res.train_seconds, "eval_seconds": time.perf_counter() - t0,
         "history": res.history,
         "normalization": norm, "class_names": list(ds.info.class_names), "seed": cfg.seed,
         "config": {"model": arch, "dataset": dataset, "width": width, "fc_hidden": fc_hidden, "recipe": recipe,
-                   "data_dir": data_dir, **ckpt.config_json(cfg)},
+                   "data_dir": data_dir, **ckpt.config_json(cfg),
+                   **({"mwt": ckpt.config_json(modular)} if modular is not None else {})},
         "backend": jax.default_backend(),
     }
     ckpt.save_model(out, res.model, {
         "dataset": dataset, "sources": sources, "normalization": norm, "class_names": result["class_names"],
         "test_accuracy": test_acc, "val_accuracy": res.best_val_accuracy, "seed": cfg.seed,
         "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "dirichlet_alpha": alpha,
-                  "dirichlet_min_size": min_size, "scheme": cfg.split_scheme, "train_images": cfg.train_images}})
+                  "dirichlet_min_size": min_size, "scheme": cfg.split_scheme, "train_images": cfg.train_images},
+        **mwt_meta})
     ckpt.write_json(out / "train.json", result)
     return result

@@ -13,6 +13,7 @@ from ..data import Normalization
 from ..evaluate import evaluate_module_set
 from ..modules.module_set import load_module_set, save_module_set
 from ..splitters import Method, SplitData, methods_for
+from ..splitters.registry import trained_for
 from ..splitters import method as method_record
 from ..validate import at_least
 from .runs import RunWarning, exclusive, prepare_out, run_data
@@ -55,6 +56,10 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     model_dir, out = Path(model_dir), Path(out)
     model, meta = ckpt.load_model(model_dir, trust_definition=trust_definition)
     _check_applies(m, model)
+    trained = trained_for(meta)
+    if trained is not None and trained is not m:
+        raise ValueError(f"{model_dir} was trained for {trained.title} (its model runs with what that training "
+                         f"added, which --method {m.name} would leave out): split it with --method {trained.name}")
     rd = run_data(meta, data_dir)
     ds = rd.ds
     if ds.info.num_classes != model.num_classes:
@@ -73,6 +78,8 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     for w in m.run_warnings(cfg, len(tr)):
         warnings.warn(w, RunWarning, stacklevel=2)
     extra = {"mesh": mesh} if mesh is not None else {}
+    if m.run_artefacts is not None:
+        extra.update(m.run_artefacts(model_dir, model, meta))
     if name is not None:  # what a resume must find as it was, named for people
         extra["identity"] = {"base run": str(model_dir.absolute()), "dataset": meta["dataset"],
                              "train subset": train_subset}

@@ -8,13 +8,14 @@ import dataclasses
 from types import ModuleType
 from typing import Callable, Mapping
 
-from . import cnnsplitter, concern, gradsplitter
+from . import cnnsplitter, concern, gradsplitter, mwt
 from .cnnsplitter import config as cnnsplitter_config
 from .cnnsplitter import search as cnnsplitter_search
 from .gradsplitter import config as gradsplitter_config
 from .gradsplitter import search as gradsplitter_search
+from .mwt import training as mwt_training
 
-__all__ = ["Method", "METHODS", "method", "methods_for"]
+__all__ = ["Method", "METHODS", "method", "methods_for", "trained_for"]
 
 
 def _no_warnings(cfg, train_images: int) -> list[str]:
@@ -35,8 +36,10 @@ class Method:
     presets: named settings (empty: ``--recipe`` does not apply). configure(overrides, recipe,
     *, arch, dataset) -> (config, warnings, notes). run_warnings(config, train_images) -> why
     a run cannot do what it is run for. progress: the checkpoint its search resumes from (None:
-    one pass). history_plot: the plot of its history (``cli.plots``), None for none. model_help:
-    what to call the models it applies to, in a refusal.
+    one pass). history_plot: the plot of its history (``cli.plots``), None for none.
+    trained_by: the ``model.json`` key of what a base run trained *for* this method holds (MwT's
+    generators): such a run is split by this method only, and ``run_artefacts(run_dir, model,
+    meta)`` loads it as keyword arguments of ``split``.
     """
 
     name: str
@@ -51,6 +54,8 @@ class Method:
     run_warnings: Callable = _no_warnings
     progress: str | None = None
     history_plot: str | None = None
+    trained_by: str | None = None
+    run_artefacts: Callable | None = None
 
     @property
     def natural_axis(self) -> str:
@@ -85,6 +90,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("concern", "concern identification", concern, concern.ConcernConfig, "node", ("data",),
            ("negative_ratio", "backtrack", "residual", "delta", "bln_rule", "concerned_per_class", "min_confidence",
             "unconfident", "seed")),
+    Method("mwt", "MwT", mwt, mwt.MwTSplitConfig, "kernel", ("data",), ("threshold", "step", "seed"),
+           trained_by="mwt", run_artefacts=lambda run_dir, model, meta: {
+               "generators": mwt_training.load_generators(run_dir, model, meta)}),
 )}
 
 
@@ -98,3 +106,8 @@ def method(name: str) -> Method:
 def methods_for(model_kind: str) -> list[Method]:
     """The methods that decompose models of ``mask_kind`` ``model_kind``."""
     return [m for m in METHODS.values() if m.model_kind == model_kind]
+
+
+def trained_for(meta: dict) -> Method | None:
+    """The method a base run (its ``model.json`` ``meta``) was trained for, None for a plain model."""
+    return next((m for m in METHODS.values() if m.trained_by and m.trained_by in meta), None)

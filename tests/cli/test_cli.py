@@ -123,7 +123,7 @@ def test_every_config_flag_has_its_default_once_and_help_shows_it():
         sp = parser._subparsers._group_actions[0].choices[sub]
         help_text = " ".join(sp.format_help().split())
         declared = [a for a in sp._actions if hasattr(a, "config_field")]
-        assert len(declared) == {"train": 15, "split": 31, "demo": 2}[sub]
+        assert len(declared) == {"train": 19, "split": 33, "demo": 2}[sub]
         for action in declared:
             assert action.default is None, action.dest  # "not given": the config's default applies
             cls, field = action.config_field

@@ -8,8 +8,11 @@
   (lowered per layer when a layer would keep nothing), kernel retention, and the Jaccard
   cohesion and coupling of the modules.
 
-Modular training of the zoo's and adapted models, the registry entry, the CLI and sub-task
-reuse build on these (issue 27; not yet a method of ``splitters.registry``).
+* ``training``: ``MwTObjective`` for ``train.fit`` (the model and its generators trained
+  together), the generators' checkpoint next to the model;
+* ``split``: the registry's entry point: a modularly trained model -> a ``ModuleSet``;
+* ``reuse``: a sub-task module (union of the classes' masks, extracted, a new head,
+  fine-tuned), as the reference's.
 """
 
 from .generators import (generator_hidden, generator_mask, generator_points, init_generator, init_generators,
@@ -17,8 +20,11 @@ from .generators import (generator_hidden, generator_mask, generator_points, ini
 from .losses import mask_losses, modular_loss, mwt_loss
 from .modularize import (class_frequencies, module_masks, layer_threshold, rolling_jaccard, module_cohesion,
                          module_coupling, kernel_retention)
+from .split import MwTSplitConfig, record_masks, report, split, summary_line
+from .training import MwTConfig, MwTObjective, load_generators, save_generators
 
 __all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_points", "layer_input_channels",
            "init_generators", "sample_gates", "mask_losses", "mwt_loss", "modular_loss", "class_frequencies",
            "module_masks", "layer_threshold", "rolling_jaccard", "module_cohesion", "module_coupling",
-           "kernel_retention"]
+           "kernel_retention", "MwTSplitConfig", "record_masks", "report", "split", "summary_line", "MwTConfig",
+           "MwTObjective", "load_generators", "save_generators"]

@@ -1,0 +1,120 @@
+"""MwT's sub-task reuse (spec mwt.md, "Reuse on a sub-task"): for target classes T, the union
+of their modules' kernel masks, the physically extracted module (generators dropped), a new
+head ``ReLU -> Linear(N -> |T|)`` after the base model's classifier, and fine-tuning of the
+whole module with SGD Nesterov (lr 0.05, cosine over 2 x epochs, 10 epochs) keeping the best
+epoch. The reference keeps the epoch of the best *test* accuracy; here the best epoch is chosen
+on a validation split of the task's training images, and the test set is only measured.
+
+The comparison the reference makes is ``restricted_accuracy``: the standard model, trained
+normally, with its logits restricted to T.
+
+Works for any ``ModuleSet`` of kernel masks (MwT's, GradSplitter's, CNNSplitter's): the same
+head and fine-tuning put every method's modules on one footing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ...data import Dataset, select_classes
+from ...models.base import torch_uniform
+from ...modules.extract import extract_module
+from ...train import FitResult, TrainConfig, fit, objective_accuracy, predict
+
+__all__ = ["SUBTASK_RECIPE", "SubtaskHead", "subtask_masks", "subtask_module", "fine_tune_subtask",
+           "restricted_accuracy", "SubtaskResult"]
+
+#: the reference's fine-tuning of a sub-task module, as ``TrainConfig`` overrides
+SUBTASK_RECIPE = {"epochs": 10, "lr": 0.05, "nesterov": True, "weight_decay": 0.0, "lr_milestones": (),
+                  "lr_schedule": "cosine", "cosine_period": 2.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class SubtaskHead:
+    """The new head as a ``train.Objective``: logits ``relu(module(x)) @ w + b`` [B, |T|];
+    ``w`` [N, |T|] and ``b`` start as PyTorch's ``nn.Linear`` default (U(+-1/sqrt(N)))."""
+
+    num_classes: int
+    name: str = "subtask_head"
+
+    def init(self, key, model):
+        kw, kb = jax.random.split(key)
+        n = model.num_classes
+        return {"w": torch_uniform(kw, (n, self.num_classes), n), "b": torch_uniform(kb, (self.num_classes,), n)}
+
+    def _out(self, extra, logits):
+        return jax.nn.relu(logits) @ extra["w"] + extra["b"]
+
+    def loss(self, model, extra, x, y, *, dropout_key, dropout: bool):
+        out = self._out(extra, model(x, train=True, dropout_key=dropout_key, dropout=dropout))
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], axis=1))
+        return ce, {"accuracy": jnp.mean(out.argmax(-1) == y)}
+
+    def logits(self, model, extra, x):
+        return self._out(extra, model(x))
+
+
+def subtask_masks(module_set, classes: Sequence[int]) -> dict:
+    """``{point: float32 [C]}``: the union (logical OR) of the masks of modules ``classes``."""
+    classes = _classes(module_set, classes)
+    return {k: (np.asarray(v)[classes] > 0).any(0).astype(np.float32) for k, v in module_set.masks.items()}
+
+
+def subtask_module(module_set, classes: Sequence[int]):
+    """The physically extracted module of ``classes`` (a ``MaskedCNN`` with the kept kernels
+    only, the base model's classifier kept whole) and its kernel retention over all conv
+    layers (kept / all; tied layers counted per layer)."""
+    masks = subtask_masks(module_set, classes)
+    module = extract_module(module_set.base, masks, None, -1).model
+    points = module_set.base.mask_points()
+    kept = sum(float(masks[p.name].sum()) * len(p.layers) for p in points)
+    total = sum(p.size * len(p.layers) for p in points)
+    return module, kept / total
+
+
+@dataclasses.dataclass
+class SubtaskResult:
+    """A fine-tuned sub-task module: ``fit``'s result (``model``, ``extra`` = the head, the
+    best validation epoch and history), its test accuracy and kernel retention."""
+
+    fit: FitResult
+    head: SubtaskHead
+    classes: list
+    test_accuracy: float
+    kernel_retention: float
+
+
+def fine_tune_subtask(module_set, ds: Dataset, classes: Sequence[int], cfg: TrainConfig | None = None, *,
+                      run_dir=None, resume: bool = False, callbacks=None) -> SubtaskResult:
+    """Extract the module of ``classes`` from ``module_set``, append the new head, fine-tune it
+    on ``ds``'s images of those classes (``cfg``: default ``SUBTASK_RECIPE``), and measure it
+    on their test images. ``ds`` is the dataset the modules' base model was trained on."""
+    classes = _classes(module_set, classes)
+    cfg = cfg or TrainConfig(**SUBTASK_RECIPE)
+    task = select_classes(ds, classes)
+    module, retention = subtask_module(module_set, classes)
+    head = SubtaskHead(len(classes))
+    res = fit(module, task, cfg, run_dir=run_dir, resume=resume, callbacks=callbacks, objective=head,
+              identity={"classes": classes})
+    acc = objective_accuracy(head, res.model, res.extra, task.x_test, task.y_test, task.info)
+    return SubtaskResult(res, head, classes, acc, retention)
+
+
+def restricted_accuracy(model, ds: Dataset, classes: Sequence[int], norm=None) -> float:
+    """Test accuracy on ``classes`` of ``model`` (N classes) with its logits restricted to them."""
+    task = select_classes(ds, classes)
+    logits = np.asarray(predict(model, task.x_test, norm if norm is not None else ds.info))
+    return float((logits[:, list(classes)].argmax(-1) == task.y_test).mean())
+
+
+def _classes(module_set, classes) -> list[int]:
+    classes = [int(c) for c in classes]
+    n = module_set.num_modules
+    if len(classes) < 2 or len(set(classes)) != len(classes) or not all(0 <= c < n for c in classes):
+        raise ValueError(f"a sub-task needs at least 2 distinct classes among 0..{n - 1}, got {classes}")
+    return classes

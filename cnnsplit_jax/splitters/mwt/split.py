@@ -1,0 +1,127 @@
+"""MwT's modularization as a method of the registry: a modularly trained model (``training``)
+and its generators -> a ``ModuleSet`` of per-class kernel masks (spec mwt.md, "Modularization").
+
+``split(key, model, data, cfg, *, generators)`` records every training image's binary masks
+(generator output > 0, eval mode) at every generated point, forms module masks by the
+frequency threshold (``modularize``), and returns them as a ``ModuleSet`` with no heads:
+module c is the base model under its kernel masks, scored by logit c, as CNNSplitter's. A
+point without a generator (the conv reading the image) keeps every kernel, as the reference's.
+
+The modules run **without** the generators (the reference's ``keep_generator=False``): a
+module is the plain model with kernels removed, which the reference fine-tunes before reuse
+(``reuse``). Run without its generators, the trained model itself is a different model; the
+report gives both accuracies so that nobody mistakes one for the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ...data import map_batches, normalize
+from ...train import accuracy
+from ...validate import at_least, finite
+from ..base import SplitData, SplitResult, check_data
+from .generators import sample_gates
+from .modularize import class_frequencies, kernel_retention, module_cohesion, module_coupling, module_masks
+
+__all__ = ["MwTSplitConfig", "record_masks", "split", "report", "summary_line"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MwTSplitConfig:
+    """threshold: a module keeps the kernels active for at least this fraction of its class's
+    training images (0.9, the reference's); step: how far a layer's threshold is lowered when
+    it would keep nothing; batch_size: images per recording batch; seed: unused by the pass
+    itself (it is deterministic), kept as every method's config has one."""
+
+    threshold: float = 0.9
+    step: float = 0.05
+    batch_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        finite("threshold", self.threshold, lo=0.0, hi=1.0, strict=True)
+        finite("step", self.step, lo=0.0, strict=True)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("seed", self.seed, 0)
+
+
+@jax.jit
+def _masks_and_logits(model, gens, x_u8, mean, std):
+    gates = sample_gates(gens)
+    logits = model(normalize(x_u8, mean, std), gates)
+    return {"masks": {p: gates.masks[p] > 0 for p in gens}, "logits": logits}
+
+
+def record_masks(model, gens: dict, x_u8: np.ndarray, norm, batch_size: int = 512):
+    """(points, binary, logits): the generated points in ``model.mask_points()`` order, per
+    point bool [n, C] (generator mask > 0, eval mode) of images x_u8 [n, H, W, C] (uint8), and
+    the logits [n, K] of the model run with its generators."""
+    mean, std = (jnp.asarray(v) for v in norm)
+    order = [p.name for p in model.mask_points() if p.name in gens]
+    out = map_batches(lambda xb: _masks_and_logits(model, gens, jnp.asarray(xb), mean, std), [x_u8], batch_size)
+    return order, [np.asarray(out["masks"][p], bool) for p in order], np.asarray(out["logits"])
+
+
+def split(key: jax.Array, model, data: SplitData, cfg: MwTSplitConfig = MwTSplitConfig(), *, generators: dict,
+          ckpt_dir=None, resume: bool = False, callbacks=None, mesh=None) -> SplitResult:
+    """Modularize ``model`` trained with its ``generators`` (``training.load_generators``) on
+    ``data.x_train``; one deterministic pass (``key``, ``ckpt_dir``, ``resume``, ``callbacks``
+    and ``mesh`` are accepted for the common entry point and unused). ``details``: the
+    points, per-class thresholds [N, L] and the modularity metrics."""
+    del key, ckpt_dir, resume, callbacks, mesh
+    from ...models.base import MaskedCNN
+    from ...modules.module_set import ModuleSet
+
+    check_data(data, model.num_classes)
+    if not isinstance(model, MaskedCNN):
+        raise ValueError(f"MwT's modularization runs the zoo's models with their generators; {model.arch} is not "
+                         "one (adapted models are not supported yet)")
+    t0 = time.perf_counter()
+    points, binary, logits = record_masks(model, generators, data.x_train, data.normalization, cfg.batch_size)
+    freqs = class_frequencies(binary, data.y_train, model.num_classes)
+    masks, thresholds = module_masks(freqs, cfg.threshold, cfg.step)
+    retention, per_module = kernel_retention(masks)
+    cohesion, per_class = module_cohesion(binary, data.y_train, masks)
+    coupling = module_coupling(masks)
+    seconds = time.perf_counter() - t0
+    n = model.num_classes
+    full, start = {}, 0
+    for p in model.mask_points():
+        if p.name in points:
+            full[p.name] = masks[:, start:start + p.size].astype(np.float32)
+            start += p.size
+        else:
+            full[p.name] = np.ones((n, p.size), np.float32)
+    val_logits = record_masks(model, generators, data.x_val, data.normalization, cfg.batch_size)[2]
+    metrics = {
+        "kernel_retention": retention, "module_kernel_retention": per_module, "cohesion": cohesion,
+        "class_cohesion": per_class, "coupling": coupling, "thresholds": thresholds.tolist(),
+        "generated_points": points, "train_accuracy_with_generators": float((logits.argmax(-1) == data.y_train).mean()),
+        "val_accuracy_with_generators": float((val_logits.argmax(-1) == data.y_val).mean()),
+        "val_accuracy_without_generators": accuracy(model, data.x_val, data.y_val, data.normalization),
+        "modularize_seconds": seconds}
+    ms = ModuleSet(model, full, None, {"method": "mwt", "heads": False, "normalization": data.normalization.to_json(),
+                                       "config": dataclasses.asdict(cfg), "generators": "dropped"})
+    return SplitResult(ms, [metrics], seconds, {"metrics": metrics})
+
+
+def report(result: SplitResult, data: SplitData) -> dict:
+    """MwT's fields of ``split.json``: retention (over the generated layers, the reference's
+    definition), cohesion, coupling, thresholds, and the model's accuracy with and without
+    its generators."""
+    del data
+    return {"mwt": result.details["metrics"], "modularize_seconds": result.details["metrics"]["modularize_seconds"]}
+
+
+def summary_line(report: dict) -> str:
+    """One line under the module table: the modularity metrics and the generator gap."""
+    m = report["mwt"]
+    return (f"MwT: kernel retention {m['kernel_retention']:.3f} (generated layers), cohesion {m['cohesion']:.3f}, "
+            f"coupling {m['coupling']:.3f}; validation accuracy {m['val_accuracy_with_generators']:.4f} with "
+            f"generators, {m['val_accuracy_without_generators']:.4f} without (the modules run without)")
