@@ -1,11 +1,11 @@
 """Accelerator benchmark, one command: the GradSplitter modularization step, one CNNSplitter
-generation and composition throughput, JAX against the PyTorch baselines on the same device,
+generation, composition throughput and MwT's modular training step, JAX against the PyTorch baselines on the same device,
 plus the device's peak memory of a 100-module GradSplitter step with and without remat.
 
     python benchmarks/bench_accelerator.py --out results/bench_accelerator.json [--quick]
 
 Each part is the matching CPU benchmark's own function (``bench_gradsplitter.bench``,
-``bench_cnnsplitter.bench``, ``bench_compose.bench``, ``bench_scale.one``) run with its PyTorch
+``bench_cnnsplitter.bench``, ``bench_compose.bench``, ``bench_scale.one``, ``bench_mwt.bench``) run with its PyTorch
 baseline on the accelerator PyTorch sees (``cuda``), so every ratio is same-device, same-run.
 Where PyTorch sees no accelerator (a TPU host) the baseline is skipped and the JSON says so;
 nothing falls back to the CPU silently. JAX must see an accelerator (``--allow-cpu`` to try
@@ -33,11 +33,14 @@ from common import environment, torch_enabled, write_json  # noqa: E402
 import bench_cnnsplitter  # noqa: E402
 import bench_compose  # noqa: E402
 import bench_gradsplitter  # noqa: E402
+import bench_mwt  # noqa: E402
 
 #: (architecture, modules) of the GradSplitter rows: width 1, batch 64
 GRAD = [("simcnn", 10), ("simcnn", 100), ("rescnn", 10), ("incecnn", 10)]
 GA = ["simcnn", "rescnn"]
 COMPOSE = [("simcnn", 256), ("rescnn", 256), ("simcnn", 2048)]
+#: SimCNN widths of the MwT rows (batch 128, FC 512, the reference's)
+MWT = [0.5, 1.0]
 SCALE = [("simcnn", 100, "off"), ("simcnn", 100, "on"), ("rescnn", 100, "off"), ("rescnn", 100, "on")]
 
 
@@ -62,8 +65,8 @@ def scale_row(arch: str, n: int, remat: str, batch: int, reps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", choices=["grad", "compose", "ga", "scale"],
-                   default=["grad", "compose", "scale", "ga"])
+    p.add_argument("--parts", nargs="+", choices=["grad", "compose", "ga", "scale", "mwt"],
+                   default=["grad", "compose", "mwt", "scale", "ga"])
     p.add_argument("--quick", action="store_true", help="one row per part (a first look, or a CPU trial)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=float("inf"),
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
         env["torch_device_name"] = torch.cuda.get_device_name(0)
     res = {"environment": env, "torch_baseline": tdev is not None,
            "note": None if tdev else "PyTorch sees no accelerator here: baselines skipped, JAX alone measured",
-           "gradsplitter": [], "cnnsplitter": [], "compose": [], "scale": [], "skipped": []}
+           "gradsplitter": [], "cnnsplitter": [], "compose": [], "mwt": [], "scale": [], "skipped": []}
     t0 = time.perf_counter()
     torch_on = tdev is not None
 
@@ -130,6 +133,15 @@ def main(argv=None) -> int:
                     print(f"ga {arch}: generation {r['generation_s']:.2f} s, torch "
                           f"{r.get('torch_generation_s', float('nan')):.1f} s", flush=True)
                     save()
+        elif part == "mwt":
+            for width in (MWT[:1] if a.quick else MWT):
+                if due(part, f"simcnn w{width:g}"):
+                    r = bench_mwt.bench(width, 512, 128, a.reps, torch_on, torch_device=tdev or "cpu")
+                    res["mwt"].append(r)
+                    print(f"mwt simcnn w{width:g}: standard {1e3 * r['standard_step_s']:.2f} ms, MwT "
+                          f"{1e3 * r['mwt_step_s']:.2f} ms, torch MwT {1e3 * r.get('torch_mwt_step_s', float('nan')):.2f} ms",
+                          flush=True)
+                    save()
         elif part == "scale":
             for arch, n, remat in scale:
                 if due(part, f"{arch} N={n} remat {remat}"):
@@ -164,6 +176,8 @@ def table(res) -> str:
     for r in res["cnnsplitter"]:
         out.append(f"| {r['arch']} w{r['width']:g} | {r['population']} | {r['generation_s']:.2f} | {r.get('torch_generation_s', nan):.1f} | "
                    f"{r.get('ratio', nan):.4f} |")
+    if res.get("mwt"):
+        out += ["", "MwT training step (batch 128):", "", bench_mwt.table(res["mwt"])]
     out += ["", "| GradSplitter step at scale (w1, batch 64) | N | remat | step s | device peak GB | estimate GB |",
             "|---|---|---|---|---|---|"]
     for r in res["scale"]:

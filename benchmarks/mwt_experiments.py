@@ -13,9 +13,14 @@ Per seed (every stage cached under ``--runs``; a killed run continues):
   first ``--train-images`` training images;
 * ``split``: MwT's modularization (threshold 0.9): kernel retention over the generated layers,
   cohesion, coupling, the accuracy with and without generators, training + modularizing time;
-* ``subtask``: for every pair of ``--pairs`` classes, the MwT module of the pair fine-tuned
-  (10 epochs, cosine over 20, best validation epoch) against the standard model restricted to
-  the pair's logits.
+* ``grad`` / ``ga``: GradSplitter (the ``quick`` preset) and CNNSplitter (the ``narrow``
+  preset) on the standard model: kernel retention over all conv layers, the composed
+  accuracy of the ten modules, the coupling (rolling Jaccard of the module masks, MwT's
+  definition), wall time;
+* ``subtask``: for every pair of ``--pairs`` classes, each method's module of the pair
+  fine-tuned the reference's way (union of the two masks, extracted, new head, 10 epochs,
+  cosine over 20, best validation epoch) against the standard model restricted to the pair's
+  logits.
 
 Writes ``OUT/mwt.json`` (every record) and ``OUT/mwt.md`` (mean +- std over seeds, the paper's
 figures beside). Deviations from the paper: Fashion-MNIST (not CIFAR-10 / SVHN), a narrow
@@ -37,10 +42,12 @@ from cnnsplit_jax import checkpoint as ckpt
 from cnnsplit_jax.data import load_dataset
 from cnnsplit_jax.modules import load_module_set
 from cnnsplit_jax.pipeline import split_run, train_run
-from cnnsplit_jax.splitters.mwt import MwTConfig, MwTSplitConfig
+from cnnsplit_jax.splitters import method as method_record
+from cnnsplit_jax.splitters.mwt import MwTConfig, MwTSplitConfig, module_coupling
 from cnnsplit_jax.splitters.mwt.reuse import SUBTASK_RECIPE, fine_tune_subtask, restricted_accuracy
 from cnnsplit_jax.train import RECIPES, TrainConfig
 
+PRESETS = {"grad": "quick", "ga": "narrow"}
 PAPER = {"accuracy_loss_pt": 1.13, "kernel_retention": 0.1458, "note": "VGG16-BN / ResNet-18 on CIFAR-10 / SVHN"}
 
 
@@ -66,28 +73,46 @@ def run_seed(args, seed: int) -> dict:
                          modular=MwTConfig() if kind == "mwt" else None, **common)
 
     std, mwt = train("standard"), train("mwt")
-    split = _cached(runs / "split_record.json", lambda: split_run(runs / "mwt", runs / "mwt_modules", "mwt",
-                                                                  MwTSplitConfig(seed=seed), overwrite=True))
+
+    def timed_split(base, out, name, cfg):
+        t0 = time.perf_counter()
+        rec = split_run(runs / base, runs / out, name, cfg, overwrite=True)
+        return {**rec, "wall_seconds": time.perf_counter() - t0}
+
+    split = _cached(runs / "split_record.json", lambda: timed_split("mwt", "mwt_modules", "mwt",
+                                                                    MwTSplitConfig(seed=seed)))
+    sets = {"mwt": split}
+    for name in args.methods:
+        cfg_m = method_record(name).make_config({"seed": seed}, PRESETS[name], arch="simcnn",
+                                                dataset="fashion_mnist")[0]
+        sets[name] = _cached(runs / f"split_{name}.json",
+                             lambda name=name, cfg_m=cfg_m: timed_split("standard", f"{name}_modules", name, cfg_m))
     ds = load_dataset("fashion_mnist")
-    ms = load_module_set(runs / "mwt_modules")
     std_model, _ = ckpt.load_model(runs / "standard")
-    pairs = []
-    for a, b in itertools.combinations(args.pairs, 2):
-        def one(a=a, b=b):
-            t0 = time.perf_counter()
-            r = fine_tune_subtask(ms, ds, [a, b], TrainConfig(**{**SUBTASK_RECIPE, "seed": seed}))
-            return {"classes": [a, b], "module_accuracy": r.test_accuracy, "module_kernel_retention": r.kernel_retention,
-                    "best_epoch": r.fit.best_epoch, "seconds": time.perf_counter() - t0,
-                    "standard_restricted_accuracy": restricted_accuracy(std_model, ds, [a, b])}
-        pairs.append(_cached(runs / f"subtask_{a}{b}.json", one))
+    methods = {}
+    for name, rec in sets.items():
+        ms = load_module_set(runs / f"{name}_modules")
+        flat = np.concatenate([np.asarray(v) for v in ms.masks.values()], axis=1) > 0
+        pairs = []
+        for a, b in itertools.combinations(args.pairs, 2):
+            def one(a=a, b=b, ms=ms):
+                t0 = time.perf_counter()
+                r = fine_tune_subtask(ms, ds, [a, b], TrainConfig(**{**SUBTASK_RECIPE, "seed": seed}))
+                return {"classes": [a, b], "module_accuracy": r.test_accuracy,
+                        "module_kernel_retention": r.kernel_retention, "best_epoch": r.fit.best_epoch,
+                        "seconds": time.perf_counter() - t0,
+                        "standard_restricted_accuracy": restricted_accuracy(std_model, ds, [a, b])}
+            pairs.append(_cached(runs / f"subtask_{name}_{a}{b}.json", one))
+        methods[name] = {"composed_accuracy": rec["composed_accuracy"],
+                         "kernel_retention_all_layers": rec["mean_kernel_retention"],
+                         "coupling": module_coupling(flat), "split_seconds": rec["wall_seconds"], "subtasks": pairs}
     m = split["mwt"]
     return {"seed": seed, "standard_test_accuracy": std["test_accuracy"], "standard_best_epoch": std["best_epoch"],
             "standard_train_seconds": std["train_seconds"], "mwt_test_accuracy": mwt["test_accuracy"],
             "mwt_test_accuracy_without_generators": mwt["test_accuracy_without_generators"],
             "mwt_best_epoch": mwt["best_epoch"], "mwt_train_seconds": mwt["train_seconds"],
             "kernel_retention": m["kernel_retention"], "cohesion": m["cohesion"], "coupling": m["coupling"],
-            "modularize_seconds": m["modularize_seconds"], "composed_accuracy_without_generators":
-                split["composed_accuracy"], "subtasks": pairs}
+            "modularize_seconds": m["modularize_seconds"], "methods": methods}
 
 
 def _ms(values) -> str:
@@ -110,14 +135,25 @@ def table(records: list[dict]) -> str:
     ]
     out = [f"seeds: {[r['seed'] for r in records]}", "", "| | mean ± std | paper |", "|---|---|---|"]
     out += [f"| {name} | {_ms(v)} | {paper} |" for name, v, paper in rows]
-    sub = [(r["seed"], p) for r in records for p in r["subtasks"]]
-    if sub:
-        d = [100 * (p["module_accuracy"] - p["standard_restricted_accuracy"]) for _, p in sub]
-        out += ["", "| seed | classes | MwT module (fine-tuned) | standard restricted | retention |", "|---|---|---|---|---|"]
-        out += [f"| {s} | {p['classes']} | {p['module_accuracy']:.4f} | {p['standard_restricted_accuracy']:.4f} | "
-                f"{p['module_kernel_retention']:.3f} |" for s, p in sub]
-        out += ["", f"module - standard over {len(d)} pairs: {np.mean(d):+.2f} ± {np.std(d, ddof=1) if len(d) > 1 else 0:.2f} "
-                f"pt; {sum(x >= 0 for x in d)}/{len(d)} as good or better"]
+    names = list(records[0]["methods"])
+    title = {"mwt": "MwT (modules without generators)", "grad": "GradSplitter (quick)", "ga": "CNNSplitter (narrow)"}
+    out += ["", "| method | kernel retention, all conv layers | composed accuracy | coupling (Jaccard) | "
+            "split s | sub-task module - standard restricted, pt |", "|---|---|---|---|---|---|"]
+    for n in names:
+        ms_ = [r["methods"][n] for r in records]
+        d = [100 * (p["module_accuracy"] - p["standard_restricted_accuracy"]) for x in ms_ for p in x["subtasks"]]
+        out.append(f"| {title.get(n, n)} | {_ms([x['kernel_retention_all_layers'] for x in ms_])} | "
+                   f"{_ms([x['composed_accuracy'] for x in ms_])} | {_ms([x['coupling'] for x in ms_])} | "
+                   f"{_ms([x['split_seconds'] for x in ms_])} | {_ms(d) if d else 'n/a'} ({sum(v >= 0 for v in d)}/"
+                   f"{len(d)} as good or better) |")
+    out += ["", "| seed | classes | standard restricted | " + " | ".join(title.get(n, n) for n in names) + " |",
+            "|---|---|---|" + "---|" * len(names)]
+    for r in records:
+        for i, p in enumerate(r["methods"][names[0]]["subtasks"]):
+            out.append(f"| {r['seed']} | {p['classes']} | {p['standard_restricted_accuracy']:.4f} | "
+                       + " | ".join(f"{r['methods'][n]['subtasks'][i]['module_accuracy']:.4f} "
+                                    f"(ret {r['methods'][n]['subtasks'][i]['module_kernel_retention']:.2f})"
+                                    for n in names) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -131,6 +167,8 @@ def main():
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--train-images", type=int, default=6000)
     p.add_argument("--pairs", type=int, nargs="+", default=[0, 3, 6], help="classes whose pairs are sub-tasks")
+    p.add_argument("--methods", nargs="*", default=["grad", "ga"], choices=sorted(PRESETS),
+                   help="post-training methods run on the standard model for comparison")
     args = p.parse_args()
     records = [run_seed(args, s) for s in args.seeds]
     out = Path(args.out)

@@ -91,19 +91,20 @@ class SampleGates:
     """Per-sample kernel masks computed inside the forward pass from each gated layer's input
     (MwT's mask generators), passed as a model's ``masks``.
 
-    ``gate(point, x_in) -> [B, C]`` maps a layer's input x_in [B, H, W, C_in] to the layer's
-    per-sample masks (>= 0), which multiply its post-ReLU output channel-wise (= multiplying the
-    BatchNorm output before the ReLU, since the masks are non-negative). ``points``: the mask
-    points that are gated (others run unmasked); each must gate one layer. Every mask computed
-    in a forward pass is stored in ``masks`` (point -> [B, C], in forward order), for the losses.
+    ``gate(layer, x_in) -> [B, C]`` maps a conv layer's input x_in [B, H, W, C_in] to the
+    layer's per-sample masks (>= 0), which multiply its post-ReLU output channel-wise (=
+    multiplying the BatchNorm output before the ReLU, since the masks are non-negative).
+    ``layers``: the conv layers that are gated, by layer name (a tied mask point's layers are
+    gated one by one, each from its own input); the others run unmasked. Every mask computed
+    in a forward pass is stored in ``masks`` (layer -> [B, C], in forward order), for the losses.
     """
 
-    def __init__(self, gate: Callable[[str, jax.Array], jax.Array], points: Iterable[str]):
-        self.gate, self.points, self.masks = gate, tuple(points), {}
+    def __init__(self, gate: Callable[[str, jax.Array], jax.Array], layers: Iterable[str]):
+        self.gate, self.layers, self.masks = gate, tuple(layers), {}
 
-    def __call__(self, point: str, x_in: jax.Array) -> jax.Array:
-        m = self.gate(point, x_in)
-        self.masks[point] = m
+    def __call__(self, layer: str, x_in: jax.Array) -> jax.Array:
+        m = self.gate(layer, x_in)
+        self.masks[layer] = m
         return m
 
 
@@ -314,14 +315,11 @@ class MaskedCNN(nnx.Module):
 
     def _check_masks(self, masks):
         if isinstance(masks, SampleGates):
-            points = {p.name: p for p in self.mask_points()}
-            unknown = set(masks.points) - set(points)
+            layers = [spec.name for spec in self.topology]
+            unknown = set(masks.layers) - set(layers)
             if unknown:
-                raise ValueError(f"unknown mask point(s) {sorted(unknown)} for {self.arch}; expected {list(points)}")
-            tied = [p for p in masks.points if len(points[p].layers) > 1]
-            if tied:
-                raise ValueError(f"per-sample gates read one layer's input, but mask point(s) {tied} of {self.arch} "
-                                 f"gate several layers ({[points[p].layers for p in tied]})")
+                raise ValueError(f"unknown gated layer(s) {sorted(unknown)} for {self.arch}; expected conv layers of "
+                                 f"{layers}")
             return
         self.check_named(masks, {p.name: (p.size,) for p in self.mask_points()}, "mask point", "mask")
 
@@ -334,8 +332,8 @@ class MaskedCNN(nnx.Module):
         spec = self.spec(name)
         y = jax.nn.relu(getattr(self, name)(x, train=train))
         if isinstance(masks, SampleGates):
-            if spec.mask in masks.points:  # per-sample masks from this layer's input
-                y = y * masks(spec.mask, x)[:, None, None, :].astype(y.dtype)
+            if name in masks.layers:  # per-sample masks from this layer's input
+                y = y * masks(name, x)[:, None, None, :].astype(y.dtype)
         elif masks is not None and spec.mask in masks:
             y = y * masks[spec.mask].astype(y.dtype)
         if rec is not None and self.record_in_layer:

@@ -93,7 +93,7 @@ def test_mwt_run_saves_its_generators_and_is_split_by_mwt_only(mwt_run, digits_r
     out, res = mwt_run
     model, meta = ckpt.load_model(out)
     gens = load_generators(out, model, meta)
-    assert meta["mwt"]["alpha"] == 0.5 and meta["mwt"]["points"]["conv_1"] == [8, 8]
+    assert meta["mwt"]["alpha"] == 0.5 and meta["mwt"]["layers"]["conv_1"] == [8, 8]
     assert res["method"] == "mwt" and 0 <= res["test_accuracy_without_generators"] <= 1
     from cnnsplit_jax.data import load_dataset
 
@@ -116,8 +116,8 @@ def test_mwt_run_saves_its_generators_and_is_split_by_mwt_only(mwt_run, digits_r
     victim.write_bytes(bytes(b))
     with pytest.raises(ckpt.CheckpointError):
         load_generators(damaged, model, meta)
-    wrong = {**meta, "mwt": {**meta["mwt"], "points": {**meta["mwt"]["points"], "conv_1": [8, 9]}}}
-    with pytest.raises(ckpt.CheckpointError, match="saved generators have points"):
+    wrong = {**meta, "mwt": {**meta["mwt"], "layers": {**meta["mwt"]["layers"], "conv_1": [8, 9]}}}
+    with pytest.raises(ckpt.CheckpointError, match="saved generators are for the layers"):
         load_generators(out, model, wrong)
 
 
@@ -141,14 +141,14 @@ def test_mwt_split_masks_follow_the_frequency_rule(mwt_run, tmp_path):
 
     rd = run_data(meta)
     x, y = rd.ds.x_train[rd.train_idx], rd.ds.y_train[rd.train_idx]
-    points, binary, logits = record_masks(model, gens, x, rd.ds.info.normalization)
-    assert points == [f"conv_{i}" for i in range(1, 13)]
-    for p, b in zip(points, binary):
+    layers, binary, logits = record_masks(model, gens, x, rd.ds.info.normalization)
+    assert layers == [f"conv_{i}" for i in range(1, 13)]  # SimCNN: one layer per mask point
+    for p, b in zip(layers, binary):
         for c in range(10):
             want = _rule(b[y == c].mean(0))
             np.testing.assert_array_equal(ms.masks[p][c] > 0, want, err_msg=f"{p} class {c}")
     m = res["mwt"]
-    kept = np.concatenate([ms.masks[p] for p in points], axis=1)
+    kept = np.concatenate([ms.masks[p] for p in layers], axis=1)
     assert m["kernel_retention"] == pytest.approx(kept.mean())
     assert m["train_accuracy_with_generators"] == pytest.approx(float((logits.argmax(-1) == y).mean()))
     assert 0 <= m["coupling"] <= 1 and 0 <= m["cohesion"] <= 1
@@ -179,3 +179,30 @@ def test_subtask_module_is_the_union_fine_tuned_with_a_new_head(mwt_run, tmp_pat
     assert std == pytest.approx(float((logits.argmax(-1) == y).mean()))
     with pytest.raises(ValueError, match="at least 2 distinct"):
         subtask_masks(ms, [3, 3])
+
+
+def test_rescnn_gets_a_generator_per_conv_and_a_tied_pair_keeps_the_union(digits):
+    """ResCNN as the reference's MwT ResCNN: every conv but the first has its own generator
+    (conv_3 too, though it shares conv_1's mask point); the tied point's module mask is the
+    union of its layers' masks, each computed by the frequency rule (written out here)."""
+    from cnnsplit_jax.splitters import SplitData
+    from cnnsplit_jax.splitters.mwt import init_generators, split
+
+    model = build_model("rescnn", num_classes=10, in_channels=1, width=0.0625, key=1)
+    gens = init_generators(jax.random.key(2), model)
+    assert list(gens) == [f"conv_{i}" for i in range(1, 12)]
+    assert gens["conv_3"]["w1"].shape[0] == model.spec("conv_2").out_channels
+    # closed-ish generators, so that the frequency rule has something to remove
+    gens = {k: {**v, "b2": v["b2"] - 1.0} for k, v in gens.items()}
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    data = SplitData(x, y, digits.x_train[300:400], digits.y_train[300:400], *digits.info.normalization)
+    res = split(jax.random.key(0), model, data, MwTSplitConfig(), generators=gens)
+    ms = res.module_set
+    layers, binary, _ = record_masks(model, gens, x, digits.info.normalization)
+    per = {n: np.stack([_rule(b[y == c].mean(0)) for c in range(10)]) for n, b in zip(layers, binary)}
+    np.testing.assert_array_equal(ms.masks["conv_1"] > 0, per["conv_1"] | per["conv_3"])
+    np.testing.assert_array_equal(ms.masks["conv_2"] > 0, per["conv_2"])
+    np.testing.assert_array_equal(ms.masks["conv_0"], 1.0)
+    flat = np.concatenate([per[n] for n in layers], axis=1)
+    assert res.details["metrics"]["kernel_retention"] == pytest.approx(flat.mean())  # per layer, as the reference
+    assert res.details["metrics"]["generated_layers"] == layers

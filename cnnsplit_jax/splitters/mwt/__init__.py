@@ -15,7 +15,7 @@
   fine-tuned), as the reference's.
 """
 
-from .generators import (generator_hidden, generator_mask, generator_points, init_generator, init_generators,
+from .generators import (generator_hidden, generator_mask, generator_layers, init_generator, init_generators,
                          layer_input_channels, sample_gates)
 from .losses import mask_losses, modular_loss, mwt_loss
 from .modularize import (class_frequencies, module_masks, layer_threshold, rolling_jaccard, module_cohesion,
@@ -23,7 +23,7 @@ from .modularize import (class_frequencies, module_masks, layer_threshold, rolli
 from .split import MwTSplitConfig, record_masks, report, split, summary_line
 from .training import MwTConfig, MwTObjective, load_generators, save_generators
 
-__all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_points", "layer_input_channels",
+__all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_layers", "layer_input_channels",
            "init_generators", "sample_gates", "mask_losses", "mwt_loss", "modular_loss", "class_frequencies",
            "module_masks", "layer_threshold", "rolling_jaccard", "module_cohesion", "module_coupling",
            "kernel_retention", "MwTSplitConfig", "record_masks", "report", "split", "summary_line", "MwTConfig",

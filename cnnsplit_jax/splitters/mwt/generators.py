@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_points", "layer_input_channels",
+__all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_layers", "layer_input_channels",
            "init_generators", "sample_gates"]
 
 
@@ -51,39 +51,30 @@ def generator_mask(params: dict, x: jax.Array) -> jax.Array:
     return jax.nn.relu(jnp.tanh(h @ params["w2"] + params["b2"]))
 
 
-def generator_points(model) -> tuple[str, ...]:
-    """The mask points of a zoo model that get a generator: every point gating one conv layer
-    that reads another conv's output (a layer reading the image has none, as the reference's
-    first conv). A point gating several layers (ResCNN's tied residual pairs) is refused: a
-    generator reads one layer's input."""
-    points = []
-    for p in model.mask_points():
-        if len(p.layers) > 1:
-            raise ValueError(f"MwT gives each masked conv its own generator, but mask point {p.name!r} of "
-                             f"{model.arch} gates the tied layers {p.layers}; use a model whose mask points "
-                             f"gate one layer each")
-        if model.spec(p.layers[0]).inputs:
-            points.append(p.name)
-    return tuple(points)
+def generator_layers(model) -> tuple[str, ...]:
+    """The conv layers of a zoo model that get a generator: every layer that reads another
+    conv's output (a layer reading the image has none, as the reference's first conv). Each
+    layer of a tied pair (ResCNN's residual pairs) gets its own generator, as in the
+    reference's MwT ResCNN, where every conv is a ``MaskConvBN``."""
+    return tuple(s.name for s in model.topology if s.inputs)
 
 
-def layer_input_channels(model, point: str) -> int:
-    """Channels of the input of the layer gated by ``point`` (the concatenation of its inputs)."""
-    spec = model.spec(next(p for p in model.mask_points() if p.name == point).layers[0])
-    return sum(model.spec(i).out_channels for i in spec.inputs)
+def layer_input_channels(model, layer: str) -> int:
+    """Channels of the input of conv ``layer`` (the concatenation of its inputs)."""
+    return sum(model.spec(i).out_channels for i in model.spec(layer).inputs)
 
 
 def init_generators(key: jax.Array, model) -> dict:
-    """``{point: generator params}`` for ``generator_points(model)``, each from its own key."""
-    points = generator_points(model)
-    sizes = {p.name: p.size for p in model.mask_points()}
-    keys = jax.random.split(key, max(len(points), 1))
-    return {p: init_generator(k, layer_input_channels(model, p), sizes[p]) for p, k in zip(points, keys)}
+    """``{layer: generator params}`` for ``generator_layers(model)``, each from its own key."""
+    layers = generator_layers(model)
+    keys = jax.random.split(key, max(len(layers), 1))
+    return {n: init_generator(k, layer_input_channels(model, n), model.spec(n).out_channels)
+            for n, k in zip(layers, keys)}
 
 
 def sample_gates(params: dict):
-    """``SampleGates`` running the generators ``params`` ({point: params}) in a forward pass;
-    after the pass its ``masks`` holds every point's per-sample masks [B, C]."""
+    """``SampleGates`` running the generators ``params`` ({layer: params}) in a forward pass;
+    after the pass its ``masks`` holds every gated layer's per-sample masks [B, C]."""
     from ...models import SampleGates
 
-    return SampleGates(lambda point, x: generator_mask(params[point], x), tuple(params))
+    return SampleGates(lambda layer, x: generator_mask(params[layer], x), tuple(params))

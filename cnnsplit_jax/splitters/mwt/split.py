@@ -2,10 +2,14 @@
 and its generators -> a ``ModuleSet`` of per-class kernel masks (spec mwt.md, "Modularization").
 
 ``split(key, model, data, cfg, *, generators)`` records every training image's binary masks
-(generator output > 0, eval mode) at every generated point, forms module masks by the
-frequency threshold (``modularize``), and returns them as a ``ModuleSet`` with no heads:
-module c is the base model under its kernel masks, scored by logit c, as CNNSplitter's. A
-point without a generator (the conv reading the image) keeps every kernel, as the reference's.
+(generator output > 0, eval mode) at every generated conv layer, forms per-layer module masks
+by the frequency threshold (``modularize``; retention, cohesion and coupling over these, as the
+reference), and returns them as a ``ModuleSet`` with no heads: module c is the base model
+under its kernel masks, scored by logit c, as CNNSplitter's. A layer without a generator (the
+conv reading the image) keeps every kernel, as the reference's. A mask point gating a tied
+pair (ResCNN's residual pairs, whose outputs are summed) keeps the union of its two layers'
+kernels, the channels the reference's module keeps for the sum; its layers then keep more
+kernels than their own masks, so the module set's retention is >= the per-layer one.
 
 The modules run **without** the generators (the reference's ``keep_generator=False``): a
 module is the plain model with kernels removed, which the reference fine-tunes before reuse
@@ -59,13 +63,13 @@ def _masks_and_logits(model, gens, x_u8, mean, std):
 
 
 def record_masks(model, gens: dict, x_u8: np.ndarray, norm, batch_size: int = 512):
-    """(points, binary, logits): the generated points in ``model.mask_points()`` order, per
-    point bool [n, C] (generator mask > 0, eval mode) of images x_u8 [n, H, W, C] (uint8), and
+    """(layers, binary, logits): the generated conv layers in ``model.topology`` order, per
+    layer bool [n, C] (generator mask > 0, eval mode) of images x_u8 [n, H, W, C] (uint8), and
     the logits [n, K] of the model run with its generators."""
     mean, std = (jnp.asarray(v) for v in norm)
-    order = [p.name for p in model.mask_points() if p.name in gens]
+    order = [s.name for s in model.topology if s.name in gens]
     out = map_batches(lambda xb: _masks_and_logits(model, gens, jnp.asarray(xb), mean, std), [x_u8], batch_size)
-    return order, [np.asarray(out["masks"][p], bool) for p in order], np.asarray(out["logits"])
+    return order, [np.asarray(out["masks"][n], bool) for n in order], np.asarray(out["logits"])
 
 
 def split(key: jax.Array, model, data: SplitData, cfg: MwTSplitConfig = MwTSplitConfig(), *, generators: dict,
@@ -73,7 +77,7 @@ def split(key: jax.Array, model, data: SplitData, cfg: MwTSplitConfig = MwTSplit
     """Modularize ``model`` trained with its ``generators`` (``training.load_generators``) on
     ``data.x_train``; one deterministic pass (``key``, ``ckpt_dir``, ``resume``, ``callbacks``
     and ``mesh`` are accepted for the common entry point and unused). ``details``: the
-    points, per-class thresholds [N, L] and the modularity metrics."""
+    generated layers, per-class thresholds [N, L] and the modularity metrics."""
     del key, ckpt_dir, resume, callbacks, mesh
     from ...models.base import MaskedCNN
     from ...modules.module_set import ModuleSet
@@ -83,7 +87,7 @@ def split(key: jax.Array, model, data: SplitData, cfg: MwTSplitConfig = MwTSplit
         raise ValueError(f"MwT's modularization runs the zoo's models with their generators; {model.arch} is not "
                          "one (adapted models are not supported yet)")
     t0 = time.perf_counter()
-    points, binary, logits = record_masks(model, generators, data.x_train, data.normalization, cfg.batch_size)
+    layers, binary, logits = record_masks(model, generators, data.x_train, data.normalization, cfg.batch_size)
     freqs = class_frequencies(binary, data.y_train, model.num_classes)
     masks, thresholds = module_masks(freqs, cfg.threshold, cfg.step)
     retention, per_module = kernel_retention(masks)
@@ -91,18 +95,21 @@ def split(key: jax.Array, model, data: SplitData, cfg: MwTSplitConfig = MwTSplit
     coupling = module_coupling(masks)
     seconds = time.perf_counter() - t0
     n = model.num_classes
-    full, start = {}, 0
+    per_layer, start = {}, 0
+    for name, b in zip(layers, binary):
+        per_layer[name] = masks[:, start:start + b.shape[1]]
+        start += b.shape[1]
+    full = {}
     for p in model.mask_points():
-        if p.name in points:
-            full[p.name] = masks[:, start:start + p.size].astype(np.float32)
-            start += p.size
+        if all(name in per_layer for name in p.layers):
+            full[p.name] = np.logical_or.reduce([per_layer[name] for name in p.layers]).astype(np.float32)
         else:
             full[p.name] = np.ones((n, p.size), np.float32)
     val_logits = record_masks(model, generators, data.x_val, data.normalization, cfg.batch_size)[2]
     metrics = {
         "kernel_retention": retention, "module_kernel_retention": per_module, "cohesion": cohesion,
         "class_cohesion": per_class, "coupling": coupling, "thresholds": thresholds.tolist(),
-        "generated_points": points, "train_accuracy_with_generators": float((logits.argmax(-1) == data.y_train).mean()),
+        "generated_layers": layers, "train_accuracy_with_generators": float((logits.argmax(-1) == data.y_train).mean()),
         "val_accuracy_with_generators": float((val_logits.argmax(-1) == data.y_val).mean()),
         "val_accuracy_without_generators": accuracy(model, data.x_val, data.y_val, data.normalization),
         "modularize_seconds": seconds}

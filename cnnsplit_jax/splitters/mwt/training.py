@@ -2,7 +2,7 @@
 "Loss" and "Training").
 
 ``MwTObjective`` is a ``train.Objective``: ``train.fit(model, ds, cfg, objective=MwTObjective())``
-trains the model and one generator per ``generators.generator_points(model)`` with
+trains the model and one generator per ``generators.generator_layers(model)`` with
 ``CE + alpha * cohesion + beta * coupling``, validates the model *with* its generators, and
 checkpoints / resumes both like any training. The reference's optimiser and schedule are the
 ``"mwt"`` recipe of ``train.RECIPES`` (SGD Nesterov 0.9, lr 0.05 for both, no weight decay,
@@ -11,11 +11,11 @@ epochs with the best validation epoch kept.
 
 On disk, the generators of a trained run sit next to its model (``save_generators``)::
 
-    RUN_DIR/generators/    Orbax tree {point: {"w1", "w2", "b2"}} (checksummed)
-    RUN_DIR/model.json     ... "mwt": {"alpha", "beta", "points": {point: [C_in, C_out]}}
+    RUN_DIR/generators/    Orbax tree {layer: {"w1", "w2", "b2"}} (checksummed)
+    RUN_DIR/model.json     ... "mwt": {"alpha", "beta", "layers": {layer: [C_in, C_out]}}
 
 ``load_generators`` rebuilds the template from the recorded shapes and refuses generators
-whose points or shapes do not match the model's.
+whose layers or shapes do not match the model's.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from ... import checkpoint as ckpt
 from ...validate import finite
-from .generators import generator_hidden, generator_points, init_generators, layer_input_channels, sample_gates
+from .generators import generator_hidden, generator_layers, init_generators, layer_input_channels, sample_gates
 from .losses import mwt_loss
 
 __all__ = ["MwTConfig", "MwTObjective", "GENERATORS_DIR", "save_generators", "load_generators", "generator_logits"]
@@ -76,9 +76,8 @@ class MwTObjective:
         return generator_logits(model, extra, x)
 
 
-def _shapes(model, points) -> dict:
-    sizes = {p.name: p.size for p in model.mask_points()}
-    return {p: [layer_input_channels(model, p), sizes[p]] for p in points}
+def _shapes(model, layers) -> dict:
+    return {n: [layer_input_channels(model, n), model.spec(n).out_channels] for n in layers}
 
 
 def save_generators(run_dir: str | Path, model, gen_params: dict, config: MwTConfig) -> dict:
@@ -86,21 +85,21 @@ def save_generators(run_dir: str | Path, model, gen_params: dict, config: MwTCon
     ``model.json`` (the caller writes it with the model)."""
     save = {p: {k: jnp.asarray(v, jnp.float32) for k, v in g.items()} for p, g in gen_params.items()}
     ckpt.save_tree(Path(run_dir) / GENERATORS_DIR, save)
-    return {"alpha": config.alpha, "beta": config.beta, "points": _shapes(model, sorted(gen_params))}
+    return {"alpha": config.alpha, "beta": config.beta, "layers": _shapes(model, sorted(gen_params))}
 
 
 def load_generators(run_dir: str | Path, model, meta: dict) -> dict:
     """The generators saved in ``run_dir`` for ``model`` (``meta``: its ``model.json``).
-    ``CheckpointError`` when the run has none, or their points or shapes differ from the
+    ``CheckpointError`` when the run has none, or their layers or shapes differ from the
     model's (a run trained without ``--method mwt``, or another model)."""
     run_dir = Path(run_dir)
     rec = meta.get("mwt")
-    if not isinstance(rec, dict) or not isinstance(rec.get("points"), dict):
+    if not isinstance(rec, dict) or not isinstance(rec.get("layers"), dict):
         raise ckpt.CheckpointError(f"{run_dir} holds no MwT-trained model (no 'mwt' record in its model.json): "
                                    "train it with `cnnsplit train --method mwt`")
-    expected = _shapes(model, sorted(generator_points(model)))
-    if {k: list(v) for k, v in rec["points"].items()} != expected:
-        raise ckpt.CheckpointError(f"{run_dir}: the saved generators have points {rec['points']}, the model needs "
+    expected = _shapes(model, sorted(generator_layers(model)))
+    if {k: list(v) for k, v in rec["layers"].items()} != expected:
+        raise ckpt.CheckpointError(f"{run_dir}: the saved generators are for the layers {rec['layers']}, the model needs "
                                    f"{expected}")
     template = {p: {"w1": jnp.zeros((c_in, generator_hidden(c_out)), jnp.float32),
                     "w2": jnp.zeros((generator_hidden(c_out), c_out), jnp.float32),
