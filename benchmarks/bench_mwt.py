@@ -29,7 +29,8 @@ from common import environment, time_torch, torch_enabled, write_json  # noqa: E
 from cnnsplit_jax.data import Dataset, DatasetInfo  # noqa: E402
 from cnnsplit_jax.models import build_model  # noqa: E402
 from cnnsplit_jax.splitters.mwt import MwTObjective  # noqa: E402
-from cnnsplit_jax.train import RECIPES, TrainConfig, _train_step, make_optimizer  # noqa: E402
+from cnnsplit_jax.train import RECIPES, TrainConfig, make_optimizer  # noqa: E402
+from cnnsplit_jax.train.loop import _train_step  # noqa: E402
 
 EPOCH_IMAGES = 50_000
 

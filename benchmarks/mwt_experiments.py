@@ -70,7 +70,8 @@ def run_seed(args, seed: int) -> dict:
         if (out / "train.json").exists():
             return json.loads((out / "train.json").read_text())
         return train_run(out, "simcnn", "fashion_mnist", cfg, overwrite=True,
-                         modular=MwTConfig() if kind == "mwt" else None, **common)
+                         method="mwt" if kind == "mwt" else None, method_config=MwTConfig() if kind == "mwt" else None,
+                         **common)
 
     std, mwt = train("standard"), train("mwt")
 
@@ -109,7 +110,7 @@ def run_seed(args, seed: int) -> dict:
     m = split["mwt"]
     return {"seed": seed, "standard_test_accuracy": std["test_accuracy"], "standard_best_epoch": std["best_epoch"],
             "standard_train_seconds": std["train_seconds"], "mwt_test_accuracy": mwt["test_accuracy"],
-            "mwt_test_accuracy_without_generators": mwt["test_accuracy_without_generators"],
+            "mwt_test_accuracy_without_generators": mwt["test_accuracy_model_alone"],
             "mwt_best_epoch": mwt["best_epoch"], "mwt_train_seconds": mwt["train_seconds"],
             "kernel_retention": m["kernel_retention"], "cohesion": m["cohesion"], "coupling": m["coupling"],
             "modularize_seconds": m["modularize_seconds"], "methods": methods}

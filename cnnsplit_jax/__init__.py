@@ -12,8 +12,8 @@ The names a JAX user needs, flat (optax style)::
 
 Packages, bottom to top: ``models`` (architectures, masks, conv, interop), ``data``,
 ``checkpoint``, ``train``, ``modules`` (module sets, heads, extraction, THE module forward),
-``splitters`` (``gradsplitter``, ``cnnsplitter``, ``concern``: one ``split`` API each, one
-``Method`` record each in ``METHODS``),
+``splitters`` (``gradsplitter``, ``cnnsplitter``, ``concern``, ``mwt``: one ``split`` API each,
+one ``Method`` record each in ``METHODS``; MwT also trains: ``fit(..., objective=cs.MwTObjective())``),
 ``compose`` / ``evaluate`` / ``reuse``, ``pipeline`` (runs on disk), ``cli``; ``mesh`` (devices)
 and ``distributed`` (several processes: call ``cs.distributed.initialize()`` before any JAX work).
 
@@ -51,8 +51,8 @@ _NAMES = {
     "Progress": "progress",
     **{n: "splitters" for n in ("CNNSplitterConfig", "ConcernConfig", "GradSplitterConfig", "SearchDivergedError",
                                 "SplitData", "SplitResult", "cnnsplitter", "concern", "gradsplitter", "METHODS",
-                                "Method")},
-    **{n: "train" for n in ("TrainConfig", "TrainingDivergedError", "fit")},
+                                "Method", "mwt", "MwTConfig", "MwTObjective", "MwTSplitConfig")},
+    **{n: "train" for n in ("TrainConfig", "TrainingDivergedError", "fit", "Objective")},
 }
 _SUBPACKAGES = ("checkpoint", "data", "distributed", "mesh", "models", "modules", "pipeline", "splitters")
 
@@ -100,5 +100,6 @@ if TYPE_CHECKING:  # what static tools see (the same names, imported eagerly)
     from .modules import ConcernModuleSet, ModuleSet, Pick, load_module_set, module_outputs, save_module_set  # noqa: F401
     from .progress import Progress  # noqa: F401
     from .splitters import (METHODS, CNNSplitterConfig, ConcernConfig, GradSplitterConfig, Method,  # noqa: F401
-                            SearchDivergedError, SplitData, SplitResult, cnnsplitter, concern, gradsplitter)
-    from .train import TrainConfig, TrainingDivergedError, fit  # noqa: F401
+                            MwTConfig, MwTObjective, MwTSplitConfig, SearchDivergedError, SplitData, SplitResult,
+                            cnnsplitter, concern, gradsplitter, mwt)
+    from .train import Objective, TrainConfig, TrainingDivergedError, fit  # noqa: F401

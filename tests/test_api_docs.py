@@ -17,7 +17,8 @@ PIPE = "\\|"  # a | inside a table cell
 #: the public modules, in the order of the page
 PUBLIC = ("cnnsplit_jax", "cnnsplit_jax.models", "cnnsplit_jax.data", "cnnsplit_jax.checkpoint", "cnnsplit_jax.train",
           "cnnsplit_jax.modules", "cnnsplit_jax.splitters", "cnnsplit_jax.splitters.gradsplitter",
-          "cnnsplit_jax.splitters.cnnsplitter", "cnnsplit_jax.splitters.concern", "cnnsplit_jax.compose",
+          "cnnsplit_jax.splitters.cnnsplitter", "cnnsplit_jax.splitters.concern", "cnnsplit_jax.splitters.mwt",
+          "cnnsplit_jax.compose",
           "cnnsplit_jax.evaluate", "cnnsplit_jax.reuse", "cnnsplit_jax.pipeline", "cnnsplit_jax.mesh",
           "cnnsplit_jax.distributed", "cnnsplit_jax.progress")
 

@@ -11,7 +11,7 @@ from .. import pipeline
 from ..models import ARCHITECTURES, mask_points
 from ..pipeline import DemoConfig, RunWarning
 from ..splitters import METHODS, methods_for
-from ..splitters.mwt import MwTConfig
+from ..splitters.registry import trainers
 from ..train import RECIPES, TrainConfig, summary
 from . import plots
 from .parser import config_from, given_flags
@@ -23,7 +23,8 @@ __all__ = ["COMMANDS"]
 TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "augment",
                 "augment_val", "split_scheme", "patience", "dirichlet_alpha", "dirichlet_min_size", "train_images", "seed",
                 "lr_schedule", "nesterov")
-MWT_FIELDS = ("alpha", "beta")
+#: the flags of the training configs of methods that train their own model (``Method.training``)
+TRAINING_FIELDS = tuple(dict.fromkeys(f for m in trainers() for f in m.training.cli_fields))
 
 
 def _warn(msg: str) -> None:
@@ -41,23 +42,27 @@ def _train_line(p) -> str | None:
 
 
 def cmd_train(args) -> int:
-    modular = args.method == "mwt"
-    recipe = args.recipe or ("mwt" if modular else "resnet" if ARCHITECTURES[args.model].mask_kind == "node"
-                             else "reference")
+    trainer = METHODS[args.method].training if args.method in METHODS else None
+    recipe = args.recipe or (trainer.recipe if trainer is not None else
+                             "resnet" if ARCHITECTURES[args.model].mask_kind == "node" else "reference")
     cfg = config_from(TrainConfig, args, TRAIN_FIELDS, RECIPES[recipe])
     if isinstance(cfg.lr_milestones, list):
         cfg = TrainConfig(**{**ckpt.config_json(cfg), "lr_milestones": tuple(cfg.lr_milestones)})
-    given_mwt = given_flags(args, MWT_FIELDS)
-    if given_mwt and not modular:
-        raise ValueError(f"{', '.join('--' + k for k in given_mwt)} set MwT's loss: add --method mwt")
-    mwt = MwTConfig(**given_mwt) if modular else None
+    given = given_flags(args, TRAINING_FIELDS)
+    own = set(trainer.cli_fields) if trainer is not None else set()
+    if set(given) - own:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(set(given) - own))} set the loss of "
+                         f"a method that trains its own model: add its --method ("
+                         f"{', '.join(m.name for m in trainers())})")
+    method_cfg = trainer.config(**given) if trainer is not None else None
     log(f"training {args.model} (width {args.width}) on {args.dataset} for {cfg.epochs} epochs ({recipe} recipe"
-        + (f", MwT alpha {mwt.alpha:g} beta {mwt.beta:g}" if modular else "") + ")")
+        + (f", {METHODS[args.method].title} {method_cfg}" if trainer is not None else "") + ")")
     res = pipeline.train_run(args.out, args.model, args.dataset, cfg, width=args.width, fc_hidden=args.fc_hidden,
                              recipe=recipe, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
-                             callbacks=ProgressPrinter(line=_train_line), mesh=args.mesh, modular=mwt)
+                             callbacks=ProgressPrinter(line=_train_line), mesh=args.mesh,
+                             method=args.method if trainer is not None else None, method_config=method_cfg)
     log(f"{res['num_kernels']} kernels, {res['num_params']:,} params; test accuracy {res['test_accuracy']:.4f}"
-        + (f" with its generators, {res['test_accuracy_without_generators']:.4f} without" if modular else "")
+        + (f", {res['test_accuracy_model_alone']:.4f} {res['model_alone']}" if trainer is not None else "")
         + f"; wrote {Path(args.out) / 'train.json'}")
     return 0
 

@@ -19,6 +19,7 @@ from ..splitters import METHODS, CNNSplitterConfig, ConcernConfig, GradSplitterC
 from ..splitters.cnnsplitter import PRESETS as GA_PRESETS
 from ..splitters.gradsplitter import PRESETS
 from ..splitters.mwt import MwTConfig, MwTSplitConfig
+from ..splitters.registry import trainers
 from ..train import RECIPES, TrainConfig
 
 __all__ = ["build_parser", "config_from", "given_flags", "CONFIG_FLAGS"]
@@ -122,10 +123,11 @@ def _train_parser(sub, common) -> None:
     t.add_argument("--data-dir", default=None, help="where dataset files live (default: $CNNSPLIT_DATA)")
     t.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1 = the papers')")
     t.add_argument("--fc-hidden", type=int, default=None, help="SimCNN FC width (default 4096*width)")
-    t.add_argument("--method", default="standard", choices=["standard", "mwt"],
-                   help="standard: cross-entropy; mwt: modular training (MwT, Qi et al. ICSE 2024): mask "
-                        "generators trained with the model, cross-entropy + cohesion + coupling; split the run "
-                        "with `cnnsplit split --method mwt` (default standard)")
+    t.add_argument("--method", default="standard", choices=["standard", *(m.name for m in trainers())],
+                   help="standard: cross-entropy; or train for a method that trains its own model, "
+                        + "; ".join(f"{m.name}: {m.title}" for m in trainers())
+                        + " (mask generators trained with the model, cross-entropy + cohesion + coupling); split "
+                        "such a run with the same --method (default standard)")
     t.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                    help="hyper-parameter preset (default: reference, resnet for resnet20/32/56, mwt for --method "
                         "mwt): the papers' training; quick: a short run for small data (the demo's); weak / "
@@ -214,6 +216,14 @@ def _adapt_parser(sub, common) -> None:
     a.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
 
+def _mwt_split_flags(sp) -> None:
+    mw = sp.add_argument_group("MwT (--method mwt: a run of `cnnsplit train --method mwt`)")
+    config_flag(mw, MwTSplitConfig, "threshold", "a module keeps the kernels active for at least this fraction of "
+                "its class's training images", type=float)
+    config_flag(mw, MwTSplitConfig, "step", "how far a layer's threshold is lowered when it would keep no kernel",
+                type=float)
+
+
 def _split_parser(sub, common) -> None:
     sp = sub.add_parser("split", parents=[common], help="decompose a trained model into per-class modules")
     sp.add_argument("--method", default="grad", choices=sorted(METHODS),
@@ -266,11 +276,7 @@ def _split_parser(sub, common) -> None:
                 "softmax probability are concerned inputs (none: no filter)", type=_optional(float))
     config_flag(cc, ConcernConfig, "unconfident", "a class with no input above --min-confidence: fallback to its "
                 "unfiltered inputs (warned, listed in split.json) or refuse")
-    mw = sp.add_argument_group("MwT (--method mwt: a run of `cnnsplit train --method mwt`)")
-    config_flag(mw, MwTSplitConfig, "threshold", "a module keeps the kernels active for at least this fraction of "
-                "its class's training images", type=float)
-    config_flag(mw, MwTSplitConfig, "step", "how far a layer's threshold is lowered when it would keep no kernel",
-                type=float)
+    _mwt_split_flags(sp)
     ga = sp.add_argument_group("CNNSplitter (--method ga)")
     for field, kind, help_ in (("population", int, "individuals per class"), ("generations", int, "generations"),
                                ("groups", int, "genes per layer (None: 10 below 256 kernels, else 100)"),

@@ -25,7 +25,8 @@ from ..data import Dataset, fit_images, is_task_spec, load_dataset, load_task, s
 from ..models import build_model
 from ..progress import RunWarning
 from ..splitters import METHODS
-from ..splitters.mwt.training import GENERATORS_DIR, MwTConfig, MwTObjective, save_generators
+from ..splitters import method as method_record
+from ..splitters.registry import trainers
 from ..train import (TrainConfig, accuracy, check_compatible, dirichlet_settings, fit, objective_accuracy,
                      recipe_warnings, summary)
 
@@ -44,7 +45,7 @@ ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "adapted_model": (("adapt.json",), ("model.json", "model", "adapt.json")),
     "model": (("model.json", "train_state.json"),
               ("model.json", "model", "train.json", "train_state.json", "train_state", "adapt.json",
-               GENERATORS_DIR)),
+               *(e for m in trainers() for e in m.training.entries))),
     "module_set": (("modules.json", *_SEARCH_MARKERS, "split.json"),
                    ("modules.json", "modules", "base", "split.json", "evaluate.json", *_SEARCH_ENTRIES,
                     "retention_heatmap.png", "module_f1.png", "accuracy_vs_kernels.png", "fitness.png")),
@@ -245,16 +246,22 @@ def run_data(meta: dict, data_dir=None) -> RunData:
 @exclusive("out")
 def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = TrainConfig(), *, width: float = 1.0,
               fc_hidden: int | None = None, recipe: str = "reference", data_dir=None, resume: bool = False,
-              overwrite: bool = False, callbacks=None, mesh=None, modular: MwTConfig | None = None) -> dict:
+              overwrite: bool = False, callbacks=None, mesh=None, method: str | None = None,
+              method_config=None) -> dict:
     """Train ``arch`` on ``dataset`` (a name or task spec) with ``cfg`` into the run directory
     ``out`` (``model.json`` + ``model/``, ``train.json``; checkpointed every epoch, ``resume``
     continues). ``recipe`` names where ``cfg`` came from (its warnings are raised as
-    ``RunWarning``). ``mesh``: data-parallel devices (``fit``). ``modular``: train modularly
-    with MwT's mask generators and losses (``splitters.mwt``), saved in ``out/generators``; the
-    test accuracy is then the model's with its generators, and ``train.json`` adds the model's
-    accuracy without them. Returns the ``train.json`` dict."""
+    ``RunWarning``). ``mesh``: data-parallel devices (``fit``). ``method``: train for a method
+    that trains its own model (``Method.training``: ``"mwt"``, MwT's mask generators and
+    losses, saved in ``out/generators``) with ``method_config`` (default: its config's
+    defaults); the test accuracy is then the model's with what it was trained with, and
+    ``train.json`` adds ``test_accuracy_model_alone``. Returns the ``train.json`` dict."""
     out = Path(out)
     meshlib.resolve_data(mesh)  # a bad spec fails before any work
+    training = method_record(method).training if method is not None else None
+    if method is not None and training is None:
+        raise ValueError(f"--method {method} decomposes a trained model; it does not train one (train it without "
+                         "--method, then split it)")
     ds, sources = train_data(dataset, data_dir)
     model = build_model(arch, num_classes=ds.info.num_classes, in_channels=ds.info.channels, width=width,
                         key=jax.random.key(cfg.seed), **({"fc_hidden": fc_hidden} if fc_hidden else {}))
@@ -264,16 +271,17 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     for w in recipe_warnings(cfg, recipe):
         warnings.warn(w, RunWarning, stacklevel=2)
     counts = summary(model)
-    objective = MwTObjective(modular) if modular is not None else None
+    method_config = (method_config or training.config()) if training is not None else None
+    objective = training.objective(method_config) if training is not None else None
     res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks, mesh=mesh,
               identity={"dataset spec": dataset}, objective=objective)
     t0 = time.perf_counter()
-    extra, mwt_meta = {}, {}
-    if objective is not None:
+    extra, trained_meta = {}, {}
+    if training is not None:
         test_acc = objective_accuracy(objective, res.model, res.extra, ds.x_test, ds.y_test, ds.info)
-        extra = {"method": "mwt", "test_accuracy_without_generators": accuracy(res.model, ds.x_test, ds.y_test,
-                                                                               ds.info)}
-        mwt_meta = {"mwt": save_generators(out, res.model, res.extra, modular)}
+        extra = {"method": method, "test_accuracy_model_alone": accuracy(res.model, ds.x_test, ds.y_test, ds.info),
+                 "model_alone": training.alone}
+        trained_meta = {training.key: training.save(out, res.model, res.extra, method_config)}
     else:
         test_acc = accuracy(res.model, ds.x_test, ds.y_test, ds.info)
     norm = ds.info.normalization.to_json()
@@ -287,7 +295,8 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
         "normalization": norm, "class_names": list(ds.info.class_names), "seed": cfg.seed,
         "config": {"model": arch, "dataset": dataset, "width": width, "fc_hidden": fc_hidden, "recipe": recipe,
                    "data_dir": data_dir, **ckpt.config_json(cfg),
-                   **({"mwt": ckpt.config_json(modular)} if modular is not None else {})},
+                   **({"method": method, "method_config": ckpt.config_json(method_config)}
+                      if training is not None else {})},
         "backend": jax.default_backend(),
     }
     ckpt.save_model(out, res.model, {
@@ -295,6 +304,6 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
         "test_accuracy": test_acc, "val_accuracy": res.best_val_accuracy, "seed": cfg.seed,
         "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "dirichlet_alpha": alpha,
                   "dirichlet_min_size": min_size, "scheme": cfg.split_scheme, "train_images": cfg.train_images},
-        **mwt_meta})
+        **trained_meta})
     ckpt.write_json(out / "train.json", result)
     return result

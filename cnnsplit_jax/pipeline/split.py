@@ -78,8 +78,8 @@ def split_run(model_dir: str | Path, out: str | Path, method: str, cfg, *, resum
     for w in m.run_warnings(cfg, len(tr)):
         warnings.warn(w, RunWarning, stacklevel=2)
     extra = {"mesh": mesh} if mesh is not None else {}
-    if m.run_artefacts is not None:
-        extra.update(m.run_artefacts(model_dir, model, meta))
+    if m.training is not None:
+        extra.update(m.training.load(model_dir, model, meta))
     if name is not None:  # what a resume must find as it was, named for people
         extra["identity"] = {"base run": str(model_dir.absolute()), "dataset": meta["dataset"],
                              "train subset": train_subset}

@@ -15,12 +15,37 @@ from .gradsplitter import config as gradsplitter_config
 from .gradsplitter import search as gradsplitter_search
 from .mwt import training as mwt_training
 
-__all__ = ["Method", "METHODS", "method", "methods_for", "trained_for"]
+__all__ = ["Method", "Training", "METHODS", "method", "methods_for", "trained_for", "trainers"]
 
 
 def _no_warnings(cfg, train_images: int) -> list[str]:
     del cfg, train_images
     return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """How a method that trains its own model (MwT) trains it and reads it back.
+
+    key: the ``model.json`` key its trained runs record (a run with it is split by this method
+    only). config / cli_fields: its training config (the loss's settings) and the fields
+    ``cnnsplit train --method`` sets from flags. recipe: the default ``train.RECIPES`` entry.
+    objective(config) -> a ``train.Objective``. save(run_dir, model, extra, config) -> the
+    ``model.json`` entry (``key``) after writing what ``extra`` holds. load(run_dir, model,
+    meta) -> keyword arguments of the method's ``split``. alone: what the model run without the
+    objective's parameters is called in reports. entries: the top-level entries ``save`` writes
+    in a run directory.
+    """
+
+    key: str
+    config: type
+    cli_fields: tuple[str, ...]
+    recipe: str
+    objective: Callable
+    save: Callable
+    load: Callable
+    alone: str
+    entries: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +79,7 @@ class Method:
     run_warnings: Callable = _no_warnings
     progress: str | None = None
     history_plot: str | None = None
-    trained_by: str | None = None
-    run_artefacts: Callable | None = None
+    training: Training | None = None
 
     @property
     def natural_axis(self) -> str:
@@ -91,8 +115,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            ("negative_ratio", "backtrack", "residual", "delta", "bln_rule", "concerned_per_class", "min_confidence",
             "unconfident", "seed")),
     Method("mwt", "MwT", mwt, mwt.MwTSplitConfig, "kernel", ("data",), ("threshold", "step", "seed"),
-           trained_by="mwt", run_artefacts=lambda run_dir, model, meta: {
-               "generators": mwt_training.load_generators(run_dir, model, meta)}),
+           training=Training("mwt", mwt.MwTConfig, ("alpha", "beta"), "mwt", mwt.MwTObjective,
+                             mwt_training.save_generators,
+                             lambda run_dir, model, meta: {"generators": mwt_training.load_generators(run_dir, model, meta)},
+                             "without its generators", (mwt_training.GENERATORS_DIR,))),
 )}
 
 
@@ -110,4 +136,9 @@ def methods_for(model_kind: str) -> list[Method]:
 
 def trained_for(meta: dict) -> Method | None:
     """The method a base run (its ``model.json`` ``meta``) was trained for, None for a plain model."""
-    return next((m for m in METHODS.values() if m.trained_by and m.trained_by in meta), None)
+    return next((m for m in trainers() if m.training.key in meta), None)
+
+
+def trainers() -> list[Method]:
+    """The methods that train their own base model (``Method.training``)."""
+    return [m for m in METHODS.values() if m.training is not None]

@@ -2,6 +2,7 @@
 SGD / CosineAnnealingLR, resume, the generators on disk, the module masks against the
 frequency rule computed here from the recorded masks, and the sub-task module."""
 
+import json
 import shutil
 
 import jax
@@ -84,8 +85,8 @@ def test_mwt_fit_trains_generators_and_resumes_bit_identically(digits, tmp_path)
 def mwt_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mwt") / "run"
     cfg = TrainConfig(**{**RECIPES["mwt-quick"], "epochs": 3, "batch_size": 64, "seed": 0})
-    res = train_run(out, "simcnn", "digits", cfg, width=0.125, fc_hidden=32, recipe="mwt-quick",
-                    modular=MwTConfig(alpha=0.5, beta=1.5))
+    res = train_run(out, "simcnn", "digits", cfg, width=0.125, fc_hidden=32, recipe="mwt-quick", method="mwt",
+                    method_config=MwTConfig(alpha=0.5, beta=1.5))
     return out, res
 
 
@@ -94,7 +95,8 @@ def test_mwt_run_saves_its_generators_and_is_split_by_mwt_only(mwt_run, digits_r
     model, meta = ckpt.load_model(out)
     gens = load_generators(out, model, meta)
     assert meta["mwt"]["alpha"] == 0.5 and meta["mwt"]["layers"]["conv_1"] == [8, 8]
-    assert res["method"] == "mwt" and 0 <= res["test_accuracy_without_generators"] <= 1
+    assert res["method"] == "mwt" and 0 <= res["test_accuracy_model_alone"] <= 1
+    assert res["model_alone"] == "without its generators"
     from cnnsplit_jax.data import load_dataset
 
     ds = load_dataset("digits")
@@ -206,3 +208,25 @@ def test_rescnn_gets_a_generator_per_conv_and_a_tied_pair_keeps_the_union(digits
     flat = np.concatenate([per[n] for n in layers], axis=1)
     assert res.details["metrics"]["kernel_retention"] == pytest.approx(flat.mean())  # per layer, as the reference
     assert res.details["metrics"]["generated_layers"] == layers
+
+
+def test_cli_trains_and_splits_with_mwt_and_refuses_its_flags_elsewhere(mwt_run, tmp_path, capsys):
+    from cnnsplit_jax.cli import main
+
+    out, _ = mwt_run
+    assert main(["split", "--method", "mwt", "--model-dir", str(out), "--out", str(tmp_path / "m"),
+                 "--threshold", "0.8"]) == 0
+    res = json.loads((tmp_path / "m" / "split.json").read_text())
+    assert res["config"]["threshold"] == 0.8 and res["method"] == "mwt"
+    assert "MwT: kernel retention" in capsys.readouterr().out
+    # --alpha sets MwT's loss: refused without --method mwt, before any training
+    assert main(["train", "--model", "simcnn", "--dataset", "digits", "--alpha", "0.3", "--out",
+                 str(tmp_path / "t")]) == 2
+    assert "--alpha" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    assert main(["train", "--method", "mwt", "--model", "simcnn", "--width", "0.125", "--fc-hidden", "16",
+                 "--dataset", "digits", "--recipe", "mwt-quick", "--epochs", "1", "--train-images", "256",
+                 "--beta", "2.0", "--out", str(tmp_path / "t")]) == 0
+    t = json.loads((tmp_path / "t" / "train.json").read_text())
+    assert t["method"] == "mwt" and t["config"]["method_config"] == {"alpha": 0.5, "beta": 2.0}
+    assert t["config"]["lr_schedule"] == "cosine" and t["config"]["nesterov"] is True
+    assert json.loads((tmp_path / "t" / "model.json").read_text())["mwt"]["beta"] == 2.0
