@@ -6,7 +6,7 @@ training vs modular training, the modularization's metrics, and sub-task reuse.
 
 Per seed (every stage cached under ``--runs``; a killed run continues):
 
-* ``standard``: SimCNN (``--width``, FC ``--fc-hidden``) trained with cross-entropy;
+* ``standard``: SimCNN (``--width``, FC ``--fc-hidden``), or ResCNN, trained with cross-entropy;
 * ``mwt``: the same architecture and seed trained with MwT's generators and losses;
   both with the same optimiser and schedule (the ``mwt-quick`` recipe: SGD Nesterov 0.9,
   lr 0.05, cosine annealing over ``--epochs``, no weight decay, best validation epoch) on the
@@ -22,7 +22,9 @@ Per seed (every stage cached under ``--runs``; a killed run continues):
   cosine over 20, best validation epoch) against the standard model restricted to the pair's
   logits.
 
-Writes ``OUT/mwt.json`` (every record) and ``OUT/mwt.md`` (mean +- std over seeds, the paper's
+``--arch rescnn`` runs the same on ResCNN (a generator per conv, each tied residual pair's
+module keeping the union of its two layers' kernels). Writes ``OUT/mwt_<arch>.json`` (every
+record) and ``OUT/mwt_<arch>.md`` (mean +- std over seeds, the paper's
 figures beside). Deviations from the paper: Fashion-MNIST (not CIFAR-10 / SVHN), a narrow
 SimCNN, ``--train-images`` images, ``--epochs`` epochs (not 200), the best validation epoch
 (the reference keeps the last, and picks a sub-task module's epoch on the test set).
@@ -60,16 +62,16 @@ def _cached(path: Path, make):
 
 
 def run_seed(args, seed: int) -> dict:
-    runs = Path(args.runs) / f"seed{seed}"
+    runs = Path(args.runs) / (f"seed{seed}" if args.arch == "simcnn" else f"{args.arch}/seed{seed}")
     cfg = TrainConfig(**{**RECIPES["mwt-quick"], "epochs": args.epochs, "seed": seed,
                          "train_images": args.train_images})
-    common = dict(width=args.width, fc_hidden=args.fc_hidden, recipe="mwt-quick")
+    common = dict(width=args.width, fc_hidden=args.fc_hidden if args.arch == "simcnn" else None, recipe="mwt-quick")
 
     def train(kind):
         out = runs / kind
         if (out / "train.json").exists():
             return json.loads((out / "train.json").read_text())
-        return train_run(out, "simcnn", "fashion_mnist", cfg, overwrite=True,
+        return train_run(out, args.arch, "fashion_mnist", cfg, overwrite=True,
                          method="mwt" if kind == "mwt" else None, method_config=MwTConfig() if kind == "mwt" else None,
                          **common)
 
@@ -84,7 +86,7 @@ def run_seed(args, seed: int) -> dict:
                                                                     MwTSplitConfig(seed=seed)))
     sets = {"mwt": split}
     for name in args.methods:
-        cfg_m = method_record(name).make_config({"seed": seed}, PRESETS[name], arch="simcnn",
+        cfg_m = method_record(name).make_config({"seed": seed}, PRESETS[name], arch=args.arch,
                                                 dataset="fashion_mnist")[0]
         sets[name] = _cached(runs / f"split_{name}.json",
                              lambda name=name, cfg_m=cfg_m: timed_split("standard", f"{name}_modules", name, cfg_m))
@@ -108,7 +110,7 @@ def run_seed(args, seed: int) -> dict:
                          "kernel_retention_all_layers": rec["mean_kernel_retention"],
                          "coupling": module_coupling(flat), "split_seconds": rec["wall_seconds"], "subtasks": pairs}
     m = split["mwt"]
-    return {"seed": seed, "standard_test_accuracy": std["test_accuracy"], "standard_best_epoch": std["best_epoch"],
+    return {"seed": seed, "arch": args.arch, "standard_test_accuracy": std["test_accuracy"], "standard_best_epoch": std["best_epoch"],
             "standard_train_seconds": std["train_seconds"], "mwt_test_accuracy": mwt["test_accuracy"],
             "mwt_test_accuracy_without_generators": mwt["test_accuracy_model_alone"],
             "mwt_best_epoch": mwt["best_epoch"], "mwt_train_seconds": mwt["train_seconds"],
@@ -134,7 +136,7 @@ def table(records: list[dict]) -> str:
         ("standard training s", [r["standard_train_seconds"] for r in records], ""),
         ("MwT training + modularizing s", [r["mwt_train_seconds"] + r["modularize_seconds"] for r in records], ""),
     ]
-    out = [f"seeds: {[r['seed'] for r in records]}", "", "| | mean ± std | paper |", "|---|---|---|"]
+    out = [f"{records[0].get('arch', 'simcnn')}, seeds: {[r['seed'] for r in records]}", "", "| | mean ± std | paper |", "|---|---|---|"]
     out += [f"| {name} | {_ms(v)} | {paper} |" for name, v, paper in rows]
     names = list(records[0]["methods"])
     title = {"mwt": "MwT (modules without generators)", "grad": "GradSplitter (quick)", "ga": "CNNSplitter (narrow)"}
@@ -163,6 +165,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--runs", default="/tmp/mwt_runs")
     p.add_argument("--out", default="benchmarks/measured/mwt")
+    p.add_argument("--arch", default="simcnn", choices=["simcnn", "rescnn"])
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--fc-hidden", type=int, default=128)
     p.add_argument("--epochs", type=int, default=12)
@@ -174,8 +177,8 @@ def main():
     records = [run_seed(args, s) for s in args.seeds]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(out / "mwt.json", {"args": vars(args), "records": records, "paper": PAPER})
-    (out / "mwt.md").write_text(table(records))
+    ckpt.write_json(out / f"mwt_{args.arch}.json", {"args": vars(args), "records": records, "paper": PAPER})
+    (out / f"mwt_{args.arch}.md").write_text(table(records))
     print(table(records))
 
 

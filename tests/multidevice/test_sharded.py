@@ -14,6 +14,7 @@ from cnnsplit_jax import mesh as M
 from cnnsplit_jax.modules.forward import masked_logits
 from cnnsplit_jax.splitters import gradsplitter as gs
 from cnnsplit_jax.splitters.cnnsplitter import module_logits
+from cnnsplit_jax.train import RECIPES
 
 
 
@@ -208,6 +209,22 @@ def test_data_parallel_training_equals_one_device(digits):
     assert max(diffs) < 2e-3  # 3 SGD steps at lr 0.05 (BatchNorm, batch 64 = 8 x 8): the all-reduce sums in another order
     leaf = jax.tree.leaves(p8)[0]
     assert leaf.sharding.mesh.shape == {"data": 8} and leaf.sharding.spec == P()  # replicated parameters
+
+
+def test_mwt_training_on_a_data_mesh_equals_one_device(digits):
+    """MwT's pair losses span the whole batch: split over 8 devices, the step still sees every
+    same- and different-label pair (the partitioner gathers the masks), so the run equals one
+    device's."""
+    ds = digits
+    ds = cs.Dataset(ds.x_train[:240], ds.y_train[:240], ds.x_test[:64], ds.y_test[:64], ds.info)
+    cfg = cs.TrainConfig(**{**RECIPES["mwt-quick"], "epochs": 1, "batch_size": 64, "dropout": False})
+    r1 = cs.fit(_model(10), ds, cfg, mesh=one("data"), objective=cs.MwTObjective())
+    r8 = cs.fit(_model(10), ds, cfg, mesh="data=8", objective=cs.MwTObjective())
+    for k in ("train_loss", "train_cohesion", "train_coupling"):
+        assert r8.history[0][k] == pytest.approx(r1.history[0][k], abs=1e-4), k
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                         r1.extra, r8.extra))
+    assert max(diffs) < 2e-3
 
 
 def test_a_mesh_that_does_not_use_every_device_is_refused():
