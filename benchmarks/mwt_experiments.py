@@ -79,7 +79,9 @@ def run_seed(args, seed: int) -> dict:
 
     def timed_split(base, out, name, cfg):
         t0 = time.perf_counter()
-        rec = split_run(runs / base, runs / out, name, cfg, overwrite=True)
+        progress = method_record(name).progress  # a search killed half-way resumes
+        resume = progress is not None and ckpt.progress_exists(runs / out, progress)
+        rec = split_run(runs / base, runs / out, name, cfg, resume=resume, overwrite=not resume)
         return {**rec, "wall_seconds": time.perf_counter() - t0}
 
     split = _cached(runs / "split_record.json", lambda: timed_split("mwt", "mwt_modules", "mwt",
@@ -138,25 +140,28 @@ def table(records: list[dict]) -> str:
     ]
     out = [f"{records[0].get('arch', 'simcnn')}, seeds: {[r['seed'] for r in records]}", "", "| | mean ± std | paper |", "|---|---|---|"]
     out += [f"| {name} | {_ms(v)} | {paper} |" for name, v, paper in rows]
-    names = list(records[0]["methods"])
+    names = list(dict.fromkeys(n for r in records for n in r["methods"]))
     title = {"mwt": "MwT (modules without generators)", "grad": "GradSplitter (quick)", "ga": "CNNSplitter (narrow)"}
-    out += ["", "| method | kernel retention, all conv layers | composed accuracy | coupling (Jaccard) | "
-            "split s | sub-task module - standard restricted, pt |", "|---|---|---|---|---|---|"]
+    out += ["", "| method | seeds | kernel retention, all conv layers | composed accuracy | coupling (Jaccard) | "
+            "split s | sub-task module - standard restricted, pt |", "|---|---|---|---|---|---|---|"]
     for n in names:
-        ms_ = [r["methods"][n] for r in records]
+        has = [r for r in records if n in r["methods"]]
+        ms_ = [r["methods"][n] for r in has]
         d = [100 * (p["module_accuracy"] - p["standard_restricted_accuracy"]) for x in ms_ for p in x["subtasks"]]
-        out.append(f"| {title.get(n, n)} | {_ms([x['kernel_retention_all_layers'] for x in ms_])} | "
+        out.append(f"| {title.get(n, n)} | {[r['seed'] for r in has]} | "
+                   f"{_ms([x['kernel_retention_all_layers'] for x in ms_])} | "
                    f"{_ms([x['composed_accuracy'] for x in ms_])} | {_ms([x['coupling'] for x in ms_])} | "
                    f"{_ms([x['split_seconds'] for x in ms_])} | {_ms(d) if d else 'n/a'} ({sum(v >= 0 for v in d)}/"
                    f"{len(d)} as good or better) |")
     out += ["", "| seed | classes | standard restricted | " + " | ".join(title.get(n, n) for n in names) + " |",
             "|---|---|---|" + "---|" * len(names)]
     for r in records:
-        for i, p in enumerate(r["methods"][names[0]]["subtasks"]):
+        for i, p in enumerate(r["methods"]["mwt"]["subtasks"]):
+            cells = [(f"{r['methods'][n]['subtasks'][i]['module_accuracy']:.4f} "
+                      f"(ret {r['methods'][n]['subtasks'][i]['module_kernel_retention']:.2f})")
+                     if n in r["methods"] else "" for n in names]
             out.append(f"| {r['seed']} | {p['classes']} | {p['standard_restricted_accuracy']:.4f} | "
-                       + " | ".join(f"{r['methods'][n]['subtasks'][i]['module_accuracy']:.4f} "
-                                    f"(ret {r['methods'][n]['subtasks'][i]['module_kernel_retention']:.2f})"
-                                    for n in names) + " |")
+                       + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

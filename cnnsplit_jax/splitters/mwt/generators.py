@@ -55,7 +55,12 @@ def generator_layers(model) -> tuple[str, ...]:
     """The conv layers of a zoo model that get a generator: every layer that reads another
     conv's output (a layer reading the image has none, as the reference's first conv). Each
     layer of a tied pair (ResCNN's residual pairs) gets its own generator, as in the
-    reference's MwT ResCNN, where every conv is a ``MaskConvBN``."""
+    reference's MwT ResCNN, where every conv is a ``MaskConvBN``. Needs the model's declared
+    layer graph (which conv reads which): a zoo model."""
+    from ...models.protocol import DECLARED_GRAPH, require
+
+    require(model, DECLARED_GRAPH, "MwT's mask generators", "they read each conv's input; adapted models are not "
+            "supported yet")
     return tuple(s.name for s in model.topology if s.inputs)
 
 

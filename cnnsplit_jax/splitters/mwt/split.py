@@ -30,7 +30,7 @@ from ...data import map_batches, normalize
 from ...train import accuracy
 from ...validate import at_least, finite
 from ..base import SplitData, SplitResult, check_data
-from .generators import sample_gates
+from .generators import generator_layers, sample_gates
 from .modularize import class_frequencies, kernel_retention, module_cohesion, module_coupling, module_masks
 
 __all__ = ["MwTSplitConfig", "record_masks", "split", "report", "summary_line"]
@@ -79,13 +79,13 @@ def split(key: jax.Array, model, data: SplitData, cfg: MwTSplitConfig = MwTSplit
     and ``mesh`` are accepted for the common entry point and unused). ``details``: the
     generated layers, per-class thresholds [N, L] and the modularity metrics."""
     del key, ckpt_dir, resume, callbacks, mesh
-    from ...models.base import MaskedCNN
     from ...modules.module_set import ModuleSet
 
     check_data(data, model.num_classes)
-    if not isinstance(model, MaskedCNN):
-        raise ValueError(f"MwT's modularization runs the zoo's models with their generators; {model.arch} is not "
-                         "one (adapted models are not supported yet)")
+    expected = set(generator_layers(model))  # refuses a model without a declared layer graph
+    if set(generators) != expected:
+        raise ValueError(f"generators for the layers {sorted(generators)}; {model.arch} has generated layers "
+                         f"{sorted(expected)}")
     t0 = time.perf_counter()
     layers, binary, logits = record_masks(model, generators, data.x_train, data.normalization, cfg.batch_size)
     freqs = class_frequencies(binary, data.y_train, model.num_classes)
