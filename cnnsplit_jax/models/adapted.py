@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from .base import ConvSpec, MaskedCNN, MaskPoint
+from .base import ConvSpec, MaskedCNN, MaskPoint, SampleGates
 from .protocol import CAPABILITY_KINDS, USER_DEFINITION
 from .intercept import AdapterError, intercept_nnx, linen_interceptor
 from .resnet import DEFAULT_RESIDUAL, Node
@@ -143,6 +143,14 @@ class AdaptedCNN(nnx.Module):
         """Mask points in forward order of their first conv."""
         return self._points
 
+    def gate_layers(self) -> tuple[tuple[str, int, int], ...]:
+        """``(conv path, C_in, C_out)`` of every masked conv but the first conv called (taken
+        to read the image); C_in from the conv's kernel (times its groups)."""
+        first = next(c.path for c in self.calls if c.kind == "conv")
+        by_path = {c.path: c for c in self.calls}
+        return tuple((s.name, int(self.layer_arrays(s.name)["kernel"].shape[-2]) * by_path[s.name].groups,
+                      s.out_channels) for s in self.topology if s.name != first)
+
     def config(self) -> dict:
         """Structure description (two adapted models with equal configs stack in one vmap):
         the layers' paths and output shapes stand in for the user's class."""
@@ -188,11 +196,17 @@ class AdaptedCNN(nnx.Module):
     def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None, *, train: bool = False,
                  dropout_key=None, dropout: bool = True) -> jax.Array:
         """Logits [B, num_classes] of normalised images x [B, *input_shape] under ``masks``
-        ``{point: [C]}`` (missing points: all ones). Inference only: ``train=True`` is refused
-        (the user's training loop owns training)."""
-        if train:
-            raise ValueError(f"{self.arch} is an adapted model: train it with your own loop, then adapt it")
+        ``{point: [C]}`` (missing points: all ones), or under ``SampleGates`` (per-sample masks
+        of the gated convs, from each conv's input, at its mask's place: after its norm or at its
+        output). ``train=True`` runs the same forward, for a model without normalisation layers
+        only (one with them has batch statistics only the user's training loop knows; dropout,
+        if any, stays as ``apply_kwargs`` set it)."""
+        if train and any(c.kind == "norm" for c in self.calls):
+            raise ValueError(f"{self.arch} is an adapted model with normalisation layers, whose training forward "
+                             "(batch statistics) belongs to your own loop: train it there, then adapt it")
         self.check_input(x)
+        if isinstance(masks, SampleGates):
+            return self._gated(x, masks)
         self.check_named(masks, {p.name: (p.size,) for p in self._points}, "mask point", "mask")
         if not masks:
             return self._run(x, lambda path, kind, layer, xin, out: out)
@@ -203,6 +217,25 @@ class AdaptedCNN(nnx.Module):
             if name is None or name not in masks:
                 return out
             return out * masks[name].astype(out.dtype)
+
+        return self._run(x, fn)
+
+    def _gated(self, x, gates: SampleGates):
+        convs = {c for c, _ in self._at_items}
+        unknown = set(gates.layers) - convs
+        if unknown:
+            raise ValueError(f"unknown gated layer(s) {sorted(unknown)} for {self.arch}; expected convs of "
+                             f"{sorted(convs)}")
+        conv_at = {at: conv for conv, at in self._at_items if conv in gates.layers}
+        inputs = {}
+
+        def fn(path, kind, layer, xin, out):
+            if path in gates.layers:  # the conv's own call: keep its input for its gate
+                inputs[path] = xin
+            conv = conv_at.get(path)
+            if conv is not None:
+                out = out * gates(conv, inputs[conv])[:, None, None, :].astype(out.dtype)
+            return out
 
         return self._run(x, fn)
 

@@ -260,6 +260,12 @@ class MaskedCNN(nnx.Module):
     #: spatial positions flattened into the first FC layer's input (NHWC order: position-major)
     fc_positions: int = 1
 
+    def gate_layers(self) -> tuple[tuple[str, int, int], ...]:
+        """``(layer, C_in, C_out)`` of every conv that reads another conv's output (the layers
+        per-sample gates may read: MwT's generators; the conv reading the image has none)."""
+        return tuple((s.name, sum(self.spec(i).out_channels for i in s.inputs), s.out_channels)
+                     for s in self.topology if s.inputs)
+
     def mask_points(self) -> tuple[MaskPoint, ...]:
         """Mask points in topology order, with their sizes and the layers they gate."""
         order: dict[str, list[str]] = {}

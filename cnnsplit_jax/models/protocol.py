@@ -50,7 +50,8 @@ class SplittableModel(Protocol):
 
     arch: the zoo name or ``"adapted:<class>"``. mask_kind: ``"kernel"`` or ``"node"``.
     capabilities: the constants above. ``mask_points()``: the kernel masks' points (empty for
-    position-node models of the zoo). ``__call__(x, masks=None, *, train=False)``: the
+    position-node models of the zoo). ``gate_layers()``: ``(layer, C_in, C_out)`` of the convs
+    that read another conv's output, which per-sample gates (``SampleGates``) may gate. ``__call__(x, masks=None, *, train=False)``: the
     (masked) forward. ``kernel_maps(x, masks)``: post-ReLU outputs per conv. ``features``
     / ``fc_chain``: the FC input and the FC layers from it. ``config()``: what rebuilds it.
     ``definition_spec()``: the user's definition to store (None for zoo models, which
@@ -70,6 +71,8 @@ class SplittableModel(Protocol):
                  train: bool = False) -> jax.Array: ...
 
     def mask_points(self) -> tuple: ...
+
+    def gate_layers(self) -> tuple: ...
 
     def kernel_maps(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None) -> dict: ...
 

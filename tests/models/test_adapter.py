@@ -84,6 +84,57 @@ def test_adapted_linen_cnn_masks_equal_dropped_kernels(linen_mnist):
         model(jnp.zeros((2, 32, 32, 1)))
 
 
+def test_an_adapted_linen_cnn_trains_with_mwt_and_is_modularized(linen_mnist):
+    """MwT on a user's Linen CNN: the adapter gates its second conv (the first reads the image)
+    from that conv's input, at the conv's output before the user's ReLU, as the reference's
+    MaskConvBN; ``fit`` trains the user's variables and the generator together; ``split``
+    gives a module set that evaluates and extracts like any other."""
+    from cnnsplit_jax.splitters import mwt
+    from cnnsplit_jax.train import RECIPES
+
+    m, params, (xtr, ytr, xva, yva, xte, yte), _ = linen_mnist
+    model = cs.adapt(m, params, input_shape=(28, 28, 1))
+    assert model.gate_layers() == (("Conv_1", 8, 16),)
+    # the gated forward, by hand: Conv_1's output times the generator's mask of Conv_1's input
+    gens = mwt.init_generators(jax.random.key(3), model)
+    x = jnp.asarray((xte[:6] / 255.0 - 0.3) / 0.4, jnp.float32)
+    gates = mwt.sample_gates(gens)
+    got = model(x, gates)
+    p = params["params"]
+    h0 = nn.avg_pool(nn.relu(jax.lax.conv_general_dilated(x, p["Conv_0"]["kernel"], (1, 1), "SAME",
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                             + p["Conv_0"]["bias"]), (2, 2), (2, 2))
+    c1 = jax.lax.conv_general_dilated(h0, p["Conv_1"]["kernel"], (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["Conv_1"]["bias"]
+    mask = mwt.generator_mask(gens["Conv_1"], h0)
+    h1 = nn.avg_pool(nn.relu(c1 * mask[:, None, None, :]), (2, 2), (2, 2))
+    h = nn.relu(h1.reshape(6, -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    np.testing.assert_allclose(got, h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gates.masks["Conv_1"], mask, rtol=1e-6)
+    # modular training of the user's variables and the generator
+    info = cs.DatasetInfo("digits28", tuple(str(i) for i in range(10)), 1, (0.3,), (0.4,))
+    ds = cs.Dataset(xtr, ytr, xte, yte, info)
+    cfg = cs.TrainConfig(**{**RECIPES["mwt-quick"], "epochs": 2, "batch_size": 64, "lr": 0.02})
+    res = cs.fit(model, ds, cfg, objective=cs.MwTObjective())
+    assert set(res.extra) == {"Conv_1"} and np.isfinite(res.history[-1]["train_coupling"])
+    assert not np.allclose(res.model.layer_arrays("Conv_1")["kernel"], p["Conv_1"]["kernel"])  # the user's weights trained
+    data = cs.SplitData(xtr, ytr, xva, yva, (0.3,), (0.4,))
+    sp = mwt.split(jax.random.key(0), res.model, data, cs.MwTSplitConfig(), generators=res.extra)
+    ms = sp.module_set
+    np.testing.assert_array_equal(ms.masks["Conv_0"], 1.0)
+    _, (b,), _ = mwt.record_masks(res.model, res.extra, xtr, ((0.3,), (0.4,)))
+    for c in range(10):  # the frequency rule, written out (0.9, lowered in 0.05 steps)
+        f, t = b[ytr == c].mean(0), 0.9
+        while not (f >= t - 1e-6).any():
+            t -= 0.05
+        np.testing.assert_array_equal(ms.masks["Conv_1"][c] > 0, f >= t - 1e-6)
+    assert "module_flops" in ms.structure()  # the modules of a conv chain extract physically
+    chain = ChainBN(nnx.Rngs(0))
+    chain.eval()
+    with pytest.raises(ValueError, match="normalisation layers"):  # their batch statistics are the user's loop's
+        cs.adapt(chain, None, input_shape=(8, 8, 3), num_classes=4)(jnp.zeros((1, 8, 8, 3)), train=True)
+
+
 def test_gradsplitter_and_cnnsplitter_decompose_an_adapted_linen_cnn(linen_mnist):
     m, params, (xtr, ytr, xva, yva, xte, yte), acc = linen_mnist
     model = cs.adapt(m, params, input_shape=(28, 28, 1))

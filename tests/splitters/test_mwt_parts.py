@@ -249,24 +249,3 @@ def test_modular_loss_trains_generators_and_model_in_one_jitted_step():
     assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:]))
     assert couplings[-1] < couplings[0] - 0.005
 
-
-def test_generators_refuse_a_model_without_a_declared_layer_graph():
-    """An adapted model does not declare which conv reads which, so MwT cannot place its
-    generators: refused with the capability named, not trained with no generator at all."""
-    from flax import nnx
-
-    import cnnsplit_jax as cs
-
-    class Chain(nnx.Module):
-        def __init__(self, rngs):
-            self.c1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
-            self.c2 = nnx.Conv(4, 6, (3, 3), rngs=rngs)
-            self.fc = nnx.Linear(6, 3, rngs=rngs)
-
-        def __call__(self, x):
-            return self.fc(nnx.relu(self.c2(nnx.relu(self.c1(x)))).mean((1, 2)))
-
-    net = Chain(nnx.Rngs(0))
-    model = cs.adapt(net, None, input_shape=(8, 8, 3), num_classes=3)
-    with pytest.raises(cs.ModelCapabilityError, match="MwT's mask generators needs a model with a declared layer"):
-        mwt.init_generators(jax.random.key(0), model)

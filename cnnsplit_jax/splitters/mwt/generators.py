@@ -52,29 +52,24 @@ def generator_mask(params: dict, x: jax.Array) -> jax.Array:
 
 
 def generator_layers(model) -> tuple[str, ...]:
-    """The conv layers of a zoo model that get a generator: every layer that reads another
+    """The conv layers that get a generator: ``model.gate_layers()``, every conv reading another
     conv's output (a layer reading the image has none, as the reference's first conv). Each
     layer of a tied pair (ResCNN's residual pairs) gets its own generator, as in the
-    reference's MwT ResCNN, where every conv is a ``MaskConvBN``. Needs the model's declared
-    layer graph (which conv reads which): a zoo model."""
-    from ...models.protocol import DECLARED_GRAPH, require
-
-    require(model, DECLARED_GRAPH, "MwT's mask generators", "they read each conv's input; adapted models are not "
-            "supported yet")
-    return tuple(s.name for s in model.topology if s.inputs)
+    reference's MwT ResCNN, where every conv is a ``MaskConvBN``; for an adapted model, every
+    masked conv but the first."""
+    return tuple(name for name, _, _ in model.gate_layers())
 
 
 def layer_input_channels(model, layer: str) -> int:
-    """Channels of the input of conv ``layer`` (the concatenation of its inputs)."""
-    return sum(model.spec(i).out_channels for i in model.spec(layer).inputs)
+    """Channels of the input of conv ``layer``."""
+    return {name: c_in for name, c_in, _ in model.gate_layers()}[layer]
 
 
 def init_generators(key: jax.Array, model) -> dict:
     """``{layer: generator params}`` for ``generator_layers(model)``, each from its own key."""
-    layers = generator_layers(model)
+    layers = model.gate_layers()
     keys = jax.random.split(key, max(len(layers), 1))
-    return {n: init_generator(k, layer_input_channels(model, n), model.spec(n).out_channels)
-            for n, k in zip(layers, keys)}
+    return {n: init_generator(k, c_in, c_out) for (n, c_in, c_out), k in zip(layers, keys)}
 
 
 def sample_gates(params: dict):

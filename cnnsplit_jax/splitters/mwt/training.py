@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from ... import checkpoint as ckpt
 from ...validate import finite
-from .generators import generator_hidden, generator_layers, init_generators, layer_input_channels, sample_gates
+from .generators import generator_hidden, generator_layers, init_generators, sample_gates
 from .losses import mwt_loss
 
 __all__ = ["MwTConfig", "MwTObjective", "GENERATORS_DIR", "save_generators", "load_generators", "generator_logits"]
@@ -77,7 +77,8 @@ class MwTObjective:
 
 
 def _shapes(model, layers) -> dict:
-    return {n: [layer_input_channels(model, n), model.spec(n).out_channels] for n in layers}
+    shapes = {n: [c_in, c_out] for n, c_in, c_out in model.gate_layers()}
+    return {n: shapes[n] for n in layers}
 
 
 def save_generators(run_dir: str | Path, model, gen_params: dict, config: MwTConfig) -> dict:
