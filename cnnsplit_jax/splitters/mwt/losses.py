@@ -67,14 +67,15 @@ def mwt_loss(logits: jax.Array, labels: jax.Array, masks: Sequence[jax.Array], a
 
 
 def modular_loss(model, gen_params: dict, x: jax.Array, labels: jax.Array, *, alpha: float = 0.5,
-                 beta: float = 1.5, train: bool = False, dropout_key: jax.Array | None = None):
+                 beta: float = 1.5, train: bool = False, dropout_key: jax.Array | None = None,
+                 dropout: bool = True):
     """MwT's loss of a zoo model run with the generators ``gen_params`` ({layer: params},
-    ``generators.init_generators``) on normalised images x [B, 32, 32, C]: ``mwt_loss`` over the
+    ``generators.init_generators``) on normalised images x [B, H, W, C]: ``mwt_loss`` over the
     masks of every generated layer. Returns ``(loss, parts)``; jit- and grad-safe (BatchNorm in
     ``train`` mode updates the model's running statistics, as any training forward)."""
     from .generators import sample_gates
 
     gates = sample_gates(gen_params)
-    logits = model(x, gates, train=train, dropout_key=dropout_key)
+    logits = model(x, gates, train=train, dropout_key=dropout_key, dropout=dropout)
     loss, parts = mwt_loss(logits, labels, [gates.masks[p] for p in gen_params], alpha, beta)
     return loss, {**parts, "accuracy": jnp.mean(logits.argmax(-1) == labels)}

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from ... import checkpoint as ckpt
 from ...validate import finite
 from .generators import generator_hidden, generator_layers, init_generators, sample_gates
-from .losses import mwt_loss
+from .losses import modular_loss
 
 __all__ = ["MwTConfig", "MwTObjective", "GENERATORS_DIR", "save_generators", "load_generators", "generator_logits"]
 
@@ -67,10 +67,8 @@ class MwTObjective:
         return init_generators(key, model)
 
     def loss(self, model, extra, x, y, *, dropout_key, dropout: bool):
-        gates = sample_gates(extra)
-        logits = model(x, gates, train=True, dropout_key=dropout_key, dropout=dropout)
-        loss, parts = mwt_loss(logits, y, [gates.masks[p] for p in extra], self.config.alpha, self.config.beta)
-        return loss, {**parts, "accuracy": jnp.mean(logits.argmax(-1) == y)}
+        return modular_loss(model, extra, x, y, alpha=self.config.alpha, beta=self.config.beta, train=True,
+                            dropout_key=dropout_key, dropout=dropout)
 
     def logits(self, model, extra, x):
         return generator_logits(model, extra, x)
