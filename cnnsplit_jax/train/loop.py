@@ -106,7 +106,8 @@ class Objective(Protocol):
     """A training objective with trainable parameters of its own next to the model's (MwT's mask
     generators), for ``fit(..., objective=)``; without one, ``fit`` minimises cross-entropy.
 
-    name: recorded in the checkpoint's identity. num_classes: the classes of its logits (None:
+    name: recorded in the checkpoint's identity, with its settings (a resume under other
+    settings is refused). num_classes: the classes of its logits (None:
     the model's; a new head may have fewer). ``init(key, model)`` -> the extra parameters
     (a pytree of arrays). ``loss(model, extra, x, y, *, dropout_key, dropout)`` -> ``(loss,
     metrics)`` on normalised images x [B, H, W, C] and labels y [B] in training mode; metrics

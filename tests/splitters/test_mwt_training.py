@@ -79,6 +79,8 @@ def test_mwt_fit_trains_generators_and_resumes_bit_identically(digits, tmp_path)
     assert resumed.history == [{**r, "seconds": resumed.history[i]["seconds"]} for i, r in enumerate(full.history)]
     with pytest.raises(ckpt.CheckpointError, match="cannot resume"):  # a plain run cannot continue it
         fit(_tiny(), ds, cfg, run_dir=tmp_path, resume=True)
+    with pytest.raises(ckpt.CheckpointError, match="beta=2"):  # nor one with other loss weights
+        fit(_tiny(), ds, cfg, run_dir=tmp_path, resume=True, objective=MwTObjective(MwTConfig(beta=2.0)))
 
 
 @pytest.fixture(scope="module")

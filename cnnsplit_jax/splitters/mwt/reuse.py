@@ -40,7 +40,10 @@ class SubtaskHead:
     ``w`` [N, |T|] and ``b`` start as PyTorch's ``nn.Linear`` default (U(+-1/sqrt(N)))."""
 
     num_classes: int
-    name: str = "subtask_head"
+
+    @property
+    def name(self) -> str:
+        return f"subtask head of {self.num_classes} classes"
 
     def init(self, key, model):
         kw, kb = jax.random.split(key)

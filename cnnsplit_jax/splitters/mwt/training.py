@@ -60,8 +60,12 @@ class MwTObjective:
     static argument of the jitted validation."""
 
     config: MwTConfig = MwTConfig()
-    name: str = "mwt"
     num_classes: None = None  # the model's own head
+
+    @property
+    def name(self) -> str:
+        """The objective and its weights, as a resumed run must find them."""
+        return f"mwt alpha={self.config.alpha:g} beta={self.config.beta:g}"
 
     def init(self, key: jax.Array, model) -> dict:
         return init_generators(key, model)
