@@ -307,17 +307,25 @@ def test_the_method_registry_is_what_the_cli_and_pipeline_read():
 
     parser = build_parser()
     split = next(a for a in parser._subparsers._group_actions[0].choices["split"]._actions if a.dest == "method")
-    assert sorted(split.choices) == sorted(METHODS) == ["concern", "ga", "grad"]
+    assert sorted(split.choices) == sorted(METHODS) == ["concern", "ga", "grad", "mwt"]
     for m in METHODS.values():  # every flag the record names exists and sets a field of its config
         assert set(m.cli_fields) <= {f.name for f in __import__("dataclasses").fields(m.config)}, m.name
         args = parser.parse_args(["split", "--method", m.name, "--model-dir", "m", "--out", "o"])
         assert all(hasattr(args, f) for f in m.cli_fields)
         assert callable(m.package.split) and callable(m.package.report) and callable(m.package.summary_line)
     assert [x.name for x in methods_for("node")] == ["concern"]
-    assert [x.name for x in methods_for("kernel")] == ["grad", "ga"]
-    assert (METHODS["grad"].progress, METHODS["ga"].progress, METHODS["concern"].progress) == ("search", "ga", None)
-    with pytest.raises(ValueError, match="unknown method 'mwt'; expected one of"):
-        method("mwt")
+    assert [x.name for x in methods_for("kernel")] == ["grad", "ga", "mwt"]
+    assert (METHODS["grad"].progress, METHODS["ga"].progress, METHODS["concern"].progress,
+            METHODS["mwt"].progress) == ("search", "ga", None, None)
+    # the methods that train their own model: the train command's --method choices
+    from cnnsplit_jax.splitters.registry import trainers
+
+    assert [m.name for m in trainers()] == ["mwt"] and METHODS["grad"].training is None
+    train = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions if a.dest == "method")
+    assert train.choices == ["standard", "mwt"] and train.default == "standard"
+    assert {m.training.key for m in trainers()} == {"mwt"} and METHODS["mwt"].training.recipe == "mwt"
+    with pytest.raises(ValueError, match="unknown method 'nonesuch'; expected one of"):
+        method("nonesuch")
     with pytest.raises(ValueError, match="--recipe applies to --method grad and ga"):
         METHODS["concern"].make_config({}, "quick")
     cfg, warns, notes = METHODS["ga"].make_config({"population": 8}, "narrow")
