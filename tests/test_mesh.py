@@ -69,4 +69,4 @@ def test_eight_simulated_devices_give_the_one_device_results():
     assert out.returncode == 0, tail
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], tail
     passed = int(out.stdout.splitlines()[-1].split(" passed")[0].split()[-1])
-    assert passed == 13, tail
+    assert passed == 14, tail
