@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...data import map_batches, normalize
-from ...train import accuracy
+from ...train import accuracy, objective_accuracy
 from ...validate import at_least, finite
 from ..base import SplitData, SplitResult, check_data
 from .generators import generator_layers, sample_gates
+from .training import MwTObjective
 from .modularize import class_frequencies, kernel_retention, module_cohesion, module_coupling, module_masks
 
 __all__ = ["MwTSplitConfig", "record_masks", "split", "report", "summary_line"]
@@ -105,12 +106,12 @@ def split(key: jax.Array, model, data: SplitData, cfg: MwTSplitConfig = MwTSplit
             full[p.name] = np.logical_or.reduce([per_layer[name] for name in p.layers]).astype(np.float32)
         else:
             full[p.name] = np.ones((n, p.size), np.float32)
-    val_logits = record_masks(model, generators, data.x_val, data.normalization, cfg.batch_size)[2]
     metrics = {
         "kernel_retention": retention, "module_kernel_retention": per_module, "cohesion": cohesion,
         "class_cohesion": per_class, "coupling": coupling, "thresholds": thresholds.tolist(),
         "generated_layers": layers, "train_accuracy_with_generators": float((logits.argmax(-1) == data.y_train).mean()),
-        "val_accuracy_with_generators": float((val_logits.argmax(-1) == data.y_val).mean()),
+        "val_accuracy_with_generators": objective_accuracy(MwTObjective(), model, generators, data.x_val, data.y_val,
+                                                           data.normalization, cfg.batch_size),
         "val_accuracy_without_generators": accuracy(model, data.x_val, data.y_val, data.normalization),
         "modularize_seconds": seconds}
     ms = ModuleSet(model, full, None, {"method": "mwt", "heads": False, "normalization": data.normalization.to_json(),
