@@ -89,6 +89,8 @@ def load_model(run_dir: str | os.PathLike, *, trust_definition: bool | str = Fal
         kwargs = {k: meta[k] for k in ("num_classes", "in_channels", "width")}
         if meta.get("fc_hidden"):  # SimCNN's FC width
             kwargs["fc_hidden"] = meta["fc_hidden"]
+        if meta.get("channels") is not None:  # an extracted (pruned) model
+            kwargs["channels"] = _channels(meta["channels"])
         # abstract model (no random init): every variable is then restored from disk
         model = nnx.eval_shape(lambda: build_model(meta["arch"], **kwargs))
     except (KeyError, ValueError, TypeError) as e:
@@ -96,6 +98,14 @@ def load_model(run_dir: str | os.PathLike, *, trust_definition: bool | str = Fal
     state = load_tree(run_dir / MODEL_DIR, nnx.state(model))
     nnx.update(model, state)
     return model, meta
+
+
+def _channels(spec) -> dict[str, int]:
+    """``model.json``'s ``channels`` (``{layer: C_out}``, positive ints), else ValueError."""
+    if not isinstance(spec, dict) or not all(isinstance(k, str) and type(v) is int and v >= 1
+                                             for k, v in spec.items()):
+        raise ValueError(f"'channels' must map layer names to positive channel counts, got {spec!r}")
+    return spec
 
 
 def _definition(run_dir: Path, spec: dict, trust: bool | str) -> str:

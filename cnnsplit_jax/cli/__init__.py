@@ -1,4 +1,4 @@
-"""The ``cnnsplit`` command: ``train | adapt | info | split | evaluate | compose | patch | replace | demo``.
+"""The ``cnnsplit`` command: ``train | adapt | info | split | evaluate | compose | patch | replace | subtask | demo``.
 
 Argument parsing (``parser``), printing, progress bars (``report``) and plots (``plots``)
 only: every command calls one ``cnnsplit_jax.pipeline`` function. Errors print one or two

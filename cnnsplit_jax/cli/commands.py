@@ -11,6 +11,7 @@ from .. import pipeline
 from ..models import ARCHITECTURES, mask_points
 from ..pipeline import DemoConfig, RunWarning
 from ..splitters import METHODS, methods_for
+from ..splitters.mwt import SUBTASK_RECIPE
 from ..splitters.registry import trainers
 from ..train import RECIPES, TrainConfig, summary
 from . import plots
@@ -241,6 +242,27 @@ def cmd_replace(args) -> int:
     return 0
 
 
+SUBTASK_FIELDS = ("epochs", "batch_size", "lr", "train_images", "seed")
+
+
+def cmd_subtask(args) -> int:
+    cfg = config_from(TrainConfig, args, SUBTASK_FIELDS, SUBTASK_RECIPE)
+    log(f"fine-tuning the module of classes {args.classes} of {args.modules} for {cfg.epochs} epochs")
+    res = pipeline.subtask_run(args.modules, args.classes, args.out, cfg, compare=args.compare, data_dir=args.data_dir,
+                               resume=args.resume, overwrite=args.overwrite, trust_definition=args.trust_definition,
+                               callbacks=ProgressPrinter(line=_train_line))
+    names = ", ".join(str(c) if n == str(c) else f"{c} ({n})" for c, n in zip(res["classes"], res["class_names"]))
+    print(f"sub-task {names} ({res['test_images']} test images of {res['dataset']})")
+    print(f"{'module + new head':>34}: {res['test_accuracy']:.4f} (kernel retention {res['kernel_retention']:.3f}, "
+          f"best epoch {res['best_epoch'] + 1})")
+    if res["base_restricted_accuracy"] is not None:
+        print(f"{'base model, logits restricted':>34}: {res['base_restricted_accuracy']:.4f}")
+    for path, acc in res["compare_restricted_accuracy"].items():
+        print(f"{path + ', logits restricted':>34}: {acc:.4f}")
+    log(f"wrote {Path(args.out) / 'subtask.json'}; the module and its head: splitters.mwt.load_subtask({args.out!r})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Train a narrow SimCNN on digits, split it with GradSplitter, evaluate, compose the
     extracted modules, and patch a deliberately weak model with one module."""
@@ -268,4 +290,5 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "adapt": cmd_adapt, "info": cmd_info, "split": cmd_split, "evaluate": cmd_evaluate,
-            "compose": cmd_compose, "patch": cmd_patch, "replace": cmd_replace, "demo": cmd_demo}
+            "compose": cmd_compose, "patch": cmd_patch, "replace": cmd_replace, "subtask": cmd_subtask,
+            "reuse": cmd_subtask, "demo": cmd_demo}

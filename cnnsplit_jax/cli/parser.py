@@ -18,7 +18,7 @@ from ..pipeline import DemoConfig
 from ..splitters import METHODS, CNNSplitterConfig, ConcernConfig, GradSplitterConfig
 from ..splitters.cnnsplitter import PRESETS as GA_PRESETS
 from ..splitters.gradsplitter import PRESETS
-from ..splitters.mwt import MwTConfig, MwTSplitConfig
+from ..splitters.mwt import SUBTASK_RECIPE, MwTConfig, MwTSplitConfig
 from ..splitters.registry import trainers
 from ..train import RECIPES, TrainConfig
 
@@ -346,6 +346,29 @@ def _reuse_parsers(sub, common) -> None:
     r.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
 
+def _subtask_parser(sub, common) -> None:
+    st = sub.add_parser("subtask", aliases=["reuse"], parents=[common],
+                        help="MwT's sub-task reuse: the module of a few classes (union of their masks, extracted), "
+                             "a new head, fine-tuned on those classes")
+    st.add_argument("--modules", required=True, help="module-set directory (any method's)")
+    st.add_argument("--classes", required=True, help="the sub-task's classes, at least 2: e.g. 0,3 or 2-4")
+    st.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
+                    help="also classify the sub-task's test images with this trained model, its logits restricted "
+                         "to --classes (e.g. the standard model of the same architecture; repeat the flag)")
+    st.add_argument("--data-dir", default=None)
+    g = st.add_argument_group("fine-tuning (TrainConfig; not given: the sub-task recipe's value, SGD Nesterov "
+                              "0.05, cosine over 2 x epochs, best validation epoch)")
+    for field, kind, help_ in (("epochs", int, "epochs"), ("batch_size", int, "images per step"),
+                               ("lr", float, "learning rate")):
+        config_flag(g, TrainConfig, field, help_, presets={"sub-task": SUBTASK_RECIPE}, type=kind)
+    config_flag(g, TrainConfig, "train_images", "fine-tune on at most this many of the classes' training images",
+                type=int)
+    config_flag(g, TrainConfig, "seed", "seed of the head's init, split and shuffles", type=int)
+    st.add_argument("--out", required=True, help="directory of the fine-tuned module, its head and subtask.json")
+    st.add_argument("--resume", action="store_true", help="continue the fine-tuning in --out")
+    st.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cnnsplit`` parser (each subcommand's handler is set by ``cli.commands``)."""
     CONFIG_FLAGS.clear()
@@ -381,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default=None)
     _mesh_flag(ev, "data", "each batch of images the modules run on split over the devices")
     _reuse_parsers(sub, common)
+    _subtask_parser(sub, common)
     d = sub.add_parser("demo", parents=[common], help="offline end-to-end demo on digits "
                        "(train, split, evaluate, compose, patch)")
     d.add_argument("--out", default="runs/demo", help="(default runs/demo)")

@@ -287,9 +287,14 @@ class MaskedCNN(nnx.Module):
         return None
 
     def config(self) -> dict:
-        """Constructor arguments that rebuild this model's structure (``build_model``)."""
-        return {"arch": self.arch, "num_classes": self.num_classes,
-                "in_channels": self.in_channels, "width": self.width}
+        """Constructor arguments that rebuild this model's structure (``build_model``); an
+        extracted (pruned) model adds ``channels``, ``{layer: C_out}`` of the layers whose
+        output channels differ from the width's."""
+        cfg = {"arch": self.arch, "num_classes": self.num_classes, "in_channels": self.in_channels,
+               "width": self.width}
+        pruned = {s.name: s.out_channels for s, d in zip(self.topology, self._base_topology())
+                  if s.out_channels != scaled(d.out_channels, self.width)}
+        return {**cfg, "channels": pruned} if pruned else cfg
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

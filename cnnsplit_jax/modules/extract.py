@@ -106,6 +106,7 @@ def extract_module(
     # filled from the base model's sliced weights
     cfg = model.config()
     arch = cfg.pop("arch")
+    cfg.pop("channels", None)  # extracting from an extracted model: ``channels`` replaces its own
     small = nnx.eval_shape(lambda: build_model(arch, channels=channels, **cfg))
     for s in model.topology:
         src, dst = getattr(model, s.name), getattr(small, s.name)

@@ -1,10 +1,11 @@
 """Reuse runs on disk: compose module sets into a classifier for a task, patch a weak model,
-replace one class's module. Each writes its JSON report into an output directory and returns
-it."""
+replace one class's module, fine-tune a sub-task module. Each writes its JSON report into an
+output directory and returns it."""
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -13,16 +14,22 @@ import jax
 from .. import checkpoint as ckpt
 from .. import mesh as meshlib
 from ..compose import Pick
-from ..data import DatasetInfo, is_task_spec, load_task, parse_classes
+from ..data import DatasetInfo, Normalization, is_task_spec, load_task, parse_classes
 from ..modules.module_set import load_module_set
 from ..reuse import Source, compose_task, continuous_learning, evaluate_picks, patch, replace, select_picks, \
     train_from_scratch
+from ..splitters import METHODS
+from ..splitters.mwt.reuse import SUBTASK_RECIPE, fine_tune_subtask, restricted_accuracy, save_subtask, subtask_masks
 from ..train import RECIPES, TrainConfig
 from ..validate import at_least
 from ..data import fit_images
 from .runs import exclusive, fit_dataset, prepare_out, run_data
 
-__all__ = ["parse_modules", "load_sources", "task_for", "compose_run", "patch_run", "replace_run"]
+__all__ = ["parse_modules", "load_sources", "task_for", "compose_run", "patch_run", "replace_run", "subtask_run",
+           "FINE_TUNE_DIR"]
+
+#: where ``subtask_run`` checkpoints its fine-tuning (resumable)
+FINE_TUNE_DIR = "fine_tune"
 
 
 def parse_modules(spec: str) -> tuple[str, list[int] | None]:
@@ -161,4 +168,52 @@ def replace_run(modules: Sequence[str], with_: str, class_: int, out: str | Path
     res = {"task": spec, **replace(picks, cols[0], Pick(new.module_set, k, new.label), task, form=form,
                                    execution=execution, mesh=mesh)}
     ckpt.write_json(out / "replace.json", res)
+    return res
+
+
+@exclusive("out")
+def subtask_run(modules: str | Path, classes: Sequence[int] | str, out: str | Path, cfg: TrainConfig | None = None,
+                *, compare: Sequence[str | Path] = (), data_dir=None, resume: bool = False, overwrite: bool = False,
+                trust_definition: bool | str = False, callbacks=None) -> dict:
+    """MwT's sub-task reuse for any module set: the module of ``classes`` (``"0,3"`` or a
+    list; the union of their masks, physically extracted) with a new head, fine-tuned on the
+    training images of those classes of the modules' dataset (``cfg``: default
+    ``SUBTASK_RECIPE``; the best validation epoch), measured on their test images.
+
+    Beside it, the same images classified by trained models with their logits restricted to
+    ``classes``: the modules' own base model (not for a method that trains with its own
+    parameters, e.g. MwT, whose base model alone is not the model it trained) and every run
+    in ``compare`` (e.g. the standard model of the same architecture). The fine-tuning
+    checkpoints every epoch in ``out/fine_tune`` (``resume`` continues it); the module and head
+    are saved in ``out`` (``splitters.mwt.load_subtask``; ``cnnsplit info`` reads it). Writes
+    and returns ``subtask.json``."""
+    cfg = cfg or TrainConfig(**SUBTASK_RECIPE)
+    ms = load_module_set(modules, trust_definition=trust_definition)
+    classes = parse_classes(classes) if isinstance(classes, str) else [int(c) for c in classes]
+    subtask_masks(ms, classes)  # bad classes fail before any work
+    others = [(str(c), *ckpt.load_model(c, trust_definition=trust_definition)) for c in compare]
+    for path, model, meta in others:
+        if meta.get("dataset") != ms.meta.get("dataset") or model.num_classes != ms.num_modules:
+            raise ValueError(f"--compare {path}: a model of {meta.get('dataset')!r} with {model.num_classes} classes, "
+                             f"the modules are of {ms.meta.get('dataset')!r} with {ms.num_modules}")
+    out = Path(out)
+    prepare_out(out, "subtask", resume=resume, overwrite=overwrite,
+                in_progress=ckpt.progress_exists(out / FINE_TUNE_DIR, "train_state"))
+    rd = run_data(ms.meta, data_dir)
+    t0 = time.perf_counter()
+    r = fine_tune_subtask(ms, rd.ds, classes, cfg, run_dir=out / FINE_TUNE_DIR, resume=resume, callbacks=callbacks)
+    method = METHODS.get(ms.meta.get("method"))
+    restricted = {path: restricted_accuracy(model, rd.ds, classes, Normalization.of(meta.get("normalization") or rd.ds.info))
+                  for path, model, meta in others}
+    res = {"modules": str(modules), "method": ms.meta.get("method"), "dataset": rd.ds.info.name, "classes": classes,
+           "class_names": [rd.ds.info.class_names[c] for c in classes], "test_accuracy": r.test_accuracy,
+           "test_images": int(sum((rd.ds.y_test == c).sum() for c in classes)),
+           "kernel_retention": r.kernel_retention, "best_epoch": r.fit.best_epoch,
+           "fine_tune_seconds": time.perf_counter() - t0, "config": ckpt.config_json(cfg),
+           "base_restricted_accuracy": (restricted_accuracy(ms.base, rd.ds, classes, ms.normalization)
+                                        if method is not None and method.training is None else None),
+           "compare_restricted_accuracy": restricted, "history": r.fit.history}
+    save_subtask(out, r, {"dataset": ms.meta.get("dataset"), "normalization": rd.ds.info.normalization.to_json(),
+                          "class_names": res["class_names"], "modules": str(modules), "test_accuracy": r.test_accuracy})
+    ckpt.write_json(out / "subtask.json", res)
     return res

@@ -43,6 +43,7 @@ _SEARCH_ENTRIES = tuple(e for m in METHODS.values() if m.resumable for e in (f"{
 #: replaces the other without ``overwrite``.
 ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "adapted_model": (("adapt.json",), ("model.json", "model", "adapt.json")),
+    "subtask": (("subtask.json", "fine_tune"), ("subtask.json", "fine_tune", "model.json", "model", "head")),
     "model": (("model.json", "train_state.json"),
               ("model.json", "model", "train.json", "train_state.json", "train_state", "adapt.json",
                *(e for m in trainers() for e in m.training.entries))),

@@ -119,11 +119,11 @@ def test_every_config_flag_has_its_default_once_and_help_shows_it():
 
     parser = build_parser()
     assert CONFIG_FLAGS  # flags declared from the config dataclasses
-    for sub in ("train", "split", "demo"):
+    for sub in ("train", "split", "demo", "subtask"):
         sp = parser._subparsers._group_actions[0].choices[sub]
         help_text = " ".join(sp.format_help().split())
         declared = [a for a in sp._actions if hasattr(a, "config_field")]
-        assert len(declared) == {"train": 19, "split": 33, "demo": 2}[sub]
+        assert len(declared) == {"train": 19, "split": 33, "demo": 2, "subtask": 5}[sub]
         for action in declared:
             assert action.default is None, action.dest  # "not given": the config's default applies
             cls, field = action.config_field

@@ -1,3 +1,4 @@
+import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +74,31 @@ def test_incecnn_extraction_offsets():
     # block-2 convs take channels [0..a) of branch a, a+5 of branch b, then all of branch c
     np.testing.assert_array_equal(m.model.conv_6.kernel[...][:, :, a], model.conv_6.kernel[...][:, :, a + 5])
     assert m.model.conv_6.kernel.shape[2] == a + 1 + model.topology[5].out_channels
+
+
+def test_an_extracted_model_saves_its_channels_and_loads_back_equal(tmp_path):
+    arch = "rescnn"  # tied residual layers: one mask, several layers
+    from cnnsplit_jax import checkpoint as ckpt
+
+    model = build_model(arch, num_classes=4, in_channels=3, width=0.125, key=1)
+    _random_bn(model, jax.random.key(5))
+    rs = np.random.RandomState(3)
+    masks = {k: (rs.rand(*v.shape[1:]) > 0.4).astype(np.float32) for k, v in ones_masks(model, (1,)).items()}
+    small = extract_module(model, masks, None, -1).model
+    assert "channels" not in model.config()  # the full model's structure is its width
+    want = {s.name: max(1, int(masks[s.mask].sum())) for s in model.topology}
+    assert small.config()["channels"] == {k: v for k, v in want.items()
+                                          if v != model.spec(k).out_channels}
+    ckpt.save_model(tmp_path / "m", small, {"dataset": "x"})
+    back, meta = ckpt.load_model(tmp_path / "m")
+    assert {s.name: s.out_channels for s in back.topology} == want
+    x = jax.random.normal(jax.random.key(2), (3, 32, 32, 3))
+    np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(small(x)))
+    # extracting again from the extracted model replaces its channels
+    sizes = {p.name: p.size for p in small.mask_points()}
+    again = extract_module(small, {k: np.ones(n, np.float32) for k, n in sizes.items()}, None, -1).model
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(small(x)), atol=1e-6)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    (tmp_path / "m" / "model.json").write_text(json.dumps({**meta, "channels": {"conv_0": -1}}))
+    with pytest.raises(ckpt.CheckpointError, match="positive channel counts"):
+        ckpt.load_model(tmp_path / "m")

@@ -232,3 +232,50 @@ def test_cli_trains_and_splits_with_mwt_and_refuses_its_flags_elsewhere(mwt_run,
     assert t["method"] == "mwt" and t["config"]["method_config"] == {"alpha": 0.5, "beta": 2.0}
     assert t["config"]["lr_schedule"] == "cosine" and t["config"]["nesterov"] is True
     assert json.loads((tmp_path / "t" / "model.json").read_text())["mwt"]["beta"] == 2.0
+
+
+def test_cli_subtask_fine_tunes_any_method_s_module_saves_it_and_compares(digits_modules, digits_run, digits,
+                                                                          tmp_path, capsys):
+    from cnnsplit_jax.cli import main
+    from cnnsplit_jax.splitters.mwt import load_subtask, subtask_logits
+
+    out = tmp_path / "st"
+    args = ["subtask", "--modules", str(digits_modules), "--classes", "8,3", "--epochs", "2", "--batch-size", "32",
+            "--compare", str(digits_run), "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "subtask.json").read_text())
+    assert res["classes"] == [8, 3] and res["method"] == "grad" and res["config"]["epochs"] == 2
+    assert res["config"]["nesterov"] is True and res["config"]["lr_schedule"] == "cosine"  # the sub-task recipe
+    # the GradSplitter modules' base model is digits_run's model: both restricted accuracies are
+    # the same model's, and equal the one computed here
+    ms = load_module_set(digits_modules)
+    want = restricted_accuracy(ms.base, digits, [8, 3])
+    assert res["base_restricted_accuracy"] == pytest.approx(want)
+    assert res["compare_restricted_accuracy"] == {str(digits_run): pytest.approx(want)}
+    assert res["test_images"] == int(np.isin(digits.y_test, [8, 3]).sum())
+    printed = capsys.readouterr().out
+    assert "module + new head" in printed and "logits restricted" in printed
+    # the saved module and head reproduce the reported accuracy; the module is the union's
+    module, head, meta = load_subtask(out)
+    union = subtask_masks(ms, [8, 3])
+    assert {s.name: s.out_channels for s in module.topology} == {
+        s.name: max(1, int(union[s.mask].sum())) for s in ms.base.topology}
+    sel = np.isin(digits.y_test, [8, 3])
+    y = (digits.y_test[sel] == 3).astype(int)  # labels follow the order given: 8 -> 0, 3 -> 1
+    logits = subtask_logits(module, head, digits.x_test[sel], digits.info)
+    assert res["test_accuracy"] == pytest.approx(float((logits.argmax(-1) == y).mean()))
+    assert meta["subtask"] == {"classes": [8, 3]}
+    # the directory is not overwritten by accident; the alias runs the same command
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(["reuse", *args[1:], "--overwrite", "--epochs", "1"]) == 0
+    assert json.loads((out / "subtask.json").read_text())["config"]["epochs"] == 1
+    # a damaged head is refused by name, bad classes before any work
+    for victim in (p for p in (out / "head").rglob("*") if p.is_file() and p.parent.name == "d"):  # the arrays' data
+        b = bytearray(victim.read_bytes())
+        for i in range(16):
+            b[len(b) // 2 + i] ^= 0xFF
+        victim.write_bytes(bytes(b))
+    with pytest.raises(ckpt.CheckpointError):
+        load_subtask(out)
+    assert main(["subtask", "--modules", str(digits_modules), "--classes", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "at least 2 distinct" in capsys.readouterr().err and not (tmp_path / "x").exists()

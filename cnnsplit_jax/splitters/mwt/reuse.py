@@ -15,19 +15,24 @@ head and fine-tuning put every method's modules on one footing.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ... import checkpoint as ckpt
 from ...data import Dataset, select_classes
 from ...models.base import torch_uniform
 from ...modules.extract import extract_module
 from ...train import FitResult, TrainConfig, fit, objective_accuracy, predict
 
 __all__ = ["SUBTASK_RECIPE", "SubtaskHead", "subtask_masks", "subtask_module", "fine_tune_subtask",
-           "restricted_accuracy", "SubtaskResult"]
+           "restricted_accuracy", "SubtaskResult", "save_subtask", "load_subtask", "subtask_logits", "HEAD_DIR"]
+
+#: where a saved sub-task module keeps its head (beside ``model.json`` / ``model/``)
+HEAD_DIR = "head"
 
 #: the reference's fine-tuning of a sub-task module, as ``TrainConfig`` overrides
 SUBTASK_RECIPE = {"epochs": 10, "lr": 0.05, "nesterov": True, "weight_decay": 0.0, "lr_milestones": (),
@@ -106,6 +111,34 @@ def fine_tune_subtask(module_set, ds: Dataset, classes: Sequence[int], cfg: Trai
               identity={"classes": classes})
     acc = objective_accuracy(head, res.model, res.extra, task.x_test, task.y_test, task.info)
     return SubtaskResult(res, head, classes, acc, retention)
+
+
+def subtask_logits(model, head_params: dict, x, norm) -> np.ndarray:
+    """Logits [B, |T|] of a sub-task module (``model``, the extracted module) with its head
+    ``{"w": [N, |T|], "b": [|T|]}`` on raw images ``x`` normalised by ``norm``."""
+    return np.maximum(np.asarray(predict(model, x, norm)), 0) @ np.asarray(head_params["w"]) \
+        + np.asarray(head_params["b"])
+
+
+def save_subtask(run_dir, result: SubtaskResult, meta: dict) -> None:
+    """Write the fine-tuned module (``checkpoint.save_model``: ``load_model`` rebuilds it,
+    pruned channels and all) and its head (``run_dir/head``, checksummed); ``meta`` goes into
+    ``model.json`` with the classes and the head's size."""
+    head = {k: jnp.asarray(v, jnp.float32) for k, v in result.fit.extra.items()}
+    ckpt.save_tree(Path(run_dir) / HEAD_DIR, head)
+    ckpt.save_model(run_dir, result.fit.model, {**meta, "subtask": {"classes": result.classes}})
+
+
+def load_subtask(run_dir) -> tuple:
+    """``(module, head_params, meta)`` of a sub-task module saved by ``save_subtask``;
+    ``CheckpointError`` when ``run_dir`` holds another model or a damaged head."""
+    module, meta = ckpt.load_model(run_dir)
+    rec = meta.get("subtask")
+    if not isinstance(rec, dict) or not isinstance(rec.get("classes"), list) or len(rec["classes"]) < 2:
+        raise ckpt.CheckpointError(f"{run_dir} holds no sub-task module (no 'subtask' record in its model.json)")
+    k, n = len(rec["classes"]), module.num_classes
+    template = {"w": jnp.zeros((n, k), jnp.float32), "b": jnp.zeros((k,), jnp.float32)}
+    return module, ckpt.load_tree(Path(run_dir) / HEAD_DIR, template), meta
 
 
 def restricted_accuracy(model, ds: Dataset, classes: Sequence[int], norm=None) -> float:
