@@ -144,6 +144,7 @@ class ReferenceCheckout:
         try:
             spec = importlib.util.spec_from_file_location(name or Path(relpath).stem, self.src / relpath)
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # as an import does: their code may look itself up
             spec.loader.exec_module(module)
             return module
         finally:
@@ -164,6 +165,12 @@ def _reference(env: str, marker: str) -> ReferenceCheckout:
 def reference_gradsplitter() -> ReferenceCheckout:
     """The authors' GradSplitter (``CNNSPLIT_REFERENCE_GRADSPLITTER=/path/to/GradSplitter``)."""
     return _reference("CNNSPLIT_REFERENCE_GRADSPLITTER", "splitters/simcnn_splitter.py")
+
+
+@pytest.fixture
+def reference_mwt() -> ReferenceCheckout:
+    """The authors' MwT (``CNNSPLIT_REFERENCE_MWT=/path/to/MwT``)."""
+    return _reference("CNNSPLIT_REFERENCE_MWT", "models/utils_v2.py")
 
 
 @pytest.fixture

@@ -272,3 +272,52 @@ def test_their_cnnsplitter_models_give_our_logits(reference_cnnsplitter, arch, p
     theirs = getattr(reference_cnnsplitter.load(path), cls)(num_classes=10).eval()
     got, ref = _logits(theirs, load_torch_state_dict(arch, theirs.state_dict()))
     np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+def _t(a) -> "jnp.ndarray":
+    return jnp.asarray(a.detach().numpy())
+
+
+def test_their_mwt_vgg16_bn_with_its_mask_generators_gives_our_logits(reference_mwt):
+    """MwT's VGG16-BN (their ``vgg_masked.py``: MaskConvBN on every conv but the first, each
+    with its generator) in eval mode, BN statistics randomised: our ``vgg16_bn`` with the same
+    weights and our generators gives their logits."""
+    from cnnsplit_jax.models import build_model
+    from cnnsplit_jax.splitters.mwt import generator_layers
+    from cnnsplit_jax.splitters.mwt.training import generator_logits
+
+    torch.manual_seed(4)
+    theirs = reference_mwt.load("models/vgg_masked.py").cifar10_vgg16_bn()
+    convs = [m for m in theirs.features if isinstance(m, torch.nn.Conv2d) or hasattr(m, "mask_generator")]
+    bns = [m for m in theirs.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.1)
+    theirs.eval()
+    ours = build_model("vgg16_bn", num_classes=10, in_channels=3, width=1.0, key=0)
+    gens = {}
+    for i, (m, bn) in enumerate(zip(convs, bns)):
+        conv = m if isinstance(m, torch.nn.Conv2d) else m.conv
+        layer = getattr(ours, f"conv_{i}")
+        layer.kernel[...] = _t(conv.weight).transpose(2, 3, 1, 0)
+        layer.bias[...] = _t(conv.bias)
+        for ours_f, theirs_f in (("scale", "weight"), ("offset", "bias"), ("mean", "running_mean"),
+                                 ("var", "running_var")):
+            getattr(layer, ours_f)[...] = _t(getattr(bn, theirs_f))
+        if i:
+            seq = m.mask_generator.mask_generator
+            gens[f"conv_{i}"] = {"w1": _t(seq[0].weight).T, "w2": _t(seq[2].weight).T, "b2": _t(seq[2].bias)}
+    for ours_fc, idx in (("fc_13", 0), ("fc_14", 3), ("fc_15", 6)):
+        getattr(ours, ours_fc).kernel[...] = _t(theirs.classifier[idx].weight).T
+        getattr(ours, ours_fc).bias[...] = _t(theirs.classifier[idx].bias)
+    assert sorted(gens) == sorted(generator_layers(ours))  # the same 12 generated layers
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(x)).numpy()
+    got = np.asarray(generator_logits(ours, gens, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    # the classifier's N(0, 0.01) init makes logits of ~1e-3: the tolerance follows their scale
+    # (without the generators ours differ from theirs by about their size)
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)

@@ -181,11 +181,17 @@ class ConvBN(nnx.Module):
 
 
 class Dense(nnx.Module):
-    """Linear layer ``x @ kernel + bias`` with PyTorch's default init; kernel is [in, out]."""
+    """Linear layer ``x @ kernel + bias``; kernel is [in, out]. Init: PyTorch's default
+    (U(+-1/sqrt(fin)) for both), or with ``std``: kernel N(0, std), bias 0 (torchvision's VGG)."""
 
-    def __init__(self, fin: int, fout: int, *, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(torch_uniform(rngs.params(), (fin, fout), fin))
-        self.bias = nnx.Param(torch_uniform(rngs.params(), (fout,), fin))
+    def __init__(self, fin: int, fout: int, *, rngs: nnx.Rngs, std: float | None = None):
+        kk, kb = rngs.params(), rngs.params()
+        if std is None:
+            self.kernel = nnx.Param(torch_uniform(kk, (fin, fout), fin))
+            self.bias = nnx.Param(torch_uniform(kb, (fout,), fin))
+        else:
+            self.kernel = nnx.Param(jax.random.normal(kk, (fin, fout)) * std)
+            self.bias = nnx.Param(jnp.zeros((fout,)))
 
     def __call__(self, x):
         return x @ self.kernel[...] + self.bias[...]

@@ -189,3 +189,53 @@ def test_input_and_mask_errors():
         build_model("simcnn", num_classes=1)
     with pytest.raises(ValueError, match="lack mask point"):
         kept_kernels(m, {"conv_0": jnp.ones(4)})
+
+
+def test_vgg16_bn_equals_pytorch_layers_with_the_same_weights():
+    """MwT's VGG16-BN at width 1/8, 2-channel images, 7 classes (the authors' class, width 1
+    only, is the oracle of tests/test_reference_oracles.py): PyTorch's Conv2d / BatchNorm2d /
+    MaxPool2d / Linear in eval mode give our logits; the classifier is Linear -> ReLU -> Dropout
+    twice, then Linear; init N(0, 0.01) for the Linear layers, bias 0."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    m = build_model("vgg16_bn", num_classes=7, in_channels=2, width=0.125, key=3)
+    assert m.fc_hidden == 64 and [s.out_channels for s in m.topology] == [8, 8, 16, 16, 32, 32, 32] + [64] * 6
+    for fc in ("fc_13", "fc_14", "fc_15"):
+        k = np.asarray(getattr(m, fc).kernel[...])
+        assert abs(k.std() - 0.01) < 0.002 and not np.asarray(getattr(m, fc).bias[...]).any()
+    rng = np.random.default_rng(0)
+    layers, cin = [], 2
+    for i, s in enumerate(m.topology):
+        ours = getattr(m, s.name)
+        for f, lo in (("mean", None), ("var", 0.5), ("scale", 0.5), ("offset", None)):
+            v = rng.uniform(lo, 1.5, ours.mean.shape) if lo else rng.normal(0, 0.1, ours.mean.shape)
+            getattr(ours, f)[...] = jnp.asarray(v, jnp.float32)
+        conv, bn = nn.Conv2d(cin, s.out_channels, 3, padding=1), nn.BatchNorm2d(s.out_channels)
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(np.asarray(ours.kernel[...]).transpose(3, 2, 0, 1).copy()))
+            conv.bias.copy_(torch.from_numpy(np.asarray(ours.bias[...]) + 0.0))
+            for f, t in (("scale", bn.weight), ("offset", bn.bias), ("mean", bn.running_mean),
+                         ("var", bn.running_var)):
+                t.copy_(torch.from_numpy(np.asarray(getattr(ours, f)[...]).copy()))
+        layers += [conv, bn, nn.ReLU()] + ([nn.MaxPool2d(2, 2)] if i in (1, 3, 6, 9, 12) else [])
+        cin = s.out_channels
+    fcs = [nn.Linear(cin, 64), nn.Linear(64, 64), nn.Linear(64, 7)]
+    for fc, name in zip(fcs, ("fc_13", "fc_14", "fc_15")):
+        fc.bias.data.normal_(0, 0.1)  # nonzero biases, so a bias left out would show
+        getattr(m, name).bias[...] = jnp.asarray(fc.bias.detach().numpy())
+        fc.weight.data.copy_(torch.from_numpy(np.asarray(getattr(m, name).kernel[...]).T.copy() * 30))
+        getattr(m, name).kernel[...] = jnp.asarray(fc.weight.detach().numpy().T)
+    net = nn.Sequential(*layers, nn.Flatten(), fcs[0], nn.ReLU(), nn.Dropout(), fcs[1], nn.ReLU(), nn.Dropout(),
+                        fcs[2]).eval()
+    x = rng.normal(size=(4, 2, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    got = np.asarray(m(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    # dropout follows each hidden layer (SimCNN's precedes them): the head in training mode, by hand
+    from cnnsplit_jax.models.base import dropout
+
+    h = jnp.asarray(rng.normal(size=(4, m.fc_in)), jnp.float32)
+    k1, k2 = jax.random.split(jax.random.key(5))
+    by_hand = m.fc_15(dropout(jax.nn.relu(m.fc_14(dropout(jax.nn.relu(m.fc_13(h)), 0.5, k1))), 0.5, k2))
+    np.testing.assert_allclose(np.asarray(m._head(h, True, jax.random.key(5))), np.asarray(by_hand), rtol=1e-6)
