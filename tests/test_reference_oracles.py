@@ -321,3 +321,54 @@ def test_their_mwt_vgg16_bn_with_its_mask_generators_gives_our_logits(reference_
     # the classifier's N(0, 0.01) init makes logits of ~1e-3: the tolerance follows their scale
     # (without the generators ours differ from theirs by about their size)
     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def _copy_conv_bn(layer, conv, bn) -> None:
+    layer.kernel[...] = _t(conv.weight).transpose(2, 3, 1, 0)
+    layer.bias[...] = _t(conv.bias) if conv.bias is not None else 0.0 * layer.bias[...]
+    for ours_f, theirs_f in (("scale", "weight"), ("offset", "bias"), ("mean", "running_mean"),
+                             ("var", "running_var")):
+        getattr(layer, ours_f)[...] = _t(getattr(bn, theirs_f))
+
+
+def _randomise_bn(model) -> None:
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.1)
+
+
+def test_their_mwt_resnet18_with_its_mask_generators_gives_our_logits(reference_mwt):
+    """MwT's ResNet-18 (their ``resnet_masked.py``: a generator on every conv but the stem,
+    each BN output masked before the residual sum, PyTorch's padding at stride 2) in eval mode:
+    our ``resnet18`` with the same weights and our generators gives their logits."""
+    from cnnsplit_jax.models import build_model
+    from cnnsplit_jax.splitters.mwt import generator_layers
+    from cnnsplit_jax.splitters.mwt.training import generator_logits
+
+    torch.manual_seed(5)
+    theirs = reference_mwt.load("models/resnet_masked.py").ResNet18(num_classes=10)
+    _randomise_bn(theirs)
+    theirs.eval()
+    ours = build_model("resnet18", num_classes=10, in_channels=3, width=1.0, key=0)
+    _copy_conv_bn(ours.conv_0, theirs.conv1, theirs.bn1)
+    gens = {}
+    for s in range(4):
+        for b, block in enumerate(getattr(theirs, f"layer{s + 1}")):
+            pairs = [(f"s{s}b{b}_conv1", block.conv1), (f"s{s}b{b}_conv2", block.conv2)]
+            if block.downsample is not None:
+                pairs.append((f"s{s}b{b}_down", block.downsample[0]))
+            for name, m in pairs:
+                _copy_conv_bn(getattr(ours, name), m.conv, m.bn)
+                seq = m.mask_generator.mask_generator
+                gens[name] = {"w1": _t(seq[0].weight).T, "w2": _t(seq[2].weight).T, "b2": _t(seq[2].bias)}
+    ours.fc.kernel[...] = _t(theirs.fc.weight).T
+    ours.fc.bias[...] = _t(theirs.fc.bias)
+    assert sorted(gens) == sorted(generator_layers(ours))  # 19 generated convs: all but the stem
+    x = np.random.default_rng(1).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(x)).numpy()
+    got = np.asarray(generator_logits(ours, gens, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)

@@ -19,20 +19,21 @@ from .masks import (count_params, effective_masks, flatten_masks, kept_kernels, 
 from .protocol import (DECLARED_GRAPH, KERNEL_MASKS, POSITION_NODES, USER_DEFINITION, ModelCapabilityError,
                        SplittableModel, has, require)
 from .resnet import RESNETS, Node, ResNet, ResNet20, ResNet32, ResNet56
+from .resnet18 import ResNet18
 from .vgg import VGG16BN
 
 __all__ = [
     "AdaptedCNN", "AdapterError", "adapt", "load_variables",
     "ARCHITECTURES", "IMAGE_SIZE", "ConvBN", "ConvSpec", "Dense", "InceCNN", "MaskPoint",
     "MaskedCNN", "Node", "SampleGates", "ResCNN", "ResCNNSVHNWeak", "ResCNNWeak", "ResNet", "ResNet20", "ResNet32", "ResNet56",
-    "SimCNN", "SimCNNSVHNWeak", "VGG16BN", "SimCNNWeak", "build_model", "count_params", "effective_masks", "flatten_masks", "kept_kernels",
+    "SimCNN", "SimCNNSVHNWeak", "VGG16BN", "ResNet18", "SimCNNWeak", "build_model", "count_params", "effective_masks", "flatten_masks", "kept_kernels",
     "kernel_multiplicity", "mask_points", "ones_masks", "scaled", "total_kernels",
     "DECLARED_GRAPH", "KERNEL_MASKS", "POSITION_NODES", "USER_DEFINITION", "ModelCapabilityError", "SplittableModel",
     "has", "require",
 ]
 
 #: every architecture ``build_model`` knows, by name
-ARCHITECTURES: dict[str, type[MaskedCNN]] = {**CNNS, VGG16BN.arch: VGG16BN, **RESNETS}
+ARCHITECTURES: dict[str, type[MaskedCNN]] = {**CNNS, VGG16BN.arch: VGG16BN, ResNet18.arch: ResNet18, **RESNETS}
 
 
 def build_model(

@@ -31,7 +31,7 @@ __all__ = ["ConvSpec", "MaskPoint", "ConvBN", "Dense", "MaskedCNN", "SampleGates
 IMAGE_SIZE = 32
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * running + m * batch
-PADDINGS = ("same", "valid")
+PADDINGS = ("same", "torch", "valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +47,9 @@ class ConvSpec:
       mask: name of the mask point gating this layer's output channels.
       spatial: the layer's input height (= width) for 32x32 images (used for FLOP counts).
       stride: spatial stride (SAME padding; the output is ``spatial / stride`` high).
-      padding: ``"same"`` (the default) or ``"valid"`` (no padding: the output is
-        ``spatial - ksize + 1`` high; stride 1 only; CNNSplitter's SVHN weak SimCNN).
+      padding: ``"same"`` (the default), ``"torch"`` (PyTorch's ``ksize // 2`` on every side;
+        differs from SAME at stride 2: MwT's ResNet-18) or ``"valid"`` (no padding: the output
+        is ``spatial - ksize + 1`` high; stride 1 only; CNNSplitter's SVHN weak SimCNN).
     """
 
     name: str
@@ -345,9 +346,12 @@ class MaskedCNN(nnx.Module):
     #: records its block outputs itself (the reference's kernel-importance convention)
     record_in_layer: bool = True
 
-    def _layer(self, name: str, x, masks, train: bool, rec: dict | None = None):
+    def _layer(self, name: str, x, masks, train: bool, rec: dict | None = None, relu: bool = True):
+        """Conv ``name`` (+ BN), its ReLU (``relu=False``: none, the layer's output is added to a
+        shortcut first), its masks."""
         spec = self.spec(name)
-        y = jax.nn.relu(getattr(self, name)(x, train=train))
+        y = getattr(self, name)(x, train=train)
+        y = jax.nn.relu(y) if relu else y
         if isinstance(masks, SampleGates):
             if name in masks.layers:  # per-sample masks from this layer's input
                 y = y * masks(name, x)[:, None, None, :].astype(y.dtype)

@@ -130,10 +130,13 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | N
       b: optional bias [Cout].
       impl: one of ``CONV_IMPLS``; ``None`` reads ``$CNNSPLIT_CONV_IMPL`` (default ``auto``).
       stride: spatial stride (ResNet's down-sampling convs use 2).
-      padding: ``"same"`` or ``"valid"`` (no padding, stride 1, always the native convolution).
+      padding: ``"same"``, ``"torch"`` (PyTorch's ``padding=k // 2`` on every side: at stride 1
+        the same as ``"same"``, at stride 2 one more row / column on the top / left than
+        TensorFlow's SAME) or ``"valid"`` (no padding, stride 1, always the native convolution).
 
     Returns:
-      [B, ceil(H / stride), ceil(W / stride), Cout] (SAME); [B, H - k + 1, W - k + 1, Cout] (VALID).
+      [B, ceil(H / stride), ceil(W / stride), Cout] (SAME); [B, (H - 1) // stride + 1, ..] (torch,
+      odd k); [B, H - k + 1, W - k + 1, Cout] (VALID).
     """
     if x.ndim != 4 or w.ndim != 4 or x.shape[-1] != w.shape[2]:
         raise ValueError(
@@ -147,8 +150,13 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | N
         y = jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding="VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y if b is None else y + b
-    if padding != "same":
-        raise ValueError(f"conv2d: padding {padding!r}; expected 'same' or 'valid'")
+    if padding == "torch" and stride != 1:  # PyTorch's padding=k//2 on every side
+        k = w.shape[0] // 2
+        y = jax.lax.conv_general_dilated(x, w, window_strides=(stride, stride), padding=((k, k), (k, k)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if b is None else y + b
+    if padding not in ("same", "torch"):  # stride 1, odd k: "torch" is "same"
+        raise ValueError(f"conv2d: padding {padding!r}; expected 'same', 'torch' or 'valid'")
     if stride != 1:
         if w.shape[0] == 1 and impl != "native":  # 1x1 strided = subsample, then a matmul
             return conv2d(x[:, ::stride, ::stride, :], w, b, "im2col")

@@ -86,7 +86,7 @@ def test_ties_follow_pooling_and_ignore_gates_and_channel_concats():
 
 def test_every_kernel_mask_architecture_of_the_zoo_adapts_to_its_declared_points():
     kernel_archs = sorted(a for a, cls in cs.ARCHITECTURES.items() if cls.mask_kind == "kernel")
-    assert len(kernel_archs) == 10  # with the two SVHN weak models and MwT's VGG16-BN
+    assert len(kernel_archs) == 11  # with the two SVHN weak models and MwT's VGG16-BN and ResNet-18
     for arch in set(kernel_archs) - {"simcnn", "rescnn", "incecnn"}:  # those three: the test below
         zoo = cs.build_model(arch, num_classes=4, in_channels=1, width=0.0625, key=1)
         got = [(p.name, p.size, p.layers) for p in cs.adapt(zoo, input_shape=(32, 32, 1)).mask_points()]

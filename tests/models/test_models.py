@@ -239,3 +239,50 @@ def test_vgg16_bn_equals_pytorch_layers_with_the_same_weights():
     k1, k2 = jax.random.split(jax.random.key(5))
     by_hand = m.fc_15(dropout(jax.nn.relu(m.fc_14(dropout(jax.nn.relu(m.fc_13(h)), 0.5, k1))), 0.5, k2))
     np.testing.assert_allclose(np.asarray(m._head(h, True, jax.random.key(5))), np.asarray(by_hand), rtol=1e-6)
+
+
+def test_resnet18_equals_pytorch_basic_blocks_with_the_same_weights():
+    """MwT's ResNet-18 at width 1/8, 7 classes, in eval mode (the authors' class at width 1 is
+    the oracle of tests/test_reference_oracles.py): PyTorch's Conv2d (padding 1 at stride 2,
+    1x1 stride-2 shortcuts) / BatchNorm2d / residual sums give our logits."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    m = build_model("resnet18", num_classes=7, in_channels=3, width=0.125, key=2)
+    tied = [p.layers for p in mask_points(m) if len(p.layers) > 1]
+    assert tied == [("conv_0", "s0b0_conv2", "s0b1_conv2")] + [
+        (f"s{s}b0_down", f"s{s}b0_conv2", f"s{s}b1_conv2") for s in (1, 2, 3)]
+    assert len(m.gate_layers()) == 19 and m.fc_in == 64
+    rng = np.random.default_rng(1)
+
+    def conv_bn(name):
+        ours = getattr(m, name)
+        k = np.asarray(ours.kernel[...])
+        spec = m.spec(name)
+        conv = nn.Conv2d(k.shape[2], k.shape[3], spec.ksize, stride=spec.stride, padding=spec.ksize // 2)
+        bn = nn.BatchNorm2d(k.shape[3])
+        for f, lo in (("mean", None), ("var", 0.5), ("scale", 0.5), ("offset", None), ("bias", None)):
+            v = rng.uniform(lo, 1.5, k.shape[3]) if lo else rng.normal(0, 0.1, k.shape[3])
+            getattr(ours, f)[...] = jnp.asarray(v, jnp.float32)
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(k.transpose(3, 2, 0, 1).copy()))
+            conv.bias.copy_(torch.from_numpy(np.asarray(ours.bias[...]).copy()))
+            for f, t in (("scale", bn.weight), ("offset", bn.bias), ("mean", bn.running_mean),
+                         ("var", bn.running_var)):
+                t.copy_(torch.from_numpy(np.asarray(getattr(ours, f)[...]).copy()))
+        return nn.Sequential(conv, bn).eval()
+
+    stem = conv_bn("conv_0")
+    blocks = [(conv_bn(f"s{s}b{b}_conv1"), conv_bn(f"s{s}b{b}_conv2"),
+               conv_bn(f"s{s}b{b}_down") if s and not b else None) for s in range(4) for b in range(2)]
+    fc = nn.Linear(64, 7)
+    with torch.no_grad():
+        fc.weight.copy_(torch.from_numpy(np.asarray(m.fc.kernel[...]).T.copy()))
+        fc.bias.copy_(torch.from_numpy(np.asarray(m.fc.bias[...]).copy()))
+    x = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        h = torch.relu(stem(torch.from_numpy(x)))
+        for c1, c2, down in blocks:
+            h = torch.relu(c2(torch.relu(c1(h))) + (down(h) if down is not None else h))
+        want = fc(h.mean(dim=(2, 3))).numpy()
+    got = np.asarray(m(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)

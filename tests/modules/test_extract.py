@@ -21,7 +21,7 @@ def _random_bn(model, key):
         layer.offset[...] = jax.random.normal(k3, layer.offset.shape) * 0.1
 
 
-@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn"])
+@pytest.mark.parametrize("arch", ["simcnn", "rescnn", "incecnn", "resnet18"])
 def test_extracted_modules_equal_masked_forward(arch):
     n = 4
     model = build_model(arch, num_classes=n, in_channels=3, width=0.125, key=1)
