@@ -221,6 +221,12 @@ def test_cli_trains_and_splits_with_mwt_and_refuses_its_flags_elsewhere(mwt_run,
     res = json.loads((tmp_path / "m" / "split.json").read_text())
     assert res["config"]["threshold"] == 0.8 and res["method"] == "mwt"
     assert "MwT: kernel retention" in capsys.readouterr().out
+    # its sub-task module: the MwT model alone is not compared (it is not the model MwT trained)
+    assert main(["subtask", "--modules", str(tmp_path / "m"), "--classes", "1,4", "--epochs", "1",
+                 "--train-images", "128", "--out", str(tmp_path / "st")]) == 0
+    st = json.loads((tmp_path / "st" / "subtask.json").read_text())
+    assert st["method"] == "mwt" and st["base_restricted_accuracy"] is None and st["compare_restricted_accuracy"] == {}
+    assert "base model" not in capsys.readouterr().out and 0 < st["kernel_retention"] <= 1
     # --alpha sets MwT's loss: refused without --method mwt, before any training
     assert main(["train", "--model", "simcnn", "--dataset", "digits", "--alpha", "0.3", "--out",
                  str(tmp_path / "t")]) == 2
