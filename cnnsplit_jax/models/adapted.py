@@ -5,6 +5,7 @@ identification's (``nodes``, ``node_forward``, ``fc``)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, NamedTuple
 
 import jax
@@ -198,13 +199,36 @@ class AdaptedCNN(nnx.Module):
         """Logits [B, num_classes] of normalised images x [B, *input_shape] under ``masks``
         ``{point: [C]}`` (missing points: all ones), or under ``SampleGates`` (per-sample masks
         of the gated convs, from each conv's input, at its mask's place: after its norm or at its
-        output). ``train=True`` runs the same forward, for a model without normalisation layers
-        only (one with them has batch statistics only the user's training loop knows; dropout,
-        if any, stays as ``apply_kwargs`` set it)."""
-        if train and any(c.kind == "norm" for c in self.calls):
-            raise ValueError(f"{self.arch} is an adapted model with normalisation layers, whose training forward "
-                             "(batch statistics) belongs to your own loop: train it there, then adapt it")
+        output). ``train=True`` runs the training forward: an NNX model's ``nnx.BatchNorm``
+        layers normalise with the batch's statistics and update their running averages (with
+        the user's momentum), as the model's own ``train()`` mode; dropout, if any, stays as
+        ``apply_kwargs`` set it. A Linen model with ``BatchNorm`` is refused: its training flag
+        is the user's call argument, unknown here."""
+        if train and self.linen and any(c.kind == "norm" and c.layer_class == "BatchNorm" for c in self.calls):
+            raise ValueError(f"{self.arch} is an adapted Linen model with BatchNorm, whose training forward (batch "
+                             "statistics, a mutable collection, your module's own train flag) belongs to your own "
+                             "loop: train it there, then adapt it (NNX models with BatchNorm train here)")
         self.check_input(x)
+        with self._batch_norms_training(train):
+            return self._forward(x, masks)
+
+    @contextlib.contextmanager
+    def _batch_norms_training(self, train: bool):
+        """Within the block, every ``nnx.BatchNorm`` of an NNX model normalises with batch
+        statistics and updates its running averages (``train``), as ``nnx.Module.train()``
+        sets them, without switching on the model's dropout."""
+        norms = [m for _, m in nnx.iter_modules(self.net) if isinstance(m, nnx.BatchNorm)] \
+            if train and not self.linen else []
+        saved = [m.use_running_average for m in norms]
+        try:
+            for m in norms:
+                m.use_running_average = False
+            yield
+        finally:
+            for m, v in zip(norms, saved):
+                m.use_running_average = v
+
+    def _forward(self, x, masks):
         if isinstance(masks, SampleGates):
             return self._gated(x, masks)
         self.check_named(masks, {p.name: (p.size,) for p in self._points}, "mask point", "mask")

@@ -129,10 +129,55 @@ def test_an_adapted_linen_cnn_trains_with_mwt_and_is_modularized(linen_mnist):
             t -= 0.05
         np.testing.assert_array_equal(ms.masks["Conv_1"][c] > 0, f >= t - 1e-6)
     assert "module_flops" in ms.structure()  # the modules of a conv chain extract physically
+
+
+class LinenBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
+        h = nn.relu(nn.Conv(6, (3, 3))(h))
+        return nn.Dense(3)(h.mean((1, 2)))
+
+
+def test_an_adapted_nnx_cnn_with_batchnorm_trains_as_in_its_own_train_mode():
+    """``train=True`` on an adapted NNX model runs its BatchNorm layers as the model's own
+    ``train()`` mode: the same logits and the same updated running averages as the user's model
+    called in that mode; the layers are back in eval mode after the call; MwT trains it. A Linen
+    model with BatchNorm is refused (its train flag is the user's call argument)."""
     chain = ChainBN(nnx.Rngs(0))
     chain.eval()
-    with pytest.raises(ValueError, match="normalisation layers"):  # their batch statistics are the user's loop's
-        cs.adapt(chain, None, input_shape=(8, 8, 3), num_classes=4)(jnp.zeros((1, 8, 8, 3)), train=True)
+    mine = nnx.clone(chain)
+    mine.train()  # the user's own training mode
+    model = cs.adapt(chain, None, input_shape=(8, 8, 3), num_classes=4)
+    x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3)) * 2 + 0.5
+    np.testing.assert_allclose(model(x, train=True), mine(x), rtol=1e-5, atol=1e-5)
+    for name in ("b1", "b2"):
+        ours, theirs = getattr(model.net, name), getattr(mine, name)
+        np.testing.assert_allclose(ours.mean[...], theirs.mean[...], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(ours.var[...], theirs.var[...], rtol=1e-6)
+        assert np.abs(np.asarray(ours.mean[...])).max() > 1e-3 and ours.use_running_average  # moved; eval again
+    mine.eval()
+    np.testing.assert_allclose(model(x), mine(x), rtol=1e-5, atol=1e-5)
+    # MwT through fit: the generator of c2 and the user's variables train, the running averages move
+    from cnnsplit_jax.splitters import mwt
+    from cnnsplit_jax.train import RECIPES
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 256)
+    imgs = np.clip(rng.normal(60 + 40 * y[:, None, None, None], 30, (256, 8, 8, 3)), 0, 255).astype(np.uint8)
+    info = cs.DatasetInfo("bars", ("a", "b", "c", "d"), 3, (0.5,) * 3, (0.25,) * 3)
+    ds = cs.Dataset(imgs[:192], y[:192].astype(np.int32), imgs[192:], y[192:].astype(np.int32), info)
+    before = np.asarray(model.net.b2.mean[...]).copy()
+    cfg = cs.TrainConfig(**{**RECIPES["mwt-quick"], "epochs": 2, "batch_size": 32, "augment": False})
+    res = cs.fit(model, ds, cfg, objective=cs.MwTObjective())
+    assert set(res.extra) == set(mwt.generator_layers(model)) == {"c2"}
+    assert np.isfinite(res.history[-1]["train_coupling"])
+    assert not np.allclose(np.asarray(res.model.net.b2.mean[...]), before)
+    assert res.model.net.b2.use_running_average  # the trained model evaluates in eval mode
+    with pytest.raises(ValueError, match="Linen model with BatchNorm"):
+        m = LinenBN()
+        v = m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+        cs.adapt(m, v, input_shape=(8, 8, 3))(jnp.zeros((1, 8, 8, 3)), train=True)
 
 
 def test_gradsplitter_and_cnnsplitter_decompose_an_adapted_linen_cnn(linen_mnist):
