@@ -142,6 +142,13 @@ def main(argv=None) -> int:
                           f"{1e3 * r['mwt_step_s']:.2f} ms, torch MwT {1e3 * r.get('torch_mwt_step_s', float('nan')):.2f} ms",
                           flush=True)
                     save()
+            for arch in ("vgg16_bn", "resnet18"):  # the paper's models, width 1, JAX only
+                if not a.quick and due(part, f"{arch} w1"):
+                    r = bench_mwt.bench(1.0, 512, 128, a.reps, False, arch=arch)
+                    res["mwt"].append(r)
+                    print(f"mwt {arch} w1: standard {1e3 * r['standard_step_s']:.2f} ms, MwT "
+                          f"{1e3 * r['mwt_step_s']:.2f} ms", flush=True)
+                    save()
         elif part == "scale":
             for arch, n, remat in scale:
                 if due(part, f"{arch} N={n} remat {remat}"):

@@ -44,11 +44,14 @@ def _synthetic(batch: int) -> Dataset:
     return Dataset(x, y, x[:batch], y[:batch], info)
 
 
-def jax_step_seconds(width: float, fc_hidden: int, batch: int, reps: int, modular: bool) -> tuple[float, float]:
-    """(compile s, median step s) of one training step of SimCNN, standard or MwT."""
+def jax_step_seconds(width: float, fc_hidden: int, batch: int, reps: int, modular: bool,
+                     arch: str = "simcnn") -> tuple[float, float]:
+    """(compile s, median step s) of one training step of ``arch`` (SimCNN, or MwT's
+    ``vgg16_bn`` / ``resnet18``), standard or MwT; ``fc_hidden``: SimCNN's FC width."""
     ds = _synthetic(batch)
     cfg = TrainConfig(**{**RECIPES["mwt-quick"], "batch_size": batch, "augment": False})
-    model = build_model("simcnn", num_classes=10, in_channels=3, width=width, fc_hidden=fc_hidden, key=jax.random.key(0))
+    kw = {"fc_hidden": fc_hidden} if arch == "simcnn" else {}
+    model = build_model(arch, num_classes=10, in_channels=3, width=width, key=jax.random.key(0), **kw)
     objective = MwTObjective() if modular else None
     tx = make_optimizer(cfg, 4)
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -145,12 +148,15 @@ def torch_step(width: float, fc_hidden: int, batch: int, modular: bool, device: 
     return step
 
 
-def bench(width: float, fc_hidden: int, batch: int, reps: int, torch_on: bool, torch_device: str = "cpu") -> dict:
-    """One row: standard and MwT steps in JAX (and PyTorch), ratios within the same run."""
+def bench(width: float, fc_hidden: int, batch: int, reps: int, torch_on: bool, torch_device: str = "cpu",
+          arch: str = "simcnn") -> dict:
+    """One row: standard and MwT steps in JAX (and PyTorch, SimCNN only), ratios within the
+    same run."""
     steps = -(-EPOCH_IMAGES // batch)
-    r = {"model": "simcnn", "width": width, "fc_hidden": fc_hidden, "batch": batch}
+    torch_on = torch_on and arch == "simcnn"  # the PyTorch baseline is the reference's SimCNN
+    r = {"model": arch, "width": width, "fc_hidden": fc_hidden if arch == "simcnn" else None, "batch": batch}
     for kind, modular in (("standard", False), ("mwt", True)):
-        c, s = jax_step_seconds(width, fc_hidden, batch, reps, modular)
+        c, s = jax_step_seconds(width, fc_hidden, batch, reps, modular, arch)
         r[f"{kind}_compile_s"], r[f"{kind}_step_s"], r[f"{kind}_epoch_s"] = c, s, s * steps
         if torch_on:
             ts, _ = time_torch(torch_step(width, fc_hidden, batch, modular, torch_device), reps=reps, warmup=2,
@@ -165,10 +171,10 @@ def bench(width: float, fc_hidden: int, batch: int, reps: int, torch_on: bool, t
 
 def table(rows) -> str:
     nan = float("nan")
-    out = ["| SimCNN width | batch | standard ms | MwT ms | MwT / standard | PyTorch standard ms | PyTorch MwT ms | "
-           "PyTorch MwT / standard | ours / PyTorch (MwT) |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | width | batch | standard ms | MwT ms | MwT / standard | PyTorch standard ms | PyTorch MwT ms | "
+           "PyTorch MwT / standard | ours / PyTorch (MwT) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['width']:g} | {r['batch']} | {1e3 * r['standard_step_s']:.1f} | {1e3 * r['mwt_step_s']:.1f} | "
+        out.append(f"| {r.get('model', 'simcnn')} | {r['width']:g} | {r['batch']} | {1e3 * r['standard_step_s']:.1f} | {1e3 * r['mwt_step_s']:.1f} | "
                    f"{r['mwt_over_standard']:.2f} | {1e3 * r.get('torch_standard_step_s', nan):.1f} | "
                    f"{1e3 * r.get('torch_mwt_step_s', nan):.1f} | {r.get('torch_mwt_over_standard', nan):.2f} | "
                    f"{r.get('mwt_ours_over_torch', nan):.2f} |")
@@ -178,6 +184,8 @@ def table(rows) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=float, nargs="+", default=[0.25])
+    p.add_argument("--arch", nargs="+", default=["simcnn"], choices=["simcnn", "vgg16_bn", "resnet18"],
+                   help="models (PyTorch's baseline: SimCNN only)")
     p.add_argument("--fc-hidden", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
@@ -185,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/bench_mwt.json")
     a = p.parse_args(argv)
     torch_on = torch_enabled(a.no_torch)
-    rows = [bench(w, a.fc_hidden, a.batch, a.reps, torch_on) for w in a.width]
+    rows = [bench(w, a.fc_hidden, a.batch, a.reps, torch_on, arch=arch) for arch in a.arch for w in a.width]
     write_json(a.out, {"environment": environment(), "rows": rows})
     print(table(rows))
     print(f"wrote {a.out}")
