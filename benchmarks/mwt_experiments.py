@@ -87,7 +87,7 @@ def run_seed(args, seed: int) -> dict:
     split = _cached(runs / "split_record.json", lambda: timed_split("mwt", "mwt_modules", "mwt",
                                                                     MwTSplitConfig(seed=seed)))
     sets = {"mwt": split}
-    for name in args.methods:
+    for name in args.methods if args.method_seeds is None or seed in args.method_seeds else ():
         cfg_m = method_record(name).make_config({"seed": seed}, PRESETS[name], arch=args.arch,
                                                 dataset="fashion_mnist")[0]
         sets[name] = _cached(runs / f"split_{name}.json",
@@ -180,6 +180,8 @@ def main():
     p.add_argument("--pairs", type=int, nargs="+", default=[0, 3, 6], help="classes whose pairs are sub-tasks")
     p.add_argument("--methods", nargs="*", default=["grad", "ga"], choices=sorted(PRESETS),
                    help="post-training methods run on the standard model for comparison")
+    p.add_argument("--method-seeds", type=int, nargs="*", default=None,
+                   help="the seeds --methods run for (default: every seed; their searches are the long part)")
     args = p.parse_args()
     records = [run_seed(args, s) for s in args.seeds]
     out = Path(args.out)
