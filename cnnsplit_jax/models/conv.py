@@ -131,7 +131,7 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str | N
       impl: one of ``CONV_IMPLS``; ``None`` reads ``$CNNSPLIT_CONV_IMPL`` (default ``auto``).
       stride: spatial stride (ResNet's down-sampling convs use 2).
       padding: ``"same"``, ``"torch"`` (PyTorch's ``padding=k // 2`` on every side: at stride 1
-        the same as ``"same"``, at stride 2 one more row / column on the top / left than
+        the same as ``"same"``; at stride 2 with k = 3 one more row / column on the top / left than
         TensorFlow's SAME) or ``"valid"`` (no padding, stride 1, always the native convolution).
 
     Returns:
