@@ -12,7 +12,8 @@ stream (the union of their MwT masks; the stem has no generator, so stage 1's st
 
 Init as the reference: convs kaiming-normal (fan-out, ReLU), BN 1 / 0, the Linear PyTorch's
 default. The reference's convs have no bias; ours have one, zero at init, which BatchNorm
-cancels in training (its gradient is zero up to rounding), so it stays at zero and the function is the same.
+cancels in training (its gradient is zero up to rounding), so it stays at zero and the
+function is the same.
 """
 
 from __future__ import annotations
