@@ -116,8 +116,8 @@ def fine_tune_subtask(module_set, ds: Dataset, classes: Sequence[int], cfg: Trai
 def subtask_logits(model, head_params: dict, x, norm) -> np.ndarray:
     """Logits [B, |T|] of a sub-task module (``model``, the extracted module) with its head
     ``{"w": [N, |T|], "b": [|T|]}`` on raw images ``x`` normalised by ``norm``."""
-    return np.maximum(np.asarray(predict(model, x, norm)), 0) @ np.asarray(head_params["w"]) \
-        + np.asarray(head_params["b"])
+    head = SubtaskHead(int(np.shape(head_params["b"])[0]))
+    return np.asarray(head._out(head_params, jnp.asarray(predict(model, x, norm))))
 
 
 def save_subtask(run_dir, result: SubtaskResult, meta: dict) -> None:
