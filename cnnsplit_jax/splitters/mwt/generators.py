@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_layers", "layer_input_channels",
+__all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_layers",
            "init_generators", "sample_gates"]
 
 
@@ -58,11 +58,6 @@ def generator_layers(model) -> tuple[str, ...]:
     reference's MwT ResCNN, where every conv is a ``MaskConvBN``; for an adapted model, every
     masked conv but the first."""
     return tuple(name for name, _, _ in model.gate_layers())
-
-
-def layer_input_channels(model, layer: str) -> int:
-    """Channels of the input of conv ``layer``."""
-    return {name: c_in for name, c_in, _ in model.gate_layers()}[layer]
 
 
 def init_generators(key: jax.Array, model) -> dict:

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 __all__ = ["mask_losses", "mwt_loss", "modular_loss"]
 
@@ -60,8 +61,7 @@ def mwt_loss(logits: jax.Array, labels: jax.Array, masks: Sequence[jax.Array], a
              beta: float = 1.5) -> tuple[jax.Array, dict]:
     """MwT's training loss: mean cross-entropy of ``logits`` [B, K] + alpha * cohesion +
     beta * coupling; returns ``(loss, {"ce", "cohesion", "coupling", "kernel_rate"})``."""
-    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
-                                       jnp.asarray(labels)[:, None], axis=1))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.asarray(labels)).mean()
     parts = mask_losses(masks, labels)
     return ce + alpha * parts["cohesion"] + beta * parts["coupling"], {"ce": ce, **parts}
 

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 
 from ... import checkpoint as ckpt
@@ -60,7 +61,7 @@ class SubtaskHead:
 
     def loss(self, model, extra, x, y, *, dropout_key, dropout: bool):
         out = self._out(extra, model(x, train=True, dropout_key=dropout_key, dropout=dropout))
-        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], axis=1))
+        ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
         return ce, {"accuracy": jnp.mean(out.argmax(-1) == y)}
 
     def logits(self, model, extra, x):
