@@ -140,8 +140,9 @@ def _load_adapted(run_dir: Path, meta: dict, trust: bool | str):
         points = spec["points"]
         model = adapt(net, variables, input_shape=spec["input_shape"], num_classes=spec["num_classes"],
                       mask_points=[c for _, layers in points for c in layers], ties=[ls for _, ls in points if len(ls) > 1],
-                      apply_kwargs=spec.get("apply_kwargs") or {}, name=spec.get("name"), kind=spec["kind"],
-                      definition=definition, placements=spec.get("placements"), verify=False)
+                      apply_kwargs=spec.get("apply_kwargs") or {}, train_kwargs=spec.get("train_kwargs"),
+                      name=spec.get("name"), kind=spec["kind"], definition=definition,
+                      placements=spec.get("placements"), verify=False)
     except AdapterError as e:
         raise CheckpointError(f"cannot rebuild the adapted model of {run_dir}: {e}") from None
     except (KeyError, TypeError) as e:

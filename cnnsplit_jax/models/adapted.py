@@ -9,6 +9,7 @@ import contextlib
 from typing import Mapping, NamedTuple
 
 import jax
+import flax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
@@ -30,6 +31,16 @@ class DenseHead(NamedTuple):
 
     def __call__(self, feats):
         return feats @ self.kernel + self.bias
+
+
+class _LinenTraining(NamedTuple):
+    """A Linen model's training forward: the dropout key (None: no dropout rng)."""
+
+    dropout_key: object
+
+
+def _is_variable(v) -> bool:
+    return isinstance(v, nnx.Variable)
 
 
 class LinenDefinition:
@@ -73,11 +84,12 @@ class AdaptedCNN(nnx.Module):
     fc_layers: tuple[str, ...] = ()
 
     def __init__(self, net, variables, *, input_shape, num_classes, points, calls, apply_kwargs, name,
-                 kind="kernel", head=None, definition=None, placements=None):
+                 kind="kernel", head=None, definition=None, placements=None, train_kwargs=None):
         self.net = net if isinstance(net, nnx.Module) else nnx.static(LinenDefinition(net))
         self.linen = not isinstance(net, nnx.Module)
         self.variables = nnx.data(_wrap(variables)) if self.linen else None
         self._kwargs = tuple(sorted(dict(apply_kwargs).items()))  # static and hashable, as the graphdef needs
+        self._train_kwargs = None if train_kwargs is None else tuple(sorted(dict(train_kwargs).items()))
         self.input_shape = tuple(int(v) for v in input_shape)
         self.in_channels = self.input_shape[-1]
         self.num_classes = int(num_classes)
@@ -122,6 +134,7 @@ class AdaptedCNN(nnx.Module):
         return {"definition": self.definition, "input_shape": list(self.input_shape), "kind": self.mask_kind,
                 "num_classes": self.num_classes, "name": self.arch.partition(":")[2],
                 "apply_kwargs": dict(self._kwargs), "framework": "linen" if self.linen else "nnx",
+                "train_kwargs": None if self._train_kwargs is None else dict(self._train_kwargs),
                 "points": [[p.name, list(p.layers)] for p in self._points], "placements": self.placements()}
 
     def placement_layer(self, conv: str) -> str:
@@ -167,8 +180,24 @@ class AdaptedCNN(nnx.Module):
 
     check_named = MaskedCNN.check_named  # the zoo's check (it reads only ``arch``)
 
-    def _run(self, x, fn, *, around: bool = False):
-        """The user's forward pass on x with every conv / norm / dense call hooked (``intercept``)."""
+    def _run(self, x, fn, *, around: bool = False, training: _LinenTraining | None = None):
+        """The user's forward pass on x with every conv / norm / dense call hooked (``intercept``);
+        a Linen model's training forward with ``training`` (its new running statistics are
+        written back)."""
+        if self.linen and training is not None:
+            rngs = {} if training.dropout_key is None else {"dropout": training.dropout_key}
+            with nn.intercept_methods(linen_interceptor(fn, around=around)):
+                try:
+                    out, updates = self.net.module.apply(self.linen_variables(), x, mutable=["batch_stats"],
+                                                         rngs=rngs, **dict(self._train_kwargs))
+                except flax.errors.InvalidRngError as e:
+                    raise ValueError(f"{self.arch}'s training forward (train_kwargs={dict(self._train_kwargs)}) "
+                                     "runs a Dropout, which needs a key: pass dropout_key (a recipe without dropout "
+                                     "needs train_kwargs that switch it off)") from e
+            for var, new in zip(jax.tree.leaves(self.variables.get("batch_stats", {}), is_leaf=_is_variable),
+                                jax.tree.leaves(updates.get("batch_stats", {}))):
+                var[...] = new
+            return out
         if self.linen:
             with nn.intercept_methods(linen_interceptor(fn, around=around)):
                 return self.net.module.apply(self.linen_variables(), x, **dict(self._kwargs))
@@ -177,7 +206,7 @@ class AdaptedCNN(nnx.Module):
 
     def linen_variables(self) -> dict:
         """The Linen variables as plain arrays."""
-        return jax.tree.map(lambda v: v[...], self.variables, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        return jax.tree.map(lambda v: v[...], self.variables, is_leaf=_is_variable)
 
     def layer_arrays(self, path: str) -> dict[str, jax.Array]:
         """``{"kernel", "bias", "scale", "mean", "var": array}`` (those present) of the layer at
@@ -202,15 +231,20 @@ class AdaptedCNN(nnx.Module):
         output). ``train=True`` runs the training forward: an NNX model's ``nnx.BatchNorm``
         layers normalise with the batch's statistics and update their running averages (with
         the user's momentum), as the model's own ``train()`` mode; dropout, if any, stays as
-        ``apply_kwargs`` set it. A Linen model with ``BatchNorm`` is refused: its training flag
-        is the user's call argument, unknown here."""
-        if train and self.linen and any(c.kind == "norm" and c.layer_class == "BatchNorm" for c in self.calls):
-            raise ValueError(f"{self.arch} is an adapted Linen model with BatchNorm, whose training forward (batch "
-                             "statistics, a mutable collection, your module's own train flag) belongs to your own "
-                             "loop: train it there, then adapt it (NNX models with BatchNorm train here)")
+        ``apply_kwargs`` set it. A Linen model adapted with ``train_kwargs`` is applied with
+        them, ``mutable=["batch_stats"]`` and ``dropout_key`` (when ``dropout``), and its new
+        running statistics are written back; a Linen model with ``BatchNorm`` adapted without
+        them is refused (its training flag is the user's call argument)."""
+        training = None
+        if train and self.linen and self._train_kwargs is not None:
+            training = _LinenTraining(dropout_key if dropout else None)
+        elif train and self.linen and any(c.kind == "norm" and c.layer_class == "BatchNorm" for c in self.calls):
+            raise ValueError(f"{self.arch} is an adapted Linen model with BatchNorm, adapted without the call "
+                             "arguments of its training forward: adapt it with train_kwargs (e.g. {'train': True}) "
+                             "to train it here")
         self.check_input(x)
         with self._batch_norms_training(train):
-            return self._forward(x, masks)
+            return self._forward(x, masks, training)
 
     @contextlib.contextmanager
     def _batch_norms_training(self, train: bool):
@@ -228,12 +262,12 @@ class AdaptedCNN(nnx.Module):
             for m, v in zip(norms, saved):
                 m.use_running_average = v
 
-    def _forward(self, x, masks):
+    def _forward(self, x, masks, training=None):
         if isinstance(masks, SampleGates):
-            return self._gated(x, masks)
+            return self._gated(x, masks, training)
         self.check_named(masks, {p.name: (p.size,) for p in self._points}, "mask point", "mask")
         if not masks:
-            return self._run(x, lambda path, kind, layer, xin, out: out)
+            return self._run(x, lambda path, kind, layer, xin, out: out, training=training)
         where = self._where
 
         def fn(path, kind, layer, xin, out):
@@ -242,9 +276,9 @@ class AdaptedCNN(nnx.Module):
                 return out
             return out * masks[name].astype(out.dtype)
 
-        return self._run(x, fn)
+        return self._run(x, fn, training=training)
 
-    def _gated(self, x, gates: SampleGates):
+    def _gated(self, x, gates: SampleGates, training=None):
         convs = {c for c, _ in self._at_items}
         unknown = set(gates.layers) - convs
         if unknown:
@@ -261,7 +295,7 @@ class AdaptedCNN(nnx.Module):
                 out = out * gates(conv, inputs[conv])[:, None, None, :].astype(out.dtype)
             return out
 
-        return self._run(x, fn)
+        return self._run(x, fn, training=training)
 
     def kernel_maps(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None) -> dict:
         """``{point: [B, H, W, C]}``: each mask point's (masked) output after a ReLU, whose

@@ -42,7 +42,7 @@ from flax import nnx
 
 from .adapted import AdaptedCNN, DenseHead, LinenDefinition
 from .adapted_io import definition_of
-from .adapter_checks import check_call, explain, failing_points
+from .adapter_checks import check_call, check_training_call, explain, failing_points
 from .base import MaskPoint
 from .intercept import AdapterError, LayerCall, discover
 from .ties import relu_inputs
@@ -60,6 +60,7 @@ def adapt(
     mask_points: Sequence[str] | None = None,
     ties: Sequence[Sequence[str]] | str = "auto",
     apply_kwargs: Mapping | None = None,
+    train_kwargs: Mapping | None = None,
     name: str | None = None,
     kind: Literal["kernel", "node"] = "kernel",
     definition: str | None = None,
@@ -74,43 +75,42 @@ def adapt(
         ``net.eval()``), or a Linen module applied as ``net.apply(variables, x, **apply_kwargs)``
         (e.g. ``apply_kwargs={"train": False}``).
       variables: the Linen module's variables (``{"params": ..., "batch_stats": ...}``).
+      train_kwargs: Linen only: the call arguments of the training forward (``{"train": True}``),
+        which ``model(x, train=True)`` applies with ``mutable=["batch_stats"]`` and the dropout
+        key; needed to train a Linen model with BatchNorm (``adapter_checks.check_training_call``).
       input_shape: (H, W, C) of one normalised image.
       num_classes: checked against the logits' width (read from it when None).
       mask_points: conv paths that get a mask point (default: every conv discovered).
       ties: ``"auto"`` (default): convs whose outputs are combined channel by channel (a
-        residual sum: a block's last conv and its shortcut, identity or projected) share one
-        mask point, discovered from the traced graph (``models.ties``); ``"none"``: every conv
-        its own point; or explicit groups of conv paths. A group is named after its first
-        conv in call order. Position nodes (``kind="node"``) are never tied.
+        residual sum: a block's last conv and its shortcut) share one mask point, found in the
+        traced graph (``models.ties``); ``"none"``: every conv its own point; or explicit groups
+        of conv paths, each named after its first conv called. Nodes are never tied.
       name: shown in ``arch`` (default: the class name).
       kind: ``"kernel"`` (GradSplitter, CNNSplitter) or ``"node"`` (concern identification:
         needs the logits to come from a final dense layer; no ties).
       definition: ``"package.module:name"``, a callable with no arguments returning the
-        model's structure (``models.adapted_io``): what ``checkpoint.save_model`` records so
-        that the model and its module sets load again (a Linen class with default fields is
-        found by itself).
+        model's structure (``models.adapted_io``), which ``checkpoint.save_model`` records to
+        load the model and its module sets again (found for a Linen class with default fields).
       require_relu: ``kind="node"``: refuse a model whose nodes are not ReLU inputs (concern
-        identification reads a position as active when its value is > 0); False adapts it
-        anyway.
-      placements: ``{conv: "norm" | "conv"}`` where a conv's mask lies (after the norm that
-        reads it, or at its output); default: after the norm, moved to the output where the
-        check below fails. A saved model records them (``AdaptedCNN.placements``).
+        identification reads a position as active when > 0); False adapts it anyway.
+      placements: ``{conv: "norm" | "conv"}``: a conv's mask lies after the norm reading it
+        (default) or at its output (where ``verify`` fails after the norm; ``AdaptedCNN.placements``).
       verify: check every mask point (``adapter_checks.failing_points``): masking a channel
-        must equal the user's model with that kernel zeroed. Where it does not after the
-        norm, the point moves to the conv's output (and residual ties are traced again);
-        where it still does not, ``AdapterError``.
+        must equal the model with that kernel zeroed; where not after the norm, the point moves
+        to the conv's output (ties traced again); where still not, ``AdapterError``.
 
     Raises:
       AdapterError: no conv layer, a declared path that is not a conv, tied convs of different
         widths, logits that are not [1, K] or disagree with ``num_classes``, a forward pass
         that fails on ``input_shape`` (the message says what to pass: eval mode, ``train``,
         the variables' collections, the input shape), variables of another model, a mask
-        point that does not drop its kernel, or (``kind="node"``) nodes that are not ReLU
-        inputs.
+        point that does not drop its kernel, bad ``train_kwargs``, or (``kind="node"``) nodes
+        that are not ReLU inputs.
     """
     auto, ties = _check_arguments(net, variables, input_shape, kind, ties)
     definition = definition_of(net, definition)
     calls, out, final_dense, convs = _discover_calls(net, variables, input_shape, apply_kwargs, kind, num_classes)
+    check_training_call(net, variables, input_shape, train_kwargs)
     chosen = list(convs) if mask_points is None else list(mask_points)
     unknown = [p for p in chosen + [q for g in ties for q in g] if p not in convs]
     if unknown:
@@ -119,8 +119,8 @@ def adapt(
     def build(where: Mapping[str, str]) -> AdaptedCNN:
         make = lambda pts: AdaptedCNN(  # noqa: E731
             net, variables, input_shape=input_shape, num_classes=out[1], points=pts, calls=calls,
-            apply_kwargs=apply_kwargs or {}, name=name or type(net).__name__, kind=kind, head=final_dense,
-            definition=definition, placements=where)
+            apply_kwargs=apply_kwargs or {}, train_kwargs=train_kwargs, name=name or type(net).__name__, kind=kind,
+            head=final_dense, definition=definition, placements=where)
         # every chosen conv its own point, then the points combined channel by channel share one
         found = make(_group(convs, chosen, ())).channel_graph(list(convs))[0] if auto else ties
         return make(_group(convs, chosen, found))

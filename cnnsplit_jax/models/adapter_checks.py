@@ -26,7 +26,7 @@ from flax import nnx
 
 from .intercept import AdapterError
 
-__all__ = ["check_call", "explain", "failing_points"]
+__all__ = ["check_call", "check_training_call", "explain", "failing_points"]
 
 #: Linen variable collections (the keys of ``module.init(...)``'s result)
 _COLLECTIONS = ("params", "batch_stats", "cache", "intermediates", "constants")
@@ -73,6 +73,35 @@ def check_call(net, variables, input_shape, apply_kwargs) -> None:
                                               ("other shapes", reshaped)) if items)
         raise AdapterError(f"the variables are not this model's ({what}); pass the variables it was trained with, "
                            f"and the input_shape {tuple(input_shape)} it was trained on")
+
+
+def check_training_call(net, variables, input_shape, train_kwargs) -> None:
+    """Raise ``AdapterError`` unless ``train_kwargs`` (None: nothing to check) make a Linen
+    model's training forward: only for Linen (an NNX model trains by switching its ``nnx.BatchNorm`` layers); applied
+    with ``mutable=["batch_stats"]`` (and a dropout key) it must run on two images of
+    ``input_shape``, give logits of the inference forward's shape and, where the model has
+    running statistics, change them (else its BatchNorms would still read their averages)."""
+    if train_kwargs is None:
+        return
+    if isinstance(net, nnx.Module):
+        raise AdapterError("train_kwargs are a Linen model's call arguments for its training forward; an NNX model "
+                           "trains by switching its nnx.BatchNorm layers to batch statistics by itself: leave them out")
+    x = jax.random.normal(jax.random.key(0), (2, *input_shape), jnp.float32)
+    try:
+        out, updates = net.apply(variables, x, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)},
+                                 **dict(train_kwargs))
+    except Exception as e:
+        raise AdapterError(f"the training forward with train_kwargs={dict(train_kwargs)} fails: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    before = variables.get("batch_stats", {})
+    moved = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                          jax.tree.leaves(updates.get("batch_stats", {}))))
+    if jax.tree.leaves(before) and not moved:
+        raise AdapterError(f"train_kwargs={dict(train_kwargs)} leave the BatchNorm running statistics unchanged: "
+                           "pass the arguments that put your model in training mode (e.g. {'train': True})")
+    if np.ndim(out) != 2:
+        raise AdapterError(f"the training forward with train_kwargs={dict(train_kwargs)} gives an output of shape "
+                           f"{np.shape(out)}, not logits [B, K]")
 
 
 def explain(e: Exception, input_shape) -> str:

@@ -143,7 +143,8 @@ def test_an_adapted_nnx_cnn_with_batchnorm_trains_as_in_its_own_train_mode():
     """``train=True`` on an adapted NNX model runs its BatchNorm layers as the model's own
     ``train()`` mode: the same logits and the same updated running averages as the user's model
     called in that mode; the layers are back in eval mode after the call; MwT trains it. A Linen
-    model with BatchNorm is refused (its train flag is the user's call argument)."""
+    model with BatchNorm adapted without ``train_kwargs`` is refused (its train flag is the
+    user's call argument; test_adapter_training.py trains one adapted with them)."""
     chain = ChainBN(nnx.Rngs(0))
     chain.eval()
     mine = nnx.clone(chain)
