@@ -77,9 +77,9 @@ def check_call(net, variables, input_shape, apply_kwargs) -> None:
 
 def check_training_call(net, variables, input_shape, train_kwargs) -> None:
     """Raise ``AdapterError`` unless ``train_kwargs`` (None: nothing to check) make a Linen
-    model's training forward: only for Linen (an NNX model trains by switching its ``nnx.BatchNorm`` layers); applied
-    with ``mutable=["batch_stats"]`` (and a dropout key) it must run on two images of
-    ``input_shape``, give logits of the inference forward's shape and, where the model has
+    model's training forward: only for Linen (an NNX model trains by switching its
+    ``nnx.BatchNorm`` layers); applied with ``mutable=["batch_stats"]`` (and a dropout key) it
+    must run on two images of ``input_shape``, give logits [B, K] and, where the model has
     running statistics, change them (else its BatchNorms would still read their averages)."""
     if train_kwargs is None:
         return
