@@ -105,3 +105,61 @@ def test_train_kwargs_that_would_not_train_are_refused():
         cs.adapt(_NNXChain(nnx.Rngs(0)), input_shape=(8, 8, 3), train_kwargs={"train": True})
     with pytest.raises(ValueError, match="adapt it with train_kwargs"):
         cs.adapt(m, v, input_shape=(8, 8, 3), apply_kwargs={"train": False})(jnp.zeros((2, 8, 8, 3)), train=True)
+
+
+def test_sub_task_reuse_fine_tunes_an_adapted_model_under_its_fixed_union_mask(tmp_path):
+    """MwT's sub-task reuse on a user's Linen model: the union of the classes' masks is fixed on
+    a copy of the model (its graph is traced, so it is not extracted before training); the
+    masked kernels get no gradient, so they end as they began, while the kept ones train; the
+    trained module equals its physical extraction (``extract_adapted``, which slices the
+    weights and runs its own convs); it is saved and loaded with its mask, and a damaged mask
+    or an untrusted definition is refused."""
+    from cnnsplit_jax.checkpoint import CheckpointError, UntrustedDefinitionError
+    from cnnsplit_jax.modules import ModuleSet
+    from cnnsplit_jax.modules.extract_adapted import extract_adapted
+    from cnnsplit_jax.splitters import mwt
+
+    _, _, model = _adapted()
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 512)
+    imgs = np.clip(rng.normal(60 + 40 * y[:, None, None, None], 30, (512, 8, 8, 3)), 0, 255).astype(np.uint8)
+    info = cs.DatasetInfo("bars", ("a", "b", "c", "d"), 3, (0.5,) * 3, (0.25,) * 3)
+    ds = cs.Dataset(imgs[:384], y[:384].astype(np.int32), imgs[384:], y[384:].astype(np.int32), info)
+    masks = {"Conv_0": np.ones((4, 4), np.float32), "Conv_1": np.zeros((4, 6), np.float32)}
+    masks["Conv_1"][0, [0, 1]] = masks["Conv_1"][2, [1, 3]] = masks["Conv_1"][1, [5]] = 1.0  # union of 0, 2: 0, 1, 3
+    ms = ModuleSet(model, masks, None, {"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}})
+    before = jax.tree.map(np.asarray, model.linen_variables())
+    cfg = cs.TrainConfig(**{**mwt.SUBTASK_RECIPE, "epochs": 3, "batch_size": 32, "augment": False})
+    r = mwt.fine_tune_subtask(ms, ds, [0, 2], cfg)
+    sub = r.fit.model
+    assert isinstance(sub, mwt.MaskedSubtaskModule)
+    np.testing.assert_array_equal(sub.masks["Conv_1"], [1, 1, 0, 1, 0, 0])
+    assert r.kernel_retention == pytest.approx((4 + 3) / 10)
+    after = sub.base.linen_variables()["params"]
+    for layer, leaf in (("Conv_1", "kernel"), ("Conv_1", "bias"), ("BatchNorm_1", "scale"), ("BatchNorm_1", "bias")):
+        old, new = before["params"][layer][leaf], np.asarray(after[layer][leaf])
+        np.testing.assert_array_equal(new[..., [2, 4, 5]], old[..., [2, 4, 5]])  # masked: no gradient
+        assert not np.allclose(new[..., [0, 1, 3]], old[..., [0, 1, 3]])  # kept: trained
+    for a, b in zip(jax.tree.leaves(model.linen_variables()), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)  # the module set's model is not touched
+    assert 0.0 <= r.test_accuracy <= 1.0 and r.fit.best_val_accuracy > 0.6  # two classes, chance 0.5
+    x = jnp.asarray((imgs[:8] / 255.0 - 0.5) / 0.25, jnp.float32)
+    small = extract_adapted(sub.base, sub.masks)
+    np.testing.assert_allclose(small(x), sub(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="runs under its own fixed mask"):
+        sub(x, {"Conv_1": jnp.ones(6)})
+    mwt.save_subtask(tmp_path / "sub", r, {"dataset": "bars"})
+    with pytest.raises(UntrustedDefinitionError):
+        mwt.load_subtask(tmp_path / "sub")
+    back, head, _ = mwt.load_subtask(tmp_path / "sub", trust_definition=True)
+    np.testing.assert_array_equal(back.masks["Conv_1"], sub.masks["Conv_1"])
+    np.testing.assert_allclose(mwt.subtask_logits(back, head, imgs[:8], info),
+                               mwt.subtask_logits(sub, r.fit.extra, imgs[:8], info), rtol=1e-5, atol=1e-5)
+    import json
+
+    meta_path = tmp_path / "sub" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["subtask"]["masks"]["Conv_1"] = [1, 1, 0, 1, 0]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="fixed mask is not one of 0/1 per kernel"):
+        mwt.load_subtask(tmp_path / "sub", trust_definition=True)

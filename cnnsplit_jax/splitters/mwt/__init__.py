@@ -22,12 +22,12 @@ from .modularize import (class_frequencies, module_masks, layer_threshold, rolli
                          module_coupling, kernel_retention)
 from .split import MwTSplitConfig, record_masks, report, split, summary_line
 from .training import MwTConfig, MwTObjective, load_generators, save_generators
-from .reuse import (SUBTASK_RECIPE, SubtaskHead, fine_tune_subtask, load_subtask, restricted_accuracy, save_subtask,
-                    subtask_logits, subtask_masks, subtask_module)
+from .reuse import (SUBTASK_RECIPE, MaskedSubtaskModule, SubtaskHead, fine_tune_subtask, load_subtask,
+                    restricted_accuracy, save_subtask, subtask_logits, subtask_masks, subtask_module)
 
 __all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_layers",
            "init_generators", "sample_gates", "mask_losses", "mwt_loss", "modular_loss", "class_frequencies",
            "module_masks", "layer_threshold", "rolling_jaccard", "module_cohesion", "module_coupling",
            "kernel_retention", "MwTSplitConfig", "record_masks", "report", "split", "summary_line", "MwTConfig",
-           "MwTObjective", "load_generators", "save_generators", "SUBTASK_RECIPE", "SubtaskHead", "fine_tune_subtask",
-           "restricted_accuracy", "subtask_masks", "subtask_module", "save_subtask", "load_subtask", "subtask_logits"]
+           "MwTObjective", "load_generators", "save_generators", "SUBTASK_RECIPE", "SubtaskHead",
+           "MaskedSubtaskModule", "fine_tune_subtask", "restricted_accuracy", "subtask_masks", "subtask_module", "save_subtask", "load_subtask", "subtask_logits"]

@@ -9,7 +9,9 @@ The comparison the reference makes is ``restricted_accuracy``: the standard mode
 normally, with its logits restricted to T.
 
 Works for any ``ModuleSet`` of kernel masks (MwT's, GradSplitter's, CNNSplitter's): the same
-head and fine-tuning put every method's modules on one footing.
+head and fine-tuning put every method's modules on one footing. A user's adapted model, whose
+graph is traced rather than declared, is fine-tuned under its fixed union mask
+(``MaskedSubtaskModule``) instead of physically extracted first.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ import jax
 import jax.numpy as jnp
 import optax
 import numpy as np
+from flax import nnx
 
 from ... import checkpoint as ckpt
 from ...data import Dataset, select_classes
 from ...models.base import torch_uniform
+from ...models.protocol import DECLARED_GRAPH, has
 from ...modules.extract import extract_module
 from ...train import FitResult, TrainConfig, fit, objective_accuracy, predict
 
-__all__ = ["SUBTASK_RECIPE", "SubtaskHead", "subtask_masks", "subtask_module", "fine_tune_subtask",
+__all__ = ["SUBTASK_RECIPE", "SubtaskHead", "MaskedSubtaskModule", "subtask_masks", "subtask_module", "fine_tune_subtask",
            "restricted_accuracy", "SubtaskResult", "save_subtask", "load_subtask", "subtask_logits", "HEAD_DIR"]
 
 #: where a saved sub-task module keeps its head (beside ``model.json`` / ``model/``)
@@ -74,12 +78,45 @@ def subtask_masks(module_set, classes: Sequence[int]) -> dict:
     return {k: (np.asarray(v)[classes] > 0).any(0).astype(np.float32) for k, v in module_set.masks.items()}
 
 
+class MaskedSubtaskModule(nnx.Module):
+    """The sub-task module of a user's adapted model: a copy of the model run under the fixed
+    union mask ``masks`` ``{point: [C]}``. A masked kernel's output is 0, as if removed, and it
+    gets no gradient, so fine-tuning trains the kept kernels (and the layers after them) as
+    the physically smaller module would; ``modules.extract_adapted(m.base, m.masks)`` gives
+    that module for inference once trained. ``m(x, train=..., dropout_key=...)``: logits
+    [B, num_classes]; other masks are refused (these are fixed)."""
+
+    def __init__(self, base, masks):
+        self.base = base
+        self._masks = tuple((k, tuple(float(v) for v in np.asarray(m))) for k, m in sorted(masks.items()))
+        self.num_classes, self.in_channels, self.arch = base.num_classes, base.in_channels, base.arch
+
+    @property
+    def masks(self) -> dict:
+        """``{point: float32 [C]}``: the fixed mask."""
+        return {k: np.asarray(v, np.float32) for k, v in self._masks}
+
+    def __call__(self, x, masks=None, *, train: bool = False, dropout_key=None, dropout: bool = True):
+        if masks is not None:
+            raise ValueError("a sub-task module runs under its own fixed mask; run module.base for other masks")
+        return self.base(x, {k: jnp.asarray(v) for k, v in self._masks}, train=train, dropout_key=dropout_key,
+                         dropout=dropout)
+
+    def config(self) -> dict:
+        """The base model's config and the fixed mask's kept channels (checkpoint identity)."""
+        return {**self.base.config(), "fixed_masks": {k: [i for i, v in enumerate(m) if v > 0] for k, m in self._masks}}
+
+
 def subtask_module(module_set, classes: Sequence[int]):
-    """The physically extracted module of ``classes`` (a ``MaskedCNN`` with the kept kernels
-    only, the base model's classifier kept whole) and its kernel retention over all conv
-    layers (kept / all; tied layers counted per layer)."""
+    """The module of ``classes`` and its kernel retention over all conv layers (kept / all;
+    tied layers counted per layer). The module is physically extracted (a ``MaskedCNN`` with
+    the kept kernels only, the base model's classifier kept whole) for a model that declares
+    its graph, and a ``MaskedSubtaskModule`` (a copy under the fixed mask) for a user's model."""
     masks = subtask_masks(module_set, classes)
-    module = extract_module(module_set.base, masks, None, -1).model
+    if has(module_set.base, DECLARED_GRAPH):
+        module = extract_module(module_set.base, masks, None, -1).model
+    else:
+        module = MaskedSubtaskModule(nnx.clone(module_set.base), masks)
     points = module_set.base.mask_points()
     kept = sum(float(masks[p.name].sum()) * len(p.layers) for p in points)
     total = sum(p.size * len(p.layers) for p in points)
@@ -123,20 +160,28 @@ def subtask_logits(model, head_params: dict, x, norm) -> np.ndarray:
 
 def save_subtask(run_dir, result: SubtaskResult, meta: dict) -> None:
     """Write the fine-tuned module (``checkpoint.save_model``: ``load_model`` rebuilds it,
-    pruned channels and all) and its head (``run_dir/head``, checksummed); ``meta`` goes into
-    ``model.json`` with the classes and the head's size."""
+    pruned channels and all; a ``MaskedSubtaskModule``'s model, its fixed mask recorded) and
+    its head (``run_dir/head``, checksummed); ``meta`` goes into ``model.json`` with the
+    classes and the head's size."""
     head = {k: jnp.asarray(v, jnp.float32) for k, v in result.fit.extra.items()}
     ckpt.save_tree(Path(run_dir) / HEAD_DIR, head)
-    ckpt.save_model(run_dir, result.fit.model, {**meta, "subtask": {"classes": result.classes}})
+    model, rec = result.fit.model, {"classes": result.classes}
+    if isinstance(model, MaskedSubtaskModule):
+        model, rec = model.base, {**rec, "masks": {k: [int(v > 0) for v in m] for k, m in model.masks.items()}}
+    ckpt.save_model(run_dir, model, {**meta, "subtask": rec})
 
 
-def load_subtask(run_dir) -> tuple:
-    """``(module, head_params, meta)`` of a sub-task module saved by ``save_subtask``;
-    ``CheckpointError`` when ``run_dir`` holds another model or a damaged head."""
-    module, meta = ckpt.load_model(run_dir)
+def load_subtask(run_dir, *, trust_definition: bool | str = False) -> tuple:
+    """``(module, head_params, meta)`` of a sub-task module saved by ``save_subtask``
+    (``trust_definition``: as ``checkpoint.load_model``'s, for a user's model);
+    ``CheckpointError`` when ``run_dir`` holds another model, a damaged head or a fixed mask
+    that is not the model's."""
+    module, meta = ckpt.load_model(run_dir, trust_definition=trust_definition)
     rec = meta.get("subtask")
     if not isinstance(rec, dict) or not isinstance(rec.get("classes"), list) or len(rec["classes"]) < 2:
         raise ckpt.CheckpointError(f"{run_dir} holds no sub-task module (no 'subtask' record in its model.json)")
+    if "masks" in rec:
+        module = MaskedSubtaskModule(module, _saved_masks(run_dir, module, rec["masks"]))
     k, n = len(rec["classes"]), module.num_classes
     template = {"w": jnp.zeros((n, k), jnp.float32), "b": jnp.zeros((k,), jnp.float32)}
     return module, ckpt.load_tree(Path(run_dir) / HEAD_DIR, template), meta
@@ -147,6 +192,16 @@ def restricted_accuracy(model, ds: Dataset, classes: Sequence[int], norm=None) -
     task = select_classes(ds, classes)
     logits = np.asarray(predict(model, task.x_test, norm if norm is not None else ds.info))
     return float((logits[:, list(classes)].argmax(-1) == task.y_test).mean())
+
+
+def _saved_masks(run_dir, model, saved) -> dict:
+    sizes = {p.name: p.size for p in model.mask_points()}
+    ok = isinstance(saved, dict) and set(saved) == set(sizes) and all(
+        isinstance(v, list) and len(v) == sizes[k] and all(b in (0, 1) for b in v) for k, v in saved.items())
+    if not ok:
+        raise ckpt.CheckpointError(f"{run_dir}: the sub-task module's fixed mask is not one of 0/1 per kernel of the "
+                                   f"model's mask points {sizes}")
+    return {k: np.asarray(v, np.float32) for k, v in saved.items()}
 
 
 def _classes(module_set, classes) -> list[int]:
