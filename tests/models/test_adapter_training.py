@@ -32,6 +32,15 @@ def _adapted():
     return m, v, model
 
 
+def _brightness_classes(seed: int):
+    """Four classes of 8x8x3 images told apart by their brightness (384 train, 128 test)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, 512)
+    imgs = np.clip(rng.normal(60 + 40 * y[:, None, None, None], 30, (512, 8, 8, 3)), 0, 255).astype(np.uint8)
+    info = cs.DatasetInfo("bars", ("a", "b", "c", "d"), 3, (0.5,) * 3, (0.25,) * 3)
+    return cs.Dataset(imgs[:384], y[:384].astype(np.int32), imgs[384:], y[384:].astype(np.int32), info), imgs
+
+
 def test_the_training_forward_equals_flax_s_and_writes_the_running_statistics_back():
     m, v, model = _adapted()
     x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3)) * 2 + 0.5
@@ -61,11 +70,7 @@ def test_the_training_forward_equals_flax_s_and_writes_the_running_statistics_ba
 
 def test_mwt_trains_an_adapted_linen_cnn_with_batchnorm_and_it_is_saved_with_its_train_kwargs(tmp_path):
     _, _, model = _adapted()
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 4, 512)
-    imgs = np.clip(rng.normal(60 + 40 * y[:, None, None, None], 30, (512, 8, 8, 3)), 0, 255).astype(np.uint8)
-    info = cs.DatasetInfo("bars", ("a", "b", "c", "d"), 3, (0.5,) * 3, (0.25,) * 3)
-    ds = cs.Dataset(imgs[:384], y[:384].astype(np.int32), imgs[384:], y[384:].astype(np.int32), info)
+    ds, imgs = _brightness_classes(0)
     before = np.asarray(model.linen_variables()["batch_stats"]["BatchNorm_1"]["var"]).copy()
     from cnnsplit_jax.train import RECIPES
 
@@ -120,11 +125,8 @@ def test_sub_task_reuse_fine_tunes_an_adapted_model_under_its_fixed_union_mask(t
     from cnnsplit_jax.splitters import mwt
 
     _, _, model = _adapted()
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 4, 512)
-    imgs = np.clip(rng.normal(60 + 40 * y[:, None, None, None], 30, (512, 8, 8, 3)), 0, 255).astype(np.uint8)
-    info = cs.DatasetInfo("bars", ("a", "b", "c", "d"), 3, (0.5,) * 3, (0.25,) * 3)
-    ds = cs.Dataset(imgs[:384], y[:384].astype(np.int32), imgs[384:], y[384:].astype(np.int32), info)
+    ds, imgs = _brightness_classes(1)
+    info = ds.info
     masks = {"Conv_0": np.ones((4, 4), np.float32), "Conv_1": np.zeros((4, 6), np.float32)}
     masks["Conv_1"][0, [0, 1]] = masks["Conv_1"][2, [1, 3]] = masks["Conv_1"][1, [5]] = 1.0  # union of 0, 2: 0, 1, 3
     ms = ModuleSet(model, masks, None, {"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}})
