@@ -126,6 +126,20 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+def dense_chain(h, layers, *, train: bool, key, rate: float, dropout_before: tuple[int, ...] = ()):
+    """``h`` [B, F] through the dense ``layers`` in order, ReLU after each but the last; in
+    training, dropout ``rate`` on the input of each layer whose index is in ``dropout_before``
+    (their keys: ``jax.random.split(key, len(dropout_before))`` in that order)."""
+    keys = dict(zip(dropout_before, jax.random.split(key, len(dropout_before)))) if train and dropout_before else {}
+    for i, fc in enumerate(layers):
+        if i in keys:
+            h = dropout(h, rate, keys[i])
+        h = fc(h)
+        if i < len(layers) - 1:
+            h = jax.nn.relu(h)
+    return h
+
+
 class ConvBN(nnx.Module):
     """Conv (with bias) followed by BatchNorm with PyTorch semantics (``bn=False``: no BN).
 

@@ -8,10 +8,9 @@ masking, recording and checks live in ``base.MaskedCNN``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from .base import ConvSpec, Dense, MaskedCNN, dropout, scaled
+from .base import ConvSpec, Dense, MaskedCNN, dense_chain, dropout, scaled
 from .conv import max_pool_2x2
 
 __all__ = ["SimCNN", "ResCNN", "InceCNN", "SimCNNCNNSplitter", "ResCNNCNNSplitter", "SimCNNWeak", "ResCNNWeak",
@@ -57,14 +56,8 @@ class SimCNN(MaskedCNN):
         return x.reshape(x.shape[0], -1)
 
     def _head(self, h, train, key):
-        if train:
-            k1, k2 = jax.random.split(key)
-            h = dropout(h, 0.5, k1)
-        h = jax.nn.relu(self.fc_13(h))
-        if train:
-            h = dropout(h, 0.5, k2)
-        h = jax.nn.relu(self.fc_14(h))
-        return self.fc_15(h)
+        return dense_chain(h, (self.fc_13, self.fc_14, self.fc_15), train=train, key=key, rate=0.5,
+                           dropout_before=(0, 1))
 
 
 class ResCNN(MaskedCNN):

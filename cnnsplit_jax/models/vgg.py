@@ -9,9 +9,8 @@ N(0, 0.01), bias 0. MwT gives every conv but the first a mask generator (``gate_
 
 from __future__ import annotations
 
-import jax
 
-from .base import Dense, dropout, scaled
+from .base import Dense, dense_chain, scaled
 from .cnn import SimCNN
 
 __all__ = ["VGG16BN"]
@@ -31,12 +30,6 @@ class VGG16BN(SimCNN):
         self.fc_14 = Dense(self.fc_hidden, self.fc_hidden, rngs=rngs, std=0.01)
         self.fc_15 = Dense(self.fc_hidden, self.num_classes, rngs=rngs, std=0.01)
 
-    def _head(self, h, train, key):
-        h = jax.nn.relu(self.fc_13(h))
-        if train:
-            k1, k2 = jax.random.split(key)
-            h = dropout(h, 0.5, k1)
-        h = jax.nn.relu(self.fc_14(h))
-        if train:
-            h = dropout(h, 0.5, k2)
-        return self.fc_15(h)
+    def _head(self, h, train, key):  # dropout after each hidden layer, as the reference's classifier
+        return dense_chain(h, (self.fc_13, self.fc_14, self.fc_15), train=train, key=key, rate=0.5,
+                           dropout_before=(1, 2))
