@@ -9,7 +9,6 @@ N(0, 0.01), bias 0. MwT gives every conv but the first a mask generator (``gate_
 
 from __future__ import annotations
 
-
 from .base import Dense, dense_chain, scaled
 from .cnn import SimCNN
 
