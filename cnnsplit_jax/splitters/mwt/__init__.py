@@ -30,4 +30,5 @@ __all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_la
            "module_masks", "layer_threshold", "rolling_jaccard", "module_cohesion", "module_coupling",
            "kernel_retention", "MwTSplitConfig", "record_masks", "report", "split", "summary_line", "MwTConfig",
            "MwTObjective", "load_generators", "save_generators", "SUBTASK_RECIPE", "SubtaskHead",
-           "MaskedSubtaskModule", "fine_tune_subtask", "restricted_accuracy", "subtask_masks", "subtask_module", "save_subtask", "load_subtask", "subtask_logits"]
+           "MaskedSubtaskModule", "fine_tune_subtask", "restricted_accuracy", "subtask_masks", "subtask_module",
+           "save_subtask", "load_subtask", "subtask_logits"]
