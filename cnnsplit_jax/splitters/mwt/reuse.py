@@ -34,8 +34,8 @@ from ...modules.extract import extract_module
 from ...train import FitResult, TrainConfig, fit, objective_accuracy, predict
 
 __all__ = ["SUBTASK_RECIPE", "SubtaskHead", "MaskedSubtaskModule", "subtask_masks", "subtask_module",
-           "fine_tune_subtask",
-           "restricted_accuracy", "SubtaskResult", "save_subtask", "load_subtask", "subtask_logits", "HEAD_DIR"]
+           "fine_tune_subtask", "restricted_accuracy", "SubtaskResult", "save_subtask", "load_subtask",
+           "subtask_logits", "HEAD_DIR"]
 
 #: where a saved sub-task module keeps its head (beside ``model.json`` / ``model/``)
 HEAD_DIR = "head"
