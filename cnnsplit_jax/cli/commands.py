@@ -115,8 +115,8 @@ def cmd_adapt(args) -> int:
     log(f"adapting {args.definition} for {args.dataset}")
     res = pipeline.adapt_run(args.out, args.definition, args.dataset, variables=args.variables,
                              input_shape=args.input_shape, ties=args.ties, apply_kwargs=args.apply_kwargs,
-                             kind=args.kind, mean=args.mean, std=args.std, data_dir=args.data_dir, seed=args.seed,
-                             overwrite=args.overwrite)
+                             train_kwargs=args.train_kwargs, kind=args.kind, mean=args.mean, std=args.std,
+                             data_dir=args.data_dir, seed=args.seed, overwrite=args.overwrite)
     print(f"{'model':>16}: {res['model']} reading {res['input_shape']}")
     print(f"{'test accuracy':>16}: {res['test_accuracy']:.4f}")
     print(f"{'mask points':>16}: " + ", ".join(

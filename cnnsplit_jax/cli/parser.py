@@ -207,6 +207,9 @@ def _adapt_parser(sub, common) -> None:
     a.add_argument("--std", type=float, nargs="+", default=None)
     a.add_argument("--apply-kwargs", type=_json_object, default=None, metavar="JSON",
                    help='keyword arguments of every call, e.g. \'{"train": false}\'')
+    a.add_argument("--train-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help='Linen: keyword arguments of the training forward, e.g. \'{"train": true}\', for fine-tuning '
+                        "it here (cnnsplit subtask) when it has BatchNorm")
     a.add_argument("--kind", default="kernel", choices=("kernel", "node"),
                    help="kernel: for --method grad / ga; node: for --method concern (default kernel)")
     a.add_argument("--ties", default="auto", choices=("auto", "none"),

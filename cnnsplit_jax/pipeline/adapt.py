@@ -24,7 +24,8 @@ __all__ = ["adapt_run"]
 
 @exclusive("out")
 def adapt_run(out: str | Path, definition: str, dataset: str, *, variables: str | None = None,
-              input_shape=None, ties="auto", apply_kwargs: dict | None = None, kind: str = "kernel",
+              input_shape=None, ties="auto", apply_kwargs: dict | None = None, train_kwargs: dict | None = None,
+              kind: str = "kernel",
               mean=None, std=None, data_dir=None, seed: int = 0, overwrite: bool = False) -> dict:
     """Adapt the model built by ``definition`` (``"package.module:name"``, see
     ``models.adapted_io``) with the trained ``variables`` (required for Linen; for NNX, the
@@ -34,6 +35,7 @@ def adapt_run(out: str | Path, definition: str, dataset: str, *, variables: str 
     ``input_shape``: (H, W, C) the model reads (default: the dataset's images); smaller images
     are centre crops of the dataset's (Fashion-MNIST's 28x28 inside the loader's 32x32).
     ``mean``/``std``: the normalisation the model was trained with (default: the dataset's).
+    ``train_kwargs``: a Linen model's training-forward arguments (``adapt``'s), recorded with it.
     ``seed``: of the train / validation split the splitters use. Returns the ``adapt.json`` dict.
     """
     out = Path(out)
@@ -52,7 +54,7 @@ def adapt_run(out: str | Path, definition: str, dataset: str, *, variables: str 
         like = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), linen_template(net, shape, kw))
         params = load_variables(variables, like)
     model = adapt(net, params, input_shape=shape, num_classes=ds.info.num_classes, ties=ties, apply_kwargs=kw,
-                  kind=kind, definition=definition)
+                  train_kwargs=train_kwargs, kind=kind, definition=definition)
     info = dataclasses.replace(ds.info, mean=tuple(mean or ds.info.mean), std=tuple(std or ds.info.std))
     if len(info.mean) != shape[-1] or len(info.std) != shape[-1]:
         raise ValueError(f"--mean/--std need {shape[-1]} values (one per channel), got {list(info.mean)} / {list(info.std)}")

@@ -111,6 +111,22 @@ def test_adapt_split_evaluate_compose_a_users_linen_model(user_model, tmp_path, 
     masked, extracted = (json.loads((tmp_path / f / "compose.json").read_text()) for f in ("masked", "extracted"))
     assert masked["accuracy"] == pytest.approx(split["composed_accuracy"], abs=0.02)  # the final-test images
     assert extracted["accuracy"] == pytest.approx(masked["accuracy"], abs=2e-3)
+    # MwT's sub-task reuse of two of its modules: a copy of the model under the union of their masks
+    # (its graph is traced, not declared), fine-tuned with a new head on the 28x28 crops
+    capsys.readouterr()
+    assert main(["subtask", "--modules", str(mods), "--classes", "3,8", "--out", str(tmp_path / "sub"),
+                 "--epochs", "2", "--trust-definition"]) == 0
+    sub = json.loads((tmp_path / "sub" / "subtask.json").read_text())
+    points = ms.base.mask_points()
+    union = sum(float(np.maximum(*np.asarray(ms.masks[p.name])[[3, 8]]).sum()) * len(p.layers) for p in points)
+    union /= sum(p.size * len(p.layers) for p in points)
+    assert sub["kernel_retention"] == pytest.approx(union) and sub["test_accuracy"] > 0.9
+    module, head, _ = cs.mwt.load_subtask(tmp_path / "sub", trust_definition=True)
+    ds = cs.load_dataset("digits")
+    keep = np.isin(ds.y_test, [3, 8])
+    logits = cs.mwt.subtask_logits(module, head, ds.x_test[keep][:, 2:30, 2:30], ds.info)
+    got = float((logits.argmax(1) == np.where(ds.y_test[keep] == 3, 0, 1)).mean())
+    assert got == pytest.approx(sub["test_accuracy"], abs=1e-9)
 
 
 def test_adapt_errors_name_the_problem(user_model, tmp_path, capsys):
@@ -125,6 +141,9 @@ def test_adapt_errors_name_the_problem(user_model, tmp_path, capsys):
     assert main(["adapt", "--dataset", "digits", "--input-shape", "36,36,1", "--out", str(tmp_path / "r2"),
                  "--definition", "userpkg.nets:build", "--variables", str(weights)]) == 2
     assert "other shapes than the model" in capsys.readouterr().err  # 36x36 needs a wider dense layer
+    assert main(base + ["--definition", "userpkg.nets:build", "--variables", str(weights),
+                        "--train-kwargs", '{"train": true}']) == 2  # SmallCNN's __call__ takes no train flag
+    assert "the training forward with train_kwargs={'train': True} fails" in capsys.readouterr().err
     # a node model: the hints name --method concern, and an adapted run is replaced only on request
     node = ["adapt", "--definition", "userpkg.nets:build", "--variables", str(weights), "--dataset", "digits",
             "--input-shape", "28,28,1", "--kind", "node", "--out", str(tmp_path / "node")]
