@@ -17,6 +17,10 @@ Per seed (every stage cached under ``--runs``; a killed run continues):
   preset) on the standard model: kernel retention over all conv layers, the composed
   accuracy of the ten modules, the coupling (rolling Jaccard of the module masks, MwT's
   definition), wall time;
+* ``cohesion`` of every method's modules as the reference measures CNNSplitter's: each module
+  on its class's test images, a kernel active for an image when its output after the ReLU
+  (and BatchNorm), averaged over positions, is > 0, the Jaccard index over every pair of images
+  (``activation_cohesion``; MwT's own cohesion above uses its generators' masks instead);
 * ``subtask``: for every pair of ``--pairs`` classes, each method's module of the pair
   fine-tuned the reference's way (union of the two masks, extracted, new head, 10 epochs,
   cosine over 20, best validation epoch) against the standard model restricted to the pair's
@@ -45,7 +49,7 @@ from cnnsplit_jax.data import load_dataset
 from cnnsplit_jax.modules import load_module_set
 from cnnsplit_jax.pipeline import split_run, train_run
 from cnnsplit_jax.splitters import method as method_record
-from cnnsplit_jax.splitters.mwt import MwTConfig, MwTSplitConfig, module_coupling
+from cnnsplit_jax.splitters.mwt import MwTConfig, MwTSplitConfig, activation_cohesion, module_coupling
 from cnnsplit_jax.splitters.mwt.reuse import SUBTASK_RECIPE, fine_tune_subtask, restricted_accuracy
 from cnnsplit_jax.train import RECIPES, TrainConfig
 
@@ -111,6 +115,8 @@ def run_seed(args, seed: int) -> dict:
         methods[name] = {"composed_accuracy": rec["composed_accuracy"],
                          "kernel_retention_all_layers": rec["mean_kernel_retention"],
                          "coupling": module_coupling(flat),
+                         # each module on its class's test images, every pair: the reference's for CNNSplitter
+                         "activation_cohesion": activation_cohesion(ms, ds.x_test, ds.y_test, ds.info)[0],
                          # a resumed search's wall time covers the resumed part; its own record adds up the calls
                          "split_seconds": rec.get("search_seconds", rec["wall_seconds"]), "subtasks": pairs}
     m = split["mwt"]
@@ -135,7 +141,7 @@ def table(records: list[dict]) -> str:
          f"{PAPER['accuracy_loss_pt']}"),
         ("MwT model without generators", [r["mwt_test_accuracy_without_generators"] for r in records], ""),
         ("kernel retention (generated layers)", [r["kernel_retention"] for r in records], f"{PAPER['kernel_retention']}"),
-        ("cohesion (Jaccard)", [r["cohesion"] for r in records], ""),
+        ("cohesion (Jaccard of the generators' masks)", [r["cohesion"] for r in records], ""),
         ("coupling (Jaccard)", [r["coupling"] for r in records], ""),
         ("standard training s", [r["standard_train_seconds"] for r in records], ""),
         ("MwT training + modularizing s", [r["mwt_train_seconds"] + r["modularize_seconds"] for r in records], ""),
@@ -145,7 +151,8 @@ def table(records: list[dict]) -> str:
     names = list(dict.fromkeys(n for r in records for n in r["methods"]))
     title = {"mwt": "MwT (modules without generators)", "grad": "GradSplitter (quick)", "ga": "CNNSplitter (narrow)"}
     out += ["", "| method | seeds | kernel retention, all conv layers | composed accuracy | coupling (Jaccard) | "
-            "split s | sub-task module - standard restricted, pt |", "|---|---|---|---|---|---|---|"]
+            "cohesion (active kernels, all pairs) | split s | sub-task module - standard restricted, pt |",
+            "|---|---|---|---|---|---|---|---|"]
     for n in names:
         has = [r for r in records if n in r["methods"]]
         ms_ = [r["methods"][n] for r in has]
@@ -153,6 +160,7 @@ def table(records: list[dict]) -> str:
         out.append(f"| {title.get(n, n)} | {[r['seed'] for r in has]} | "
                    f"{_ms([x['kernel_retention_all_layers'] for x in ms_])} | "
                    f"{_ms([x['composed_accuracy'] for x in ms_])} | {_ms([x['coupling'] for x in ms_])} | "
+                   f"{_ms([x['activation_cohesion'] for x in ms_])} | "
                    f"{_ms([x['split_seconds'] for x in ms_])} | {_ms(d) if d else 'n/a'} ({sum(v >= 0 for v in d)}/"
                    f"{len(d)} as good or better) |")
     out += ["", "| seed | classes | standard restricted | " + " | ".join(title.get(n, n) for n in names) + " |",

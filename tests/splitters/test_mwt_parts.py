@@ -161,6 +161,63 @@ def test_rolling_jaccard_by_hand_and_against_pytorch():
     assert mwt.rolling_jaccard(m) == pytest.approx(_torch_rolling_jaccard(torch, m), abs=1e-6)
 
 
+def test_pairwise_jaccard_by_hand_and_against_pytorch():
+    """Every pair i < j, as the reference's ``calculate_cohesion`` (for CNNSplitter's modules)."""
+    # pairs: (0,1) 1/2, (0,2) 0/2, (0,3) 0/2, (1,2) 0/1, (1,3) 0/1; (2,3) two empty rows: no index
+    m = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]], bool)
+    assert mwt.pairwise_jaccard(m) == pytest.approx(0.5 / 5)
+    assert np.isnan(mwt.pairwise_jaccard(np.zeros((3, 2), bool))) and np.isnan(mwt.pairwise_jaccard(np.ones((1, 2))))
+    torch = pytest.importorskip("torch")
+    m = np.random.default_rng(4).random((9, 13)) < 0.4
+    m[:, 0] = True  # no empty row, as the reference's mean needs
+    t = torch.tensor(m, dtype=torch.float32)
+    inter = torch.mm(t, t.T)
+    union = torch.stack([((t[i] + t) > 0).sum(-1) for i in range(len(t))]).float()
+    upper = torch.triu(torch.ones_like(inter), diagonal=1) == 1
+    assert mwt.pairwise_jaccard(m) == pytest.approx(float((inter[upper] / union[upper]).mean()), abs=1e-6)
+
+
+def test_activation_cohesion_against_active_kernels_computed_by_hand():
+    """The cohesion of post-training modules: per class, the module's kernels active for each
+    of its images (output after ReLU, averaged over positions, > 0), by hand with lax's conv on a
+    user's Linen model, then the Jaccard index of every pair of images, written out."""
+    import itertools
+
+    from flax import linen as nn
+
+    import cnnsplit_jax as cs
+    from cnnsplit_jax.modules import ModuleSet
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
+
+    net = Net()
+    v = net.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
+    v["params"]["Conv_0"]["kernel"] = jnp.ones((3, 3, 1, 4)) / 9 * jnp.array([1.0, 1.0, -1.0, 1.0])
+    v["params"]["Conv_0"]["bias"] = jnp.array([-0.45, -0.6, 0.35, -0.3])
+    model = cs.adapt(net, v, input_shape=(6, 6, 1))
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 8)
+    bright = rng.uniform(0.0, 0.8, (24, 1, 1, 1))  # each image's brightness decides which kernels fire
+    x = np.clip(255 * (bright + rng.normal(0, 0.02, (24, 6, 6, 1))), 0, 255).astype(np.uint8)
+    masks = {"Conv_0": np.array([[1, 1, 1, 0], [1, 0, 1, 1], [0, 1, 1, 1]], np.float32)}
+    ms = ModuleSet(model, masks, None, {"normalization": {"mean": [0.0], "std": [1.0]}})
+    coh, per = mwt.activation_cohesion(ms, x, y)
+    xf = x / 255.0
+    pre = jax.lax.conv_general_dilated(jnp.asarray(xf, jnp.float32), v["params"]["Conv_0"]["kernel"], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["Conv_0"]["bias"]
+    active = np.asarray(jax.nn.relu(pre).mean((1, 2)) > 0)
+    want = []
+    for c in range(3):
+        sets = [set(np.flatnonzero(a & (masks["Conv_0"][c] > 0))) for a in active[y == c]]
+        js = [len(a & b) / len(a | b) for a, b in itertools.combinations(sets, 2) if a | b]
+        want.append(sum(js) / len(js))
+    assert per == [pytest.approx(w, abs=1e-9) for w in want] and coh == pytest.approx(np.mean(want))
+    assert 0.2 < min(want) < max(want) < 1.0  # the classes' images differ in the kernels they use
+
+
 def test_modules_cohesion_coupling_and_retention_by_hand():
     # 6 samples, classes 0 0 0 1 1 1; layer A has 2 kernels, layer B 3
     labels = np.array([0, 0, 0, 1, 1, 1])

@@ -18,16 +18,17 @@
 from .generators import (generator_hidden, generator_mask, generator_layers, init_generator, init_generators,
                          sample_gates)
 from .losses import mask_losses, modular_loss, mwt_loss
-from .modularize import (class_frequencies, module_masks, layer_threshold, rolling_jaccard, module_cohesion,
-                         module_coupling, kernel_retention)
-from .split import MwTSplitConfig, record_masks, report, split, summary_line
+from .modularize import (class_frequencies, module_masks, layer_threshold, rolling_jaccard, pairwise_jaccard,
+                         module_cohesion, module_coupling, kernel_retention)
+from .split import MwTSplitConfig, activation_cohesion, record_masks, report, split, summary_line
 from .training import MwTConfig, MwTObjective, load_generators, save_generators
 from .reuse import (SUBTASK_RECIPE, MaskedSubtaskModule, SubtaskHead, fine_tune_subtask, load_subtask,
                     restricted_accuracy, save_subtask, subtask_logits, subtask_masks, subtask_module)
 
 __all__ = ["generator_hidden", "init_generator", "generator_mask", "generator_layers",
            "init_generators", "sample_gates", "mask_losses", "mwt_loss", "modular_loss", "class_frequencies",
-           "module_masks", "layer_threshold", "rolling_jaccard", "module_cohesion", "module_coupling",
+           "module_masks", "layer_threshold", "rolling_jaccard", "pairwise_jaccard", "activation_cohesion",
+           "module_cohesion", "module_coupling",
            "kernel_retention", "MwTSplitConfig", "record_masks", "report", "split", "summary_line", "MwTConfig",
            "MwTObjective", "load_generators", "save_generators", "SUBTASK_RECIPE", "SubtaskHead",
            "MaskedSubtaskModule", "fine_tune_subtask", "restricted_accuracy", "subtask_masks", "subtask_module",

@@ -14,6 +14,9 @@ Metrics, as the reference computes them:
   to the module's kernels, averaged over classes;
 * coupling: the mean pairwise Jaccard index of the module masks.
 
+The reference measures the cohesion of modules formed after training (CNNSplitter's) over
+every pair i < j instead (``pairwise_jaccard``; ``split.activation_cohesion``).
+
 "Pairwise" is the reference's rolling scheme (``rolling_jaccard``): for shifts 1..n-1, the
 Jaccard index of each row with the row ``shift`` places further (cyclically), averaged over
 rows, then over shifts. Two empty masks have no Jaccard index (0/0): such a pair is left out
@@ -29,8 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["class_frequencies", "layer_threshold", "module_masks", "rolling_jaccard", "module_cohesion",
-           "module_coupling", "kernel_retention"]
+__all__ = ["class_frequencies", "layer_threshold", "module_masks", "rolling_jaccard", "pairwise_jaccard",
+           "module_cohesion", "module_coupling", "kernel_retention"]
 
 
 def _check_binary(binary: Sequence[np.ndarray], labels: np.ndarray) -> np.ndarray:
@@ -102,6 +105,20 @@ def rolling_jaccard(masks: np.ndarray) -> float:
         if ok.any():
             per_shift.append(float((inter[ok] / union[ok]).mean()))
     return float(np.mean(per_shift)) if per_shift else float("nan")
+
+
+def pairwise_jaccard(masks: np.ndarray) -> float:
+    """The mean Jaccard index over every pair i < j of the rows of ``masks`` [n, K], as the
+    reference's ``calculate_cohesion`` (intersections by a matrix product, the upper
+    triangle); a pair of two empty rows has none and is left out (the reference's mean becomes
+    NaN); NaN for fewer than 2 rows or when no pair has one."""
+    m = np.asarray(masks, bool).astype(np.float64)
+    inter = m @ m.T
+    count = m.sum(1)
+    union = count[:, None] + count[None, :] - inter
+    i, j = np.triu_indices(len(m), 1)
+    ok = union[i, j] > 0
+    return float((inter[i, j][ok] / union[i, j][ok]).mean()) if ok.any() else float("nan")
 
 
 def module_cohesion(binary: Sequence[np.ndarray], labels: np.ndarray, masks: np.ndarray) -> tuple[float, list]:

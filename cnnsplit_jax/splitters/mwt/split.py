@@ -26,15 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...data import map_batches, normalize
+from ...data import Normalization, map_batches, normalize
 from ...train import accuracy, objective_accuracy
 from ...validate import at_least, finite
 from ..base import SplitData, SplitResult, check_data
 from .generators import generator_layers, sample_gates
 from .training import MwTObjective
-from .modularize import class_frequencies, kernel_retention, module_cohesion, module_coupling, module_masks
+from .modularize import (class_frequencies, kernel_retention, module_cohesion, module_coupling, module_masks,
+                         pairwise_jaccard)
 
-__all__ = ["MwTSplitConfig", "record_masks", "split", "report", "summary_line"]
+__all__ = ["MwTSplitConfig", "record_masks", "activation_cohesion", "split", "report", "summary_line"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,40 @@ def record_masks(model, gens: dict, x_u8: np.ndarray, norm, batch_size: int = 51
     order = [s.name for s in model.topology if s.name in gens]
     out = map_batches(lambda xb: _masks_and_logits(model, gens, jnp.asarray(xb), mean, std), [x_u8], batch_size)
     return order, [np.asarray(out["masks"][n], bool) for n in order], np.asarray(out["logits"])
+
+
+@jax.jit
+def _active_kernels(model, masks, x_u8, mean, std):
+    maps = model.kernel_maps(normalize(x_u8, mean, std), masks)
+    return {p: m.mean(axis=(1, 2)) > 0 for p, m in maps.items()}
+
+
+def activation_cohesion(module_set, x_u8: np.ndarray, y: np.ndarray, norm=None, batch_size: int = 512):
+    """MwT's cohesion of modules formed after training, as the reference measures CNNSplitter's
+    (``exp_cnnsplitter_reusing/calculate_cohesion.py``): per class c, module c (the base model
+    under its masks) runs on the class-c images of ``x_u8`` [n, H, W, C] (uint8, labels ``y``);
+    a kernel is active for an image when its output after the ReLU, averaged over positions,
+    is > 0; cohesion is ``pairwise_jaccard`` of the images' active kernels (a removed kernel
+    outputs 0, so it counts in no pair). Returns (mean over the classes with >= 2 images, per
+    class; NaN for the others). ``norm``: anything ``Normalization.of`` reads (default: the
+    module set's).
+
+    One difference: the reference hooks each conv's own output (its CNNSplitter models have no
+    BatchNorm); here it is each mask point's output after its BatchNorm and ReLU
+    (``kernel_maps``), what the next layer reads; the same for models without BatchNorm."""
+    mean, std = (jnp.asarray(v) for v in Normalization.of(module_set.normalization if norm is None else norm))
+    y = np.asarray(y)
+    per = []
+    for c in range(module_set.num_modules):
+        xc = x_u8[y == c]
+        if len(xc) < 2:
+            per.append(float("nan"))
+            continue
+        masks = {p: jnp.asarray(np.asarray(v)[c]) for p, v in module_set.masks.items()}
+        out = map_batches(lambda xb: _active_kernels(module_set.base, masks, jnp.asarray(xb), mean, std), [xc],
+                          batch_size)
+        per.append(pairwise_jaccard(np.concatenate([np.asarray(out[p]) for p in sorted(out)], axis=1)))
+    return float(np.nanmean(per)) if not np.isnan(per).all() else float("nan"), per
 
 
 def split(key: jax.Array, model, data: SplitData, cfg: MwTSplitConfig = MwTSplitConfig(), *, generators: dict,
