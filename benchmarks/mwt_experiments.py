@@ -24,7 +24,8 @@ Per seed (every stage cached under ``--runs``; a killed run continues):
 * ``subtask``: for every pair of ``--pairs`` classes, each method's module of the pair
   fine-tuned the reference's way (union of the two masks, extracted, new head, 10 epochs,
   cosine over 20, best validation epoch) against the standard model restricted to the pair's
-  logits.
+  logits; and the pair's modules composed as they are, the reference's reuse of CNNSplitter's
+  modules (``composed_pair``: no fine-tuning, kernels added up).
 
 ``--arch rescnn`` runs the same on ResCNN (a generator per conv, each tied residual pair's
 module keeping the union of its two layers' kernels). Writes ``OUT/mwt_<arch>.json`` (every
@@ -45,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnsplit_jax import checkpoint as ckpt
-from cnnsplit_jax.data import load_dataset
+from cnnsplit_jax.compose import Pick, compose, predict_scores
+from cnnsplit_jax.data import load_dataset, select_classes
 from cnnsplit_jax.modules import load_module_set
 from cnnsplit_jax.pipeline import split_run, train_run
 from cnnsplit_jax.splitters import method as method_record
@@ -63,6 +65,19 @@ def _cached(path: Path, make):
     rec = make()
     ckpt.write_json(path, rec)
     return rec
+
+
+def composed_pair(ms, ds, classes) -> dict:
+    """The reference's reuse of CNNSplitter's modules on a sub-task
+    (``exp_cnnsplitter_reusing/reuse_modules.py``): the classes' modules as they are, no
+    fine-tuning, each scoring its own class, the argmax over them on the classes' test images;
+    kernel rate = the modules' kept kernels added up (not their union) / the model's kernels."""
+    task = select_classes(ds, classes)
+    scores = predict_scores(compose([Pick(ms, c) for c in classes]), task.x_test)
+    points = ms.base.mask_points()
+    kept = sum(float((np.asarray(ms.masks[p.name])[c] > 0).sum()) * len(p.layers) for p in points for c in classes)
+    return {"accuracy": float((scores.argmax(1) == task.y_test).mean()),
+            "kernel_rate": kept / sum(p.size * len(p.layers) for p in points)}
 
 
 def run_seed(args, seed: int) -> dict:
@@ -111,7 +126,8 @@ def run_seed(args, seed: int) -> dict:
                         "module_kernel_retention": r.kernel_retention, "best_epoch": r.fit.best_epoch,
                         "seconds": time.perf_counter() - t0,
                         "standard_restricted_accuracy": restricted_accuracy(std_model, ds, [a, b])}
-            pairs.append(_cached(runs / f"subtask_{name}_{a}{b}.json", one))
+            pairs.append({**_cached(runs / f"subtask_{name}_{a}{b}.json", one),
+                          "composed_without_fine_tuning": composed_pair(ms, ds, [a, b])})
         methods[name] = {"composed_accuracy": rec["composed_accuracy"],
                          "kernel_retention_all_layers": rec["mean_kernel_retention"],
                          "coupling": module_coupling(flat),
@@ -151,18 +167,22 @@ def table(records: list[dict]) -> str:
     names = list(dict.fromkeys(n for r in records for n in r["methods"]))
     title = {"mwt": "MwT (modules without generators)", "grad": "GradSplitter (quick)", "ga": "CNNSplitter (narrow)"}
     out += ["", "| method | seeds | kernel retention, all conv layers | composed accuracy | coupling (Jaccard) | "
-            "cohesion (active kernels, all pairs) | split s | sub-task module - standard restricted, pt |",
-            "|---|---|---|---|---|---|---|---|"]
+            "cohesion (active kernels, all pairs) | split s | sub-task module - standard restricted, pt | "
+            "sub-task modules composed, no fine-tuning - standard restricted, pt (kernel rate, summed) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         has = [r for r in records if n in r["methods"]]
         ms_ = [r["methods"][n] for r in has]
         d = [100 * (p["module_accuracy"] - p["standard_restricted_accuracy"]) for x in ms_ for p in x["subtasks"]]
+        nf = [100 * (p["composed_without_fine_tuning"]["accuracy"] - p["standard_restricted_accuracy"])
+              for x in ms_ for p in x["subtasks"]]
+        rate = [p["composed_without_fine_tuning"]["kernel_rate"] for x in ms_ for p in x["subtasks"]]
         out.append(f"| {title.get(n, n)} | {[r['seed'] for r in has]} | "
                    f"{_ms([x['kernel_retention_all_layers'] for x in ms_])} | "
                    f"{_ms([x['composed_accuracy'] for x in ms_])} | {_ms([x['coupling'] for x in ms_])} | "
                    f"{_ms([x['activation_cohesion'] for x in ms_])} | "
                    f"{_ms([x['split_seconds'] for x in ms_])} | {_ms(d) if d else 'n/a'} ({sum(v >= 0 for v in d)}/"
-                   f"{len(d)} as good or better) |")
+                   f"{len(d)} as good or better) | {_ms(nf) if nf else 'n/a'} ({_ms(rate) if rate else 'n/a'}) |")
     out += ["", "| seed | classes | standard restricted | " + " | ".join(title.get(n, n) for n in names) + " |",
             "|---|---|---|" + "---|" * len(names)]
     for r in records:
