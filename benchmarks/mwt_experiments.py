@@ -48,6 +48,7 @@ import numpy as np
 from cnnsplit_jax import checkpoint as ckpt
 from cnnsplit_jax.compose import Pick, compose, predict_scores
 from cnnsplit_jax.data import load_dataset, select_classes
+from cnnsplit_jax.models import kept_kernels, total_kernels
 from cnnsplit_jax.modules import load_module_set
 from cnnsplit_jax.pipeline import split_run, train_run
 from cnnsplit_jax.splitters import method as method_record
@@ -74,10 +75,9 @@ def composed_pair(ms, ds, classes) -> dict:
     kernel rate = the modules' kept kernels added up (not their union) / the model's kernels."""
     task = select_classes(ds, classes)
     scores = predict_scores(compose([Pick(ms, c) for c in classes]), task.x_test)
-    points = ms.base.mask_points()
-    kept = sum(float((np.asarray(ms.masks[p.name])[c] > 0).sum()) * len(p.layers) for p in points for c in classes)
+    kept = sum(float(kept_kernels(ms.base, ms.module_masks(c))) for c in classes)
     return {"accuracy": float((scores.argmax(1) == task.y_test).mean()),
-            "kernel_rate": kept / sum(p.size * len(p.layers) for p in points)}
+            "kernel_rate": kept / total_kernels(ms.base)}
 
 
 def run_seed(args, seed: int) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from ..data import Normalization
-from ..models import count_params, flatten_masks, mask_points, total_kernels
+from ..models import count_params, flatten_masks, kept_kernels, mask_points, total_kernels
 from ..models.protocol import SplittableModel
 from ..models.resnet import RESIDUAL_MAPPINGS
 from ..models.protocol import DECLARED_GRAPH, KERNEL_MASKS, POSITION_NODES, has, require
@@ -160,8 +160,7 @@ class ModuleSet(_Common):
         """Kernel retention per module (tied layers counted per layer) and per layer x module,
         and (``flops``) the FLOPs of every physically extracted module vs the base model."""
         eff = effective_masks(self.masks)
-        per_module = sum(eff[p.name].sum(-1) * len(p.layers) for p in mask_points(self.base))
-        per_module = per_module / total_kernels(self.base)
+        per_module = np.asarray(kept_kernels(self.base, eff)) / total_kernels(self.base)
         out = {"mean_kernel_retention": float(per_module.mean()),
                "kernel_retention": per_module.tolist(),
                "layer_retention": {s.name: (eff[s.mask].sum(-1) / s.out_channels).tolist()

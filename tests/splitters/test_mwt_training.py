@@ -171,6 +171,9 @@ def test_subtask_module_is_the_union_fine_tuned_with_a_new_head(mwt_run, tmp_pat
     assert r.fit.extra["w"].shape == (10, 2) and r.fit.extra["b"].shape == (2,)
     for s in r.fit.model.topology:  # the extracted module keeps the union's kernels
         assert s.out_channels == max(1, int(union[s.mask].sum()))
+    layers = ms.base.topology  # kept kernels per conv layer of the base model / all its kernels
+    assert r.kernel_retention == pytest.approx(sum(float(union[s.mask].sum()) for s in layers)
+                                               / sum(s.out_channels for s in layers))
     sel = np.isin(digits.y_test, [2, 7])
     x, y = digits.x_test[sel], (digits.y_test[sel] == 7).astype(int)
     from cnnsplit_jax.train import predict

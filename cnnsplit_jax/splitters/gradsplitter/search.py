@@ -14,7 +14,7 @@ from ... import checkpoint as ckpt
 from ... import distributed as dist
 from ... import mesh as meshlib
 from ...data import batches, normalize
-from ...models import mask_points, total_kernels
+from ...models import kept_kernels, mask_points, total_kernels
 from ...models.protocol import SplittableModel
 from ...models.protocol import KERNEL_MASKS, require
 from ...modules.heads import Heads
@@ -181,7 +181,7 @@ class _Epochs:
 def _epoch_record(model, epoch: int, phase: int, metrics: list[dict], val_acc: float, bin_masks: dict, state,
                   seconds: float) -> dict:
     """The history record of an epoch (means of its steps' metrics, kept kernels, lr)."""
-    kept = sum(bin_masks[p.name].sum(-1) * len(p.layers) for p in mask_points(model))
+    kept = kept_kernels(model, bin_masks)
     return {
         "epoch": epoch,
         "phase": "modularity" if phase == MOD else "head",

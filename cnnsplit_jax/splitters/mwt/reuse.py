@@ -28,6 +28,7 @@ from flax import nnx
 
 from ... import checkpoint as ckpt
 from ...data import Dataset, select_classes
+from ...models import kept_kernels, total_kernels
 from ...models.base import torch_uniform
 from ...models.protocol import DECLARED_GRAPH, has
 from ...modules.extract import extract_module
@@ -118,10 +119,7 @@ def subtask_module(module_set, classes: Sequence[int]):
         module = extract_module(module_set.base, masks, None, -1).model
     else:
         module = MaskedSubtaskModule(nnx.clone(module_set.base), masks)
-    points = module_set.base.mask_points()
-    kept = sum(float(masks[p.name].sum()) * len(p.layers) for p in points)
-    total = sum(p.size * len(p.layers) for p in points)
-    return module, kept / total
+    return module, float(kept_kernels(module_set.base, masks)) / total_kernels(module_set.base)
 
 
 @dataclasses.dataclass
