@@ -95,6 +95,10 @@ class AdaptedCNN(nnx.Module):
         self.num_classes = int(num_classes)
         self.arch = f"adapted:{name}"
         self.calls = tuple(calls)
+        # a Linen model's training flag is its own call argument: without train_kwargs, its
+        # BatchNorms cannot be switched to batch statistics, so it cannot train here
+        self._linen_batch_norm_untrainable = self.linen and self._train_kwargs is None and any(
+            c.kind == "norm" and c.layer_class == "BatchNorm" for c in self.calls)
         self._points = tuple(points)  # MaskPoint(name, size, conv paths)
         where, at_layer = {}, {}  # layer path -> point name, for the layer whose output is masked
         by_path = {c.path: c for c in self.calls}
@@ -238,7 +242,7 @@ class AdaptedCNN(nnx.Module):
         training = None
         if train and self.linen and self._train_kwargs is not None:
             training = _LinenTraining(dropout_key if dropout else None)
-        elif train and self.linen and any(c.kind == "norm" and c.layer_class == "BatchNorm" for c in self.calls):
+        elif train and self._linen_batch_norm_untrainable:
             raise ValueError(f"{self.arch} is an adapted Linen model with BatchNorm, adapted without the call "
                              "arguments of its training forward: adapt it with train_kwargs (e.g. {'train': True}) "
                              "to train it here")
