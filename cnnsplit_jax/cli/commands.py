@@ -42,10 +42,19 @@ def _train_line(p) -> str | None:
             f"val acc {r['val_accuracy']:.4f}  [{r['seconds']:.1f}s]")
 
 
+def _check_start(args) -> None:
+    """``train``'s starting point: --model with --dataset, or --init-from without --width/--fc-hidden."""
+    if args.model is not None and args.dataset is None:
+        raise ValueError("--model needs --dataset (the data to train it on)")
+    if args.init_from is not None and (args.width is not None or args.fc_hidden is not None):
+        raise ValueError("--width/--fc-hidden build a zoo model; --init-from trains the run's model as it is")
+
+
 def cmd_train(args) -> int:
+    _check_start(args)
     trainer = METHODS[args.method].training if args.method in METHODS else None
-    recipe = args.recipe or (trainer.recipe if trainer is not None else
-                             "resnet" if ARCHITECTURES[args.model].mask_kind == "node" else "reference")
+    node = args.model is not None and ARCHITECTURES[args.model].mask_kind == "node"
+    recipe = args.recipe or (trainer.recipe if trainer is not None else "resnet" if node else "reference")
     cfg = config_from(TrainConfig, args, TRAIN_FIELDS, RECIPES[recipe])
     if isinstance(cfg.lr_milestones, list):
         cfg = TrainConfig(**{**ckpt.config_json(cfg), "lr_milestones": tuple(cfg.lr_milestones)})
@@ -56,12 +65,14 @@ def cmd_train(args) -> int:
                          f"a method that trains its own model: add its --method ("
                          f"{', '.join(m.name for m in trainers())})")
     method_cfg = trainer.config(**given) if trainer is not None else None
-    log(f"training {args.model} (width {args.width}) on {args.dataset} for {cfg.epochs} epochs ({recipe} recipe"
+    what = f"{args.model} (width {args.width or 1.0})" if args.model else f"the model of {args.init_from}"
+    log(f"training {what} on {args.dataset or 'its dataset'} for {cfg.epochs} epochs ({recipe} recipe"
         + (f", {METHODS[args.method].title} {method_cfg}" if trainer is not None else "") + ")")
-    res = pipeline.train_run(args.out, args.model, args.dataset, cfg, width=args.width, fc_hidden=args.fc_hidden,
-                             recipe=recipe, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
-                             callbacks=ProgressPrinter(line=_train_line), mesh=args.mesh,
-                             method=args.method if trainer is not None else None, method_config=method_cfg)
+    res = pipeline.train_run(args.out, args.model, args.dataset, cfg, width=args.width or 1.0,
+                             fc_hidden=args.fc_hidden, recipe=recipe, data_dir=args.data_dir, resume=args.resume,
+                             overwrite=args.overwrite, callbacks=ProgressPrinter(line=_train_line), mesh=args.mesh,
+                             method=args.method if trainer is not None else None, method_config=method_cfg,
+                             init_from=args.init_from, trust_definition=args.trust_definition)
     log(f"{res['num_kernels']} kernels, {res['num_params']:,} params; test accuracy {res['test_accuracy']:.4f}"
         + (f", {res['test_accuracy_model_alone']:.4f} {res['model_alone']}" if trainer is not None else "")
         + f"; wrote {Path(args.out) / 'train.json'}")

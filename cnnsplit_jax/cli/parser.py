@@ -116,12 +116,17 @@ def _mesh_flag(parser, natural: str, what: str) -> None:
 
 def _train_parser(sub, common) -> None:
     t = sub.add_parser("train", parents=[common], help="train a base model")
-    t.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
-    t.add_argument("--dataset", required=True,
+    start = t.add_mutually_exclusive_group(required=True)
+    start.add_argument("--model", choices=sorted(ARCHITECTURES), help="a zoo architecture, trained from scratch")
+    start.add_argument("--init-from", default=None, metavar="RUN",
+                       help="or train the model of this run directory from its weights: your own model made into "
+                            "a run by `cnnsplit adapt` (with --trust-definition), e.g. with --method mwt")
+    t.add_argument("--dataset", default=None,
                    help=f"one of {sorted(DATASETS)}, or a task NAME:CLASSES[+NAME:CLASSES] "
-                        "(e.g. digits:0-8 or fashion_mnist:0,1+digits:3); labels follow the order given")
+                        "(e.g. digits:0-8 or fashion_mnist:0,1+digits:3); labels follow the order given "
+                        "(required with --model; with --init-from, default: the run's)")
     t.add_argument("--data-dir", default=None, help="where dataset files live (default: $CNNSPLIT_DATA)")
-    t.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1 = the papers')")
+    t.add_argument("--width", type=float, default=None, help="channel multiplier (default 1 = the papers')")
     t.add_argument("--fc-hidden", type=int, default=None, help="SimCNN FC width (default 4096*width)")
     t.add_argument("--method", default="standard", choices=["standard", *(m.name for m in trainers())],
                    help="standard: cross-entropy; or train for a method that trains its own model, "

@@ -21,12 +21,12 @@ import numpy as np
 from .. import checkpoint as ckpt
 from .. import distributed as dist
 from .. import mesh as meshlib
-from ..data import Dataset, fit_images, is_task_spec, load_dataset, load_task, split_indices, test_splits
+from ..data import Dataset, Normalization, fit_images, is_task_spec, load_dataset, load_task, split_indices, test_splits
 from ..models import build_model
 from ..progress import RunWarning
 from ..splitters import METHODS
 from ..splitters import method as method_record
-from ..splitters.registry import trainers
+from ..splitters.registry import trained_for, trainers
 from ..train import (TrainConfig, accuracy, check_compatible, dirichlet_settings, fit, objective_accuracy,
                      recipe_warnings, summary)
 
@@ -245,10 +245,11 @@ def run_data(meta: dict, data_dir=None) -> RunData:
 
 
 @exclusive("out")
-def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = TrainConfig(), *, width: float = 1.0,
-              fc_hidden: int | None = None, recipe: str = "reference", data_dir=None, resume: bool = False,
-              overwrite: bool = False, callbacks=None, mesh=None, method: str | None = None,
-              method_config=None) -> dict:
+def train_run(out: str | Path, arch: str | None, dataset: str | None, cfg: TrainConfig = TrainConfig(), *,
+              width: float = 1.0, fc_hidden: int | None = None, recipe: str = "reference", data_dir=None,
+              resume: bool = False, overwrite: bool = False, callbacks=None, mesh=None, method: str | None = None,
+              method_config=None, init_from: str | Path | None = None,
+              trust_definition: bool | str = False) -> dict:
     """Train ``arch`` on ``dataset`` (a name or task spec) with ``cfg`` into the run directory
     ``out`` (``model.json`` + ``model/``, ``train.json``; checkpointed every epoch, ``resume``
     continues). ``recipe`` names where ``cfg`` came from (its warnings are raised as
@@ -256,16 +257,29 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     that trains its own model (``Method.training``: ``"mwt"``, MwT's mask generators and
     losses, saved in ``out/generators``) with ``method_config`` (default: its config's
     defaults); the test accuracy is then the model's with what it was trained with, and
-    ``train.json`` adds ``test_accuracy_model_alone``. Returns the ``train.json`` dict."""
+    ``train.json`` adds ``test_accuracy_model_alone``.
+
+    ``init_from``: instead of building ``arch`` (then None), train the model saved in that run
+    directory from its weights: a user's model made into a run by ``adapt_run`` (rebuilt from
+    its definition, which needs ``trust_definition``, as ``checkpoint.load_model``) or a zoo
+    run. ``dataset`` None takes the run's; the images are fitted to the model's input shape
+    and normalised as the run records. Returns the ``train.json`` dict."""
     out = Path(out)
     meshlib.resolve_data(mesh)  # a bad spec fails before any work
     training = method_record(method).training if method is not None else None
     if method is not None and training is None:
         raise ValueError(f"--method {method} decomposes a trained model; it does not train one (train it without "
                          "--method, then split it)")
-    ds, sources = train_data(dataset, data_dir)
-    model = build_model(arch, num_classes=ds.info.num_classes, in_channels=ds.info.channels, width=width,
-                        key=jax.random.key(cfg.seed), **({"fc_hidden": fc_hidden} if fc_hidden else {}))
+    if (arch is None) == (init_from is None):
+        raise ValueError("train either a zoo architecture (arch) or the model of a run (init_from), not "
+                         f"{'both' if arch is not None else 'neither'}")
+    if init_from is not None:
+        model, ds, sources, dataset = _start_from(Path(init_from), dataset, data_dir, trust_definition)
+        arch, width = model.arch, model.width
+    else:
+        ds, sources = train_data(dataset, data_dir)
+        model = build_model(arch, num_classes=ds.info.num_classes, in_channels=ds.info.channels, width=width,
+                            key=jax.random.key(cfg.seed), **({"fc_hidden": fc_hidden} if fc_hidden else {}))
     check_compatible(model, ds.info)
     prepare_out(out, "model", resume=resume, overwrite=overwrite,
                 in_progress=ckpt.progress_exists(out, "train_state"))
@@ -275,7 +289,8 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
     method_config = (method_config or training.config()) if training is not None else None
     objective = training.objective(method_config) if training is not None else None
     res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks, mesh=mesh,
-              identity={"dataset spec": dataset}, objective=objective)
+              identity={"dataset spec": dataset, "initial model": None if init_from is None else
+                        str(Path(init_from).absolute())}, objective=objective)
     t0 = time.perf_counter()
     extra, trained_meta = {}, {}
     if training is not None:
@@ -296,6 +311,7 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
         "normalization": norm, "class_names": list(ds.info.class_names), "seed": cfg.seed,
         "config": {"model": arch, "dataset": dataset, "width": width, "fc_hidden": fc_hidden, "recipe": recipe,
                    "data_dir": data_dir, **ckpt.config_json(cfg),
+                   **({"init_from": str(init_from)} if init_from is not None else {}),
                    **({"method": method, "method_config": ckpt.config_json(method_config)}
                       if training is not None else {})},
         "backend": jax.default_backend(),
@@ -308,3 +324,27 @@ def train_run(out: str | Path, arch: str, dataset: str, cfg: TrainConfig = Train
         **trained_meta})
     ckpt.write_json(out / "train.json", result)
     return result
+
+
+def _start_from(run: Path, dataset: str | None, data_dir, trust_definition) -> tuple:
+    """(model, dataset, sources, dataset spec) to train the model saved in ``run`` from: its
+    images fitted to the model's input shape, normalised as the run records."""
+    meta = ckpt.read_model_meta(run)
+    trained = trained_for(meta)
+    if trained is not None:
+        raise ValueError(f"{run} was trained for {trained.title}: its model runs with what that training added; "
+                         "start from a plain model (a standard run, or a user's model made into a run by "
+                         "`cnnsplit adapt`)")
+    model, meta = ckpt.load_model(run, trust_definition=trust_definition)
+    dataset = dataset or meta.get("dataset")
+    if not dataset:
+        raise ValueError(f"{run} records no dataset: name the one to train on")
+    ds, sources = train_data(dataset, data_dir)
+    if ds.info.num_classes != model.num_classes:
+        raise ValueError(f"{run}'s model has {model.num_classes} classes, {dataset} has {ds.info.num_classes}")
+    if meta.get("input_shape"):
+        ds = fit_dataset(ds, meta["input_shape"])
+    if meta.get("normalization"):  # the user's model was trained with its own mean and std
+        mean, std = Normalization.of(meta["normalization"])
+        ds = dataclasses.replace(ds, info=dataclasses.replace(ds.info, mean=tuple(mean), std=tuple(std)))
+    return model, ds, sources, dataset

@@ -154,3 +154,46 @@ def test_adapt_errors_name_the_problem(user_model, tmp_path, capsys):
             in capsys.readouterr().err)
     assert main(node) == 2
     assert "already holds an adapted model; pass --overwrite to replace it" in capsys.readouterr().err
+
+
+def test_train_a_users_model_with_mwt_from_the_command_line(user_model, tmp_path, capsys):
+    """``cnnsplit adapt`` then ``cnnsplit train --init-from RUN --method mwt``: the user's model
+    trained modularly from its weights, on the run's dataset cropped to its input and with its
+    normalisation, then split by MwT. Oracle: the user's own ``apply`` on the saved variables."""
+    root, weights, _ = user_model
+    run, out, mods = tmp_path / "run", tmp_path / "mwt", tmp_path / "mods"
+    assert main(["adapt", "--definition", "userpkg.nets:build", "--variables", str(weights), "--dataset", "digits",
+                 "--input-shape", "28,28,1", "--mean", "0.4", "--std", "0.3", "--out", str(run)]) == 0
+    train = ["train", "--init-from", str(run), "--method", "mwt", "--epochs", "2", "--batch-size", "64",
+             "--lr", "0.01", "--out", str(out)]
+    capsys.readouterr()
+    assert main(train) == 2  # the user's code runs only on request
+    assert "--trust-definition" in capsys.readouterr().err
+    assert main(train + ["--trust-definition"]) == 0
+    res = json.loads((out / "train.json").read_text())
+    assert res["model"] == "adapted:SmallCNN" and res["dataset"] == "digits" and res["config"]["init_from"] == str(run)
+    assert res["normalization"] == {"mean": [0.4], "std": [0.3]}  # the adapted run's, not the dataset's
+    model, meta = cs.checkpoint.load_model(out, trust_definition=True)
+    assert meta["input_shape"] == [28, 28, 1] and "mwt" in meta
+    # the model alone, by the user's own apply on the saved variables and the 28x28 crops
+    from userpkg.nets import SmallCNN
+
+    ds = cs.load_dataset("digits")
+    x = jnp.asarray((ds.x_test[:, 2:30, 2:30] / 255.0 - 0.4) / 0.3, jnp.float32)
+    alone = float((np.asarray(SmallCNN().apply(model.linen_variables(), x)).argmax(1) == ds.y_test).mean())
+    assert res["test_accuracy_model_alone"] == pytest.approx(alone, abs=1e-9)
+    start, _ = cs.checkpoint.load_model(run, trust_definition=True)  # trained from the run's weights, and moved
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         model.linen_variables()["params"], start.linen_variables()["params"])
+    assert max(jax.tree.leaves(moved)) > 1e-4 and res["test_accuracy"] > 0.9  # 0.983 measured (0.983 at the start)
+    assert main(["split", "--method", "mwt", "--model-dir", str(out), "--out", str(mods), "--trust-definition"]) == 0
+    split = json.loads((mods / "split.json").read_text())
+    assert split["model"] == "adapted:SmallCNN" and 0 < split["mean_kernel_retention"] <= 1
+    # what --init-from cannot take, named
+    capsys.readouterr()
+    assert main(["train", "--init-from", str(out), "--out", str(tmp_path / "again"), "--trust-definition"]) == 2
+    assert "was trained for MwT" in capsys.readouterr().err
+    assert main(["train", "--init-from", str(run), "--width", "0.5", "--out", str(tmp_path / "w")]) == 2
+    assert "--init-from trains the run's model as it is" in capsys.readouterr().err
+    assert main(["train", "--model", "simcnn", "--out", str(tmp_path / "d")]) == 2
+    assert "--model needs --dataset" in capsys.readouterr().err
