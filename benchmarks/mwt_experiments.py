@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import environment
+
 from cnnsplit_jax import checkpoint as ckpt
 from cnnsplit_jax.compose import Pick, compose, predict_scores
 from cnnsplit_jax.data import load_dataset, select_classes
@@ -214,9 +216,12 @@ def main():
     records = [run_seed(args, s) for s in args.seeds]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(out / f"mwt_{args.arch}.json", {"args": vars(args), "records": records, "paper": PAPER})
-    (out / f"mwt_{args.arch}.md").write_text(table(records))
-    print(table(records))
+    env = environment()
+    ckpt.write_json(out / f"mwt_{args.arch}.json", {"args": vars(args), "records": records, "paper": PAPER,
+                                                     "environment": env})
+    md = f"{env['cpu']}, {env['cores']} cores, {env['backend']}; " + table(records)
+    (out / f"mwt_{args.arch}.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":
