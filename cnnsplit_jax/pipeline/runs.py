@@ -289,8 +289,8 @@ def train_run(out: str | Path, arch: str | None, dataset: str | None, cfg: Train
     method_config = (method_config or training.config()) if training is not None else None
     objective = training.objective(method_config) if training is not None else None
     res = fit(model, ds, cfg, run_dir=out, resume=resume, callbacks=callbacks, mesh=mesh,
-              identity={"dataset spec": dataset, "initial model": None if init_from is None else
-                        str(Path(init_from).absolute())}, objective=objective)
+              identity={"dataset spec": dataset, **({"initial model": str(Path(init_from).absolute())}
+                                                     if init_from is not None else {})}, objective=objective)
     t0 = time.perf_counter()
     extra, trained_meta = {}, {}
     if training is not None:
@@ -339,9 +339,7 @@ def _start_from(run: Path, dataset: str | None, data_dir, trust_definition) -> t
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise ValueError(f"{run} records no dataset: name the one to train on")
-    ds, sources = train_data(dataset, data_dir)
-    if ds.info.num_classes != model.num_classes:
-        raise ValueError(f"{run}'s model has {model.num_classes} classes, {dataset} has {ds.info.num_classes}")
+    ds, sources = train_data(dataset, data_dir)  # train_run checks its classes and channels against the model
     if meta.get("input_shape"):
         ds = fit_dataset(ds, meta["input_shape"])
     if meta.get("normalization"):  # the user's model was trained with its own mean and std

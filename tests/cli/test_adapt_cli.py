@@ -193,6 +193,9 @@ def test_train_a_users_model_with_mwt_from_the_command_line(user_model, tmp_path
     capsys.readouterr()
     assert main(["train", "--init-from", str(out), "--out", str(tmp_path / "again"), "--trust-definition"]) == 2
     assert "was trained for MwT" in capsys.readouterr().err
+    assert main(["train", "--init-from", str(run), "--dataset", "digits:0-4", "--out", str(tmp_path / "c"),
+                 "--trust-definition"]) == 2
+    assert "class count mismatch: model has 10 classes" in capsys.readouterr().err
     assert main(["train", "--init-from", str(run), "--width", "0.5", "--out", str(tmp_path / "w")]) == 2
     assert "--init-from trains the run's model as it is" in capsys.readouterr().err
     assert main(["train", "--model", "simcnn", "--out", str(tmp_path / "d")]) == 2
